@@ -1,0 +1,173 @@
+"""The base configuration and its validation.
+
+Every recipe in configs/ starts from `base_config()` and overrides a few
+fields; the command line overrides those (`--config.model.n_layers=4`).
+`validate(config)` rejects bad values with a message naming the value and
+what is allowed, before anything expensive happens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+SCHEDULES = ("cosine", "constant", "wsd")
+ROPE_SCALING = ("none", "llama3")
+DTYPES = ("float32", "bfloat16")
+DATA_SOURCES = ("shakespeare", "stdlib", "text", "jsonl", "tfds")
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=32000,
+      d_model=4096,
+      n_layers=32,
+      n_heads=32,
+      n_kv_heads=32,
+      head_dim=0,  # 0: d_model // n_heads
+      d_ff=11008,
+      norm_eps=1e-5,
+      rope_theta=10000.0,
+      rope_scaling=ml_collections.ConfigDict(dict(
+          type="none",  # none | llama3
+          factor=8.0,
+          low_freq_factor=1.0,
+          high_freq_factor=4.0,
+          original_max_position=8192,
+      )),
+      tie_embeddings=False,
+      qk_norm=False,
+      attention="xla",
+      scan_layers=True,
+      remat="full",
+      dtype="float32",  # compute dtype
+      param_dtype="float32",
+      init_std=0.02,
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="shakespeare",
+      paths="",  # comma-separated files/globs for source=text|jsonl
+      jsonl_key="text",
+      tfds_name="",  # e.g. "lm1b" for source=tfds (array_record data, no TensorFlow)
+      tfds_dir="",
+      tfds_key="text",
+      doc_separator="",  # regex splitting a text file into documents; "" = one file, one document
+      seq_len=256,
+      val_fraction=0.05,
+      tokenizer_path="",  # "" trains a sentencepiece model into the workdir
+      tokenizer_model_type="bpe",
+      tokenizer_max_chars=20_000_000,
+      shuffle_seed=0,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=8,  # global, sequences per optimizer step
+      grad_accum=1,
+      steps=1000,
+      z_loss=1e-4,
+      log_every=10,
+      eval_every=100,
+      eval_batches=8,
+      checkpoint_every=200,
+      keep_checkpoints=3,
+      async_checkpointing=True,
+      peak_flops_per_device=0.0,  # 0: look up the device, or measure a matmul on CPU
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-4,
+      schedule="cosine",
+      warmup_steps=100,
+      min_lr_ratio=0.1,
+      decay_fraction=0.2,  # wsd: final fraction of steps spent decaying
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      clip_norm=1.0,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+  return c
+
+
+def head_dim(model_cfg) -> int:
+  return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
+
+
+def _choice(name, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(name, value):
+  if value <= 0:
+    raise ValueError(f"{name}={value!r} must be > 0")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad value and what is allowed."""
+  m, d, t, o = config.model, config.data, config.train, config.optim
+  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+    _positive(f"model.{name}", m[name])
+  if m.head_dim == 0 and m.d_model % m.n_heads:
+    raise ValueError(
+        f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+        "pick n_heads dividing d_model or set model.head_dim explicitly")
+  if m.n_heads % m.n_kv_heads:
+    raise ValueError(
+        f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; "
+        "GQA needs n_heads to be a multiple of n_kv_heads (n_kv_heads=1 is MQA)")
+  if head_dim(m) % 2:
+    raise ValueError(f"head dim {head_dim(m)} must be even for RoPE")
+  from llm.model import attention  # the registry of implementations
+  _choice("model.attention", m.attention, tuple(attention.IMPLEMENTATIONS))
+  _choice("model.remat", m.remat, REMAT_POLICIES)
+  _choice("model.dtype", m.dtype, DTYPES)
+  _choice("model.param_dtype", m.param_dtype, DTYPES)
+  _choice("model.rope_scaling.type", m.rope_scaling.type, ROPE_SCALING)
+  _choice("data.source", d.source, DATA_SOURCES)
+  _choice("data.tokenizer_model_type", d.tokenizer_model_type, ("bpe", "unigram"))
+  if d.source in ("text", "jsonl") and not d.paths:
+    raise ValueError(f"data.source={d.source!r} needs data.paths (comma-separated files or globs)")
+  if d.source == "tfds" and not d.tfds_name:
+    raise ValueError("data.source='tfds' needs data.tfds_name (e.g. 'lm1b')")
+  _positive("data.seq_len", d.seq_len)
+  if not 0.0 < d.val_fraction < 1.0:
+    raise ValueError(f"data.val_fraction={d.val_fraction!r} must be in (0, 1)")
+  for name in ("batch_size", "grad_accum", "steps", "log_every", "eval_every",
+               "eval_batches", "checkpoint_every", "keep_checkpoints"):
+    _positive(f"train.{name}", t[name])
+  if t.batch_size % t.grad_accum:
+    raise ValueError(
+        f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+  _choice("optim.schedule", o.schedule, SCHEDULES)
+  if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+    raise ValueError(f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
+  _positive("optim.lr", o.lr)
+  for axis in MESH_AXES:
+    size = config.mesh[axis]
+    if size == 0 or size < -1:
+      raise ValueError(f"mesh.{axis}={size} must be a positive size or -1 (fill in)")
+  if sum(config.mesh[a] == -1 for a in MESH_AXES) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {config.mesh.to_dict()}")
+  unknown = set(config.mesh.keys()) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; allowed: {list(MESH_AXES)}")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  base = base_config()
+  base.update(json.loads(text))  # unknown keys raise, like command-line overrides
+  return base

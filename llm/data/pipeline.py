@@ -1,0 +1,121 @@
+"""From config to batches: corpus -> tokenizer -> token stream (cached) -> packed rows -> grain.
+
+The training iterator is a grain DatasetIterator, shuffled per epoch, sharded
+per process (process p reads rows p, p + P, p + 2P, ...), whose state is
+saved in every checkpoint so a resumed run reads exactly the batches an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from llm.data import corpus as corpus_lib
+from llm.data.packing import PackedRows, concat_documents
+from llm.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
+
+
+@dataclasses.dataclass
+class Corpus:
+  tokenizer: Tokenizer
+  train: PackedRows
+  val: PackedRows
+  unigram_loss: float  # nats/token of val targets under the train unigram distribution
+
+
+def _source_key(data_cfg) -> dict:
+  keys = ("source", "paths", "jsonl_key", "tfds_name", "tfds_dir", "tfds_key", "doc_separator")
+  return {k: data_cfg[k] for k in keys}
+
+
+def load_tokenizer(config, workdir: str | os.PathLike) -> Tokenizer:
+  """The configured tokenizer, or the workdir's, trained on the corpus if absent."""
+  if config.data.tokenizer_path:
+    tok = Tokenizer(config.data.tokenizer_path)
+  else:
+    path = Path(workdir) / "tokenizer.model"
+    if path.is_file():
+      tok = Tokenizer(path)
+    else:
+      print(f"training a {config.model.vocab_size}-piece sentencepiece tokenizer -> {path}",
+            flush=True)
+      tok = train_tokenizer(corpus_lib.documents(config.data), config.model.vocab_size, path,
+                            config.data.tokenizer_model_type, config.data.tokenizer_max_chars)
+  check_vocab(tok, config.model.vocab_size)
+  return tok
+
+
+def token_stream(config, workdir, tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, doc_ids) of the whole corpus, cached in workdir/data/."""
+  cache = Path(workdir) / "data"
+  meta = {"source": _source_key(config.data),
+          "tokenizer_sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest()}
+  meta_path, stream_path = cache / "stream.json", cache / "stream.npz"
+  if meta_path.is_file() and stream_path.is_file() and json.loads(meta_path.read_text()) == meta:
+    with np.load(stream_path) as z:
+      return z["tokens"], z["doc_ids"]
+  docs = list(corpus_lib.documents(config.data))
+  print(f"tokenizing {len(docs):,} documents", flush=True)
+  tokens, doc_ids = concat_documents(tok.encode(docs), tok.bos_id, tok.eos_id)
+  cache.mkdir(parents=True, exist_ok=True)
+  tmp = cache / f"stream.{os.getpid()}.tmp.npz"
+  np.savez(tmp, tokens=tokens, doc_ids=doc_ids)
+  os.replace(tmp, stream_path)
+  meta_path.write_text(json.dumps(meta))
+  return tokens, doc_ids
+
+
+def unigram_loss(train_tokens: np.ndarray, val: PackedRows, vocab_size: int) -> float:
+  """Cross-entropy (nats) of val targets under add-one-smoothed train unigram frequencies."""
+  counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
+  logp = np.log(counts / counts.sum())
+  n = len(val) * val.seq_len
+  targets, mask = val.tokens[1:n + 1], (val.doc_ids[1:n + 1] == val.doc_ids[:n])
+  return float(-(logp[targets] * mask).sum() / max(mask.sum(), 1))
+
+
+def prepare(config, workdir) -> Corpus:
+  tok = load_tokenizer(config, workdir)
+  tokens, doc_ids = token_stream(config, workdir, tok)
+  seq_len = config.data.seq_len
+  split = int(len(tokens) * (1 - config.data.val_fraction))
+  train = PackedRows(tokens[:split], doc_ids[:split], seq_len)
+  val = PackedRows(tokens[split:], doc_ids[split:], seq_len)
+  if len(train) == 0 or len(val) == 0:
+    raise ValueError(f"the corpus has {len(tokens):,} tokens: too few for train and validation "
+                     f"rows of data.seq_len={seq_len} at data.val_fraction="
+                     f"{config.data.val_fraction}; use a larger corpus or a shorter seq_len")
+  return Corpus(tok, train, val, unigram_loss(tokens[:split], val, config.model.vocab_size))
+
+
+def _local_batch(global_batch: int, process_count: int) -> int:
+  if global_batch % process_count:
+    raise ValueError(f"train.batch_size={global_batch} is not divisible by the "
+                     f"{process_count} processes")
+  return global_batch // process_count
+
+
+def train_iterator(rows: PackedRows, global_batch: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+  """Endless, per-epoch-shuffled, per-process batches of packed rows (checkpointable)."""
+  ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
+  ds = ds[process_index::process_count].batch(_local_batch(global_batch, process_count),
+                                              drop_remainder=True)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+
+
+def eval_batches(rows: PackedRows, global_batch: int, n_batches: int,
+                 process_index: int = 0, process_count: int = 1) -> list[dict]:
+  """The same validation batches every time: rows in order, none repeated unless the
+  split holds less than one batch."""
+  n_batches = min(n_batches, max(1, len(rows) // global_batch))
+  ds = grain.MapDataset.source(rows).repeat()
+  ds = ds[process_index::process_count].batch(_local_batch(global_batch, process_count))
+  return [ds[i] for i in range(n_batches)]

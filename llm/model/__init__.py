@@ -1,0 +1,1 @@
+from llm.model.transformer import Transformer, make_model  # noqa: F401

@@ -1,0 +1,75 @@
+"""Causal self-attention with GQA/MQA and packed-sequence (segment id) masking.
+
+`IMPLEMENTATIONS` is the dispatch point chosen by `config.model.attention`:
+each entry maps (q_BTHE, k_BSKE, v_BSKE, segment_ids_BT) to out_BTHE, causal
+within a segment. "xla" is the reference; kernels (flash, ring) register here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm.model.layers import Projection, RMSNorm, apply_rope, constrain, rope_inv_freq
+
+
+def causal_segment_mask(segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array | None = None):
+  """[B, 1, 1, T, S] mask: key s visible to query t iff s <= t and same segment."""
+  kv = segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
+  t, s = segment_ids_BT.shape[1], kv.shape[1]
+  causal_TS = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
+  same_BTS = segment_ids_BT[:, :, None] == kv[:, None, :]
+  return (causal_TS[None] & same_BTS)[:, None, None]
+
+
+def xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT):
+  """Reference attention: fp32 softmax, K/V heads shared by groups of G query heads."""
+  b, t, h, e = q_BTHE.shape
+  k = k_BSKE.shape[2]
+  q_BTKGE = q_BTHE.reshape(b, t, k, h // k, e)
+  logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
+                            preferred_element_type=jnp.float32) / jnp.sqrt(e).astype(jnp.float32)
+  mask = causal_segment_mask(segment_ids_BT)
+  logits_BKGTS = jnp.where(mask, logits_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKE.dtype)
+  out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+  return out_BTKGE.reshape(b, t, h, e)
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {"xla": xla_attention}
+
+
+class Attention(nn.Module):
+  cfg: object  # the model ConfigDict
+  head_dim: int
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  out_init_std: float
+
+  @nn.compact
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    c = self.cfg
+    h, k, e, d = c.n_heads, c.n_kv_heads, self.head_dim, c.d_model
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q_BTHE = Projection((d,), (h, e), ("embed", "heads", "head_dim"), init_std=c.init_std,
+                        name="q", **kw)(x_BTD)
+    k_BTKE = Projection((d,), (k, e), ("embed", "kv_heads", "head_dim"), init_std=c.init_std,
+                        name="k", **kw)(x_BTD)
+    v_BTKE = Projection((d,), (k, e), ("embed", "kv_heads", "head_dim"), init_std=c.init_std,
+                        name="v", **kw)(x_BTD)
+    if c.qk_norm:
+      q_BTHE = RMSNorm(c.norm_eps, axis_name="head_dim", name="q_norm", **kw)(q_BTHE)
+      k_BTKE = RMSNorm(c.norm_eps, axis_name="head_dim", name="k_norm", **kw)(k_BTKE)
+    inv_freq = rope_inv_freq(e, c.rope_theta, c.rope_scaling)
+    q_BTHE = constrain(apply_rope(q_BTHE, positions_BT, inv_freq),
+                       ("batch", "length", "act_heads", "head_dim"))
+    k_BTKE = constrain(apply_rope(k_BTKE, positions_BT, inv_freq),
+                       ("batch", "length", "act_kv_heads", "head_dim"))
+    v_BTKE = constrain(v_BTKE, ("batch", "length", "act_kv_heads", "head_dim"))
+    out_BTHE = IMPLEMENTATIONS[c.attention](q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
+    out_BTHE = constrain(out_BTHE, ("batch", "length", "act_heads", "head_dim"))
+    return Projection((h, e), (d,), ("heads", "head_dim", "embed"), init_std=self.out_init_std,
+                      name="o", **kw)(out_BTHE)

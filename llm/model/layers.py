@@ -1,0 +1,103 @@
+"""Building blocks of a Llama-family decoder: RMSNorm, RoPE, projections, SwiGLU.
+
+Parameters carry logical axis names only ("embed", "heads", "mlp", ...);
+llm/sharding.py maps them to mesh axes. Shape suffixes: B batch, T length,
+D model width, H query heads, K key/value heads, G = H // K, E head dim, F ffn.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Names the logical axes of an activation; a no-op outside a sharding context."""
+  return nn.with_logical_constraint(x, tuple(logical_axes))
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],),
+                            (self.axis_name,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Projection(nn.Module):
+  """A bias-free linear map `x[..., in] -> x[..., out...]` with named weight axes."""
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  init_std: float
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = param_with_axes(self, "kernel", nn.initializers.normal(self.init_std),
+                             self.in_shape + self.out_shape, self.axes, self.param_dtype)
+    n_in = len(self.in_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling) -> jnp.ndarray:
+  """Inverse frequencies for RoPE, with optional Llama-3 frequency scaling."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None or scaling.type == "none":
+    return inv_freq
+  factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+  old_len = scaling.original_max_position
+  wavelen = 2 * math.pi / inv_freq
+  low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding in the rotate-half layout (as Hugging Face Llama stores weights)."""
+  angles_BTE2 = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BTE2)[:, :, None, :]
+  sin = jnp.sin(angles_BTE2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNE.dtype)
+
+
+class SwiGLU(nn.Module):
+  d_model: int
+  d_ff: int
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+  init_std: float
+  out_init_std: float
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate_BTF = Projection((self.d_model,), (self.d_ff,), ("embed", "mlp"),
+                          init_std=self.init_std, name="gate", **kw)(x_BTD)
+    up_BTF = Projection((self.d_model,), (self.d_ff,), ("embed", "mlp"),
+                        init_std=self.init_std, name="up", **kw)(x_BTD)
+    h_BTF = constrain(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
+    return Projection((self.d_ff,), (self.d_model,), ("mlp", "embed"),
+                      init_std=self.out_init_std, name="down", **kw)(h_BTF)

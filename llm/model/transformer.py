@@ -1,0 +1,91 @@
+"""The Llama-family decoder: embed -> N x (attention + SwiGLU) blocks -> norm -> logits.
+
+Layers are stacked with `nn.scan` (one compiled block, a leading "layers"
+param axis) and rematerialised by a named policy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from llm.config import head_dim
+from llm.model.attention import Attention
+from llm.model.layers import RMSNorm, SwiGLU, constrain, param_with_axes
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def dtypes(cfg):
+  return jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+
+class Block(nn.Module):
+  cfg: object
+
+  @nn.compact
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    c = self.cfg
+    dtype, param_dtype = dtypes(c)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    out_std = c.init_std / math.sqrt(2 * c.n_layers)
+    h_BTD = RMSNorm(c.norm_eps, name="attn_norm", **kw)(x_BTD)
+    x_BTD = x_BTD + Attention(c, head_dim(c), out_init_std=out_std, name="attn", **kw)(
+        h_BTD, segment_ids_BT, positions_BT)
+    x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+    h_BTD = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x_BTD)
+    x_BTD = x_BTD + SwiGLU(c.d_model, c.d_ff, init_std=c.init_std, out_init_std=out_std,
+                           name="mlp", **kw)(h_BTD)
+    x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+    return x_BTD, None
+
+
+class Transformer(nn.Module):
+  """Maps tokens [B, T] (with segment ids and positions) to fp32 logits [B, T, V]."""
+  cfg: object
+
+  @nn.compact
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None):
+    c = self.cfg
+    dtype, param_dtype = dtypes(c)
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones_like(tokens_BT)
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    embedding_VD = param_with_axes(self, "embedding", nn.initializers.normal(c.init_std),
+                                   (c.vocab_size, c.d_model), ("vocab", "embed"), param_dtype)
+    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
+    x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+
+    block = Block
+    if c.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, _ = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT)
+    else:
+      for i in range(c.n_layers):
+        x_BTD, _ = block(c, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
+
+    x_BTD = RMSNorm(c.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x_BTD)
+    if c.tie_embeddings:
+      unembed_DV = embedding_VD.T
+    else:
+      unembed_DV = param_with_axes(self, "unembed", nn.initializers.normal(c.init_std),
+                                   (c.d_model, c.vocab_size), ("embed", "vocab"), param_dtype)
+    logits_BTV = jnp.dot(x_BTD, unembed_DV.astype(dtype), preferred_element_type=jnp.float32)
+    return constrain(logits_BTV, ("batch", "length", "act_vocab"))
+
+
+def make_model(model_cfg) -> Transformer:
+  return Transformer(ml_collections.FrozenConfigDict(model_cfg))

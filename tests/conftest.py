@@ -1,0 +1,28 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and small shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from tests.helpers import tiny_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+  """One sentencepiece model for the tiny corpus, trained once per session."""
+  from llm.data import corpus, tokenizer
+  cfg = tiny_config()
+  out = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+  tokenizer.train_tokenizer(corpus.documents(cfg.data), cfg.model.vocab_size, out)
+  return str(out)
+
+
+@pytest.fixture
+def config(tokenizer_path):
+  c = tiny_config()
+  c.data.tokenizer_path = tokenizer_path
+  return c

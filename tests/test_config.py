@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import pytest
+
+from llm import config as config_lib
+from llm.params import count_params
+from tests.helpers import tiny_config
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("llama2_7b", 6_738_415_616),
+    ("llama3_8b", 8_030_261_248),
+    ("mistral_7b", 7_241_732_096),
+    ("llama2_13b", 13_015_864_320),
+    ("llama2_70b", 68_976_648_192),
+])
+def test_published_parameter_counts(name, expected):
+  cfg = _load(name)
+  config_lib.validate(cfg)
+  assert count_params(cfg.model) == expected
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama3_70b", "llama_125m"])
+def test_every_config_validates(name):
+  config_lib.validate(_load(name))
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(model=dict(n_heads=3)), "model.n_heads=3 does not divide model.d_model=64"),
+    (dict(model=dict(n_kv_heads=3)), "model.n_kv_heads=3 does not divide model.n_heads=4"),
+    (dict(model=dict(attention="magic")), "model.attention='magic' is not allowed"),
+    (dict(model=dict(remat="some")), "model.remat='some' is not allowed"),
+    (dict(optim=dict(schedule="linear")), "optim.schedule='linear' is not allowed"),
+    (dict(train=dict(batch_size=6, grad_accum=4)), "train.batch_size=6 is not divisible"),
+    (dict(mesh=dict(data=-1, fsdp=-1)), "at most one mesh axis may be -1"),
+    (dict(data=dict(source="csv")), "data.source='csv' is not allowed"),
+])
+def test_bad_values_are_named(override, message):
+  cfg = tiny_config()
+  for section, values in override.items():
+    cfg[section].update(values)
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    config_lib.validate(cfg)
+
+
+def test_json_round_trip():
+  cfg = tiny_config()
+  assert config_lib.from_json(config_lib.to_json(cfg)).to_dict() == cfg.to_dict()
+
+
+def test_unknown_command_line_key_is_rejected(tmp_path):
+  cmd = [sys.executable, "-m", "llm.params", f"--config={ROOT}/configs/tiny.py",
+         "--config.model.n_layerz=4"]
+  result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode != 0
+  assert "n_layerz" in result.stderr
+
+
+def test_params_command_prints_total():
+  cmd = [sys.executable, "-m", "llm.params", f"--config={ROOT}/configs/mistral_7b.py"]
+  result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 0, result.stderr
+  assert "7,241,732,096" in result.stdout.splitlines()[-1]
