@@ -88,12 +88,6 @@ def generate(config, params, tokenizer, prompt: str, max_tokens: int = 200,
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training workdir.")
-flags.DEFINE_string("prompt", "", "Text to continue.")
-flags.DEFINE_integer("max_tokens", 200, "Most tokens to generate.")
-flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
-flags.DEFINE_integer("top_k", 40, "Sample among the k likeliest tokens; 0 for all.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def main(argv):
@@ -107,6 +101,16 @@ def main(argv):
   sys.stdout.write("\n")
 
 
+def define_flags():
+  flags.DEFINE_string("workdir", None, "A training workdir.")
+  flags.DEFINE_string("prompt", "", "Text to continue.")
+  flags.DEFINE_integer("max_tokens", 200, "Most tokens to generate.")
+  flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
+  flags.DEFINE_integer("top_k", 40, "Sample among the k likeliest tokens; 0 for all.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -15,8 +15,6 @@ from ml_collections import config_flags
 from llm import config as config_lib
 from llm.model import make_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
-
 
 def abstract_params(model_cfg):
   """Shapes of the params, with logical-axis boxes, as jax.ShapeDtypeStruct leaves."""
@@ -39,7 +37,7 @@ def breakdown(model_cfg) -> dict[str, int]:
 
 def main(argv):
   del argv
-  cfg = _CONFIG.value
+  cfg = flags.FLAGS.config
   config_lib.validate(cfg)
   for name, n in breakdown(cfg.model).items():
     print(f"{name:<50s} {n:>16,d}")
@@ -47,5 +45,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
   flags.mark_flags_as_required(["config"])
   app.run(main)

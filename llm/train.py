@@ -238,9 +238,6 @@ def train(config, workdir: str, devices=None) -> dict:
 
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
-                                          lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
 
 
 def main(argv):
@@ -248,9 +245,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  train(_CONFIG.value, FLAGS.workdir)
+  train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

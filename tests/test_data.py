@@ -47,7 +47,7 @@ def test_text_jsonl_and_separator_sources(tmp_path):
   (tmp_path / "a.txt").write_text("one\n\n\ntwo")
   (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x"}) + "\n\n" + json.dumps({"text": "y"}))
   cfg = tiny_config().data
-  cfg.update(source="text", paths=str(tmp_path / "*.txt"))
+  cfg.update(source="text", paths=str(tmp_path / "*.txt"), doc_separator="")
   assert list(corpus.documents(cfg)) == ["one\n\n\ntwo"]
   cfg.doc_separator = r"\n\n+"
   assert list(corpus.documents(cfg)) == ["one", "two"]
