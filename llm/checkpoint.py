@@ -14,6 +14,7 @@ import grain
 import orbax.checkpoint as ocp
 
 STATE, DATA, CONFIG = "state", "data", "config"
+PARAMS_DIR = "params"  # a params-only checkpoint (converted weights) beside config.json
 
 
 class Checkpointer:
@@ -70,3 +71,49 @@ def check_same_model(saved: dict, model_cfg, workdir) -> None:
     raise ValueError(f"the checkpoint in {workdir} is for a different model shape ("
                      + "; ".join(diffs) + "). Use a new --workdir, or the saved config.")
 
+
+
+def save_params(path: str | Path, params) -> None:
+  """Saves a params-only checkpoint (e.g. converted weights) to `path`."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(Path(path).absolute(), params)
+    ckptr.wait_until_finished()
+
+
+def restore_params(path: str | Path, abstract_params):
+  """Restores a params-only checkpoint onto the shardings of `abstract_params`."""
+  path = Path(path).absolute()
+  if not path.is_dir():
+    raise FileNotFoundError(f"params checkpoint {str(path)!r} does not exist")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path, abstract_params)
+
+
+def load_params(workdir: str | Path):
+  """(config, params) from `workdir`: its latest training checkpoint, else its params-only
+  checkpoint (`llm.convert` output). Params are replicated over all local devices."""
+  import ml_collections
+  from llm import config as config_lib
+  from llm import sharding
+  from llm.model import make_model
+  from llm.optim import make_optimizer
+  from llm.state import state_shardings
+
+  workdir = Path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{config_path} does not exist: is {workdir} a training workdir?")
+  config = config_lib.from_json(config_path.read_text())
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1)))
+  tx = make_optimizer(config.optim, config.train.steps)
+  abstract, _ = state_shardings(make_model(config.model), tx, config.data.seq_len, mesh)
+  ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is not None:
+      return config, ckpt.restore(step, abstract)[0].params
+  finally:
+    ckpt.close()
+  if (workdir / PARAMS_DIR).is_dir():
+    return config, restore_params(workdir / PARAMS_DIR, abstract.params)
+  raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'} and no {workdir / PARAMS_DIR}")

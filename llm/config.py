@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       async_checkpointing=True,
       peak_flops_per_device=0.0,  # 0: look up the device, or measure a matmul on CPU
+      init_params="",  # a params-only checkpoint (llm.convert output) to start from
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

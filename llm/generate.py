@@ -15,37 +15,19 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import app, flags, logging
 
-from llm import config as config_lib
-from llm import sharding
-from llm.checkpoint import Checkpointer
-from llm.data.pipeline import load_tokenizer
+from llm.checkpoint import load_params
+from llm.data.tokenizer import Tokenizer, check_vocab
 from llm.model import make_model
-from llm.optim import make_optimizer
-from llm.state import state_shardings
 
 
 def load(workdir: str | Path):
-  """(config, params, tokenizer) of the latest checkpoint in `workdir`."""
-  workdir = Path(workdir)
-  config_path = workdir / "config.json"
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{config_path} does not exist: is {workdir} a training workdir?")
-  config = config_lib.from_json(config_path.read_text())
-  ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-  mesh_cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
-  mesh = sharding.make_mesh(mesh_cfg)
-  model = make_model(config.model)
-  tx = make_optimizer(config.optim, config.train.steps)
-  abstract, _ = state_shardings(model, tx, config.data.seq_len, mesh)
-  state, _ = ckpt.restore(step, abstract)
-  ckpt.close()
-  return config, state.params, load_tokenizer(config, workdir)
+  """(config, params, tokenizer) of the latest checkpoint in `workdir` (see load_params)."""
+  config, params = load_params(workdir)
+  tok = Tokenizer(config.data.tokenizer_path or Path(workdir) / "tokenizer.model")
+  check_vocab(tok, config.model.vocab_size)
+  return config, params, tok
 
 
 @functools.partial(jax.jit, static_argnames=("model", "top_k"))

@@ -155,6 +155,11 @@ def train(config, workdir: str, devices=None) -> dict:
       print(f"resumed from step {latest} in {ckpt.directory}", flush=True)
   else:
     state = init_state(model, tx, config.data.seq_len, config.seed, shardings_)
+    if config.train.init_params:
+      state = state.replace(params=checkpoint_lib.restore_params(config.train.init_params,
+                                                                 abstract_state.params))
+      if primary:
+        print(f"initialised params from {config.train.init_params}", flush=True)
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx,

@@ -1,0 +1,1 @@
+"""Checkpoint interop: Hugging Face Llama/Mistral <-> llm (see llm/convert/hf.py)."""

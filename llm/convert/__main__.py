@@ -1,0 +1,100 @@
+"""Convert checkpoints between Hugging Face and llm.
+
+  python -m llm.convert hf-to-llm --hf_dir=IN --workdir=OUT
+  python -m llm.convert llm-to-hf --workdir=IN --hf_dir=OUT
+
+hf-to-llm writes OUT/config.json, OUT/config.py (a config file for
+`llm.train --config=OUT/config.py`, starting from the converted params),
+OUT/params (an Orbax params checkpoint) and OUT/tokenizer.model when the HF
+directory has one. `llm.generate --workdir=OUT` and `llm.evaluate` use OUT
+directly. llm-to-hf writes config.json and safetensors that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+
+from llm import config as config_lib
+from llm.checkpoint import PARAMS_DIR, load_params, save_params
+from llm.convert import hf
+from llm.data.tokenizer import Tokenizer
+
+COMMANDS = ("hf-to-llm", "llm-to-hf")
+
+CONFIG_PY = '''"""Config of a model converted from {hf_dir}."""
+from pathlib import Path
+
+from llm.config import from_json
+
+
+def get_config():
+  return from_json((Path(__file__).parent / "config.json").read_text())
+'''
+
+
+def hf_to_llm(hf_dir: str, workdir: str) -> None:
+  hf_dir_path, out = Path(hf_dir), Path(workdir)
+  config_path = hf_dir_path / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{config_path} does not exist")
+  hf_cfg = json.loads(config_path.read_text())
+  cfg = config_lib.base_config()
+  cfg.model.update(hf.model_updates_from_hf(hf_cfg))
+  cfg.data.seq_len = int(min(hf_cfg.get("max_position_embeddings", 2048), 2048))
+  out.mkdir(parents=True, exist_ok=True)
+  tokenizer = hf_dir_path / "tokenizer.model"
+  if tokenizer.is_file():
+    shutil.copyfile(tokenizer, out / "tokenizer.model")
+    cfg.data.tokenizer_path = str((out / "tokenizer.model").absolute())
+  cfg.train.init_params = str((out / PARAMS_DIR).absolute())
+  config_lib.validate(cfg)
+  params = hf.hf_to_params(hf.SafetensorsReader(hf_dir_path), cfg.model)
+  save_params(out / PARAMS_DIR, params)
+  (out / "config.json").write_text(config_lib.to_json(cfg))
+  (out / "config.py").write_text(CONFIG_PY.format(hf_dir=hf_dir_path.absolute()))
+  print(f"wrote {out}: config.json, config.py, {PARAMS_DIR}/"
+        + (", tokenizer.model" if tokenizer.is_file() else ""))
+
+
+def llm_to_hf(workdir: str, hf_dir: str) -> None:
+  config, params = load_params(workdir)
+  out = Path(hf_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  tok_path = Path(config.data.tokenizer_path or Path(workdir) / "tokenizer.model")
+  bos, eos = 1, 2
+  if tok_path.is_file():
+    tok = Tokenizer(tok_path)
+    bos, eos = tok.bos_id, tok.eos_id
+    shutil.copyfile(tok_path, out / "tokenizer.model")
+  hf_cfg = hf.hf_config_from_model(config.model, config.data.seq_len, bos, eos)
+  hf.write_safetensors(hf.params_to_hf(jax.device_get(params), config.model), out)
+  (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+  print(f"wrote {out}: config.json, safetensors" + (", tokenizer.model" if tok_path.is_file() else ""))
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"give one command, one of {list(COMMANDS)}; got {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  if not FLAGS.hf_dir or not FLAGS.workdir:
+    raise app.UsageError("--hf_dir and --workdir are both required")
+  if argv[1] == "hf-to-llm":
+    hf_to_llm(FLAGS.hf_dir, FLAGS.workdir)
+  else:
+    llm_to_hf(FLAGS.workdir, FLAGS.hf_dir)
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
+  flags.DEFINE_string("workdir", None, "An llm workdir.")
+  app.run(main)

@@ -1,0 +1,233 @@
+"""Hugging Face Llama/Mistral checkpoints <-> our params, one tensor at a time.
+
+HF stores Linear weights as [out, in]; our Projection kernels are [in, out...]
+with heads split out, and scanned layers stacked on a leading axis. Both use
+the rotate-half RoPE layout, so no permutation of q/k rows is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+# ----------------------------------------------------------------------------- configs
+
+def model_updates_from_hf(hf: dict) -> dict:
+  """Our model config fields from an HF config.json (transformers 4.x or 5.x layout)."""
+  arch = (hf.get("architectures") or [None])[0]
+  if hf.get("model_type") not in SUPPORTED_MODEL_TYPES or (arch and arch not in SUPPORTED_ARCHITECTURES):
+    raise ValueError(f"unsupported architecture {arch!r} (model_type {hf.get('model_type')!r}); "
+                     f"supported: {list(SUPPORTED_ARCHITECTURES)}")
+  for flag in ("attention_bias", "mlp_bias"):
+    if hf.get(flag):
+      raise ValueError(f"config.json sets {flag}=true; Llama-family models here have no biases")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
+  rope = dict(hf.get("rope_parameters") or {})
+  legacy = hf.get("rope_scaling") or {}
+  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  rope_type = rope.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
+  scaling = rope if rope_type == "llama3" and "factor" in rope else legacy
+  if rope_type not in ("default", "llama3"):
+    raise ValueError(f"rope type {rope_type!r} is not supported; supported: 'default', 'llama3'")
+  if hf.get("sliding_window"):
+    warnings.warn(f"sliding_window={hf['sliding_window']} is ignored: attention is full, which is "
+                  "exact for sequences up to the window")
+  n_heads = hf["num_attention_heads"]
+  head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+  updates = dict(
+      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+      n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+      head_dim=0 if head_dim * n_heads == hf["hidden_size"] else head_dim,
+      d_ff=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+      rope_theta=theta, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=False)
+  if rope_type == "llama3":
+    updates["rope_scaling"] = dict(
+        type="llama3", factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position=int(scaling["original_max_position_embeddings"]))
+  return updates
+
+
+def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: int = 2) -> dict:
+  c = model_cfg
+  if c.qk_norm:
+    raise ValueError("model.qk_norm=True has no Llama equivalent in transformers")
+  head_dim = c.head_dim or c.d_model // c.n_heads
+  rope = {"rope_type": "default", "rope_theta": float(c.rope_theta)}
+  if c.rope_scaling.type == "llama3":
+    s = c.rope_scaling
+    rope.update(rope_type="llama3", factor=float(s.factor), low_freq_factor=float(s.low_freq_factor),
+                high_freq_factor=float(s.high_freq_factor),
+                original_max_position_embeddings=int(s.original_max_position))
+  return {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
+      "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+      "num_key_value_heads": c.n_kv_heads, "head_dim": head_dim, "hidden_act": "silu",
+      "rms_norm_eps": c.norm_eps, "rope_parameters": rope, "rope_theta": float(c.rope_theta),
+      "tie_word_embeddings": bool(c.tie_embeddings), "max_position_embeddings": max_position,
+      "attention_bias": False, "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
+      "torch_dtype": "float32", "dtype": "float32",
+  }
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def _layer_map(c):
+  """(HF suffix, our path under layers, HF [out,in] -> ours) for one decoder layer."""
+  h, k, d, f = c.n_heads, c.n_kv_heads, c.d_model, c.d_ff
+  e = c.head_dim or d // h
+  return [
+      ("self_attn.q_proj.weight", ("attn", "q", "kernel"), lambda w: w.T.reshape(d, h, e)),
+      ("self_attn.k_proj.weight", ("attn", "k", "kernel"), lambda w: w.T.reshape(d, k, e)),
+      ("self_attn.v_proj.weight", ("attn", "v", "kernel"), lambda w: w.T.reshape(d, k, e)),
+      ("self_attn.o_proj.weight", ("attn", "o", "kernel"), lambda w: w.T.reshape(h, e, d)),
+      ("mlp.gate_proj.weight", ("mlp", "gate", "kernel"), lambda w: w.T),
+      ("mlp.up_proj.weight", ("mlp", "up", "kernel"), lambda w: w.T),
+      ("mlp.down_proj.weight", ("mlp", "down", "kernel"), lambda w: w.T),
+      ("input_layernorm.weight", ("attn_norm", "scale"), lambda w: w),
+      ("post_attention_layernorm.weight", ("mlp_norm", "scale"), lambda w: w),
+  ]
+
+
+def _inverse(c, path, x):
+  """Ours -> HF [out, in] for one layer's tensor at `path`."""
+  if path[-1] == "scale":
+    return x
+  if path[1] in ("q", "k", "v"):
+    return x.reshape(x.shape[0], -1).T
+  if path[1] == "o":
+    return x.reshape(-1, x.shape[-1]).T
+  return x.T
+
+
+class SafetensorsReader:
+  """Random access to the tensors of an HF directory's (possibly sharded) safetensors."""
+
+  def __init__(self, hf_dir: str | os.PathLike):
+    self.dir = Path(hf_dir)
+    index = self.dir / "model.safetensors.index.json"
+    if index.is_file():
+      weight_map = json.loads(index.read_text())["weight_map"]
+    elif (self.dir / "model.safetensors").is_file():
+      from safetensors import safe_open
+      with safe_open(self.dir / "model.safetensors", framework="np") as f:
+        weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+      raise FileNotFoundError(f"{self.dir} has neither model.safetensors nor "
+                              "model.safetensors.index.json")
+    missing = sorted({s for s in weight_map.values() if not (self.dir / s).is_file()})
+    if missing:
+      raise FileNotFoundError(f"{self.dir} is missing safetensors shards {missing}")
+    self.weight_map = weight_map
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.weight_map
+
+  def get(self, name: str) -> np.ndarray:
+    from safetensors import safe_open
+    if name not in self.weight_map:
+      raise KeyError(f"tensor {name!r} is not in {self.dir}")
+    with safe_open(self.dir / self.weight_map[name], framework="np") as f:
+      return f.get_tensor(name)
+
+
+def _check(name, x, shape):
+  if tuple(x.shape) != tuple(shape):
+    raise ValueError(f"tensor {name!r} has shape {tuple(x.shape)} but the config implies {tuple(shape)}")
+
+
+def hf_to_params(reader: SafetensorsReader, c, dtype=np.float32) -> dict:
+  """Our params as numpy arrays, filled tensor by tensor (peak: one copy + one tensor)."""
+  from llm.params import abstract_params
+  import flax.linen as nn
+  shapes = nn.meta.unbox(abstract_params(c))
+  get = lambda name: reader.get(name).astype(dtype)
+  params: dict = {"embedding": get("model.embed_tokens.weight")}
+  _check("model.embed_tokens.weight", params["embedding"], shapes["embedding"].shape)
+  params["final_norm"] = {"scale": get("model.norm.weight")}
+  _check("model.norm.weight", params["final_norm"]["scale"], shapes["final_norm"]["scale"].shape)
+  if not c.tie_embeddings:
+    params["unembed"] = get("lm_head.weight").T
+    _check("lm_head.weight", params["unembed"], shapes["unembed"].shape)
+  layers: dict = {}
+  for suffix, path, to_ours in _layer_map(c):
+    target = shapes["layers"]
+    for p in path:
+      target = target[p]
+    stacked = np.empty(target.shape, dtype)
+    hf_shape = _inverse(c, path, np.empty(target.shape[1:], np.float32)).shape
+    for i in range(c.n_layers):
+      name = f"model.layers.{i}.{suffix}"
+      raw = get(name)
+      _check(name, raw, hf_shape)
+      stacked[i] = to_ours(raw)
+    node = layers
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = stacked
+  params["layers"] = layers
+  return params
+
+
+def params_to_hf(params, c) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, float32 [out, in] tensor) pairs, one at a time."""
+  f32 = lambda x: np.asarray(x, np.float32)
+  yield "model.embed_tokens.weight", f32(params["embedding"])
+  for i in range(c.n_layers):
+    for suffix, path, _ in _layer_map(c):
+      x = params["layers"]
+      for p in path:
+        x = x[p]
+      yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(_inverse(c, path, f32(x[i])))
+  yield "model.norm.weight", f32(params["final_norm"]["scale"])
+  if not c.tie_embeddings:
+    yield "lm_head.weight", np.ascontiguousarray(f32(params["unembed"]).T)
+
+
+def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path,
+                      max_shard_bytes: int = 2 * 2**30) -> None:
+  """Writes shards of at most `max_shard_bytes` (one tensor may exceed it) plus an index."""
+  from safetensors.numpy import save_file
+  shards: list[dict] = [{}]
+  size = 0
+  names: list[list[str]] = [[]]
+  total = 0
+
+  def flush(i):
+    save_file(shards[i], str(out_dir / f"shard-{i:05d}.tmp"), metadata={"format": "pt"})
+    shards[i] = {}
+
+  for name, x in tensors:
+    if size and size + x.nbytes > max_shard_bytes:
+      flush(len(shards) - 1)
+      shards.append({})
+      names.append([])
+      size = 0
+    shards[-1][name] = x
+    names[-1].append(name)
+    size += x.nbytes
+    total += x.nbytes
+  flush(len(shards) - 1)
+  n = len(shards)
+  if n == 1:
+    os.replace(out_dir / "shard-00000.tmp", out_dir / "model.safetensors")
+    return
+  weight_map = {}
+  for i in range(n):
+    final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    os.replace(out_dir / f"shard-{i:05d}.tmp", out_dir / final)
+    weight_map.update({name: final for name in names[i]})
+  (out_dir / "model.safetensors.index.json").write_text(json.dumps(
+      {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

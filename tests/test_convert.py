@@ -1,0 +1,128 @@
+"""Hugging Face interop: logits parity with transformers' Llama, exact round trips, errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.numpy import load_file  # noqa: E402
+
+from llm import config as config_lib  # noqa: E402
+from llm.checkpoint import load_params  # noqa: E402
+from llm.convert import hf  # noqa: E402
+from llm.convert.__main__ import hf_to_llm, llm_to_hf  # noqa: E402
+from llm.model import make_model  # noqa: E402
+from llm.train import train  # noqa: E402
+
+VARIANTS = {
+    "mha_untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "mqa_theta": dict(num_key_value_heads=1, rope_parameters={"rope_type": "default",
+                                                              "rope_theta": 500000.0}),
+    "llama3_scaling": dict(num_key_value_heads=2, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+}
+
+
+def _hf_model(out, vocab=128, **overrides):
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=64, rms_norm_eps=1e-5, **overrides)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():  # non-trivial norm weights, so a misplaced norm cannot hide
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(out)
+  return model
+
+
+def _hf_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor(ids)).logits.numpy()
+
+
+def _our_logits(workdir, ids):
+  config, params = load_params(workdir)
+  return np.asarray(jax.jit(make_model(config.model).apply)({"params": params}, jnp.asarray(ids)))
+
+
+def _tensors(hf_dir):
+  out = {}
+  for f in sorted(hf_dir.glob("*.safetensors")):
+    out.update(load_file(f))
+  return out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_import_matches_transformers_and_round_trips(tmp_path, variant):
+  model = _hf_model(tmp_path / "hf", **VARIANTS[variant])
+  hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  ids = np.random.default_rng(0).integers(0, 128, (2, 24))
+  ref = _hf_logits(model, ids)
+  assert np.max(np.abs(_our_logits(tmp_path / "ours", ids) - ref)) <= 1e-4
+
+  llm_to_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
+  before, after = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+  assert sorted(before) == sorted(after)
+  for name in before:
+    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+  assert np.max(np.abs(_hf_logits(reloaded, ids) - ref)) <= 1e-5
+
+
+def test_sharded_checkpoints_are_written_and_read(tmp_path):
+  model = _hf_model(tmp_path / "hf")
+  hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  config, params = load_params(tmp_path / "ours")
+  out = tmp_path / "sharded"
+  out.mkdir()
+  hf.write_safetensors(hf.params_to_hf(jax.device_get(params), config.model), out,
+                       max_shard_bytes=50_000)
+  (out / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+  index = json.loads((out / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 2
+  hf_to_llm(str(out), str(tmp_path / "again"))
+  ids = np.random.default_rng(1).integers(0, 128, (1, 16))
+  assert np.max(np.abs(_our_logits(tmp_path / "again", ids) - _hf_logits(model, ids))) <= 1e-4
+  # A missing shard is named.
+  victim = sorted(set(index["weight_map"].values()))[1]
+  (out / victim).unlink()
+  with pytest.raises(FileNotFoundError, match=f"missing safetensors shards.*{victim}"):
+    hf_to_llm(str(out), str(tmp_path / "broken"))
+
+
+def test_bad_inputs_are_named(tmp_path):
+  _hf_model(tmp_path / "hf")
+  cfg_path = tmp_path / "hf" / "config.json"
+  good = json.loads(cfg_path.read_text())
+  cfg_path.write_text(json.dumps({**good, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+  with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+    hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "o1"))
+  cfg_path.write_text(json.dumps({**good, "intermediate_size": 100}))
+  with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight' has shape \(96, 64\) "
+                                       r"but the config implies \(100, 64\)"):
+    hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "o2"))
+  with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    hf_to_llm(str(tmp_path / "nowhere"), str(tmp_path / "o3"))
+
+
+def test_fine_tuning_starts_from_converted_params(tmp_path, config):
+  _hf_model(tmp_path / "hf", vocab=config.model.vocab_size, num_key_value_heads=2)
+  hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  converted = config_lib.from_json((tmp_path / "ours" / "config.json").read_text())
+  _, start = load_params(tmp_path / "ours")
+  config.model.update(converted.model.to_dict())
+  config.model.remat = "none"
+  config.train.update(steps=1, init_params=converted.train.init_params)
+  config.optim.update(lr=1e-9, warmup_steps=0)
+  train(config, tmp_path / "ft", devices=jax.devices()[:1])
+  _, tuned = load_params(tmp_path / "ft")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tuned, start)
