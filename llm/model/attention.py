@@ -42,6 +42,22 @@ def xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT):
 IMPLEMENTATIONS: dict[str, Callable] = {"xla": xla_attention}
 
 
+def cached_attention(q_BTHE, k_BSKE, v_BSKE, slot, kv_valid_BS):
+  """Decoding attention over a KV cache: query t sits at cache slot `slot + t` and sees
+  the valid slots at or before its own."""
+  b, t, h, e = q_BTHE.shape
+  k = k_BSKE.shape[2]
+  q_BTKGE = q_BTHE.reshape(b, t, k, h // k, e)
+  logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
+                            preferred_element_type=jnp.float32) / jnp.sqrt(e).astype(jnp.float32)
+  q_slots_T = slot + jnp.arange(t)
+  causal_TS = q_slots_T[:, None] >= jnp.arange(k_BSKE.shape[1])[None, :]
+  mask = (causal_TS[None] & kv_valid_BS[:, None, :])[:, None, None]
+  logits_BKGTS = jnp.where(mask, logits_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKE.dtype)
+  return jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE).reshape(b, t, h, e)
+
+
 class Attention(nn.Module):
   cfg: object  # the model ConfigDict
   head_dim: int
@@ -50,7 +66,9 @@ class Attention(nn.Module):
   out_init_std: float
 
   @nn.compact
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, decode=None):
+    """With `cache` ({"k", "v"}: [B, S, K, E]) and `decode` ({"slot", "kv_valid"}), writes
+    this step's keys/values at `slot` and attends over the cache; returns (out, cache)."""
     c = self.cfg
     h, k, e, d = c.n_heads, c.n_kv_heads, self.head_dim, c.d_model
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -69,7 +87,15 @@ class Attention(nn.Module):
     k_BTKE = constrain(apply_rope(k_BTKE, positions_BT, inv_freq),
                        ("batch", "length", "act_kv_heads", "head_dim"))
     v_BTKE = constrain(v_BTKE, ("batch", "length", "act_kv_heads", "head_dim"))
-    out_BTHE = IMPLEMENTATIONS[c.attention](q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
+    if cache is None:
+      out_BTHE = IMPLEMENTATIONS[c.attention](q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
+    else:
+      start = (0, decode["slot"], 0, 0)
+      cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_BTKE.astype(cache["k"].dtype), start),
+               "v": jax.lax.dynamic_update_slice(cache["v"], v_BTKE.astype(cache["v"].dtype), start)}
+      out_BTHE = cached_attention(q_BTHE, cache["k"], cache["v"], decode["slot"],
+                                  decode["kv_valid"])
     out_BTHE = constrain(out_BTHE, ("batch", "length", "act_heads", "head_dim"))
-    return Projection((h, e), (d,), ("heads", "head_dim", "embed"), init_std=self.out_init_std,
-                      name="o", **kw)(out_BTHE)
+    out_BTD = Projection((h, e), (d,), ("heads", "head_dim", "embed"),
+                         init_std=self.out_init_std, name="o", **kw)(out_BTHE)
+    return out_BTD, cache

@@ -32,28 +32,34 @@ class Block(nn.Module):
   cfg: object
 
   @nn.compact
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, decode=None):
     c = self.cfg
     dtype, param_dtype = dtypes(c)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     out_std = c.init_std / math.sqrt(2 * c.n_layers)
     h_BTD = RMSNorm(c.norm_eps, name="attn_norm", **kw)(x_BTD)
-    x_BTD = x_BTD + Attention(c, head_dim(c), out_init_std=out_std, name="attn", **kw)(
-        h_BTD, segment_ids_BT, positions_BT)
+    attn_BTD, cache = Attention(c, head_dim(c), out_init_std=out_std, name="attn", **kw)(
+        h_BTD, segment_ids_BT, positions_BT, cache, decode)
+    x_BTD = x_BTD + attn_BTD
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
     h_BTD = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x_BTD)
     x_BTD = x_BTD + SwiGLU(c.d_model, c.d_ff, init_std=c.init_std, out_init_std=out_std,
                            name="mlp", **kw)(h_BTD)
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
-    return x_BTD, None
+    return x_BTD, cache
 
 
 class Transformer(nn.Module):
-  """Maps tokens [B, T] (with segment ids and positions) to fp32 logits [B, T, V]."""
+  """Maps tokens [B, T] (with segment ids and positions) to fp32 logits [B, T, V].
+
+  For decoding, `cache` holds {"k", "v"} of shape [L, B, S, K, E] and `decode` holds
+  {"slot": first cache slot of these tokens, "kv_valid": [B, S] bool}; the call then
+  returns (logits, updated cache).
+  """
   cfg: object
 
   @nn.compact
-  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None):
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None, decode=None):
     c = self.cfg
     dtype, param_dtype = dtypes(c)
     if segment_ids_BT is None:
@@ -70,12 +76,18 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, _ = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT)
+      x_BTD, cache = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT, cache, decode)
     else:
+      layer_caches = []
       for i in range(c.n_layers):
-        x_BTD, _ = block(c, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT)
+        layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
+        x_BTD, layer_cache = block(c, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT,
+                                                          layer_cache, decode)
+        layer_caches.append(layer_cache)
+      if cache is not None:
+        cache = jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
 
     x_BTD = RMSNorm(c.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x_BTD)
     if c.tie_embeddings:
@@ -84,7 +96,8 @@ class Transformer(nn.Module):
       unembed_DV = param_with_axes(self, "unembed", nn.initializers.normal(c.init_std),
                                    (c.d_model, c.vocab_size), ("embed", "vocab"), param_dtype)
     logits_BTV = jnp.dot(x_BTD, unembed_DV.astype(dtype), preferred_element_type=jnp.float32)
-    return constrain(logits_BTV, ("batch", "length", "act_vocab"))
+    logits_BTV = constrain(logits_BTV, ("batch", "length", "act_vocab"))
+    return logits_BTV if cache is None else (logits_BTV, cache)
 
 
 def make_model(model_cfg) -> Transformer:

@@ -1,0 +1,100 @@
+"""KV-cache decoding against full forwards, and samplers against their definitions."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm.generate import Decoder
+from llm.model import make_model
+from llm.sampling import SamplingParams, filter_logits, sample
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  cfg = tiny_config()
+  model = make_model(cfg.model)
+  params = nn.meta.unbox(model.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))["params"])
+  # Larger weights than init so the random model's argmax is decisive, not a near tie.
+  params = jax.tree.map(lambda x: x * 3.0 if x.ndim > 2 else x, params)
+  return cfg, model, params
+
+
+def test_greedy_cached_decoding_equals_argmax_of_full_forward(model_and_params):
+  cfg, model, params = model_and_params
+  rng = np.random.default_rng(0)
+  prompts = [list(rng.integers(3, 512, n)) for n in (5, 11, 1)]  # different lengths: padded
+  steps = 12
+  got = Decoder(cfg.model, params).generate(prompts, steps, SamplingParams(temperature=0.0))
+  forward = jax.jit(model.apply)
+  for prompt, continuation in zip(prompts, got):
+    seq = list(prompt)
+    for _ in range(steps):
+      logits = forward({"params": params}, jnp.asarray([seq]))
+      seq.append(int(jnp.argmax(logits[0, -1])))
+    assert continuation == seq[len(prompt):]
+
+
+def test_eos_stops_a_row(model_and_params):
+  cfg, _, params = model_and_params
+  decoder = Decoder(cfg.model, params)
+  free = decoder.generate([[5, 6, 7]], 6, SamplingParams(temperature=0.0))[0]
+  stopped = decoder.generate([[5, 6, 7]], 6, SamplingParams(temperature=0.0), eos_id=free[2])[0]
+  assert stopped == free[:free.index(free[2])]
+
+
+def test_sampling_is_seeded(model_and_params):
+  cfg, _, params = model_and_params
+  decoder = Decoder(cfg.model, params)
+  p = SamplingParams(temperature=1.0, top_p=0.9)
+  a = decoder.generate([[5, 6, 7]], 8, p, seed=1)
+  assert a == decoder.generate([[5, 6, 7]], 8, p, seed=1)
+  assert a != decoder.generate([[5, 6, 7]], 8, p, seed=2)
+
+
+LOGITS = np.log(np.array([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]]))
+
+
+def _probs(p, seen=None):
+  return np.asarray(jax.nn.softmax(filter_logits(jnp.asarray(LOGITS), p, seen), axis=-1))[0]
+
+
+def test_filters_give_the_defined_distributions():
+  base = np.exp(LOGITS[0])
+  np.testing.assert_allclose(_probs(SamplingParams(temperature=1.0)), base, rtol=1e-6)
+  t = base ** 2 / (base ** 2).sum()
+  np.testing.assert_allclose(_probs(SamplingParams(temperature=0.5)), t, rtol=1e-5)
+  k = np.where(np.arange(6) < 3, base, 0) / base[:3].sum()
+  np.testing.assert_allclose(_probs(SamplingParams(temperature=1.0, top_k=3)), k, rtol=1e-6)
+  # top_p=0.7: 0.4 + 0.25 = 0.65 < 0.7, so the nucleus is the first three tokens.
+  np.testing.assert_allclose(_probs(SamplingParams(temperature=1.0, top_p=0.7)), k, rtol=1e-6)
+  two = np.where(np.arange(6) < 2, base, 0) / base[:2].sum()
+  np.testing.assert_allclose(_probs(SamplingParams(temperature=1.0, top_p=0.65)), two, rtol=1e-5)
+  # min_p=0.3: keep tokens with p >= 0.3 * 0.4 = 0.12.
+  np.testing.assert_allclose(_probs(SamplingParams(temperature=1.0, min_p=0.3)), k, rtol=1e-6)
+  seen = jnp.asarray([[True, False, False, False, False, False]])
+  logits = LOGITS[0].copy()
+  logits[0] = logits[0] * 2.0  # negative logit: multiplied by the penalty
+  r = np.exp(logits) / np.exp(logits).sum()
+  np.testing.assert_allclose(_probs(SamplingParams(temperature=1.0, repetition_penalty=2.0), seen),
+                             r, rtol=1e-5)
+
+
+def test_samples_follow_the_filtered_distribution():
+  p = SamplingParams(temperature=1.0, top_k=4)
+  logits = jnp.tile(jnp.asarray(LOGITS), (20000, 1))
+  draws = np.asarray(sample(jax.random.key(0), logits, p))
+  freq = np.bincount(draws, minlength=6) / len(draws)
+  expected = _probs(p)
+  assert freq[4] == 0 and freq[5] == 0
+  np.testing.assert_allclose(freq, expected, atol=0.015)
+  assert (np.asarray(sample(jax.random.key(0), logits[:3], SamplingParams(temperature=0.0))) == 0).all()
+
+
+def test_bad_sampling_values_are_named():
+  with pytest.raises(ValueError, match="top_p=1.5 must be in"):
+    SamplingParams(top_p=1.5)
+  with pytest.raises(ValueError, match="temperature=-1"):
+    SamplingParams(temperature=-1)
