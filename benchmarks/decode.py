@@ -1,0 +1,91 @@
+"""Decoding throughput: prefill tokens/s and decode tokens/s against batch size.
+
+  python benchmarks/decode.py [--config configs/llama_125m.py --batches 1,4,16 --prompt_len 128
+                               --new_tokens 64]
+
+Random params of the config's model shape; timings exclude compilation (each
+shape is run once first). Prints a table and appends it, with the command, to
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llm.generate import Decoder  # noqa: E402
+from llm.model import make_model  # noqa: E402
+from llm.sampling import SamplingParams  # noqa: E402
+
+
+def load_config(path: str):
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default=str(ROOT / "configs" / "llama_125m.py"))
+  p.add_argument("--batches", default="1,4,16")
+  p.add_argument("--prompt_len", type=int, default=128)
+  p.add_argument("--new_tokens", type=int, default=64)
+  p.add_argument("--no_append", action="store_true")
+  args = p.parse_args()
+  cfg = load_config(args.config)
+  model = make_model(cfg.model)
+  params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))()
+  decoder = Decoder(cfg.model, params)
+  greedy = SamplingParams(temperature=0.0)
+  rows = []
+  for b in [int(x) for x in args.batches.split(",")]:
+    prompts = [list(np.random.default_rng(i).integers(3, cfg.model.vocab_size, args.prompt_len))
+               for i in range(b)]
+    decoder.generate(prompts, 2, greedy)  # compile prefill and step for this shape
+    s = -(-(-(-args.prompt_len // 16) * 16 + args.new_tokens) // 64) * 64
+    tokens = jnp.asarray(np.array(prompts, np.int32))
+    valid = jnp.ones(tokens.shape, bool)
+    cache = decoder.init_cache(b, s)
+    jax.block_until_ready(decoder._prefill(params, tokens, valid, cache))
+    t0 = time.perf_counter()
+    jax.block_until_ready(decoder._prefill(params, tokens, valid, decoder.init_cache(b, s)))
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    decoder.generate(prompts, args.new_tokens, greedy)
+    total_s = time.perf_counter() - t0
+    decode_s = max(total_s - prefill_s, 1e-9)
+    rows.append((b, b * args.prompt_len / prefill_s, b * args.new_tokens / decode_s,
+                 1e3 * decode_s / args.new_tokens))
+  table = ["| batch | prefill tokens/s | decode tokens/s | ms per decode step |",
+           "|------:|-----------------:|----------------:|-------------------:|"]
+  table += [f"| {b} | {pf:,.0f} | {dc:,.0f} | {ms:.1f} |" for b, pf, dc, ms in rows]
+  print("\n".join(table))
+  if not args.no_append:
+    cmd = "python benchmarks/decode.py " + shlex.join(sys.argv[1:])
+    dev = jax.devices()[0]
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    header = (f"\n## decode — {datetime.date.today().isoformat()}\n\n`{cmd.strip()}`\n\n"
+              f"{dev.platform} / {dev.device_kind} / {platform.machine()} / jax {jax.__version__}; "
+              f"{Path(args.config).name} ({n_params:,} params, {cfg.model.dtype}), prompt "
+              f"{args.prompt_len}, {args.new_tokens} new tokens, greedy, KV cache\n\n")
+    with open(ROOT / "BENCHMARKS.md", "a") as f:
+      f.write(header + "\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+  main()
