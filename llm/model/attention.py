@@ -25,18 +25,22 @@ def causal_segment_mask(segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array 
   return (causal_TS[None] & same_BTS)[:, None, None]
 
 
-def xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT):
-  """Reference attention: fp32 softmax, K/V heads shared by groups of G query heads."""
+def masked_gqa_attention(q_BTHE, k_BSKE, v_BSKE, mask_B11TS):
+  """Softmax attention in fp32 under a boolean mask, K/V heads shared by groups of G query
+  heads without repeating them."""
   b, t, h, e = q_BTHE.shape
   k = k_BSKE.shape[2]
   q_BTKGE = q_BTHE.reshape(b, t, k, h // k, e)
   logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
                             preferred_element_type=jnp.float32) / jnp.sqrt(e).astype(jnp.float32)
-  mask = causal_segment_mask(segment_ids_BT)
-  logits_BKGTS = jnp.where(mask, logits_BKGTS, jnp.finfo(jnp.float32).min)
+  logits_BKGTS = jnp.where(mask_B11TS, logits_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKE.dtype)
-  out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
-  return out_BTKGE.reshape(b, t, h, e)
+  return jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE).reshape(b, t, h, e)
+
+
+def xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT):
+  """Reference attention: causal within each segment."""
+  return masked_gqa_attention(q_BTHE, k_BSKE, v_BSKE, causal_segment_mask(segment_ids_BT))
 
 
 IMPLEMENTATIONS: dict[str, Callable] = {"xla": xla_attention}
@@ -45,17 +49,10 @@ IMPLEMENTATIONS: dict[str, Callable] = {"xla": xla_attention}
 def cached_attention(q_BTHE, k_BSKE, v_BSKE, slot, kv_valid_BS):
   """Decoding attention over a KV cache: query t sits at cache slot `slot + t` and sees
   the valid slots at or before its own."""
-  b, t, h, e = q_BTHE.shape
-  k = k_BSKE.shape[2]
-  q_BTKGE = q_BTHE.reshape(b, t, k, h // k, e)
-  logits_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
-                            preferred_element_type=jnp.float32) / jnp.sqrt(e).astype(jnp.float32)
-  q_slots_T = slot + jnp.arange(t)
+  q_slots_T = slot + jnp.arange(q_BTHE.shape[1])
   causal_TS = q_slots_T[:, None] >= jnp.arange(k_BSKE.shape[1])[None, :]
   mask = (causal_TS[None] & kv_valid_BS[:, None, :])[:, None, None]
-  logits_BKGTS = jnp.where(mask, logits_BKGTS, jnp.finfo(jnp.float32).min)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKE.dtype)
-  return jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE).reshape(b, t, h, e)
+  return masked_gqa_attention(q_BTHE, k_BSKE, v_BSKE, mask)
 
 
 class Attention(nn.Module):
