@@ -9,6 +9,7 @@ continuation) and multiple-choice answers for scoring tasks.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -18,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from llm.checkpoint import load_params
 from llm.data import pipeline
 from llm.data.tokenizer import Tokenizer
 from llm.model import make_model
+from llm.train import eval_step
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
@@ -38,14 +39,6 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
   return out
 
 
-def _sums(model, params, batch):
-  logits_BTV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                           batch["positions"])
-  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-  target_BT = jnp.take_along_axis(logp_BTV, batch["targets"][..., None], axis=-1)[..., 0]
-  return -jnp.sum(target_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
-
-
 def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: int = 8,
                      max_batches: int = 0) -> dict:
   """loss (nats/token), perplexity and bits per byte over the validation split."""
@@ -56,8 +49,7 @@ def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: 
     raise ValueError(f"the validation split has {len(rows)} rows, fewer than batch_size={batch_size}")
   if max_batches:
     n_batches = min(n_batches, max_batches)
-  model = make_model(config.model)
-  sums = jax.jit(lambda p, b: _sums(model, p, b))
+  sums = jax.jit(functools.partial(eval_step, model=make_model(config.model)))
   byte_len = token_byte_lengths(tokenizer)
   nll = tokens = n_bytes = 0.0
   for i in range(n_batches):
