@@ -57,7 +57,7 @@ def main():
     prompts = [list(np.random.default_rng(i).integers(3, cfg.model.vocab_size, args.prompt_len))
                for i in range(b)]
     decoder.generate(prompts, 2, greedy)  # compile prefill and step for this shape
-    s = -(-(-(-args.prompt_len // 16) * 16 + args.new_tokens) // 64) * 64
+    _, s = decoder.shapes(args.prompt_len, args.new_tokens)
     tokens = jnp.asarray(np.array(prompts, np.int32))
     valid = jnp.ones(tokens.shape, bool)
     cache = decoder.init_cache(b, s)

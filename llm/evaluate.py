@@ -21,6 +21,7 @@ from absl import app, flags, logging
 
 from llm.data import pipeline
 from llm.data.tokenizer import Tokenizer
+from llm.generate import load, round_up
 from llm.model import make_model
 from llm.train import eval_step
 
@@ -84,8 +85,7 @@ class Scorer:
           raise ValueError("an empty continuation has no likelihood to score")
         seq = (list(ctx) + list(cont))[-(self.max_len + 1):]
         seqs.append((seq, len(cont)))
-      width = max(len(s) - 1 for s, _ in seqs)
-      width = -(-width // 16) * 16
+      width = round_up(max(len(s) - 1 for s, _ in seqs), 16)
       tokens = np.zeros((len(seqs), width), np.int32)
       for i, (seq, _) in enumerate(seqs):
         tokens[i, :len(seq) - 1] = seq[:-1]
@@ -115,7 +115,6 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from llm.generate import load
   config, params, tok = load(FLAGS.workdir)
   result = evaluate_heldout(config, params, tok, FLAGS.workdir, FLAGS.batch_size,
                             FLAGS.max_batches)

@@ -32,7 +32,8 @@ def load(workdir: str | Path):
   return config, params, tok
 
 
-def _bucket(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+  """`n` rounded up to a multiple, so nearby lengths share one compiled shape."""
   return -(-n // multiple) * multiple
 
 
@@ -47,6 +48,12 @@ class Decoder:
     self.params = params
     self._prefill = jax.jit(self._prefill_fn)
     self._step = jax.jit(self._step_fn, static_argnames=("sampling",), donate_argnums=(1,))
+
+  @staticmethod
+  def shapes(prompt_len: int, max_tokens: int) -> tuple[int, int]:
+    """(padded prompt length, cache length) for a longest prompt and a token budget."""
+    p_len = round_up(prompt_len, 16)
+    return p_len, round_up(p_len + max_tokens, 64)
 
   def init_cache(self, batch: int, max_len: int):
     c = self.cfg
@@ -89,8 +96,7 @@ class Decoder:
     if max_tokens < 1:
       raise ValueError(f"max_tokens={max_tokens} must be >= 1")
     b = len(prompts)
-    p_len = _bucket(max(len(p) for p in prompts), 16)
-    s = _bucket(p_len + max_tokens, 64)
+    p_len, s = self.shapes(max(len(p) for p in prompts), max_tokens)
     tokens = np.zeros((b, p_len), np.int32)
     valid = np.zeros((b, p_len), bool)
     for i, prompt in enumerate(prompts):
