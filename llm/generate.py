@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from llm.checkpoint import load_params
-from llm.data.tokenizer import Tokenizer, check_vocab
+from llm.data.pipeline import load_tokenizer
 from llm.model import make_model
 from llm.sampling import SamplingParams, sample
 
@@ -27,9 +27,7 @@ from llm.sampling import SamplingParams, sample
 def load(workdir: str | Path):
   """(config, params, tokenizer) of the latest checkpoint in `workdir` (see load_params)."""
   config, params = load_params(workdir)
-  tok = Tokenizer(config.data.tokenizer_path or Path(workdir) / "tokenizer.model")
-  check_vocab(tok, config.model.vocab_size)
-  return config, params, tok
+  return config, params, load_tokenizer(config, workdir, train_if_missing=False)
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from llm import config as config_lib
 from llm.checkpoint import PARAMS_DIR, load_params, save_params
 from llm.convert import hf
-from llm.data.tokenizer import Tokenizer
+from llm.data.pipeline import load_tokenizer, tokenizer_file
 
 COMMANDS = ("hf-to-llm", "llm-to-hf")
 
@@ -66,10 +66,10 @@ def llm_to_hf(workdir: str, hf_dir: str) -> None:
   config, params = load_params(workdir)
   out = Path(hf_dir)
   out.mkdir(parents=True, exist_ok=True)
-  tok_path = Path(config.data.tokenizer_path or Path(workdir) / "tokenizer.model")
+  tok_path = tokenizer_file(config, workdir)
   bos, eos = 1, 2
   if tok_path.is_file():
-    tok = Tokenizer(tok_path)
+    tok = load_tokenizer(config, workdir, train_if_missing=False)
     bos, eos = tok.bos_id, tok.eos_id
     shutil.copyfile(tok_path, out / "tokenizer.model")
   hf_cfg = hf.hf_config_from_model(config.model, config.data.seq_len, bos, eos)

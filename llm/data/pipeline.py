@@ -35,19 +35,22 @@ def _source_key(data_cfg) -> dict:
   return {k: data_cfg[k] for k in keys}
 
 
-def load_tokenizer(config, workdir: str | os.PathLike) -> Tokenizer:
-  """The configured tokenizer, or the workdir's, trained on the corpus if absent."""
-  if config.data.tokenizer_path:
-    tok = Tokenizer(config.data.tokenizer_path)
+def tokenizer_file(config, workdir: str | os.PathLike) -> Path:
+  """Where the run's tokenizer lives: data.tokenizer_path, else DIR/tokenizer.model."""
+  return Path(config.data.tokenizer_path or Path(workdir) / "tokenizer.model")
+
+
+def load_tokenizer(config, workdir: str | os.PathLike, train_if_missing: bool = True) -> Tokenizer:
+  """The run's tokenizer (see tokenizer_file); a missing workdir tokenizer is trained on
+  the corpus when `train_if_missing`."""
+  path = tokenizer_file(config, workdir)
+  if not path.is_file() and train_if_missing and not config.data.tokenizer_path:
+    print(f"training a {config.model.vocab_size}-piece sentencepiece tokenizer -> {path}",
+          flush=True)
+    tok = train_tokenizer(corpus_lib.documents(config.data), config.model.vocab_size, path,
+                          config.data.tokenizer_model_type, config.data.tokenizer_max_chars)
   else:
-    path = Path(workdir) / "tokenizer.model"
-    if path.is_file():
-      tok = Tokenizer(path)
-    else:
-      print(f"training a {config.model.vocab_size}-piece sentencepiece tokenizer -> {path}",
-            flush=True)
-      tok = train_tokenizer(corpus_lib.documents(config.data), config.model.vocab_size, path,
-                            config.data.tokenizer_model_type, config.data.tokenizer_max_chars)
+    tok = Tokenizer(path)
   check_vocab(tok, config.model.vocab_size)
   return tok
 
