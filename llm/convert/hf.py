@@ -86,7 +86,7 @@ def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: 
 
 def _layer_map(c):
   """(HF suffix, our path under layers, HF [out,in] -> ours) for one decoder layer."""
-  h, k, d, f = c.n_heads, c.n_kv_heads, c.d_model, c.d_ff
+  h, k, d = c.n_heads, c.n_kv_heads, c.d_model
   e = c.head_dim or d // h
   return [
       ("self_attn.q_proj.weight", ("attn", "q", "kernel"), lambda w: w.T.reshape(d, h, e)),
@@ -101,7 +101,7 @@ def _layer_map(c):
   ]
 
 
-def _inverse(c, path, x):
+def _inverse(path, x):
   """Ours -> HF [out, in] for one layer's tensor at `path`."""
   if path[-1] == "scale":
     return x
@@ -131,9 +131,6 @@ class SafetensorsReader:
     if missing:
       raise FileNotFoundError(f"{self.dir} is missing safetensors shards {missing}")
     self.weight_map = weight_map
-
-  def __contains__(self, name: str) -> bool:
-    return name in self.weight_map
 
   def get(self, name: str) -> np.ndarray:
     from safetensors import safe_open
@@ -167,7 +164,7 @@ def hf_to_params(reader: SafetensorsReader, c, dtype=np.float32) -> dict:
     for p in path:
       target = target[p]
     stacked = np.empty(target.shape, dtype)
-    hf_shape = _inverse(c, path, np.empty(target.shape[1:], np.float32)).shape
+    hf_shape = _inverse(path, np.empty(target.shape[1:], np.float32)).shape
     for i in range(c.n_layers):
       name = f"model.layers.{i}.{suffix}"
       raw = get(name)
@@ -190,7 +187,7 @@ def params_to_hf(params, c) -> Iterator[tuple[str, np.ndarray]]:
       x = params["layers"]
       for p in path:
         x = x[p]
-      yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(_inverse(c, path, f32(x[i])))
+      yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(_inverse(path, f32(x[i])))
   yield "model.norm.weight", f32(params["final_norm"]["scale"])
   if not c.tie_embeddings:
     yield "lm_head.weight", np.ascontiguousarray(f32(params["unembed"]).T)
@@ -198,36 +195,32 @@ def params_to_hf(params, c) -> Iterator[tuple[str, np.ndarray]]:
 
 def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path,
                       max_shard_bytes: int = 2 * 2**30) -> None:
-  """Writes shards of at most `max_shard_bytes` (one tensor may exceed it) plus an index."""
+  """Writes shards of at most `max_shard_bytes` (one tensor may exceed it) plus an index;
+  only the shard being filled is held in memory."""
   from safetensors.numpy import save_file
-  shards: list[dict] = [{}]
-  size = 0
-  names: list[list[str]] = [[]]
+  shard_names: list[list[str]] = []  # tensor names of each written shard
+  current: dict[str, np.ndarray] = {}
   total = 0
 
-  def flush(i):
-    save_file(shards[i], str(out_dir / f"shard-{i:05d}.tmp"), metadata={"format": "pt"})
-    shards[i] = {}
+  def flush():
+    save_file(current, str(out_dir / f"shard-{len(shard_names):05d}.tmp"), metadata={"format": "pt"})
+    shard_names.append(list(current))
+    current.clear()
 
   for name, x in tensors:
-    if size and size + x.nbytes > max_shard_bytes:
-      flush(len(shards) - 1)
-      shards.append({})
-      names.append([])
-      size = 0
-    shards[-1][name] = x
-    names[-1].append(name)
-    size += x.nbytes
+    if current and sum(v.nbytes for v in current.values()) + x.nbytes > max_shard_bytes:
+      flush()
+    current[name] = x
     total += x.nbytes
-  flush(len(shards) - 1)
-  n = len(shards)
+  flush()
+  n = len(shard_names)
   if n == 1:
     os.replace(out_dir / "shard-00000.tmp", out_dir / "model.safetensors")
     return
   weight_map = {}
-  for i in range(n):
+  for i, names in enumerate(shard_names):
     final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
     os.replace(out_dir / f"shard-{i:05d}.tmp", out_dir / final)
-    weight_map.update({name: final for name in names[i]})
+    weight_map.update({name: final for name in names})
   (out_dir / "model.safetensors.index.json").write_text(json.dumps(
       {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
