@@ -212,7 +212,8 @@ def train(config, workdir: str, devices=None) -> dict:
     with sharding.activation_sharding(mesh):
       state, metrics = step_fn(state, batch)
     step += 1
-    done = step == total_steps or preemption.requested
+    done = step == total_steps or preemption.requested  # read once: a signal that lands
+    # later in this iteration is acted on after the next step, never between log and save
     if step % config.train.log_every == 0 or done:
       metrics = jax.device_get(metrics)
       now = time.perf_counter()
@@ -230,7 +231,7 @@ def train(config, workdir: str, devices=None) -> dict:
       writer.write(step, last)
     if step % config.train.checkpoint_every == 0 or done:
       ckpt.save(step, state, train_iter, config.to_dict())
-    if preemption.requested:
+    if done:
       break
   ckpt.wait()
   ckpt.close()
