@@ -43,7 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
       )),
       tie_embeddings=False,
       qk_norm=False,
-      attention="xla",
+      attention="xla",  # xla | flash (Pallas kernel; interpreted on CPU)
+      flash_block_q=0,  # flash kernel block sizes; 0 = the kernel's default
+      flash_block_k=0,
+      sliding_window=0,  # attend to the last N positions only (Mistral); 0 = full
       scan_layers=True,
       remat="full",
       dtype="float32",  # compute dtype
@@ -128,8 +131,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "GQA needs n_heads to be a multiple of n_kv_heads (n_kv_heads=1 is MQA)")
   if head_dim(m) % 2:
     raise ValueError(f"head dim {head_dim(m)} must be even for RoPE")
-  from llm.model import attention  # the registry of implementations
-  _choice("model.attention", m.attention, tuple(attention.IMPLEMENTATIONS))
+  from llm import attention_ops  # the registry of implementations
+  _choice("model.attention", m.attention, attention_ops.IMPLEMENTATIONS)
+  for name in ("flash_block_q", "flash_block_k", "sliding_window"):
+    if m[name] < 0:
+      raise ValueError(f"model.{name}={m[name]} must be >= 0 (0 = default / off)")
   _choice("model.remat", m.remat, REMAT_POLICIES)
   _choice("model.dtype", m.dtype, DTYPES)
   _choice("model.param_dtype", m.param_dtype, DTYPES)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -39,9 +38,6 @@ def model_updates_from_hf(hf: dict) -> dict:
   scaling = rope if rope_type == "llama3" and "factor" in rope else legacy
   if rope_type not in ("default", "llama3"):
     raise ValueError(f"rope type {rope_type!r} is not supported; supported: 'default', 'llama3'")
-  if hf.get("sliding_window"):
-    warnings.warn(f"sliding_window={hf['sliding_window']} is ignored: attention is full, which is "
-                  "exact for sequences up to the window")
   n_heads = hf["num_attention_heads"]
   head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
   updates = dict(
@@ -49,7 +45,8 @@ def model_updates_from_hf(hf: dict) -> dict:
       n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
       head_dim=0 if head_dim * n_heads == hf["hidden_size"] else head_dim,
       d_ff=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-      rope_theta=theta, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=False)
+      rope_theta=theta, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=False,
+      sliding_window=int(hf.get("sliding_window") or 0))
   if rope_type == "llama3":
     updates["rope_scaling"] = dict(
         type="llama3", factor=float(scaling["factor"]),
@@ -64,6 +61,8 @@ def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: 
   if c.qk_norm:
     raise ValueError("model.qk_norm=True has no Llama equivalent in transformers")
   head_dim = c.head_dim or c.d_model // c.n_heads
+  arch, model_type = ("MistralForCausalLM", "mistral") if c.sliding_window else (
+      "LlamaForCausalLM", "llama")
   rope = {"rope_type": "default", "rope_theta": float(c.rope_theta)}
   if c.rope_scaling.type == "llama3":
     s = c.rope_scaling
@@ -71,7 +70,8 @@ def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: 
                 high_freq_factor=float(s.high_freq_factor),
                 original_max_position_embeddings=int(s.original_max_position))
   return {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+      "architectures": [arch], "model_type": model_type,
+      "sliding_window": c.sliding_window or None,
       "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
       "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
       "num_key_value_heads": c.n_kv_heads, "head_dim": head_dim, "hidden_act": "silu",

@@ -1,28 +1,19 @@
-"""Causal self-attention with GQA/MQA and packed-sequence (segment id) masking.
+"""Causal self-attention with GQA/MQA, packed-sequence (segment id) masking and an
+optional sliding window.
 
-`IMPLEMENTATIONS` is the dispatch point chosen by `config.model.attention`:
-each entry maps (q_BTHE, k_BSKE, v_BSKE, segment_ids_BT) to out_BTHE, causal
-within a segment. "xla" is the reference; kernels (flash, ring) register here.
+Training attention goes through `llm.attention_ops.attend`, the dispatch point chosen by
+`config.model.attention` ("xla" or the Pallas "flash" kernel; ring attention when the
+sequence is sharded). Decoding attends over a KV cache with `cached_attention`.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm import attention_ops
 from llm.model.layers import Projection, RMSNorm, apply_rope, constrain, rope_inv_freq
-
-
-def causal_segment_mask(segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array | None = None):
-  """[B, 1, 1, T, S] mask: key s visible to query t iff s <= t and same segment."""
-  kv = segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
-  t, s = segment_ids_BT.shape[1], kv.shape[1]
-  causal_TS = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
-  same_BTS = segment_ids_BT[:, :, None] == kv[:, None, :]
-  return (causal_TS[None] & same_BTS)[:, None, None]
 
 
 def masked_gqa_attention(q_BTHE, k_BSKE, v_BSKE, mask_B11TS):
@@ -38,19 +29,14 @@ def masked_gqa_attention(q_BTHE, k_BSKE, v_BSKE, mask_B11TS):
   return jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE).reshape(b, t, h, e)
 
 
-def xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT):
-  """Reference attention: causal within each segment."""
-  return masked_gqa_attention(q_BTHE, k_BSKE, v_BSKE, causal_segment_mask(segment_ids_BT))
-
-
-IMPLEMENTATIONS: dict[str, Callable] = {"xla": xla_attention}
-
-
-def cached_attention(q_BTHE, k_BSKE, v_BSKE, slot, kv_valid_BS):
+def cached_attention(q_BTHE, k_BSKE, v_BSKE, slot, kv_valid_BS, window: int | None = None):
   """Decoding attention over a KV cache: query t sits at cache slot `slot + t` and sees
-  the valid slots at or before its own."""
+  the valid slots at or before its own (and, with a window, fewer than `window` back)."""
   q_slots_T = slot + jnp.arange(q_BTHE.shape[1])
-  causal_TS = q_slots_T[:, None] >= jnp.arange(k_BSKE.shape[1])[None, :]
+  offset_TS = q_slots_T[:, None] - jnp.arange(k_BSKE.shape[1])[None, :]
+  causal_TS = offset_TS >= 0
+  if window is not None:
+    causal_TS &= offset_TS < window
   mask = (causal_TS[None] & kv_valid_BS[:, None, :])[:, None, None]
   return masked_gqa_attention(q_BTHE, k_BSKE, v_BSKE, mask)
 
@@ -84,14 +70,17 @@ class Attention(nn.Module):
     k_BTKE = constrain(apply_rope(k_BTKE, positions_BT, inv_freq),
                        ("batch", "length", "act_kv_heads", "head_dim"))
     v_BTKE = constrain(v_BTKE, ("batch", "length", "act_kv_heads", "head_dim"))
+    window = c.sliding_window or None
     if cache is None:
-      out_BTHE = IMPLEMENTATIONS[c.attention](q_BTHE, k_BTKE, v_BTKE, segment_ids_BT)
+      out_BTHE = attention_ops.attend(c.attention, q_BTHE, k_BTKE, v_BTKE, segment_ids_BT,
+                                      window=window, block_q=c.flash_block_q or None,
+                                      block_k=c.flash_block_k or None)
     else:
       start = (0, decode["slot"], 0, 0)
       cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_BTKE.astype(cache["k"].dtype), start),
                "v": jax.lax.dynamic_update_slice(cache["v"], v_BTKE.astype(cache["v"].dtype), start)}
       out_BTHE = cached_attention(q_BTHE, cache["k"], cache["v"], decode["slot"],
-                                  decode["kv_valid"])
+                                  decode["kv_valid"], window)
     out_BTHE = constrain(out_BTHE, ("batch", "length", "act_heads", "head_dim"))
     out_BTD = Projection((h, e), (d,), ("heads", "head_dim", "embed"),
                          init_std=self.out_init_std, name="o", **kw)(out_BTHE)

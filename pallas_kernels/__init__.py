@@ -1,0 +1,1 @@
+"""Our Pallas kernels (TPU Mosaic and GPU Triton)."""
