@@ -99,6 +99,14 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+
+  # Multi-process runs (see llm/distributed.py); the defaults detect everything.
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialize="auto",  # auto | always | never
+      coordinator="",  # host:port of process 0
+      num_processes=0,
+      process_id=-1,
+  ))
   return c
 
 

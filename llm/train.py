@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from llm import checkpoint as checkpoint_lib
 from llm import config as config_lib
+from llm import distributed
 from llm import metrics as metrics_lib
 from llm import sharding
 from llm.data import pipeline
@@ -94,10 +96,17 @@ def global_batch(local: dict, batch_sharding) -> dict:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after every step."""
+  """Turns SIGTERM into a stop decision the loop reads once per step.
+
+  With several processes, JAX's preemption sync service (started by
+  jax.distributed.initialize) spreads a notice to all of them and names one step at
+  which every process stops and checkpoints together."""
 
   def __init__(self):
     self.requested = False
+    self.multiprocess = jax.process_count() > 1
+    if self.multiprocess:
+      return
     try:
       signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. called from a notebook worker)
@@ -107,6 +116,24 @@ class _Preemption:
     del frame
     logging.warning("received signal %d: saving a checkpoint and stopping", signum)
     self.requested = True
+
+  def stop_at(self, step: int) -> bool:
+    if self.multiprocess:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+def _prepare_data(config, workdir):
+  """Tokenizer and token cache are written by process 0 first; the others then read them
+  (the workdir is shared storage in multi-host runs, as checkpoints need)."""
+  if jax.process_count() == 1:
+    return pipeline.prepare(config, workdir)
+  if jax.process_index() == 0:
+    corpus = pipeline.prepare(config, workdir)
+  multihost_utils.sync_global_devices("llm.train: data prepared")
+  if jax.process_index() != 0:
+    corpus = pipeline.prepare(config, workdir)
+  return corpus
 
 
 def check_batch(config, mesh) -> None:
@@ -140,7 +167,7 @@ def train(config, workdir: str, devices=None) -> dict:
   if primary:
     (workdir_path / "config.json").write_text(config_lib.to_json(config))
 
-  corpus = pipeline.prepare(config, workdir)
+  corpus = _prepare_data(config, workdir)
   model = make_model(config.model)
   total_steps = config.train.steps
   tx = make_optimizer(config.optim, total_steps)
@@ -212,7 +239,7 @@ def train(config, workdir: str, devices=None) -> dict:
     with sharding.activation_sharding(mesh):
       state, metrics = step_fn(state, batch)
     step += 1
-    done = step == total_steps or preemption.requested  # read once: a signal that lands
+    done = step == total_steps or preemption.stop_at(step)  # read once: a signal that lands
     # later in this iteration is acted on after the next step, never between log and save
     if step % config.train.log_every == 0 or done:
       metrics = jax.device_get(metrics)
@@ -251,6 +278,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  distributed.initialize(FLAGS.config.distributed)
   train(FLAGS.config, FLAGS.workdir)
 
 

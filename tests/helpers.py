@@ -25,5 +25,5 @@ def tiny_config(**mesh) -> ml_collections.ConfigDict:
   c.train.update(batch_size=8, steps=8, log_every=1, eval_every=4, eval_batches=2,
                  checkpoint_every=4, async_checkpointing=True, peak_flops_per_device=1e9)
   c.optim.update(lr=3e-3, warmup_steps=2)
-  c.mesh.update(data=1, fsdp=1, tensor=1, sequence=1, **mesh)
+  c.mesh.update({**dict(data=1, fsdp=1, tensor=1, sequence=1), **mesh})
   return c

@@ -1,0 +1,116 @@
+"""Attention kernel speed: our Pallas flash attention vs jax.nn.dot_product_attention and
+JAX's shipped Pallas kernels, forward and forward+backward, causal, bf16.
+
+  python benchmarks/attention.py [--lengths 1024,2048,4096,8192,16384,32768
+                                  --tokens 32768 --heads 16 --head_dim 128]
+
+Batch is tokens // length, so every row does the same number of token-rows. Runs on a
+GPU or TPU; on a CPU it says so and measures nothing (interpret-mode timings would say
+nothing about the kernels). Prints a table and appends it, with the command, to
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pallas_kernels.flash_attention import flash_attention  # noqa: E402
+
+
+def implementations(platform_name: str, scale: float):
+  """name -> f(q_BTHE, k, v) for this platform."""
+  impls = {"ours (flash)": lambda q, k, v: flash_attention(q, k, v, causal=True),
+           "jax.nn.dot_product_attention (xla)": lambda q, k, v: jax.nn.dot_product_attention(
+               q, k, v, is_causal=True, implementation="xla")}
+  if platform_name == "gpu":
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+    impls["jax.nn.dot_product_attention (cudnn)"] = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn")
+    impls["jax pallas gpu mha"] = lambda q, k, v: gpu_attention.mha(
+        q, k, v, None, sm_scale=scale, causal=True)
+  if platform_name == "tpu":
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_attention
+    t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    impls["jax pallas tpu flash_attention"] = lambda q, k, v: t(tpu_attention.flash_attention(
+        t(q), t(k), t(v), causal=True, sm_scale=scale))
+  return impls
+
+
+def time_fn(fn, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
+  p.add_argument("--tokens", type=int, default=32768)
+  p.add_argument("--heads", type=int, default=16)
+  p.add_argument("--head_dim", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--no_append", action="store_true")
+  args = p.parse_args()
+  platform_name = jax.default_backend()
+  if platform_name not in ("gpu", "tpu"):
+    print(f"benchmarks/attention.py: no GPU or TPU here (JAX backend: {platform_name}); the "
+          "kernels only run interpreted on a CPU, so nothing is measured. Run it on a GPU/TPU "
+          "machine.")
+    return
+  h, e = args.heads, args.head_dim
+  scale = e ** -0.5
+  impls = implementations(platform_name, scale)
+  rows = []
+  for t in [int(x) for x in args.lengths.split(",")]:
+    b = max(1, args.tokens // t)
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v, do = (jax.random.normal(kk, (b, t, h, e), jnp.bfloat16) for kk in ks)
+    fwd_flops = 4 * b * t * t * h * e / 2  # causal: half the score matrix
+    for name, f in impls.items():
+      fwd = jax.jit(f)
+      fwd_bwd = jax.jit(lambda q, k, v, f=f: jax.vjp(f, q, k, v)[1](do))
+      try:
+        t_fwd = time_fn(fwd, (q, k, v), args.repeats)
+        t_all = time_fn(fwd_bwd, (q, k, v), args.repeats)
+        rows.append((t, b, name, 1e3 * t_fwd, fwd_flops / t_fwd / 1e12, 1e3 * t_all,
+                     3.5 * fwd_flops / t_all / 1e12))
+      except Exception as err:  # noqa: BLE001 (out of memory, unsupported shape): say so
+        rows.append((t, b, name, None, None, None, f"{type(err).__name__}: {str(err)[:60]}"))
+  table = ["| length | batch | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
+           "|-------:|------:|----------------|-------:|------------:|-----------:|----------------:|"]
+  for t, b, name, f_ms, f_tf, a_ms, a_tf in rows:
+    if f_ms is None:
+      table.append(f"| {t} | {b} | {name} | – | – | – | {a_tf} |")
+    else:
+      table.append(f"| {t} | {b} | {name} | {f_ms:.2f} | {f_tf:.1f} | {a_ms:.2f} | {a_tf:.1f} |")
+  print("\n".join(table))
+  if not args.no_append:
+    cmd = "python benchmarks/attention.py " + shlex.join(sys.argv[1:])
+    dev = jax.devices()[0]
+    header = (f"\n## attention — {datetime.date.today().isoformat()}\n\n`{cmd.strip()}`\n\n"
+              f"{dev.platform} / {dev.device_kind} / {platform.machine()} / jax {jax.__version__}; "
+              f"causal, bf16, {h} heads x {e}, {args.tokens} tokens per call; FLOPs count the "
+              "causal half (fwd 2 matmuls, fwd+bwd 3.5x fwd)\n\n")
+    with open(ROOT / "BENCHMARKS.md", "a") as f:
+      f.write(header + "\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+  main()
