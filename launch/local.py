@@ -55,7 +55,8 @@ def main(argv=None) -> int:
   p.add_argument("--devices_per_process", type=int, default=2)
   p.add_argument("--module", default="llm.train", help="python -m MODULE runs in each process")
   p.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
-  p.add_argument("--dry_run", action="store_true", help="print the commands and exit")
+  p.add_argument("--dry_run", "--dry-run", dest="dry_run", action="store_true",
+                 help="print the commands and exit")
   p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the module's arguments")
   a = p.parse_args(argv)
   if a.num_processes < 1 or a.devices_per_process < 1:

@@ -214,43 +214,35 @@ def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, window: int | N
     raise ValueError(f"attention implementation {impl!r}; allowed: {IMPLEMENTATIONS}")
   mesh = _current_mesh()
   b, t, h, e = q_BTHE.shape
-  kh = k_BSKE.shape[2]
-  q_spec = k_spec = seg_spec = None
-  if mesh is not None:
-    q_spec = sharding.logical_to_spec(("batch", "length", "act_heads", "head_dim"), q_BTHE.shape,
-                                      mesh)
-    k_spec = sharding.logical_to_spec(("batch", "length", "act_kv_heads", "head_dim"),
-                                      k_BSKE.shape, mesh)
-    if q_spec[2] != k_spec[2]:  # K/V heads don't split like query heads: give each its own
-      k_BSKE, v_BSKE = (jnp.repeat(x, h // kh, axis=2) for x in (k_BSKE, v_BSKE))
-      k_spec = q_spec
-    seg_spec = jax.sharding.PartitionSpec(*q_spec[:2])
-  ring = mesh is not None and q_spec[1] is not None
-  local_len = t // mesh.shape[SEQUENCE_AXIS] if ring else t
+  q_spec = None if mesh is None else sharding.logical_to_spec(
+      ("batch", "length", "act_heads", "head_dim"), q_BTHE.shape, mesh)
+  ring = q_spec is not None and q_spec[1] is not None
+  if impl == "xla" and not ring:  # GSPMD partitions plain XLA attention by itself
+    return xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window)
 
+  local_len = t // mesh.shape[SEQUENCE_AXIS] if ring else t
   if impl == "flash":
     opts = flash.make_options(local_len, local_len, e, causal=True, window=window,
                               block_q=block_q, block_k=block_k)
     blocks = flash_blocks(opts)
-
-    def local(q, k, v, seg):
-      if ring:
-        return ring_attention(q, k, v, seg, blocks, SEQUENCE_AXIS)
-      return flash.flash_attention(q, k, v, seg, causal=True, window=window,
-                                   block_q=opts.block_q, block_k=opts.block_k,
-                                   backend=opts.backend, interpret=opts.interpret)
   else:
     blocks = xla_blocks(window)
 
-    def local(q, k, v, seg):
-      if ring:
-        return ring_attention(q, k, v, seg, blocks, SEQUENCE_AXIS)
-      return xla_attention(q, k, v, seg, window)
+  def local(q, k, v, seg):
+    if ring:
+      return ring_attention(q, k, v, seg, blocks, SEQUENCE_AXIS)
+    return flash.flash_attention(q, k, v, seg, causal=True, window=window, block_q=opts.block_q,
+                                 block_k=opts.block_k, backend=opts.backend,
+                                 interpret=opts.interpret)
 
-    if not ring:  # GSPMD partitions plain XLA attention by itself
-      return local(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
   if mesh is None:
     return local(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT)
+  k_spec = sharding.logical_to_spec(("batch", "length", "act_kv_heads", "head_dim"),
+                                    k_BSKE.shape, mesh)
+  if q_spec[2] != k_spec[2]:  # K/V heads don't split like query heads: give each its own
+    k_BSKE, v_BSKE = (jnp.repeat(x, h // k_BSKE.shape[2], axis=2) for x in (k_BSKE, v_BSKE))
+    k_spec = q_spec
+  seg_spec = jax.sharding.PartitionSpec(*q_spec[:2])
   # Pallas' interpreter (CPU runs) does not track varying mesh axes, so the kernel path
   # turns the check off; "xla" keeps it.
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, seg_spec),

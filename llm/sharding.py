@@ -60,9 +60,21 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh over `devices` (default: all). Devices of several TPU slices (multislice)
+  are laid out so that only the data axis crosses slices (DCN); the other axes stay
+  within a slice's ICI."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
+  n_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if n_slices > 1:
+    if sizes["data"] % n_slices:
+      raise ValueError(f"the devices span {n_slices} slices, so mesh.data={sizes['data']} must "
+                       "be a multiple of the slice count (data parallelism crosses slices over "
+                       "DCN; fsdp, tensor and sequence stay inside a slice)")
+    ici = tuple(s // n_slices if a == "data" else s for a, s in zip(MESH_AXES, shape))
+    dcn = tuple(n_slices if a == "data" else 1 for a in MESH_AXES)
+    return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), MESH_AXES)
   try:
     device_array = mesh_utils.create_device_mesh(shape, devices)
   except (AssertionError, NotImplementedError, ValueError):

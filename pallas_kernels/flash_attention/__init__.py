@@ -15,6 +15,7 @@ offsets and an externally supplied logsumexp, which is what ring attention needs
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -24,7 +25,7 @@ from pallas_kernels.flash_attention import gpu, tpu
 from pallas_kernels.flash_attention.common import PAD_KV_SEGMENT, PAD_Q_SEGMENT, Options, match_vma
 from pallas_kernels.flash_attention.reference import reference_attention
 
-__all__ = ["flash_attention", "make_options", "block_fwd", "block_bwd", "reference_attention",
+__all__ = ["flash_attention", "make_options", "force_backend", "block_fwd", "block_bwd", "reference_attention",
            "match_vma", "Options", "BACKENDS"]
 
 BACKENDS = ("tpu", "gpu")
@@ -35,10 +36,28 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
+_FORCED: list[tuple[str, bool]] = []
+
+
+@contextlib.contextmanager
+def force_backend(backend: str, interpret: bool = False):
+  """Within this block the default backend is `backend` (e.g. compiling ahead of time
+  for a TPU topology from a CPU host, where the local default would interpret)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"flash attention backend={backend!r}; allowed: {BACKENDS}")
+  _FORCED.append((backend, interpret))
+  try:
+    yield
+  finally:
+    _FORCED.pop()
+
+
 def default_backend() -> tuple[str, bool]:
   """(kernel family, interpret): the device's own kernel; on a CPU the Triton kernel's
   programs run by the generic Pallas interpreter, which is plain JAX (fast, and fine
   under shard_map; the TPU interpreter simulates one chip and is for kernel tests)."""
+  if _FORCED:
+    return _FORCED[-1]
   platform = jax.default_backend()
   if platform == "tpu":
     return "tpu", False

@@ -1,0 +1,89 @@
+"""Per-chip memory of a model's train step on a TPU slice, by per-chip batch and remat
+policy, from ahead-of-time compiles (llm.plan; needs libtpu: pip install -e ".[tpu]").
+
+  JAX_PLATFORMS=cpu python benchmarks/plan_memory.py [--config configs/llama2_7b.py
+      --topology v5e-16 --seq_len 2048 --batches 1,2,4,8 --remat none,dots,dots_no_batch,full]
+
+Mesh: fsdp over every chip; compute bf16, params and Adam state fp32. Prints a table,
+the largest per-chip batch that fits per remat policy, and appends both, with the
+command, to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import shlex
+import sys
+from pathlib import Path
+
+import jax
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llm.plan import GIB, Plan, compile_step, table, tpu_target  # noqa: E402
+
+
+def load_config(path: str):
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default=str(ROOT / "configs" / "llama2_7b.py"))
+  p.add_argument("--topology", default="v5e-16")
+  p.add_argument("--seq_len", type=int, default=2048)
+  p.add_argument("--batches", default="1,2,4,8")
+  p.add_argument("--remat", default="none,dots,dots_no_batch,full")
+  p.add_argument("--attention", default="xla", help="xla | flash (the Pallas TPU kernel)")
+  p.add_argument("--no_append", action="store_true")
+  args = p.parse_args()
+  target = tpu_target(args.topology)
+  n = len(target.devices)
+  results, largest = [], {}
+  for remat in args.remat.split(","):
+    for b in [int(x) for x in args.batches.split(",")]:
+      c = load_config(args.config)
+      c.data.seq_len = args.seq_len
+      c.model.update(remat=remat, dtype="bfloat16", param_dtype="float32",
+                     attention=args.attention)
+      c.mesh.update(data=1, fsdp=n, tensor=1, sequence=1)
+      c.train.batch_size = b * n
+      try:
+        plan = compile_step(c, target)
+      except Exception as err:  # noqa: BLE001 (the compiler may refuse outright)
+        results.append(({"fsdp": n}, remat, b * n, f"{type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:80]}"))
+        print(f"remat={remat} batch/chip={b}: {type(err).__name__}", flush=True)
+        continue
+      results.append(plan)
+      if plan.total_bytes <= target.hbm_bytes:
+        largest[remat] = max(largest.get(remat, 0), b)
+      print(f"remat={remat} batch/chip={b}: {plan.total_bytes / GIB:.2f} GiB"
+            f"{' (compiler: out of HBM)' if plan.compiler_oom else ''} "
+            f"(compiled in {plan.compile_seconds:.0f}s)", flush=True)
+  out = table(results, target.hbm_bytes)
+  summary = ["| remat | largest per-chip batch that fits |", "|-------|------:|"]
+  summary += [f"| {r} | {largest.get(r, 'none of ' + args.batches)} |"
+              for r in args.remat.split(",")]
+  print(out + "\n\n" + "\n".join(summary))
+  if not args.no_append:
+    cmd = "JAX_PLATFORMS=cpu python benchmarks/plan_memory.py " + shlex.join(sys.argv[1:])
+    header = (f"\n## plan memory — {datetime.date.today().isoformat()}\n\n`{cmd.strip()}`\n\n"
+              f"AOT compile for {args.topology} ({n} x {target.devices[0].device_kind}, "
+              f"{target.hbm_bytes / GIB:.0f} GiB HBM) with libtpu, jax {jax.__version__}; "
+              f"{Path(args.config).name}, seq {args.seq_len}, attention {args.attention}, "
+              f"fsdp={n}, bf16 compute, fp32 "
+              "params + AdamW state. total = arguments + non-aliased outputs + temporaries + "
+              "code, per chip.\n\n")
+    with open(ROOT / "BENCHMARKS.md", "a") as f:
+      f.write(header + out + "\n\n" + "\n".join(summary) + "\n")
+
+
+if __name__ == "__main__":
+  main()

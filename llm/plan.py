@@ -1,0 +1,272 @@
+"""Will it fit? Compile the real train step ahead of time for a TPU topology, on this host.
+
+  python -m llm.plan --config=configs/llama2_7b.py --topology=v5e-16 \\
+      [--per_chip_batch=4 | --config.train.batch_size=64] [--search]
+
+libtpu (pip install -e ".[tpu]") compiles for a topology without any TPU attached
+(jax.experimental.topologies). Prints per-chip memory (arguments = params + optimizer
+state + batch, temporaries, total against the chip's HBM), FLOPs per step and whether it
+fits. --search compiles every mesh layout x remat policy candidate and ranks those that
+fit: least recomputation first (remat none < dots < dots_no_batch < full), then least
+tensor parallelism (its collectives sit on the critical path), then most HBM headroom.
+
+FLOPs are the model's (6 x params + attention per token, as in the training MFU), plus
+the forward recomputed under remat; XLA's own cost analysis counts a scanned layer once,
+so it is not used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+import pallas_kernels.flash_attention as flash
+from llm import config as config_lib
+from llm import metrics as metrics_lib
+from llm import sharding
+from llm.model import make_model
+from llm.optim import make_optimizer, schedule
+from llm.state import state_shardings
+from llm.train import BATCH_KEYS, check_batch, train_step
+
+GIB = 1024 ** 3
+_REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")
+# generation -> (topology name prefix, HBM bytes per chip, chips per unit of the slice name)
+TPU_GENERATIONS = {
+    "v5e": ("v5e", 16 * GIB, 1), "v6e": ("v6e", 32 * GIB, 1),  # v5e-16 = 16 chips
+    "v4": ("v4", 32 * GIB, 2), "v5p": ("v5p", 95 * GIB, 2),  # v5p-16 = 16 cores = 8 chips
+}
+_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+       256: "4x8x8", 512: "8x8x8"}
+
+
+@dataclasses.dataclass
+class Target:
+  name: str
+  devices: list
+  hbm_bytes: int
+
+
+def tpu_target(name: str, num_slices: int = 1) -> Target:
+  """'v5e-16' (Cloud TPU slice name) or 'v5e:4x4' (explicit chip grid), `num_slices` of
+  them joined over DCN (multislice)."""
+  m = re.fullmatch(r"(v5e|v6e|v4|v5p)-(\d+)", name) or re.fullmatch(r"(v5e|v6e|v4|v5p):([\dx]+)",
+                                                                      name)
+  if not m and re.match(r"(?i)(h100|h200|a100|b200|gpu)", name):
+    raise ValueError(f"--topology={name!r}: GPU targets need deviceless CUDA compilation (the "
+                     "jax CUDA plugin with a GPU target description), which this planner does "
+                     "not drive yet; TPU slices only, e.g. v5e-16")
+  if not m:
+    raise ValueError(f"--topology={name!r}: expected a TPU slice like v5e-16, v6e-64, v5p-128, "
+                     f"v4-32 or a grid like v5e:4x4; generations: {sorted(TPU_GENERATIONS)}")
+  gen, size = m.groups()
+  prefix, hbm, per_chip = TPU_GENERATIONS[gen]
+  if ":" in name:
+    grid = size
+  else:
+    chips = int(size) // per_chip
+    table = _2D if gen in ("v5e", "v6e") else _3D
+    if chips not in table:
+      raise ValueError(f"--topology={name!r}: {chips} chips is not a {gen} slice size; known: "
+                       f"{', '.join(f'{gen}-{c * per_chip}' for c in table)}")
+    grid = table[chips]
+  # Several processes may compile for TPUs on one host (none of them owns a chip).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    from jax.experimental import topologies
+    topo = topologies.get_topology_desc(f"{prefix}:{grid}", platform="tpu", num_slices=num_slices)
+  except Exception as err:  # noqa: BLE001 (no libtpu, or a shape it rejects)
+    raise RuntimeError(f"cannot describe TPU topology {prefix}:{grid} ({err}); the planner "
+                       "needs libtpu: pip install -e '.[tpu]'") from err
+  label = name if num_slices == 1 else f"{num_slices} x {name}"
+  return Target(label, list(topo.devices), hbm)
+
+
+@dataclasses.dataclass
+class Plan:
+  mesh: dict
+  remat: str
+  batch_size: int
+  per_chip_batch: float
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  flops_per_chip: float  # model FLOPs of one step on one chip, recomputation included
+  compile_seconds: float
+  compiler_oom: bool = False  # the compiler refused: temporaries alone exceed HBM
+
+  @property
+  def total_bytes(self) -> int:
+    """Peak live bytes per chip: inputs, non-aliased outputs, temporaries, code."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + \
+        self.code_bytes
+
+
+def recomputed_flops_per_token(config, n_params: int) -> float:
+  """Training FLOPs per token with the remat policy's recomputation (forward = 1/3 of
+  forward+backward): "full" re-runs the whole forward, "dots_no_batch" the attention
+  score/value matmuls it does not save, "dots" and "none" nothing but elementwise ops."""
+  m, seq = config.model, config.data.seq_len
+  per_token = metrics_lib.flops_per_token(m, n_params, seq)
+  attention = 12 * m.n_layers * seq * m.n_heads * config_lib.head_dim(m)
+  extra = {"none": 0.0, "dots": 0.0, "dots_no_batch": attention / 3, "full": per_token / 3}
+  return per_token + extra[m.remat]
+
+
+def compile_step(config, target: Target) -> Plan:
+  """AOT-compiles train_step for `config` on the target's devices; reads its memory/cost."""
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh, target.devices)
+  check_batch(config, mesh)
+  model = make_model(config.model)
+  tx = make_optimizer(config.optim, config.train.steps)
+  abstract_state, shardings_ = state_shardings(model, tx, config.data.seq_len, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len),
+                                   jnp.float32 if k == "loss_mask" else jnp.int32,
+                                   sharding=batch_sharding) for k in BATCH_KEYS}
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                   lr_schedule=schedule(config.optim, config.train.steps),
+                                   z_loss=config.train.z_loss, grad_accum=config.train.grad_accum),
+                 in_shardings=(shardings_, batch_sharding), out_shardings=(shardings_, None),
+                 donate_argnums=0)
+  n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  tokens = config.train.batch_size * config.data.seq_len
+  common = dict(mesh=dict(mesh.shape), remat=config.model.remat,
+                batch_size=config.train.batch_size,
+                per_chip_batch=config.train.batch_size / len(target.devices),
+                flops_per_chip=recomputed_flops_per_token(config, n_params) * tokens / len(
+                    target.devices))
+  t0 = time.perf_counter()
+  try:
+    with flash.force_backend("tpu"), sharding.activation_sharding(mesh):
+      compiled = step.lower(abstract_state, batch).compile()
+  except jax.errors.JaxRuntimeError as err:
+    needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(err))
+    if "RESOURCE_EXHAUSTED" not in str(err) or not needed:
+      raise
+    # The compiler stops at the first allocation that cannot fit; report what it needed.
+    return Plan(**common, argument_bytes=_shard_bytes(abstract_state) + _shard_bytes(batch),
+                output_bytes=0, alias_bytes=0, temp_bytes=int(float(needed.group(1)) * GIB),
+                code_bytes=0, compile_seconds=time.perf_counter() - t0, compiler_oom=True)
+  mem = compiled.memory_analysis()
+  return Plan(**common, argument_bytes=mem.argument_size_in_bytes,
+              output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+              temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
+              compile_seconds=time.perf_counter() - t0)
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def mesh_candidates(n_chips: int) -> list[dict]:
+  """Layouts worth trying: FSDP across everything, FSDP x tensor, data x FSDP."""
+  out = []
+  for tensor in (1, 2, 4, 8):
+    for data in (1, 2, 4):
+      if n_chips % (tensor * data) == 0 and n_chips // (tensor * data) >= 1:
+        out.append(dict(data=data, fsdp=n_chips // (tensor * data), tensor=tensor, sequence=1))
+  return out
+
+
+def _fmt_mesh(mesh: dict) -> str:
+  return ",".join(f"{k}={v}" for k, v in mesh.items() if v > 1) or "1 chip"
+
+
+def table(plans: list[Plan | tuple], hbm: int) -> str:
+  rows = ["| mesh | remat | batch (per chip) | args GiB | temps GiB | total GiB | HBM GiB | fits "
+          "| TFLOP/step/chip |",
+          "|------|-------|-----------------:|---------:|----------:|----------:|--------:|:----:"
+          "|----------------:|"]
+  for p in plans:
+    if isinstance(p, tuple):  # (mesh, remat, batch, error)
+      mesh, remat, batch, err = p
+      rows.append(f"| {_fmt_mesh(mesh)} | {remat} | {batch} | – | – | – | {hbm / GIB:.0f} | no "
+                  f"| {err} |")
+      continue
+    fits = "yes" if p.total_bytes <= hbm else "no (compiler)" if p.compiler_oom else "no"
+    rows.append(f"| {_fmt_mesh(p.mesh)} | {p.remat} | {p.batch_size} ({p.per_chip_batch:g}) | "
+                f"{p.argument_bytes / GIB:.2f} | {p.temp_bytes / GIB:.2f} | "
+                f"{p.total_bytes / GIB:.2f} | {hbm / GIB:.0f} | {fits} | {p.flops_per_chip / 1e12:.1f} |")
+  return "\n".join(rows)
+
+
+def plan(config, target: Target, search: bool = False, meshes: list[dict] | None = None,
+         remats: tuple[str, ...] = config_lib.REMAT_POLICIES) -> list[Plan | tuple]:
+  """One compile of `config`, or with `search` one per (mesh, remat) candidate."""
+  if not search:
+    return [compile_step(config, target)]
+  results = []
+  meshes = mesh_candidates(len(target.devices)) if meshes is None else meshes
+  for mesh, remat in itertools.product(meshes, remats):
+    c = config_lib.from_json(config_lib.to_json(config))
+    c.mesh.update(mesh)
+    c.model.remat = remat
+    try:
+      results.append(compile_step(c, target))
+    except Exception as err:  # noqa: BLE001 (does not divide, or the compiler ran out of memory)
+      results.append((mesh, remat, c.train.batch_size, f"{type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:70]}"))
+  return results
+
+
+def rank(results: list, hbm: int) -> list[Plan]:
+  """Plans that fit: least recomputation, then least tensor parallelism, then least memory."""
+  fits = [p for p in results if isinstance(p, Plan) and p.total_bytes <= hbm]
+  return sorted(fits, key=lambda p: (_REMAT_ORDER.index(p.remat), p.mesh["tensor"],
+                                     p.total_bytes))
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  target = tpu_target(FLAGS.topology, FLAGS.num_slices)
+  if FLAGS.per_chip_batch:
+    config.train.batch_size = FLAGS.per_chip_batch * len(target.devices)
+  print(f"{target.name}: {len(target.devices)} chips ({target.devices[0].device_kind}), "
+        f"{target.hbm_bytes / GIB:.0f} GiB HBM each; global batch {config.train.batch_size} x "
+        f"{config.data.seq_len} tokens; model dtype {config.model.dtype}", flush=True)
+  results = plan(config, target, FLAGS.search)
+  print(table(results, target.hbm_bytes))
+  if FLAGS.search:
+    best = rank(results, target.hbm_bytes)
+    print("\nfits, best first:" if best else "\nnothing fits: lower the batch, or a bigger slice")
+    for i, p in enumerate(best, 1):
+      print(f"  {i}. mesh {_fmt_mesh(p.mesh)}, remat={p.remat}: {p.total_bytes / GIB:.2f} GiB, "
+            f"{p.flops_per_chip / 1e12:.1f} TFLOP/step/chip")
+  else:
+    p = results[0]
+    verdict = "fits" if p.total_bytes <= target.hbm_bytes else "does NOT fit"
+    print(f"\n{verdict}: {p.total_bytes / GIB:.2f} GiB of {target.hbm_bytes / GIB:.0f} GiB per "
+          f"chip (compiled in {p.compile_seconds:.0f}s)")
+
+
+if __name__ == "__main__":
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-16, v6e-64, v5p-128, v5e:4x4")
+  flags.DEFINE_integer("per_chip_batch", 0, "sets train.batch_size = this x chips")
+  flags.DEFINE_integer("num_slices", 1, "multislice: this many slices over DCN (mesh.data "
+                       "must be a multiple)")
+  flags.DEFINE_bool("search", False, "try mesh layouts x remat policies; rank those that fit")
+  flags.mark_flags_as_required(["config", "topology"])
+  app.run(main)

@@ -1,0 +1,88 @@
+"""The AOT planner: compiles the real train step for a TPU topology on this CPU host."""
+
+import importlib.util
+
+import jax
+import pytest
+
+from llm import plan
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install -e '.[tpu]')")
+
+
+def test_topology_names_are_checked():
+  with pytest.raises(ValueError, match=r"--topology='v5e-12': 12 chips is not a v5e slice size"):
+    plan.tpu_target("v5e-12")
+  with pytest.raises(ValueError, match="expected a TPU slice like v5e-16"):
+    plan.tpu_target("v5e16")
+  with pytest.raises(ValueError, match="GPU targets need deviceless CUDA compilation"):
+    plan.tpu_target("h100-8")
+
+
+@needs_libtpu
+def test_plan_reports_memory_that_matches_the_sharded_state(config):
+  target = plan.tpu_target("v5e-4")
+  assert len(target.devices) == 4 and target.hbm_bytes == 16 * plan.GIB
+  config.model.update(d_model=256, n_heads=4, n_kv_heads=2, d_ff=512, dtype="bfloat16")
+  config.mesh.update(data=1, fsdp=4)
+  config.train.batch_size = 8
+  p = plan.compile_step(config, target)
+  assert p.mesh["fsdp"] == 4 and p.per_chip_batch == 2 and not p.compiler_oom
+  # arguments = this chip's shards of params + optimizer state + batch
+  from llm.model import make_model
+  from llm.optim import make_optimizer
+  from llm.state import state_shardings
+  from llm import sharding
+  mesh = sharding.make_mesh(config.mesh, target.devices)
+  abstract, _ = state_shardings(make_model(config.model), make_optimizer(config.optim, 8),
+                                config.data.seq_len, mesh)
+  batch_bytes = 5 * 4 * config.train.batch_size * config.data.seq_len // 4
+  state_bytes = plan._shard_bytes(abstract) + batch_bytes
+  assert state_bytes <= p.argument_bytes < 1.3 * state_bytes  # TPU tiles pad small arrays
+  assert p.total_bytes < target.hbm_bytes
+  table = plan.table([p], target.hbm_bytes)
+  assert "| fsdp=4 | none | 8 (2) |" in table and "| yes |" in table
+  # activations grow with the batch; parameters and optimizer state do not
+  config.train.batch_size, config.data.seq_len = 64, 256
+  bigger = plan.compile_step(config, target)
+  assert bigger.temp_bytes > p.temp_bytes + 8 * 64 * 256 * 256 * 2 // 4
+  assert bigger.flops_per_chip > 8 * p.flops_per_chip
+
+
+@needs_libtpu
+def test_search_ranks_layouts_and_flags_what_does_not_fit(config):
+  target = plan.tpu_target("v5e:2x2")
+  config.model.update(d_model=256, n_heads=4, n_kv_heads=4, d_ff=512)
+  config.train.batch_size = 8
+  meshes = [dict(data=1, fsdp=4, tensor=1, sequence=1), dict(data=2, fsdp=1, tensor=2, sequence=1)]
+  assert all(m in plan.mesh_candidates(4) for m in meshes)
+  results = plan.plan(config, target, search=True, meshes=meshes)
+  plans = [r for r in results if isinstance(r, plan.Plan)]
+  assert {p.remat for p in plans} == {"none", "full", "dots", "dots_no_batch"}
+  assert any(p.mesh["tensor"] == 2 for p in plans) and any(p.mesh["data"] == 2 for p in plans)
+  best = plan.rank(results, target.hbm_bytes)
+  assert best[0].remat == "none" and best[0].mesh["tensor"] == 1
+  # a budget between the smallest and largest plan keeps only those below it
+  sizes = sorted(p.total_bytes for p in plans)
+  budget = sizes[len(sizes) // 2]
+  assert all(p.total_bytes <= budget for p in plan.rank(results, budget))
+  assert len(plan.rank(results, budget)) < len(plans)
+
+
+@needs_libtpu
+def test_multislice_mesh_keeps_only_data_across_slices(config):
+  target = plan.tpu_target("v5e-4", num_slices=2)
+  assert len(target.devices) == 8
+  from llm import sharding
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(config.mesh, target.devices)
+  slice_of = {d.id: d.slice_index for d in target.devices}
+  for i in range(2):  # every data index is one whole slice
+    assert {slice_of[d.id] for d in mesh.devices[i].flat} == {i}
+  config.model.update(d_model=128, n_heads=4, n_kv_heads=2, d_ff=256)
+  p = plan.compile_step(config, target)
+  assert p.mesh == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
+  config.mesh.update(data=1, fsdp=8, tensor=1)
+  with pytest.raises(ValueError, match="span 2 slices, so mesh.data=1 must be a multiple"):
+    sharding.make_mesh(config.mesh, target.devices)
