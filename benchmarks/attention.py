@@ -13,9 +13,6 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -27,6 +24,7 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import append_result, machine  # noqa: E402
 from pallas_kernels.flash_attention import flash_attention  # noqa: E402
 
 
@@ -102,14 +100,9 @@ def main():
       table.append(f"| {t} | {b} | {name} | {f_ms:.2f} | {f_tf:.1f} | {a_ms:.2f} | {a_tf:.1f} |")
   print("\n".join(table))
   if not args.no_append:
-    cmd = "python benchmarks/attention.py " + shlex.join(sys.argv[1:])
-    dev = jax.devices()[0]
-    header = (f"\n## attention — {datetime.date.today().isoformat()}\n\n`{cmd.strip()}`\n\n"
-              f"{dev.platform} / {dev.device_kind} / {platform.machine()} / jax {jax.__version__}; "
-              f"causal, bf16, {h} heads x {e}, {args.tokens} tokens per call; FLOPs count the "
-              "causal half (fwd 2 matmuls, fwd+bwd 3.5x fwd)\n\n")
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-      f.write(header + "\n".join(table) + "\n")
+    append_result("attention", f"{machine()}; causal, bf16, {h} heads x {e}, {args.tokens} tokens "
+                  "per call; FLOPs count the causal half (fwd 2 matmuls, fwd+bwd 3.5x fwd)",
+                  "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,6 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,16 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import append_result, load_config, machine  # noqa: E402
 from llm.generate import Decoder  # noqa: E402
 from llm.model import make_model  # noqa: E402
 from llm.sampling import SamplingParams  # noqa: E402
-
-
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def main():
@@ -76,15 +66,10 @@ def main():
   table += [f"| {b} | {pf:,.0f} | {dc:,.0f} | {ms:.1f} |" for b, pf, dc, ms in rows]
   print("\n".join(table))
   if not args.no_append:
-    cmd = "python benchmarks/decode.py " + shlex.join(sys.argv[1:])
-    dev = jax.devices()[0]
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    header = (f"\n## decode — {datetime.date.today().isoformat()}\n\n`{cmd.strip()}`\n\n"
-              f"{dev.platform} / {dev.device_kind} / {platform.machine()} / jax {jax.__version__}; "
-              f"{Path(args.config).name} ({n_params:,} params, {cfg.model.dtype}), prompt "
-              f"{args.prompt_len}, {args.new_tokens} new tokens, greedy, KV cache\n\n")
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-      f.write(header + "\n".join(table) + "\n")
+    append_result("decode", f"{machine()}; {Path(args.config).name} ({n_params:,} params, "
+                  f"{cfg.model.dtype}), prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+                  "greedy, KV cache", "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ command, to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
-import shlex
 import sys
 from pathlib import Path
 
@@ -23,14 +20,8 @@ import jax
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llm.plan import GIB, Plan, compile_step, table, tpu_target  # noqa: E402
-
-
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from benchmarks.common import append_result, load_config  # noqa: E402
+from llm.plan import GIB, compile_step, table, tpu_target  # noqa: E402
 
 
 def main():
@@ -73,16 +64,13 @@ def main():
               for r in args.remat.split(",")]
   print(out + "\n\n" + "\n".join(summary))
   if not args.no_append:
-    cmd = "JAX_PLATFORMS=cpu python benchmarks/plan_memory.py " + shlex.join(sys.argv[1:])
-    header = (f"\n## plan memory — {datetime.date.today().isoformat()}\n\n`{cmd.strip()}`\n\n"
-              f"AOT compile for {args.topology} ({n} x {target.devices[0].device_kind}, "
-              f"{target.hbm_bytes / GIB:.0f} GiB HBM) with libtpu, jax {jax.__version__}; "
-              f"{Path(args.config).name}, seq {args.seq_len}, attention {args.attention}, "
-              f"fsdp={n}, bf16 compute, fp32 "
-              "params + AdamW state. total = arguments + non-aliased outputs + temporaries + "
-              "code, per chip.\n\n")
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-      f.write(header + out + "\n\n" + "\n".join(summary) + "\n")
+    description = (f"AOT compile for {args.topology} ({n} x {target.devices[0].device_kind}, "
+                   f"{target.hbm_bytes / GIB:.0f} GiB HBM) with libtpu, jax {jax.__version__}; "
+                   f"{Path(args.config).name}, seq {args.seq_len}, attention {args.attention}, "
+                   f"fsdp={n}, bf16 compute, fp32 params + AdamW state. total = arguments + "
+                   "non-aliased outputs + temporaries + code, per chip.")
+    append_result("plan memory", description, out + "\n\n" + "\n".join(summary),
+                  env_prefix="JAX_PLATFORMS=cpu ")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,7 @@ appends it, with the exact command, to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import append_result, machine  # noqa: E402
 from llm import sharding  # noqa: E402
 from llm.config import base_config, validate  # noqa: E402
 from llm.metrics import flops_per_token, measure_matmul_flops  # noqa: E402
@@ -124,15 +122,9 @@ def main():
                     [f"| {k:<{width}} | {v} |" for k, v in rows])
   print(table)
   if not args.no_append:
-    cmd = "python benchmarks/train_throughput.py " + shlex.join(sys.argv[1:])
-    device = jax.devices()[0]
-    header = (f"\n## train_throughput — {datetime.date.today().isoformat()}\n\n"
-              f"`{cmd.strip()}`\n\n{device.platform} / {device.device_kind} / "
-              f"{platform.machine()} / jax {jax.__version__}; d_model {args.d_model}, "
-              f"{args.n_layers} layers, vocab {args.vocab}, seq {args.seq_len}, batch "
-              f"{args.batch}, {args.dtype}, remat {args.remat}, {args.steps} timed steps\n\n")
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-      f.write(header + table + "\n")
+    append_result("train_throughput", f"{machine()}; d_model {args.d_model}, {args.n_layers} "
+                  f"layers, vocab {args.vocab}, seq {args.seq_len}, batch {args.batch}, "
+                  f"{args.dtype}, remat {args.remat}, {args.steps} timed steps", table)
 
 
 if __name__ == "__main__":

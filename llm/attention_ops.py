@@ -64,7 +64,6 @@ def xla_blocks(window: int | None) -> Blocks:
 
   def fwd(q_BTHE, k_BSKE, v_BSKE, qseg_BT, kvseg_BS, q_offset, kv_offset):
     b, t, h, e = q_BTHE.shape
-    kh = k_BSKE.shape[2]
     mask_B11TS = _chunk_mask(qseg_BT, kvseg_BS, q_offset, kv_offset, window)[:, None, None]
     s_BKGTS = jnp.where(mask_B11TS, _grouped_logits(q_BTHE, k_BSKE, e ** -0.5), _EMPTY_LSE)
     m_BKGT = jnp.max(s_BKGTS, axis=-1)

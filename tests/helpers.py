@@ -1,5 +1,6 @@
 """Small configs and corpora shared by tests (importable by subprocesses too)."""
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -27,3 +28,14 @@ def tiny_config(**mesh) -> ml_collections.ConfigDict:
   c.optim.update(lr=3e-3, warmup_steps=2)
   c.mesh.update({**dict(data=1, fsdp=1, tensor=1, sequence=1), **mesh})
   return c
+
+
+def losses(workdir) -> dict[int, float]:
+  """Training loss per step from metrics.jsonl, the last record of each step (a resumed
+  run re-logs the steps after its checkpoint)."""
+  out = {}
+  for line in open(Path(workdir) / "metrics.jsonl"):
+    r = json.loads(line)
+    if "loss" in r:
+      out[r["step"]] = r["loss"]
+  return out

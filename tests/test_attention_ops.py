@@ -1,7 +1,6 @@
 """Attention on the mesh: ring attention (sequence parallel) and the flash kernel inside
 shard_map against an unsharded float32 reference, and whole training runs."""
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ import pytest
 from llm import attention_ops, sharding
 from llm.train import train
 from pallas_kernels.flash_attention import reference_attention
+from tests.helpers import losses
 
 
 def _mesh(**axes):
@@ -50,18 +50,13 @@ def test_sharded_attention_matches_reference(impl, mesh_axes, n_kv_heads, window
     np.testing.assert_allclose(g, r, atol=1e-5 * float(jnp.abs(r).max()))
 
 
-def _losses(workdir):
-  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 def test_sequence_parallel_training_matches_one_device(config, tmp_path):
   """sequence=4 (ring attention) x data=2 on 8 devices gives a 1-device run's losses."""
   config.train.update(steps=4, eval_every=4)
   train(config, tmp_path / "one", devices=jax.devices()[:1])
   config.mesh.update(sequence=4, data=2)
   train(config, tmp_path / "ring")
-  one, ring = _losses(tmp_path / "one"), _losses(tmp_path / "ring")
+  one, ring = losses(tmp_path / "one"), losses(tmp_path / "ring")
   assert sorted(one) == [1, 2, 3, 4]
   np.testing.assert_allclose([ring[s] for s in one], [one[s] for s in one], rtol=2e-5)
 
@@ -75,5 +70,5 @@ def test_flash_training_matches_xla(config, tmp_path):
   config.model.attention = "flash"
   config.mesh.update(data=2, sequence=2, tensor=2)
   train(config, tmp_path / "flash")
-  xla, fl = _losses(tmp_path / "xla"), _losses(tmp_path / "flash")
+  xla, fl = losses(tmp_path / "xla"), losses(tmp_path / "flash")
   np.testing.assert_allclose([fl[s] for s in xla], [xla[s] for s in xla], rtol=2e-5)

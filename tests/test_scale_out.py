@@ -1,7 +1,6 @@
 """Scale-out: a 2-process run (jax.distributed over gloo, launched by launch/local.py)
 against a 1-process run, resuming across it, and restoring onto another mesh shape."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import jax
 import numpy as np
 
 from llm.train import train
-from tests.helpers import ROOT
+from tests.helpers import ROOT, losses
 
 CONFIG_FILE = """
 from tests.helpers import tiny_config
@@ -22,16 +21,6 @@ def get_config():
   c.mesh.update(data=-1)
   return c
 """
-
-
-def _losses(workdir):
-  """Loss per step, the last record of each (a resumed run re-logs later steps)."""
-  out = {}
-  for line in open(workdir / "metrics.jsonl"):
-    r = json.loads(line)
-    if "loss" in r:
-      out[r["step"]] = r["loss"]
-  return out
 
 
 def _launch(tmp_path, tokenizer_path, workdir, n=2):
@@ -47,12 +36,12 @@ def _launch(tmp_path, tokenizer_path, workdir, n=2):
 def test_two_processes_match_one_and_resume(config, tmp_path, tokenizer_path):
   config.train.update(steps=8, checkpoint_every=4)
   train(config, tmp_path / "one", devices=jax.devices()[:1])
-  one = _losses(tmp_path / "one")
+  one = losses(tmp_path / "one")
 
   out = _launch(tmp_path, tokenizer_path, tmp_path / "two")
   assert "[p0] model:" in out and "[p1] model:" not in out  # process 0 alone reports
   assert "'data': 4" in out  # one mesh over both processes' 2 devices each
-  two = _losses(tmp_path / "two")
+  two = losses(tmp_path / "two")
   assert sorted(two) == list(range(1, 9))
   np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=2e-5)
 
@@ -60,7 +49,7 @@ def test_two_processes_match_one_and_resume(config, tmp_path, tokenizer_path):
   shutil.rmtree(tmp_path / "two" / "checkpoints" / "8")
   out = _launch(tmp_path, tokenizer_path, tmp_path / "two")
   assert "resumed from step 4" in out
-  resumed = _losses(tmp_path / "two")
+  resumed = losses(tmp_path / "two")
   np.testing.assert_allclose([resumed[s] for s in range(5, 9)], [two[s] for s in range(5, 9)],
                              rtol=1e-6)
 
@@ -71,13 +60,13 @@ def test_restore_onto_another_mesh(config, tmp_path, capsys):
   config.train.update(steps=8, checkpoint_every=4)
   config.mesh.update(data=8)
   train(config, tmp_path)
-  first = _losses(tmp_path)
+  first = losses(tmp_path)
   shutil.rmtree(tmp_path / "checkpoints" / "8")
   config.mesh.update(data=1, fsdp=4, tensor=2)
   capsys.readouterr()
   train(config, tmp_path)
   assert "resumed from step 4" in capsys.readouterr().out
-  resumed = _losses(tmp_path)
+  resumed = losses(tmp_path)
   np.testing.assert_allclose([resumed[s] for s in range(5, 9)], [first[s] for s in range(5, 9)],
                              rtol=2e-5)
   # and onto fewer devices: 2 of them, data=2
@@ -85,6 +74,6 @@ def test_restore_onto_another_mesh(config, tmp_path, capsys):
   config.mesh.update(data=2, fsdp=1, tensor=1)
   train(config, tmp_path, devices=jax.devices()[:2])
   assert "resumed from step 4" in capsys.readouterr().out
-  again = _losses(tmp_path)
+  again = losses(tmp_path)
   np.testing.assert_allclose([again[s] for s in range(5, 9)], [first[s] for s in range(5, 9)],
                              rtol=2e-5)

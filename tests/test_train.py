@@ -1,7 +1,6 @@
 """The train step against references: NumPy cross-entropy, one big batch, one device."""
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,8 @@ from llm.data import pipeline
 from llm.model import make_model
 from llm.optim import make_optimizer, schedule
 from llm.state import init_state, state_shardings
-from llm.train import BATCH_KEYS, loss_terms, train, train_step
+from llm.train import loss_terms, train, train_step
+from tests.helpers import losses
 
 
 def _setup(config, tmp_path, batch_size=8):
@@ -93,22 +93,13 @@ def test_schedules_follow_their_formulas(config):
   assert float(schedule(o, steps)(99)) == pytest.approx(1.0)
 
 
-def _losses(workdir):
-  out = {}
-  for line in open(workdir / "metrics.jsonl"):
-    r = json.loads(line)
-    if "loss" in r:
-      out[r["step"]] = r["loss"]
-  return out
-
-
 def test_sharded_training_matches_one_device(config, tmp_path):
   """data=2, fsdp=2, tensor=2 on 8 devices gives the losses of a 1-device run."""
   config.train.update(steps=6, grad_accum=2)
   train(config, tmp_path / "one", devices=jax.devices()[:1])
   config.mesh.update(data=2, fsdp=2, tensor=2)
   train(config, tmp_path / "eight")
-  one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+  one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
   assert sorted(one) == list(range(1, 7))
   np.testing.assert_allclose([eight[s] for s in one], [one[s] for s in one], rtol=2e-5)
   assert one[6] < one[1]

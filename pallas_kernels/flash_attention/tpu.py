@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -93,36 +92,42 @@ def _fwd_kernel(offs_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_r
     lse_ref[...] = jnp.where(empty, EMPTY_LSE, m_sc[...] + jnp.log(safe_l))
 
 
-def fwd(q, k, v, qseg, kvseg, offsets, opts: Options):
-  """Returns (o [B, H, T, E], lse [B, H, T, 1] float32)."""
-  b, h, t, e = q.shape
-  n_kv_heads, s = k.shape[1], k.shape[2]
-  g = h // n_kv_heads
-  nq, nk = t // opts.block_q, s // opts.block_k
+def _query_major_specs(group: int, n_kv_blocks: int, head_dim: int, opts: Options):
+  """Block specs of a (B, H, query block i, key block j) grid, forward and dq:
+  (query-row block, row-statistic block, key/value block, q segment, kv segment)."""
   bq, bk = opts.block_q, opts.block_k
 
   def q_map(b_, h_, i, j, offs):
     return b_, h_, i, 0
 
   def kv_map(b_, h_, i, j, offs):
-    return b_, h_ // g, _kv_block(i, j, offs, nk, opts), 0
+    return b_, h_ // group, _kv_block(i, j, offs, n_kv_blocks, opts), 0
 
   def qseg_map(b_, h_, i, j, offs):
     return b_, i, 0
 
   def kvseg_map(b_, h_, i, j, offs):
-    return b_, 0, _kv_block(i, j, offs, nk, opts)
+    return b_, 0, _kv_block(i, j, offs, n_kv_blocks, opts)
 
+  return (pl.BlockSpec((None, None, bq, head_dim), q_map),
+          pl.BlockSpec((None, None, bq, 1), q_map),
+          pl.BlockSpec((None, None, bk, head_dim), kv_map),
+          pl.BlockSpec((None, bq, 1), qseg_map), pl.BlockSpec((None, 1, bk), kvseg_map))
+
+
+def fwd(q, k, v, qseg, kvseg, offsets, opts: Options):
+  """Returns (o [B, H, T, E], lse [B, H, T, 1] float32)."""
+  b, h, t, e = q.shape
+  n_kv_heads, s = k.shape[1], k.shape[2]
+  nq, nk = t // opts.block_q, s // opts.block_k
+  bq = opts.block_q
+  q_spec, row_spec, kv_spec, qseg_spec, kvseg_spec = _query_major_specs(h // n_kv_heads, nk, e,
+                                                                        opts)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
       grid=(b, h, nq, nk),
-      in_specs=[pl.BlockSpec((None, None, bq, e), q_map),
-                pl.BlockSpec((None, None, bk, e), kv_map),
-                pl.BlockSpec((None, None, bk, e), kv_map),
-                pl.BlockSpec((None, bq, 1), qseg_map),
-                pl.BlockSpec((None, 1, bk), kvseg_map)],
-      out_specs=[pl.BlockSpec((None, None, bq, e), q_map),
-                 pl.BlockSpec((None, None, bq, 1), q_map)],
+      in_specs=[q_spec, kv_spec, kv_spec, qseg_spec, kvseg_spec],
+      out_specs=[q_spec, row_spec],
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, e), jnp.float32)])
   return pl.pallas_call(
@@ -208,28 +213,12 @@ def bwd(q, k, v, qseg, kvseg, offsets, lse, delta, do, opts: Options):
   sem = ("parallel", "parallel", "parallel", "arbitrary")
 
   # dq: grid over query blocks, reducing over key blocks.
-  def q_map(b_, h_, i, j, offs):
-    return b_, h_, i, 0
-
-  def kv_map(b_, h_, i, j, offs):
-    return b_, h_ // g, _kv_block(i, j, offs, nk, opts), 0
-
-  def qseg_map(b_, h_, i, j, offs):
-    return b_, i, 0
-
-  def kvseg_map(b_, h_, i, j, offs):
-    return b_, 0, _kv_block(i, j, offs, nk, opts)
-
-  q_spec = pl.BlockSpec((None, None, bq, e), q_map)
-  row_spec = pl.BlockSpec((None, None, bq, 1), q_map)
+  q_spec, row_spec, kv_spec, qseg_spec, kvseg_spec = _query_major_specs(g, nk, e, opts)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, opts=opts),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(b, h, nq, nk),
-          in_specs=[q_spec, pl.BlockSpec((None, None, bk, e), kv_map),
-                    pl.BlockSpec((None, None, bk, e), kv_map),
-                    pl.BlockSpec((None, bq, 1), qseg_map), pl.BlockSpec((None, 1, bk), kvseg_map),
-                    row_spec, row_spec, q_spec],
+          in_specs=[q_spec, kv_spec, kv_spec, qseg_spec, kvseg_spec, row_spec, row_spec, q_spec],
           out_specs=q_spec,
           scratch_shapes=[pltpu.VMEM((bq, e), jnp.float32)]),
       out_shape=out_struct(q.shape, q.dtype, q),
