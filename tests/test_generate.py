@@ -37,6 +37,26 @@ def test_greedy_cached_decoding_equals_argmax_of_full_forward(model_and_params):
     assert continuation == seq[len(prompt):]
 
 
+def test_sliding_window_decoding_equals_windowed_full_forward(model_and_params):
+  """With model.sliding_window, the KV-cache path masks the same keys as the forward."""
+  _, full_model, params = model_and_params
+  cfg = tiny_config()
+  cfg.model.sliding_window = 4
+  forward = jax.jit(make_model(cfg.model).apply)
+  tokens = jnp.asarray([list(np.random.default_rng(1).integers(3, 512, 12))])
+  full = full_model.apply({"params": params}, tokens)
+  windowed = forward({"params": params}, tokens)
+  np.testing.assert_allclose(windowed[:, :4], full[:, :4], atol=1e-5)  # window not reached
+  assert float(jnp.abs(windowed[:, 4:] - full[:, 4:]).max()) > 1e-3  # beyond it, it matters
+  prompts = [list(np.asarray(tokens[0, :n])) for n in (3, 9)]
+  got = Decoder(cfg.model, params).generate(prompts, 6, SamplingParams(temperature=0.0))
+  for prompt, continuation in zip(prompts, got):
+    seq = list(prompt)
+    for _ in range(6):
+      seq.append(int(jnp.argmax(forward({"params": params}, jnp.asarray([seq]))[0, -1])))
+    assert continuation == seq[len(prompt):]
+
+
 def test_eos_stops_a_row(model_and_params):
   cfg, _, params = model_and_params
   decoder = Decoder(cfg.model, params)
