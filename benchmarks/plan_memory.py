@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import append_result, load_config  # noqa: E402
-from llm.plan import GIB, compile_step, table, tpu_target  # noqa: E402
+from llm.plan import GIB, compile_step, failure, table, tpu_target  # noqa: E402
 
 
 def main():
@@ -48,8 +48,7 @@ def main():
       try:
         plan = compile_step(c, target)
       except Exception as err:  # noqa: BLE001 (the compiler may refuse outright)
-        results.append(({"fsdp": n}, remat, b * n, f"{type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:80]}"))
+        results.append(failure(dict(c.mesh), remat, b * n, err))
         print(f"remat={remat} batch/chip={b}: {type(err).__name__}", flush=True)
         continue
       results.append(plan)

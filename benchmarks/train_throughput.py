@@ -11,7 +11,6 @@ appends it, with the exact command, to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
@@ -28,9 +27,9 @@ from llm import sharding  # noqa: E402
 from llm.config import base_config, validate  # noqa: E402
 from llm.metrics import flops_per_token, measure_matmul_flops  # noqa: E402
 from llm.model import make_model  # noqa: E402
-from llm.optim import make_optimizer, schedule  # noqa: E402
+from llm.optim import make_optimizer  # noqa: E402
 from llm.state import init_state, state_shardings  # noqa: E402
-from llm.train import BATCH_KEYS, train_step  # noqa: E402
+from llm.train import BATCH_KEYS, jit_train_step  # noqa: E402
 
 
 def parse():
@@ -76,11 +75,7 @@ def main():
   batch = {k: jax.device_put(np.asarray(batch[k], np.float32 if k == "loss_mask" else np.int32),
                              batch_sharding) for k in BATCH_KEYS}
 
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                      lr_schedule=schedule(cfg.optim, cfg.train.steps),
-                                      z_loss=cfg.train.z_loss, grad_accum=1),
-                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                    donate_argnums=0)
+  step_fn = jit_train_step(cfg, model, tx, shardings, batch_sharding)
   t0 = time.perf_counter()
   with sharding.activation_sharding(mesh):
     compiled = step_fn.lower(state, batch).compile()

@@ -29,7 +29,7 @@ from llm import sharding
 
 IMPLEMENTATIONS = ("xla", "flash")
 SEQUENCE_AXIS = "sequence"
-_EMPTY_LSE = -1e30
+_EMPTY_LSE = flash.EMPTY_LSE  # a row that sees no key; the kernels' convention
 
 
 class Blocks(NamedTuple):
@@ -167,7 +167,7 @@ def _ring_bwd(blocks: Blocks, axis_name, residuals, do):
   n = lax.axis_size(axis_name)
   me = lax.axis_index(axis_name)
   t = q.shape[1]
-  delta = jnp.einsum("bthe,bthe->bht", do.astype(jnp.float32), out.astype(jnp.float32))
+  delta = flash.output_delta(out, do)
   dq = jnp.zeros(q.shape, jnp.float32)
   dk_cur = jnp.zeros(k.shape, jnp.float32)
   dv_cur = jnp.zeros(v.shape, jnp.float32)

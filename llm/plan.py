@@ -18,7 +18,6 @@ so it is not used.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 import os
@@ -26,7 +25,6 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 
 import pallas_kernels.flash_attention as flash
@@ -34,9 +32,9 @@ from llm import config as config_lib
 from llm import metrics as metrics_lib
 from llm import sharding
 from llm.model import make_model
-from llm.optim import make_optimizer, schedule
+from llm.optim import make_optimizer
 from llm.state import state_shardings
-from llm.train import BATCH_KEYS, check_batch, train_step
+from llm.train import abstract_batch, check_batch, jit_train_step
 
 GIB = 1024 ** 3
 _REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")
@@ -134,14 +132,8 @@ def compile_step(config, target: Target) -> Plan:
   tx = make_optimizer(config.optim, config.train.steps)
   abstract_state, shardings_ = state_shardings(model, tx, config.data.seq_len, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len),
-                                   jnp.float32 if k == "loss_mask" else jnp.int32,
-                                   sharding=batch_sharding) for k in BATCH_KEYS}
-  step = jax.jit(functools.partial(train_step, model=model, tx=tx,
-                                   lr_schedule=schedule(config.optim, config.train.steps),
-                                   z_loss=config.train.z_loss, grad_accum=config.train.grad_accum),
-                 in_shardings=(shardings_, batch_sharding), out_shardings=(shardings_, None),
-                 donate_argnums=0)
+  batch = abstract_batch(config, batch_sharding)
+  step = jit_train_step(config, model, tx, shardings_, batch_sharding)
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   tokens = config.train.batch_size * config.data.seq_len
   common = dict(mesh=dict(mesh.shape), remat=config.model.remat,
@@ -179,13 +171,18 @@ def mesh_candidates(n_chips: int) -> list[dict]:
   out = []
   for tensor in (1, 2, 4, 8):
     for data in (1, 2, 4):
-      if n_chips % (tensor * data) == 0 and n_chips // (tensor * data) >= 1:
+      if n_chips % (tensor * data) == 0:
         out.append(dict(data=data, fsdp=n_chips // (tensor * data), tensor=tensor, sequence=1))
   return out
 
 
 def _fmt_mesh(mesh: dict) -> str:
   return ",".join(f"{k}={v}" for k, v in mesh.items() if v > 1) or "1 chip"
+
+
+def failure(mesh: dict, remat: str, batch_size: int, err: Exception) -> tuple:
+  """A table row for a candidate that could not be compiled at all."""
+  return mesh, remat, batch_size, f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
 
 
 def table(plans: list[Plan | tuple], hbm: int) -> str:
@@ -220,8 +217,7 @@ def plan(config, target: Target, search: bool = False, meshes: list[dict] | None
     try:
       results.append(compile_step(c, target))
     except Exception as err:  # noqa: BLE001 (does not divide, or the compiler ran out of memory)
-      results.append((mesh, remat, c.train.batch_size, f"{type(err).__name__}: "
-                      f"{str(err).splitlines()[0][:70]}"))
+      results.append(failure(mesh, remat, c.train.batch_size, err))
   return results
 
 

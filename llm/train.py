@@ -89,6 +89,24 @@ def eval_step(params, batch, *, model):
 
 # ----------------------------------------------------------------------------- the loop
 
+def abstract_batch(config, batch_sharding) -> dict:
+  """Shapes, dtypes and sharding of one global batch, for compiling ahead of time."""
+  return {k: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len),
+                                  jnp.float32 if k == "loss_mask" else jnp.int32,
+                                  sharding=batch_sharding) for k in BATCH_KEYS}
+
+
+def jit_train_step(config, model, tx, shardings, batch_sharding):
+  """The train step for `config`, jitted with the state's and batch's shardings (the
+  state is donated): what the loop runs and what llm.plan compiles for a topology."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx,
+                        lr_schedule=schedule(config.optim, config.train.steps),
+                        z_loss=config.train.z_loss, grad_accum=config.train.grad_accum),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+      donate_argnums=0)
+
+
 def global_batch(local: dict, batch_sharding) -> dict:
   """Assembles each process's rows into global arrays laid out on the mesh."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
@@ -188,12 +206,7 @@ def train(config, workdir: str, devices=None) -> dict:
       if primary:
         print(f"initialised params from {config.train.init_params}", flush=True)
 
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx,
-                        lr_schedule=schedule(config.optim, total_steps),
-                        z_loss=config.train.z_loss, grad_accum=config.train.grad_accum),
-      in_shardings=(shardings_, batch_sharding), out_shardings=(shardings_, None),
-      donate_argnums=0)
+  step_fn = jit_train_step(config, model, tx, shardings_, batch_sharding)
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(shardings_.params, batch_sharding))
   val_batches = [global_batch(b, batch_sharding) for b in pipeline.eval_batches(
@@ -206,10 +219,7 @@ def train(config, workdir: str, devices=None) -> dict:
                                                config.data.seq_len) * tokens_per_step
   with sharding.activation_sharding(mesh):
     t0 = time.perf_counter()
-    example = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len),
-                                       jnp.float32 if k == "loss_mask" else jnp.int32,
-                                       sharding=batch_sharding) for k in BATCH_KEYS}
-    step_fn = step_fn.lower(state, example).compile()
+    step_fn = step_fn.lower(state, abstract_batch(config, batch_sharding)).compile()
     compile_seconds = time.perf_counter() - t0
   peak, peak_source = metrics_lib.peak_flops(config.train.peak_flops_per_device,
                                              jnp.dtype(config.model.dtype))

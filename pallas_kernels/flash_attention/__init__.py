@@ -22,11 +22,13 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import gpu, tpu
-from pallas_kernels.flash_attention.common import PAD_KV_SEGMENT, PAD_Q_SEGMENT, Options, match_vma
+from pallas_kernels.flash_attention.common import (EMPTY_LSE, PAD_KV_SEGMENT, PAD_Q_SEGMENT,
+                                                   Options, match_vma)
 from pallas_kernels.flash_attention.reference import reference_attention
 
-__all__ = ["flash_attention", "make_options", "force_backend", "block_fwd", "block_bwd", "reference_attention",
-           "match_vma", "Options", "BACKENDS"]
+__all__ = ["flash_attention", "make_options", "force_backend", "block_fwd", "block_bwd",
+           "output_delta", "reference_attention", "match_vma", "Options", "BACKENDS",
+           "EMPTY_LSE"]
 
 BACKENDS = ("tpu", "gpu")
 _DEFAULT_BLOCKS = {"tpu": (512, 512), "gpu": (64, 64)}
@@ -36,6 +38,11 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
+def _check_backend(backend: str) -> None:
+  if backend not in BACKENDS:
+    raise ValueError(f"flash attention backend={backend!r}; allowed: {BACKENDS}")
+
+
 _FORCED: list[tuple[str, bool]] = []
 
 
@@ -43,8 +50,7 @@ _FORCED: list[tuple[str, bool]] = []
 def force_backend(backend: str, interpret: bool = False):
   """Within this block the default backend is `backend` (e.g. compiling ahead of time
   for a TPU topology from a CPU host, where the local default would interpret)."""
-  if backend not in BACKENDS:
-    raise ValueError(f"flash attention backend={backend!r}; allowed: {BACKENDS}")
+  _check_backend(backend)
   _FORCED.append((backend, interpret))
   try:
     yield
@@ -73,8 +79,7 @@ def make_options(q_len: int, kv_len: int, head_dim: int, *, causal: bool = True,
   """Validated static options; block sizes default per backend, capped to the lengths."""
   auto_backend, auto_interpret = default_backend()
   backend = auto_backend if backend is None else backend
-  if backend not in BACKENDS:
-    raise ValueError(f"flash attention backend={backend!r}; allowed: {BACKENDS}")
+  _check_backend(backend)
   interpret = (auto_interpret if backend == auto_backend else True) if interpret is None else interpret
   if window is not None and (not isinstance(window, int) or window < 1):
     raise ValueError(f"window={window!r}: must be a positive int (keys within `window` "
@@ -140,13 +145,13 @@ def _prepare(q, k, v, segment_ids, kv_segment_ids, q_offset, kv_offset, opts: Op
   else:
     kvseg = kv_segment_ids.astype(jnp.int32)
   offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_offset, jnp.int32)])
-  return tuple(match_vma(_pad(q, 1, tp), _pad(k, 1, sp), _pad(v, 1, sp),
-                         _pad(qseg, 1, tp, PAD_Q_SEGMENT), _pad(kvseg, 1, sp, PAD_KV_SEGMENT),
-                         offsets))
+  return (_pad(q, 1, tp), _pad(k, 1, sp), _pad(v, 1, sp), _pad(qseg, 1, tp, PAD_Q_SEGMENT),
+          _pad(kvseg, 1, sp, PAD_KV_SEGMENT), offsets)
 
 
 def _fwd_padded(q, k, v, qseg, kvseg, offsets, opts: Options):
   """Kernel forward on padded [B, T, H, E] inputs: (o_BTHE, lse_BHT)."""
+  q, k, v, qseg, kvseg, offsets = match_vma(q, k, v, qseg, kvseg, offsets)
   if opts.backend == "gpu":
     return gpu.fwd(q, k, v, qseg, kvseg, offsets, opts)
   t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
@@ -155,6 +160,9 @@ def _fwd_padded(q, k, v, qseg, kvseg, offsets, opts: Options):
 
 
 def _bwd_padded(q, k, v, qseg, kvseg, offsets, lse_BHT, delta_BHT, do, opts: Options):
+  """Kernel backward on padded inputs: (dq, dk, dv)."""
+  q, k, v, qseg, kvseg, offsets, lse_BHT, delta_BHT, do = match_vma(
+      q, k, v, qseg, kvseg, offsets, lse_BHT, delta_BHT, do)
   if opts.backend == "gpu":
     return gpu.bwd(q, k, v, qseg, kvseg, offsets, lse_BHT, delta_BHT, do, opts)
   t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
@@ -180,10 +188,7 @@ def _flash_fwd(q, k, v, qseg, kvseg, offsets, opts):
 
 def _flash_bwd(opts, residuals, do):
   q, k, v, qseg, kvseg, offsets, o, lse = residuals
-  delta = output_delta(o, do)
-  q, k, v, qseg, kvseg, offsets, lse, delta, do = match_vma(q, k, v, qseg, kvseg, offsets, lse,
-                                                            delta, do)
-  dq, dk, dv = _bwd_padded(q, k, v, qseg, kvseg, offsets, lse, delta, do, opts)
+  dq, dk, dv = _bwd_padded(q, k, v, qseg, kvseg, offsets, lse, output_delta(o, do), do, opts)
   return dq, dk, dv, None, None, None
 
 
@@ -226,8 +231,6 @@ def block_bwd(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kv_segment_ids_BS, q_offse
   q, k, v, qseg, kvseg, offsets = _prepare(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT,
                                            kv_segment_ids_BS, q_offset, kv_offset, opts)
   tp = q.shape[1]
-  lse, delta, do = _pad(lse_BHT, 2, tp), _pad(delta_BHT, 2, tp), _pad(do_BTHE, 1, tp)
-  q, k, v, qseg, kvseg, offsets, lse, delta, do = match_vma(q, k, v, qseg, kvseg, offsets, lse,
-                                                            delta, do)
-  dq, dk, dv = _bwd_padded(q, k, v, qseg, kvseg, offsets, lse, delta, do, opts)
+  dq, dk, dv = _bwd_padded(q, k, v, qseg, kvseg, offsets, _pad(lse_BHT, 2, tp),
+                           _pad(delta_BHT, 2, tp), _pad(do_BTHE, 1, tp), opts)
   return dq[:, :t], dk[:, :s], dv[:, :s]
