@@ -24,9 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import append_result, load_config, machine  # noqa: E402
-from llm.generate import Decoder  # noqa: E402
+from llm.inference import Decoder, SamplingParams  # noqa: E402
 from llm.model import make_model  # noqa: E402
-from llm.sampling import SamplingParams  # noqa: E402
 
 
 def main():

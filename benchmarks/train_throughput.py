@@ -23,13 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import append_result, machine  # noqa: E402
-from llm import sharding  # noqa: E402
 from llm.config import base_config, validate  # noqa: E402
-from llm.metrics import flops_per_token, measure_matmul_flops  # noqa: E402
+from llm.flops import flops_per_token  # noqa: E402
+from llm.hardware import measure_matmul_flops  # noqa: E402
 from llm.model import make_model  # noqa: E402
-from llm.optim import make_optimizer  # noqa: E402
-from llm.state import init_state, state_shardings  # noqa: E402
-from llm.train import BATCH_KEYS, jit_train_step  # noqa: E402
+from llm.model.layers import DTYPES  # noqa: E402
+from llm.model.transformer import REMAT_POLICIES  # noqa: E402
+from llm.parallel.mesh import make_mesh, use_mesh  # noqa: E402
+from llm.parallel.rules import batch_sharding as make_batch_sharding  # noqa: E402
+from llm.training.optim import make_optimizer  # noqa: E402
+from llm.training.state import init_state, state_shardings  # noqa: E402
+from llm.training.step import BATCH_KEYS, jit_train_step  # noqa: E402
 
 
 def parse():
@@ -43,8 +47,8 @@ def parse():
   p.add_argument("--vocab", type=int, default=32000)
   p.add_argument("--seq_len", type=int, default=256)
   p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
+  p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+  p.add_argument("--remat", default="none", choices=list(REMAT_POLICIES))
   p.add_argument("--no_append", action="store_true", help="do not append to BENCHMARKS.md")
   return p.parse_args()
 
@@ -61,12 +65,12 @@ def main():
   cfg.mesh.update(data=-1)
   validate(cfg)
 
-  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  mesh = make_mesh(cfg.mesh, jax.devices()[:1])
   model = make_model(cfg.model)
   tx = make_optimizer(cfg.optim, cfg.train.steps)
   abstract, shardings = state_shardings(model, tx, args.seq_len, mesh)
   state = init_state(model, tx, args.seq_len, 0, shardings)
-  batch_sharding = sharding.batch_sharding(mesh)
+  batch_sharding = make_batch_sharding(mesh)
   rng = np.random.default_rng(0)
   shape = (args.batch, args.seq_len)
   batch = {"inputs": rng.integers(0, args.vocab, shape), "targets": rng.integers(0, args.vocab, shape),
@@ -77,7 +81,7 @@ def main():
 
   step_fn = jit_train_step(cfg, model, tx, shardings, batch_sharding)
   t0 = time.perf_counter()
-  with sharding.activation_sharding(mesh):
+  with use_mesh(mesh):
     compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
@@ -95,7 +99,7 @@ def main():
 
   n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   tokens = args.batch * args.seq_len
-  flops = flops_per_token(cfg.model, n_params, args.seq_len) * tokens
+  flops = flops_per_token(cfg.model, args.seq_len) * tokens
   peak = measure_matmul_flops(dtype=jnp.dtype(args.dtype))
   rows = [
       ("params", f"{n_params:,}"),

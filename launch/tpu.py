@@ -24,11 +24,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from llm.hardware import TPU_GENERATIONS  # noqa: E402 (tables only; no JAX needed)
+
 ACTIONS = ("create", "setup", "run", "logs", "delete", "all")
-# our slice names -> Cloud TPU accelerator types
-ACCELERATOR_PREFIX = {"v5e": "v5litepod", "v6e": "v6e", "v5p": "v5p", "v4": "v4"}
-RUNTIME = {"v5e": "v2-alpha-tpuv5-lite", "v6e": "v2-alpha-tpuv6e", "v5p": "v2-alpha-tpuv5",
-           "v4": "tpu-ubuntu2204-base"}
 TARBALL = "/tmp/llm-src.tar.gz"
 REMOTE_DIR = "~/llm"
 LOG = "~/llm-train.log"
@@ -39,10 +38,10 @@ COORDINATOR = "SLICE0_IP"  # placeholder for slice 0 worker 0's IP, looked up at
 def accelerator_type(name: str) -> tuple[str, str]:
   """'v5e-16' -> ('v5litepod-16', 'v5e')."""
   gen, _, size = name.partition("-")
-  if gen not in ACCELERATOR_PREFIX or not size.isdigit():
+  if gen not in TPU_GENERATIONS or not size.isdigit():
     raise ValueError(f"--accelerator={name!r}: expected GEN-SIZE with GEN in "
-                     f"{sorted(ACCELERATOR_PREFIX)}, e.g. v5e-16, v6e-64, v5p-128, v4-32")
-  return f"{ACCELERATOR_PREFIX[gen]}-{size}", gen
+                     f"{sorted(TPU_GENERATIONS)}, e.g. v5e-16, v6e-64, v5p-128, v4-32")
+  return f"{TPU_GENERATIONS[gen].accelerator}-{size}", gen
 
 
 def _gcloud_base(a) -> list[str]:
@@ -55,7 +54,7 @@ def node_names(a) -> list[str]:
 
 def create(a) -> list[list[str]]:
   acc, gen = accelerator_type(a.accelerator)
-  version = a.runtime_version or RUNTIME[gen]
+  version = a.runtime_version or TPU_GENERATIONS[gen].runtime
   spot = ["--spot"] if a.spot else []
   if a.num_slices == 1:
     return [["gcloud", "compute", "tpus", "tpu-vm", "create", a.name, *_gcloud_base(a),

@@ -4,20 +4,40 @@ Every recipe in configs/ starts from `base_config()` and overrides a few
 fields; the command line overrides those (`--config.model.n_layers=4`).
 `validate(config)` rejects bad values with a message naming the value and
 what is allowed, before anything expensive happens.
+
+This module imports nothing from the library (anything may import it). The allowed
+values of each choice field live once, in a registry beside their implementations;
+`CHOICES` says where each registry is, and `validate` reads them from there.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import ml_collections
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-SCHEDULES = ("cosine", "constant", "wsd")
-ROPE_SCALING = ("none", "llama3")
-DTYPES = ("float32", "bfloat16")
-DATA_SOURCES = ("shakespeare", "stdlib", "text", "jsonl", "tfds")
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+# choice field -> "module:REGISTRY" whose keys are the allowed values.
+CHOICES = {
+    "model.attention": "llm.ops.attention:IMPLEMENTATIONS",
+    "model.mlp": "llm.model.mlp:MLPS",
+    "model.remat": "llm.model.transformer:REMAT_POLICIES",
+    "model.dtype": "llm.model.layers:DTYPES",
+    "model.param_dtype": "llm.model.layers:DTYPES",
+    "model.rope_scaling.type": "llm.model.layers:ROPE_SCALINGS",
+    "data.source": "llm.data.sources:SOURCES",
+    "data.tokenizer_model_type": "llm.data.tokenizer:MODEL_TYPES",
+    "train.objective": "llm.training.objectives:OBJECTIVES",
+    "optim.schedule": "llm.training.optim:SCHEDULES",
+    "distributed.initialize": "llm.parallel.distributed:MODES",
+}
+MESH_AXES_REGISTRY = "llm.parallel.mesh:MESH_AXES"
+
+
+def registry(where: str):
+  """The registry a `CHOICES` entry names (imported on first use)."""
+  module, _, name = where.partition(":")
+  return getattr(importlib.import_module(module), name)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
       tie_embeddings=False,
       qk_norm=False,
       attention="xla",  # xla | flash (Pallas kernel; interpreted on CPU)
+      mlp="dense",  # the feed-forward kind (llm.model.mlp.MLPS)
       flash_block_q=0,  # flash kernel block sizes; 0 = the kernel's default
       flash_block_k=0,
       sliding_window=0,  # attend to the last N positions only (Mistral); 0 = full
@@ -71,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.train = ml_collections.ConfigDict(dict(
+      objective="pretrain",  # what the step minimises (llm.training.objectives.OBJECTIVES)
       batch_size=8,  # global, sequences per optimizer step
       grad_accum=1,
       steps=1000,
@@ -114,9 +136,22 @@ def head_dim(model_cfg) -> int:
   return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
 
 
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
 def _choice(name, value, allowed):
   if value not in allowed:
     raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def check_choices(config: ml_collections.ConfigDict) -> None:
+  """Each choice field against its registry (see CHOICES)."""
+  for field, where in CHOICES.items():
+    _choice(field, _get(config, field), registry(where))
 
 
 def _positive(name, value):
@@ -126,6 +161,7 @@ def _positive(name, value):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad value and what is allowed."""
+  check_choices(config)
   m, d, t, o = config.model, config.data, config.train, config.optim
   for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
     _positive(f"model.{name}", m[name])
@@ -139,17 +175,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "GQA needs n_heads to be a multiple of n_kv_heads (n_kv_heads=1 is MQA)")
   if head_dim(m) % 2:
     raise ValueError(f"head dim {head_dim(m)} must be even for RoPE")
-  from llm import attention_ops  # the registry of implementations
-  _choice("model.attention", m.attention, attention_ops.IMPLEMENTATIONS)
   for name in ("flash_block_q", "flash_block_k", "sliding_window"):
     if m[name] < 0:
       raise ValueError(f"model.{name}={m[name]} must be >= 0 (0 = default / off)")
-  _choice("model.remat", m.remat, REMAT_POLICIES)
-  _choice("model.dtype", m.dtype, DTYPES)
-  _choice("model.param_dtype", m.param_dtype, DTYPES)
-  _choice("model.rope_scaling.type", m.rope_scaling.type, ROPE_SCALING)
-  _choice("data.source", d.source, DATA_SOURCES)
-  _choice("data.tokenizer_model_type", d.tokenizer_model_type, ("bpe", "unigram"))
   if d.source in ("text", "jsonl") and not d.paths:
     raise ValueError(f"data.source={d.source!r} needs data.paths (comma-separated files or globs)")
   if d.source == "tfds" and not d.tfds_name:
@@ -163,19 +191,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.batch_size % t.grad_accum:
     raise ValueError(
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-  _choice("optim.schedule", o.schedule, SCHEDULES)
   if o.warmup_steps < 0 or o.warmup_steps > t.steps:
     raise ValueError(f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
   _positive("optim.lr", o.lr)
-  for axis in MESH_AXES:
+  mesh_axes = registry(MESH_AXES_REGISTRY)
+  unknown = set(config.mesh.keys()) - set(mesh_axes)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; allowed: {list(mesh_axes)}")
+  for axis in mesh_axes:
     size = config.mesh[axis]
     if size == 0 or size < -1:
       raise ValueError(f"mesh.{axis}={size} must be a positive size or -1 (fill in)")
-  if sum(config.mesh[a] == -1 for a in MESH_AXES) > 1:
+  if sum(config.mesh[a] == -1 for a in mesh_axes) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got {config.mesh.to_dict()}")
-  unknown = set(config.mesh.keys()) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f"unknown mesh axes {sorted(unknown)}; allowed: {list(MESH_AXES)}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -1,4 +1,4 @@
-"""Prints a config's parameter count without allocating (jax.eval_shape).
+"""Parameter counts without allocating (jax.eval_shape): total, and active per token.
 
   python -m llm.params --config=configs/llama2_7b.py
 """
@@ -8,19 +8,18 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
 from llm import config as config_lib
-from llm.model import make_model
+from llm.model import init_params, make_model, unbox
+from llm.model.mlp import MLPS
 
 
 def abstract_params(model_cfg):
   """Shapes of the params, with logical-axis boxes, as jax.ShapeDtypeStruct leaves."""
   model = make_model(model_cfg)
-  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
 
 
 def count_params(model_cfg) -> int:
@@ -28,9 +27,17 @@ def count_params(model_cfg) -> int:
   return sum(math.prod(x.shape) for x in leaves)
 
 
+def active_params(model_cfg) -> int:
+  """Parameters one token's forward pass goes through: all of them in a dense model; an
+  MLP kind with `active_fraction(cfg, path)` (e.g. routed experts) counts less."""
+  fraction = getattr(MLPS[model_cfg.mlp], "active_fraction", None)
+  if fraction is None:
+    return count_params(model_cfg)
+  return int(sum(n * fraction(model_cfg, path) for path, n in breakdown(model_cfg).items()))
+
+
 def breakdown(model_cfg) -> dict[str, int]:
-  import flax.linen as nn
-  params = nn.meta.unbox(abstract_params(model_cfg))
+  params = unbox(abstract_params(model_cfg))
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   return {jax.tree_util.keystr(path): math.prod(x.shape) for path, x in flat}
 
@@ -41,7 +48,10 @@ def main(argv):
   config_lib.validate(cfg)
   for name, n in breakdown(cfg.model).items():
     print(f"{name:<50s} {n:>16,d}")
-  print(f"{'total':<50s} {count_params(cfg.model):>16,d}")
+  total, active = count_params(cfg.model), active_params(cfg.model)
+  if active != total:
+    print(f"{'active per token':<50s} {active:>16,d}")
+  print(f"{'total':<50s} {total:>16,d}")
 
 
 if __name__ == "__main__":

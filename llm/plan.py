@@ -29,20 +29,16 @@ from absl import app, flags
 
 import pallas_kernels.flash_attention as flash
 from llm import config as config_lib
-from llm import metrics as metrics_lib
-from llm import sharding
+from llm.flops import recomputed_flops_per_token
+from llm.hardware import GIB, TPU_GENERATIONS
 from llm.model import make_model
-from llm.optim import make_optimizer
-from llm.state import state_shardings
-from llm.train import abstract_batch, check_batch, jit_train_step
+from llm.model.transformer import REMAT_POLICIES
+from llm.parallel.mesh import make_mesh, use_mesh
+from llm.parallel.rules import batch_sharding as make_batch_sharding
+from llm.training.optim import make_optimizer
+from llm.training.state import state_shardings
+from llm.training.step import abstract_batch, check_batch, jit_train_step
 
-GIB = 1024 ** 3
-_REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")
-# generation -> (topology name prefix, HBM bytes per chip, chips per unit of the slice name)
-TPU_GENERATIONS = {
-    "v5e": ("v5e", 16 * GIB, 1), "v6e": ("v6e", 32 * GIB, 1),  # v5e-16 = 16 chips
-    "v4": ("v4", 32 * GIB, 2), "v5p": ("v5p", 95 * GIB, 2),  # v5p-16 = 16 cores = 8 chips
-}
 _2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
        256: "4x8x8", 512: "8x8x8"}
@@ -58,8 +54,8 @@ class Target:
 def tpu_target(name: str, num_slices: int = 1) -> Target:
   """'v5e-16' (Cloud TPU slice name) or 'v5e:4x4' (explicit chip grid), `num_slices` of
   them joined over DCN (multislice)."""
-  m = re.fullmatch(r"(v5e|v6e|v4|v5p)-(\d+)", name) or re.fullmatch(r"(v5e|v6e|v4|v5p):([\dx]+)",
-                                                                      name)
+  gens = "|".join(TPU_GENERATIONS)
+  m = re.fullmatch(rf"({gens})-(\d+)", name) or re.fullmatch(rf"({gens}):([\dx]+)", name)
   if not m and re.match(r"(?i)(h100|h200|a100|b200|gpu)", name):
     raise ValueError(f"--topology={name!r}: GPU targets need deviceless CUDA compilation (the "
                      "jax CUDA plugin with a GPU target description), which this planner does "
@@ -68,7 +64,8 @@ def tpu_target(name: str, num_slices: int = 1) -> Target:
     raise ValueError(f"--topology={name!r}: expected a TPU slice like v5e-16, v6e-64, v5p-128, "
                      f"v4-32 or a grid like v5e:4x4; generations: {sorted(TPU_GENERATIONS)}")
   gen, size = m.groups()
-  prefix, hbm, per_chip = TPU_GENERATIONS[gen]
+  generation = TPU_GENERATIONS[gen]
+  prefix, hbm, per_chip = generation.topology, generation.hbm_bytes, generation.cores_per_chip
   if ":" in name:
     grid = size
   else:
@@ -112,38 +109,26 @@ class Plan:
         self.code_bytes
 
 
-def recomputed_flops_per_token(config, n_params: int) -> float:
-  """Training FLOPs per token with the remat policy's recomputation (forward = 1/3 of
-  forward+backward): "full" re-runs the whole forward, "dots_no_batch" the attention
-  score/value matmuls it does not save, "dots" and "none" nothing but elementwise ops."""
-  m, seq = config.model, config.data.seq_len
-  per_token = metrics_lib.flops_per_token(m, n_params, seq)
-  attention = 12 * m.n_layers * seq * m.n_heads * config_lib.head_dim(m)
-  extra = {"none": 0.0, "dots": 0.0, "dots_no_batch": attention / 3, "full": per_token / 3}
-  return per_token + extra[m.remat]
-
-
 def compile_step(config, target: Target) -> Plan:
   """AOT-compiles train_step for `config` on the target's devices; reads its memory/cost."""
   config_lib.validate(config)
-  mesh = sharding.make_mesh(config.mesh, target.devices)
+  mesh = make_mesh(config.mesh, target.devices)
   check_batch(config, mesh)
   model = make_model(config.model)
   tx = make_optimizer(config.optim, config.train.steps)
   abstract_state, shardings_ = state_shardings(model, tx, config.data.seq_len, mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
+  batch_sharding = make_batch_sharding(mesh)
   batch = abstract_batch(config, batch_sharding)
   step = jit_train_step(config, model, tx, shardings_, batch_sharding)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   tokens = config.train.batch_size * config.data.seq_len
   common = dict(mesh=dict(mesh.shape), remat=config.model.remat,
                 batch_size=config.train.batch_size,
                 per_chip_batch=config.train.batch_size / len(target.devices),
-                flops_per_chip=recomputed_flops_per_token(config, n_params) * tokens / len(
+                flops_per_chip=recomputed_flops_per_token(config.model, config.data.seq_len) * tokens / len(
                     target.devices))
   t0 = time.perf_counter()
   try:
-    with flash.force_backend("tpu"), sharding.activation_sharding(mesh):
+    with flash.force_backend("tpu"), use_mesh(mesh):
       compiled = step.lower(abstract_state, batch).compile()
   except jax.errors.JaxRuntimeError as err:
     needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(err))
@@ -204,7 +189,7 @@ def table(plans: list[Plan | tuple], hbm: int) -> str:
 
 
 def plan(config, target: Target, search: bool = False, meshes: list[dict] | None = None,
-         remats: tuple[str, ...] = config_lib.REMAT_POLICIES) -> list[Plan | tuple]:
+         remats: tuple[str, ...] = tuple(REMAT_POLICIES)) -> list[Plan | tuple]:
   """One compile of `config`, or with `search` one per (mesh, remat) candidate."""
   if not search:
     return [compile_step(config, target)]
@@ -224,7 +209,7 @@ def plan(config, target: Target, search: bool = False, meshes: list[dict] | None
 def rank(results: list, hbm: int) -> list[Plan]:
   """Plans that fit: least recomputation, then least tensor parallelism, then least memory."""
   fits = [p for p in results if isinstance(p, Plan) and p.total_bytes <= hbm]
-  return sorted(fits, key=lambda p: (_REMAT_ORDER.index(p.remat), p.mesh["tensor"],
+  return sorted(fits, key=lambda p: (list(REMAT_POLICIES).index(p.remat), p.mesh["tensor"],
                                      p.total_bytes))
 
 

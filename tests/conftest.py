@@ -15,10 +15,10 @@ from tests.helpers import tiny_config  # noqa: E402
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory):
   """One sentencepiece model for the tiny corpus, trained once per session."""
-  from llm.data import corpus, tokenizer
+  from llm.data import sources, tokenizer
   cfg = tiny_config()
   out = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-  tokenizer.train_tokenizer(corpus.documents(cfg.data), cfg.model.vocab_size, out)
+  tokenizer.train_tokenizer(sources.documents(cfg.data), cfg.model.vocab_size, out)
   return str(out)
 
 

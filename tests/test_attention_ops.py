@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm import attention_ops, sharding
+from llm.ops.attention import attend
+from llm.parallel.mesh import make_mesh, use_mesh
 from llm.train import train
 from pallas_kernels.flash_attention import reference_attention
 from tests.helpers import losses
@@ -15,7 +16,7 @@ from tests.helpers import losses
 
 def _mesh(**axes):
   cfg = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **axes}
-  return sharding.make_mesh(cfg)
+  return make_mesh(cfg)
 
 
 @pytest.mark.parametrize("impl,mesh_axes,n_kv_heads,window", [
@@ -37,10 +38,10 @@ def test_sharded_attention_matches_reference(impl, mesh_axes, n_kv_heads, window
   mesh = _mesh(**mesh_axes)
 
   def loss(q, k, v):
-    out = attention_ops.attend(impl, q, k, v, seg, window=window, block_q=8, block_k=8)
+    out = attend(impl, q, k, v, seg, window=window, block_q=8, block_k=8)
     return jnp.sum(out * w)
 
-  with sharding.activation_sharding(mesh):
+  with use_mesh(mesh):
     value, grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
   ref_value, ref_grads = jax.value_and_grad(
       lambda q, k, v: jnp.sum(reference_attention(q, k, v, seg, window=window)[0] * w),

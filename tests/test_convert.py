@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402
 
 from llm import config as config_lib  # noqa: E402
-from llm.checkpoint import load_params  # noqa: E402
+from llm.workdir import load_params  # noqa: E402
 from llm.convert import hf  # noqa: E402
 from llm.convert.__main__ import hf_to_llm, llm_to_hf  # noqa: E402
 from llm.model import make_model  # noqa: E402

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from llm.data import corpus, packing, pipeline, tokenizer
+from llm.data import packing, pipeline, sources, tokenizer
 from tests.helpers import tiny_config
 
 
@@ -48,25 +48,25 @@ def test_text_jsonl_and_separator_sources(tmp_path):
   (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x"}) + "\n\n" + json.dumps({"text": "y"}))
   cfg = tiny_config().data
   cfg.update(source="text", paths=str(tmp_path / "*.txt"), doc_separator="")
-  assert list(corpus.documents(cfg)) == ["one\n\n\ntwo"]
+  assert list(sources.documents(cfg)) == ["one\n\n\ntwo"]
   cfg.doc_separator = r"\n\n+"
-  assert list(corpus.documents(cfg)) == ["one", "two"]
+  assert list(sources.documents(cfg)) == ["one", "two"]
   cfg.update(source="jsonl", paths=str(tmp_path / "b.jsonl"))
-  assert list(corpus.documents(cfg)) == ["x", "y"]
+  assert list(sources.documents(cfg)) == ["x", "y"]
   cfg.jsonl_key = "body"
   with pytest.raises(KeyError, match="no key 'body'"):
-    list(corpus.documents(cfg))
+    list(sources.documents(cfg))
 
 
 def test_missing_and_empty_corpus_are_errors(tmp_path):
   cfg = tiny_config().data
   cfg.update(source="text", paths=str(tmp_path / "nothing*.txt"))
   with pytest.raises(FileNotFoundError, match="matches no file"):
-    list(corpus.documents(cfg))
+    list(sources.documents(cfg))
   (tmp_path / "empty.txt").write_text("  \n")
   cfg.paths = str(tmp_path / "empty.txt")
   with pytest.raises(ValueError, match="corpus is empty"):
-    list(corpus.documents(cfg))
+    list(sources.documents(cfg))
 
 
 def test_tfds_array_record_source_without_tensorflow(tmp_path):
@@ -77,18 +77,18 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
       str(out / "tiny_ds-train.array_record-00000-of-00001"), "group_size:1")
   texts = ["first document", "zweites Dokument", "third üñí"]
   for t in texts:
-    writer.write(corpus.encode_example({"text": [t.encode()], "label": [b"x"]}))
+    writer.write(sources.encode_example({"text": [t.encode()], "label": [b"x"]}))
   writer.close()
   cfg = tiny_config().data
   cfg.update(source="tfds", tfds_name="tiny_ds", tfds_dir=str(tmp_path))
-  assert list(corpus.documents(cfg)) == texts
+  assert list(sources.documents(cfg)) == texts
   cfg.tfds_key = "missing"
   with pytest.raises(KeyError, match="no bytes feature 'missing'"):
-    list(corpus.documents(cfg))
+    list(sources.documents(cfg))
 
 
 def test_stdlib_source_lists_python_files():
-  files = corpus.stdlib_files()
+  files = sources.stdlib_files()
   assert len(files) > 100 and all(f.suffix == ".py" for f in files)
 
 

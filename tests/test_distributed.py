@@ -3,7 +3,7 @@ exercised end to end by the 2-process test in test_scale_out.py)."""
 
 import pytest
 
-from llm import distributed
+from llm.parallel import distributed
 from llm.config import base_config
 
 

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm.data.tokenizer import Tokenizer
-from llm.evaluate import Scorer, evaluate_heldout, token_byte_lengths
-from llm.generate import Decoder
+from llm.eval.heldout import evaluate_heldout, token_byte_lengths
+from llm.eval.scorer import Scorer
+from llm.inference import Decoder, SamplingParams
 from llm.model import make_model
-from llm.sampling import SamplingParams
 
 
 def _model(config):

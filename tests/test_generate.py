@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm.generate import Decoder
+from llm.inference import Decoder
+from llm.inference.sampling import SamplingParams, filter_logits, sample
 from llm.model import make_model
-from llm.sampling import SamplingParams, filter_logits, sample
 from tests.helpers import tiny_config
 
 
@@ -118,3 +118,22 @@ def test_bad_sampling_values_are_named():
     SamplingParams(top_p=1.5)
   with pytest.raises(ValueError, match="temperature=-1"):
     SamplingParams(temperature=-1)
+
+
+@pytest.mark.parametrize("attention,mesh_axes", [("xla", dict(data=2, tensor=2)),
+                                                  ("flash", dict(data=2, tensor=2))])
+def test_decoding_on_a_mesh_matches_one_device(model_and_params, attention, mesh_axes):
+  """Decoding attends through the training dispatch, so under a mesh (batch over data,
+  heads over tensor; the kernel inside shard_map for flash) it gives the same tokens."""
+  from llm.parallel.mesh import make_mesh, use_mesh
+  cfg, _, params = model_and_params
+  prompts = [list(np.random.default_rng(2).integers(3, 512, n)) for n in (4, 9)]
+  greedy = SamplingParams(temperature=0.0)
+  alone = Decoder(cfg.model, params).generate(prompts, 6, greedy)
+  model_cfg = tiny_config().model
+  model_cfg.attention = attention
+  mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **mesh_axes},
+                   jax.devices()[:4])
+  with use_mesh(mesh):
+    sharded = Decoder(model_cfg, params).generate(prompts, 6, greedy)
+  assert sharded == alone

@@ -62,7 +62,7 @@ def test_local_tasks_run_offline(config, tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   config.train.update(steps=2, checkpoint_every=2)
   train(config, tmp_path / "run", devices=jax.devices()[:1])
-  from llm.lm_eval_adapter import WorkdirLM
+  from llm.eval.lm_eval_adapter import WorkdirLM
   lm = WorkdirLM(str(tmp_path / "run"))
 
   tasks = tmp_path / "tasks"

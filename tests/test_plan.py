@@ -30,10 +30,10 @@ def test_plan_reports_memory_that_matches_the_sharded_state(config):
   assert p.mesh["fsdp"] == 4 and p.per_chip_batch == 2 and not p.compiler_oom
   # arguments = this chip's shards of params + optimizer state + batch
   from llm.model import make_model
-  from llm.optim import make_optimizer
-  from llm.state import state_shardings
-  from llm import sharding
-  mesh = sharding.make_mesh(config.mesh, target.devices)
+  from llm.parallel.mesh import make_mesh
+  from llm.training.optim import make_optimizer
+  from llm.training.state import state_shardings
+  mesh = make_mesh(config.mesh, target.devices)
   abstract, _ = state_shardings(make_model(config.model), make_optimizer(config.optim, 8),
                                 config.data.seq_len, mesh)
   batch_bytes = 5 * 4 * config.train.batch_size * config.data.seq_len // 4
@@ -73,9 +73,9 @@ def test_search_ranks_layouts_and_flags_what_does_not_fit(config):
 def test_multislice_mesh_keeps_only_data_across_slices(config):
   target = plan.tpu_target("v5e-4", num_slices=2)
   assert len(target.devices) == 8
-  from llm import sharding
+  from llm.parallel.mesh import make_mesh
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  mesh = sharding.make_mesh(config.mesh, target.devices)
+  mesh = make_mesh(config.mesh, target.devices)
   slice_of = {d.id: d.slice_index for d in target.devices}
   for i in range(2):  # every data index is one whole slice
     assert {slice_of[d.id] for d in mesh.devices[i].flat} == {i}
@@ -84,4 +84,4 @@ def test_multislice_mesh_keeps_only_data_across_slices(config):
   assert p.mesh == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
   config.mesh.update(data=1, fsdp=8, tensor=1)
   with pytest.raises(ValueError, match="span 2 slices, so mesh.data=1 must be a multiple"):
-    sharding.make_mesh(config.mesh, target.devices)
+    make_mesh(config.mesh, target.devices)

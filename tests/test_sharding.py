@@ -4,39 +4,40 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llm import sharding
 from llm.model import make_model
-from llm.optim import make_optimizer
-from llm.state import state_shardings
+from llm.parallel import mesh as mesh_lib
+from llm.parallel import rules
+from llm.training.optim import make_optimizer
+from llm.training.state import state_shardings
 from tests.helpers import tiny_config
 
 
 def _mesh(**sizes):
   cfg = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1))
   cfg.update(sizes)
-  return sharding.make_mesh(cfg)
+  return mesh_lib.make_mesh(cfg)
 
 
 def test_mesh_fills_minus_one_and_checks_product():
-  assert sharding.mesh_shape(dict(data=-1, fsdp=2, tensor=2, sequence=1), 8)["data"] == 2
+  assert mesh_lib.mesh_shape(dict(data=-1, fsdp=2, tensor=2, sequence=1), 8)["data"] == 2
   with pytest.raises(ValueError, match="has 4 devices but 8 are available"):
-    sharding.mesh_shape(dict(data=1, fsdp=2, tensor=2, sequence=1), 8)
+    mesh_lib.mesh_shape(dict(data=1, fsdp=2, tensor=2, sequence=1), 8)
   with pytest.raises(ValueError, match="fixed axes multiply to 3"):
-    sharding.mesh_shape(dict(data=-1, fsdp=3, tensor=1, sequence=1), 8)
+    mesh_lib.mesh_shape(dict(data=-1, fsdp=3, tensor=1, sequence=1), 8)
 
 
 def test_logical_specs_follow_the_rules_table():
   mesh = _mesh(data=2, fsdp=2, tensor=2)
-  assert sharding.logical_to_spec(("layers", "embed", "heads", "head_dim"), (2, 64, 4, 16),
+  assert rules.logical_to_spec(("layers", "embed", "heads", "head_dim"), (2, 64, 4, 16),
                                   mesh) == P(None, "fsdp", "tensor", None)
-  assert sharding.logical_to_spec(("batch", "length"), (8, 32), mesh) == P(("data", "fsdp"), None)
+  assert rules.logical_to_spec(("batch", "length"), (8, 32), mesh) == P(("data", "fsdp"), None)
   # A dimension the mesh axis does not divide stays replicated (1 KV head under tensor=2).
-  assert sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16),
+  assert rules.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 16),
                                   mesh) == P("fsdp", None, None)
   # batch 2 takes data=2 but cannot also take fsdp=2.
-  assert sharding.logical_to_spec(("batch",), (2,), mesh) == P("data")
+  assert rules.logical_to_spec(("batch",), (2,), mesh) == P("data")
   with pytest.raises(KeyError, match="no rule"):
-    sharding.logical_to_spec(("bogus",), (4,), mesh)
+    rules.logical_to_spec(("bogus",), (4,), mesh)
 
 
 def test_optimizer_state_is_sharded_like_params():

@@ -7,17 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm import sharding
 from llm.data import pipeline
 from llm.model import make_model
-from llm.optim import make_optimizer, schedule
-from llm.state import init_state, state_shardings
-from llm.train import loss_terms, train, train_step
+from llm.parallel.mesh import make_mesh
+from llm.train import train
+from llm.training.objectives import pretrain
+from llm.training.optim import make_optimizer, schedule
+from llm.training.state import init_state, state_shardings
+from llm.training.step import make_objective, train_step
 from tests.helpers import losses
 
 
 def _setup(config, tmp_path, batch_size=8):
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  mesh = make_mesh(config.mesh, jax.devices()[:1])
   model = make_model(config.model)
   tx = make_optimizer(config.optim, config.train.steps)
   _, shardings = state_shardings(model, tx, config.data.seq_len, mesh)
@@ -28,14 +30,16 @@ def _setup(config, tmp_path, batch_size=8):
 
 
 def _step(config, model, tx, grad_accum=1):
-  return jax.jit(functools.partial(train_step, model=model, tx=tx,
+  return jax.jit(functools.partial(train_step, objective=make_objective(config, model), tx=tx,
                                    lr_schedule=schedule(config.optim, config.train.steps),
-                                   z_loss=config.train.z_loss, grad_accum=grad_accum))
+                                   grad_accum=grad_accum))
 
 
 def test_loss_is_masked_mean_cross_entropy(config, tmp_path):
   model, _, state, batch = _setup(config, tmp_path)
-  total, (nll, z, tokens) = loss_terms(state.params, batch, model=model, z_loss=1e-4)
+  config.train.z_loss = 1e-4
+  total, sums = pretrain(state.params, batch, model=model, config=config)
+  nll, z, tokens = sums["loss"], sums["z_loss"], sums["weight"]
   logits = np.asarray(model.apply({"params": state.params}, batch["inputs"], batch["segment_ids"],
                                   batch["positions"]), np.float64)
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)

@@ -21,9 +21,9 @@ import jax
 from absl import app, flags, logging
 
 from llm import config as config_lib
-from llm.checkpoint import PARAMS_DIR, load_params, save_params
+from llm import workdir as workdir_lib
 from llm.convert import hf
-from llm.data.pipeline import load_tokenizer, tokenizer_file
+from llm.workdir import Workdir, load_params, load_tokenizer, save_params
 
 COMMANDS = ("hf-to-llm", "llm-to-hf")
 
@@ -39,7 +39,8 @@ def get_config():
 
 
 def hf_to_llm(hf_dir: str, workdir: str) -> None:
-  hf_dir_path, out = Path(hf_dir), Path(workdir)
+  hf_dir_path, wd = Path(hf_dir), Workdir(workdir)
+  out = wd.path
   config_path = hf_dir_path / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"{config_path} does not exist")
@@ -50,15 +51,16 @@ def hf_to_llm(hf_dir: str, workdir: str) -> None:
   out.mkdir(parents=True, exist_ok=True)
   tokenizer = hf_dir_path / "tokenizer.model"
   if tokenizer.is_file():
-    shutil.copyfile(tokenizer, out / "tokenizer.model")
-    cfg.data.tokenizer_path = str((out / "tokenizer.model").absolute())
-  cfg.train.init_params = str((out / PARAMS_DIR).absolute())
+    out_tokenizer = out / workdir_lib.TOKENIZER
+    shutil.copyfile(tokenizer, out_tokenizer)
+    cfg.data.tokenizer_path = str(out_tokenizer.absolute())
+  cfg.train.init_params = str(wd.params.absolute())
   config_lib.validate(cfg)
   params = hf.hf_to_params(hf.SafetensorsReader(hf_dir_path), cfg.model)
-  save_params(out / PARAMS_DIR, params)
-  (out / "config.json").write_text(config_lib.to_json(cfg))
-  (out / "config.py").write_text(CONFIG_PY.format(hf_dir=hf_dir_path.absolute()))
-  print(f"wrote {out}: config.json, config.py, {PARAMS_DIR}/"
+  save_params(wd.params, params)
+  wd.write_config(cfg)
+  wd.config_py.write_text(CONFIG_PY.format(hf_dir=hf_dir_path.absolute()))
+  print(f"wrote {out}: config.json, config.py, {workdir_lib.PARAMS}/"
         + (", tokenizer.model" if tokenizer.is_file() else ""))
 
 
@@ -66,10 +68,10 @@ def llm_to_hf(workdir: str, hf_dir: str) -> None:
   config, params = load_params(workdir)
   out = Path(hf_dir)
   out.mkdir(parents=True, exist_ok=True)
-  tok_path = tokenizer_file(config, workdir)
+  tok_path = Workdir(workdir).tokenizer(config)
   bos, eos = 1, 2
   if tok_path.is_file():
-    tok = load_tokenizer(config, workdir, train_if_missing=False)
+    tok = load_tokenizer(workdir, config)
     bos, eos = tok.bos_id, tok.eos_id
     shutil.copyfile(tok_path, out / "tokenizer.model")
   hf_cfg = hf.hf_config_from_model(config.model, config.data.seq_len, bos, eos)

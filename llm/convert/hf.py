@@ -147,9 +147,9 @@ def _check(name, x, shape):
 
 def hf_to_params(reader: SafetensorsReader, c, dtype=np.float32) -> dict:
   """Our params as numpy arrays, filled tensor by tensor (peak: one copy + one tensor)."""
+  from llm.model import unbox
   from llm.params import abstract_params
-  import flax.linen as nn
-  shapes = nn.meta.unbox(abstract_params(c))
+  shapes = unbox(abstract_params(c))
   get = lambda name: reader.get(name).astype(dtype)
   params: dict = {"embedding": get("model.embed_tokens.weight")}
   _check("model.embed_tokens.weight", params["embedding"], shapes["embedding"].shape)

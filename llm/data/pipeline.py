@@ -12,14 +12,14 @@ import dataclasses
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import grain
 import numpy as np
 
-from llm.data import corpus as corpus_lib
+from llm.data import sources
 from llm.data.packing import PackedRows, concat_documents
 from llm.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
+from llm.workdir import Workdir
 
 
 @dataclasses.dataclass
@@ -35,19 +35,14 @@ def _source_key(data_cfg) -> dict:
   return {k: data_cfg[k] for k in keys}
 
 
-def tokenizer_file(config, workdir: str | os.PathLike) -> Path:
-  """Where the run's tokenizer lives: data.tokenizer_path, else DIR/tokenizer.model."""
-  return Path(config.data.tokenizer_path or Path(workdir) / "tokenizer.model")
-
-
-def load_tokenizer(config, workdir: str | os.PathLike, train_if_missing: bool = True) -> Tokenizer:
-  """The run's tokenizer (see tokenizer_file); a missing workdir tokenizer is trained on
-  the corpus when `train_if_missing`."""
-  path = tokenizer_file(config, workdir)
-  if not path.is_file() and train_if_missing and not config.data.tokenizer_path:
+def load_or_train_tokenizer(config, workdir: str | os.PathLike) -> Tokenizer:
+  """The run's tokenizer (llm.workdir), trained on the corpus into the workdir when
+  missing and data.tokenizer_path is unset."""
+  path = Workdir(workdir).tokenizer(config)
+  if not path.is_file() and not config.data.tokenizer_path:
     print(f"training a {config.model.vocab_size}-piece sentencepiece tokenizer -> {path}",
           flush=True)
-    tok = train_tokenizer(corpus_lib.documents(config.data), config.model.vocab_size, path,
+    tok = train_tokenizer(sources.documents(config.data), config.model.vocab_size, path,
                           config.data.tokenizer_model_type, config.data.tokenizer_max_chars)
   else:
     tok = Tokenizer(path)
@@ -57,14 +52,14 @@ def load_tokenizer(config, workdir: str | os.PathLike, train_if_missing: bool = 
 
 def token_stream(config, workdir, tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
   """(tokens, doc_ids) of the whole corpus, cached in workdir/data/."""
-  cache = Path(workdir) / "data"
+  cache = Workdir(workdir).data
   meta = {"source": _source_key(config.data),
           "tokenizer_sha256": hashlib.sha256(tok.path.read_bytes()).hexdigest()}
   meta_path, stream_path = cache / "stream.json", cache / "stream.npz"
   if meta_path.is_file() and stream_path.is_file() and json.loads(meta_path.read_text()) == meta:
     with np.load(stream_path) as z:
       return z["tokens"], z["doc_ids"]
-  docs = list(corpus_lib.documents(config.data))
+  docs = list(sources.documents(config.data))
   print(f"tokenizing {len(docs):,} documents", flush=True)
   tokens, doc_ids = concat_documents(tok.encode(docs), tok.bos_id, tok.eos_id)
   cache.mkdir(parents=True, exist_ok=True)
@@ -84,8 +79,10 @@ def unigram_loss(train_tokens: np.ndarray, val: PackedRows, vocab_size: int) -> 
   return float(-(logp[targets] * mask).sum() / max(mask.sum(), 1))
 
 
-def prepare(config, workdir) -> Corpus:
-  tok = load_tokenizer(config, workdir)
+def prepare(config, workdir, tokenizer: Tokenizer | None = None) -> Corpus:
+  """Train and validation rows of the corpus, tokenized by `tokenizer` (default: the run's,
+  trained if missing)."""
+  tok = tokenizer or load_or_train_tokenizer(config, workdir)
   tokens, doc_ids = token_stream(config, workdir, tok)
   seq_len = config.data.seq_len
   split = int(len(tokens) * (1 - config.data.val_fraction))

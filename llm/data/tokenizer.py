@@ -10,6 +10,7 @@ from typing import Iterable
 import sentencepiece as spm
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+MODEL_TYPES = ("bpe", "unigram")  # data.tokenizer_model_type: sentencepiece algorithms
 
 
 class Tokenizer:

@@ -1,1 +1,4 @@
-from llm.model.transformer import Transformer, make_model  # noqa: F401
+"""The Llama-family model: layers, attention, MLP kinds, the transformer; logical axes only."""
+
+from llm.model.transformer import (Transformer, forward, init_params, make_model,  # noqa: F401
+                                    unbox)  # noqa: F401

@@ -1,7 +1,8 @@
-"""Building blocks of a Llama-family decoder: RMSNorm, RoPE, projections, SwiGLU.
+"""Building blocks of a Llama-family decoder: RMSNorm, RoPE, projections, and the
+channel through which layers hand auxiliary losses to the objective.
 
 Parameters carry logical axis names only ("embed", "heads", "mlp", ...);
-llm/sharding.py maps them to mesh axes. Shape suffixes: B batch, T length,
+llm/parallel/rules.py maps them to mesh axes. Shape suffixes: B batch, T length,
 D model width, H query heads, K key/value heads, G = H // K, E head dim, F ffn.
 """
 
@@ -13,6 +14,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+DTYPES = ("float32", "bfloat16")  # model.dtype (compute) and model.param_dtype
+AUX_LOSSES = "aux_losses"  # the flax collection auxiliary losses are sown into
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -57,11 +61,14 @@ class Projection(nn.Module):
     return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling) -> jnp.ndarray:
-  """Inverse frequencies for RoPE, with optional Llama-3 frequency scaling."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  if scaling is None or scaling.type == "none":
-    return inv_freq
+def add_aux_loss(module: nn.Module, name: str, value: jax.Array) -> None:
+  """Hands a scalar term (already weighted) to the objective, which adds every such
+  term to the loss and logs each by `name` (e.g. an MoE load-balancing loss)."""
+  module.sow(AUX_LOSSES, name, value)
+
+
+def _llama3_scaling(inv_freq, scaling):
+  """Llama-3 frequency scaling: long wavelengths slowed by `factor`, a smooth band between."""
   factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
   old_len = scaling.original_max_position
   wavelen = 2 * math.pi / inv_freq
@@ -73,6 +80,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling) -> jnp.ndarray:
   return jnp.where(is_medium, smoothed, scaled)
 
 
+# model.rope_scaling.type -> how it rescales the inverse frequencies
+ROPE_SCALINGS = {"none": lambda inv_freq, scaling: inv_freq, "llama3": _llama3_scaling}
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling) -> jnp.ndarray:
+  """Inverse frequencies for RoPE, rescaled per `scaling.type` (ROPE_SCALINGS)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is None:
+    return inv_freq
+  return ROPE_SCALINGS[scaling.type](inv_freq, scaling)
+
+
 def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotary embedding in the rotate-half layout (as Hugging Face Llama stores weights)."""
   angles_BTE2 = positions_BT[..., None].astype(jnp.float32) * inv_freq
@@ -81,23 +100,3 @@ def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) 
   x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNE.dtype)
-
-
-class SwiGLU(nn.Module):
-  d_model: int
-  d_ff: int
-  dtype: jnp.dtype
-  param_dtype: jnp.dtype
-  init_std: float
-  out_init_std: float
-
-  @nn.compact
-  def __call__(self, x_BTD):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate_BTF = Projection((self.d_model,), (self.d_ff,), ("embed", "mlp"),
-                          init_std=self.init_std, name="gate", **kw)(x_BTD)
-    up_BTF = Projection((self.d_model,), (self.d_ff,), ("embed", "mlp"),
-                        init_std=self.init_std, name="up", **kw)(x_BTD)
-    h_BTF = constrain(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
-    return Projection((self.d_ff,), (self.d_model,), ("mlp", "embed"),
-                      init_std=self.out_init_std, name="down", **kw)(h_BTF)

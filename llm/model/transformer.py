@@ -1,7 +1,9 @@
-"""The Llama-family decoder: embed -> N x (attention + SwiGLU) blocks -> norm -> logits.
+"""The Llama-family decoder: embed -> N x (attention + MLP) blocks -> norm -> logits.
 
 Layers are stacked with `nn.scan` (one compiled block, a leading "layers"
-param axis) and rematerialised by a named policy.
+param axis) and rematerialised by a named policy (REMAT_POLICIES). The MLP is the
+kind `config.model.mlp` names (llm.model.mlp.MLPS). `forward` applies the model and
+collects the auxiliary losses its layers sowed.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import ml_collections
 
 from llm.config import head_dim
 from llm.model.attention import Attention
-from llm.model.layers import RMSNorm, SwiGLU, constrain, param_with_axes
+from llm.model.layers import AUX_LOSSES, RMSNorm, constrain, param_with_axes
+from llm.model.mlp import MLPS
 
+# config.model.remat -> what the backward pass may keep from the forward (None: all of it),
+# in order of increasing recomputation.
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
+    "none": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
 }
 
 
@@ -43,8 +49,7 @@ class Block(nn.Module):
     x_BTD = x_BTD + attn_BTD
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
     h_BTD = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x_BTD)
-    x_BTD = x_BTD + SwiGLU(c.d_model, c.d_ff, init_std=c.init_std, out_init_std=out_std,
-                           name="mlp", **kw)(h_BTD)
+    x_BTD = x_BTD + MLPS[c.mlp](c, out_init_std=out_std, name="mlp")(h_BTD)
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
     return x_BTD, cache
 
@@ -72,10 +77,11 @@ class Transformer(nn.Module):
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
 
     block = Block
-    if c.remat != "none":
+    if REMAT_POLICIES[c.remat] is not None:
       block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+      stack = nn.scan(block, variable_axes={"params": 0, AUX_LOSSES: 0},
+                      split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x_BTD, cache = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT, cache, decode)
@@ -102,3 +108,29 @@ class Transformer(nn.Module):
 
 def make_model(model_cfg) -> Transformer:
   return Transformer(ml_collections.FrozenConfigDict(model_cfg))
+
+
+def init_params(model: Transformer, rng, seq_len: int = 8):
+  """Params with their logical-axis boxes (nn.LogicallyPartitioned). Initialisation traces
+  the forward only for shapes, so activation constraints are off even under a mesh."""
+  with nn.logical_axis_rules(()):
+    return model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+
+def unbox(boxed_params):
+  """Plain arrays from logically partitioned params (flax's own unbox would also apply a
+  sharding constraint, which fails on abstract values under an ambient mesh)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x,
+                      boxed_params, is_leaf=is_box)
+
+
+def forward(model: Transformer, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(logits_BTV, {name: auxiliary loss summed over layers}) for a packed batch."""
+  logits_BTV, sown = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                                 batch["positions"], mutable=[AUX_LOSSES])
+  aux = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(sown.get(AUX_LOSSES, {}))[0]:
+    name = next(p.key for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
+    aux[name] = aux.get(name, 0.0) + jnp.sum(value)
+  return logits_BTV, aux

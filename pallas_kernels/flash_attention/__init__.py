@@ -23,12 +23,12 @@ import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import gpu, tpu
 from pallas_kernels.flash_attention.common import (EMPTY_LSE, PAD_KV_SEGMENT, PAD_Q_SEGMENT,
-                                                   Options, match_vma)
+                                                   Options, attention_mask, match_vma)
 from pallas_kernels.flash_attention.reference import reference_attention
 
 __all__ = ["flash_attention", "make_options", "force_backend", "block_fwd", "block_bwd",
-           "output_delta", "reference_attention", "match_vma", "Options", "BACKENDS",
-           "EMPTY_LSE"]
+           "output_delta", "reference_attention", "attention_mask", "match_vma", "Options",
+           "BACKENDS", "EMPTY_LSE"]
 
 BACKENDS = ("tpu", "gpu")
 _DEFAULT_BLOCKS = {"tpu": (512, 512), "gpu": (64, 64)}

@@ -52,20 +52,26 @@ def block_visible(q_start, kv_start, block_q: int, block_k: int, opts: Options):
   return out
 
 
+def attention_mask(q_pos, kv_pos, q_seg, kv_seg, *, causal: bool, window: int | None):
+  """THE masking rule (kernels, reference, XLA and ring chunks, cached decoding): which
+  (query, key) pairs are visible. Arguments broadcast against each other (positions
+  and segment ids of queries along one axis, of keys along the other)."""
+  mask = q_seg == kv_seg
+  if causal:
+    mask = jnp.logical_and(mask, kv_pos <= q_pos)
+  if window is not None:
+    mask = jnp.logical_and(mask, q_pos - kv_pos < window)
+    if not causal:
+      mask = jnp.logical_and(mask, kv_pos - q_pos < window)
+  return mask
+
+
 def tile_mask(q_seg, kv_seg, q_start, kv_start, shape, opts: Options):
   """[block_q, block_k] visibility of one tile; q_seg broadcasts over columns, kv_seg
   over rows."""
-  mask = q_seg == kv_seg
-  if opts.causal or opts.window is not None:
-    q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
-    kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, shape, 1)
-    if opts.causal:
-      mask = jnp.logical_and(mask, kv_pos <= q_pos)
-    if opts.window is not None:
-      mask = jnp.logical_and(mask, q_pos - kv_pos < opts.window)
-      if not opts.causal:
-        mask = jnp.logical_and(mask, kv_pos - q_pos < opts.window)
-  return mask
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
+  kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+  return attention_mask(q_pos, kv_pos, q_seg, kv_seg, causal=opts.causal, window=opts.window)
 
 
 def _floor_div_clipped(x, block: int, n_blocks: int):

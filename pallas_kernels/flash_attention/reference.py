@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.flash_attention.common import attention_mask
+
 
 def reference_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, kv_segment_ids_BS=None, *,
                         causal=True, window=None, scale=None, q_offset=0, kv_offset=0):
@@ -14,15 +16,10 @@ def reference_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, kv_segment_
   scale = e ** -0.5 if scale is None else scale
   q_seg = jnp.zeros((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT
   kv_seg = q_seg if kv_segment_ids_BS is None else kv_segment_ids_BS
-  q_pos = q_offset + jnp.arange(t)[:, None]
-  kv_pos = kv_offset + jnp.arange(s)[None, :]
-  mask_BTS = q_seg[:, :, None] == kv_seg[:, None, :]
-  if causal:
-    mask_BTS &= (kv_pos <= q_pos)[None]
-  if window is not None:
-    mask_BTS &= (q_pos - kv_pos < window)[None]
-    if not causal:
-      mask_BTS &= (kv_pos - q_pos < window)[None]
+  q_pos_1T1 = q_offset + jnp.arange(t)[None, :, None]
+  kv_pos_11S = kv_offset + jnp.arange(s)[None, None, :]
+  mask_BTS = attention_mask(q_pos_1T1, kv_pos_11S, q_seg[:, :, None], kv_seg[:, None, :],
+                            causal=causal, window=window)
   k_BSHE = jnp.repeat(k_BSKE.astype(jnp.float32), h // k, axis=2)
   v_BSHE = jnp.repeat(v_BSKE.astype(jnp.float32), h // k, axis=2)
   logits_BHTS = jnp.einsum("bthe,bshe->bhts", q_BTHE.astype(jnp.float32), k_BSHE) * scale

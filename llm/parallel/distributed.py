@@ -18,7 +18,7 @@ import os
 import jax
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-_MODES = ("auto", "always", "never")
+MODES = ("auto", "always", "never")  # config.distributed.initialize
 
 
 def _detected_cluster() -> str | None:
@@ -36,8 +36,8 @@ def initialize(dist_cfg) -> str:
 
   Returns how: "single-process", "config", "env", or the detected cluster's name."""
   mode = dist_cfg.initialize
-  if mode not in _MODES:
-    raise ValueError(f"distributed.initialize={mode!r}; allowed: {_MODES}")
+  if mode not in MODES:
+    raise ValueError(f"distributed.initialize={mode!r}; allowed: {MODES}")
   if mode == "never":
     return "single-process"
   if jax.distributed.is_initialized():

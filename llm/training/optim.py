@@ -10,21 +10,32 @@ import jax
 import optax
 
 
+def _cosine(c, rest: int) -> optax.Schedule:
+  return optax.cosine_decay_schedule(c.lr, rest, alpha=c.min_lr_ratio)
+
+
+def _constant(c, rest: int) -> optax.Schedule:
+  del rest
+  return optax.constant_schedule(c.lr)
+
+
+def _wsd(c, rest: int) -> optax.Schedule:
+  """Warmup-stable-decay: constant, then a linear decay over the last decay_fraction."""
+  decay = max(int(rest * c.decay_fraction), 1)
+  return optax.join_schedules(
+      [optax.constant_schedule(c.lr), optax.linear_schedule(c.lr, c.lr * c.min_lr_ratio, decay)],
+      [rest - decay])
+
+
+# config.optim.schedule -> the schedule after warmup, (optim config, steps after warmup)
+SCHEDULES = {"cosine": _cosine, "constant": _constant, "wsd": _wsd}
+
+
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to optim.lr, then the named schedule."""
   c = optim_cfg
   warmup = optax.linear_schedule(0.0, c.lr, max(c.warmup_steps, 1))
-  rest = max(total_steps - c.warmup_steps, 1)
-  min_lr = c.lr * c.min_lr_ratio
-  if c.schedule == "cosine":
-    main = optax.cosine_decay_schedule(c.lr, rest, alpha=c.min_lr_ratio)
-  elif c.schedule == "constant":
-    main = optax.constant_schedule(c.lr)
-  elif c.schedule == "wsd":
-    decay = max(int(rest * c.decay_fraction), 1)
-    main = optax.join_schedules(
-        [optax.constant_schedule(c.lr), optax.linear_schedule(c.lr, min_lr, decay)], [rest - decay])
-  else:
-    raise ValueError(f"optim.schedule={c.schedule!r} is not one of cosine, constant, wsd")
+  main = SCHEDULES[c.schedule](c, max(total_steps - c.warmup_steps, 1))
   return optax.join_schedules([warmup, main], [c.warmup_steps])
 
 

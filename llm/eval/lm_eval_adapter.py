@@ -1,7 +1,7 @@
 """An EleutherAI lm-evaluation-harness model backed by a workdir (`pip install lm_eval`).
 
   import lm_eval
-  from llm.lm_eval_adapter import WorkdirLM
+  from llm.eval.lm_eval_adapter import WorkdirLM
   lm_eval.simple_evaluate(model=WorkdirLM("runs/tiny"), tasks=["my_task"],
                           task_manager=lm_eval.tasks.TaskManager(include_path="my_tasks/"))
 """
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from lm_eval.api.model import LM
 
-from llm.evaluate import Scorer
-from llm.generate import Decoder, load
-from llm.sampling import SamplingParams
+from llm.eval.scorer import Scorer
+from llm.inference import Decoder, SamplingParams, load
 
 
 class WorkdirLM(LM):

@@ -1,0 +1,66 @@
+"""Held-out evaluation: loss (nats/token), perplexity and bits per byte on the
+validation split (the last data.val_fraction of the token stream, never trained on).
+`nll_sums` is also what the training loop evaluates with.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm.data import pipeline
+from llm.data.tokenizer import Tokenizer
+from llm.model import make_model
+from llm.ops.cross_entropy import token_nll
+
+
+def nll_sums(model, params, batch):
+  """(sum of -log p(target) over the loss mask, number of masked-in targets)."""
+  logits_BTV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                           batch["positions"])
+  nll_BT, _ = token_nll(logits_BTV, batch["targets"])
+  return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+  """UTF-8 bytes each token stands for (byte-fallback pieces 1, control tokens 0)."""
+  sp = tokenizer.sp
+  out = np.zeros(tokenizer.vocab_size, np.int64)
+  for i in range(tokenizer.vocab_size):
+    if sp.is_control(i) or sp.is_unknown(i):
+      continue
+    if sp.is_byte(i):
+      out[i] = 1
+    else:
+      out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+  return out
+
+
+def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: int = 8,
+                     max_batches: int = 0) -> dict:
+  """loss (nats/token), perplexity and bits per byte over the validation split."""
+  corpus = pipeline.prepare(config, workdir, tokenizer)
+  rows = corpus.val
+  n_batches = len(rows) // batch_size
+  if n_batches == 0:
+    raise ValueError(f"the validation split has {len(rows)} rows, fewer than batch_size={batch_size}")
+  if max_batches:
+    n_batches = min(n_batches, max_batches)
+  sums = jax.jit(functools.partial(nll_sums, make_model(config.model)))
+  byte_len = token_byte_lengths(tokenizer)
+  nll = tokens = n_bytes = 0.0
+  for i in range(n_batches):
+    batch = [rows[j] for j in range(i * batch_size, (i + 1) * batch_size)]
+    batch = {k: np.stack([r[k] for r in batch]) for k in batch[0]}
+    s_nll, s_tok = sums(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    nll += float(s_nll)
+    tokens += float(s_tok)
+    n_bytes += float((byte_len[batch["targets"]] * batch["loss_mask"]).sum())
+  loss = nll / tokens
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+          "bits_per_byte": nll / math.log(2) / max(n_bytes, 1.0), "tokens": int(tokens),
+          "bytes": int(n_bytes), "unigram_loss": corpus.unigram_loss}

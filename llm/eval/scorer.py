@@ -1,0 +1,58 @@
+"""Log-likelihood scoring of continuations given contexts (lm-eval style), batched with
+right padding; multiple choice by the likeliest continuation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm.data.tokenizer import Tokenizer
+from llm.inference.decoder import round_up
+from llm.model import make_model
+
+
+class Scorer:
+  """Log-likelihoods of continuations given contexts, batched with right padding."""
+
+  def __init__(self, model_cfg, params, tokenizer: Tokenizer, max_len: int, batch_size: int = 8):
+    self.model, self.params, self.tok = make_model(model_cfg), params, tokenizer
+    self.max_len, self.batch_size = max_len, batch_size
+    self._logp = jax.jit(lambda p, t: jax.nn.log_softmax(self.model.apply({"params": p}, t), -1))
+
+  def loglikelihood_ids(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """(sum log p(continuation | context), whether greedy decoding yields it) per pair."""
+    out = []
+    for start in range(0, len(pairs), self.batch_size):
+      chunk = pairs[start:start + self.batch_size]
+      seqs = []
+      for ctx, cont in chunk:
+        if not cont:
+          raise ValueError("an empty continuation has no likelihood to score")
+        seq = (list(ctx) + list(cont))[-(self.max_len + 1):]
+        seqs.append((seq, len(cont)))
+      width = round_up(max(len(s) - 1 for s, _ in seqs), 16)
+      tokens = np.zeros((len(seqs), width), np.int32)
+      for i, (seq, _) in enumerate(seqs):
+        tokens[i, :len(seq) - 1] = seq[:-1]
+      logp = np.asarray(self._logp(self.params, jnp.asarray(tokens)))
+      for i, (seq, n_cont) in enumerate(seqs):
+        positions = np.arange(len(seq) - 1 - n_cont, len(seq) - 1)
+        targets = np.asarray(seq[len(seq) - n_cont:])
+        lp = logp[i, positions]
+        out.append((float(lp[np.arange(n_cont), targets].sum()),
+                    bool((lp.argmax(-1) == targets).all())))
+    return out
+
+  def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+    ids = [([self.tok.bos_id] + list(self.tok.encode(c)) if c else [self.tok.bos_id],
+            list(self.tok.encode(x))) for c, x in pairs]
+    return self.loglikelihood_ids(ids)
+
+  def multiple_choice(self, context: str, choices: list[str], normalize: bool = False) -> int:
+    """Index of the likeliest choice (per byte if `normalize`)."""
+    scores = [lp for lp, _ in self.loglikelihood([(context, c) for c in choices])]
+    if normalize:
+      scores = [s / max(len(c.encode()), 1) for s, c in zip(scores, choices)]
+    return int(np.argmax(scores))

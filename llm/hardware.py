@@ -1,0 +1,77 @@
+"""What the hardware can do: accelerator tables and a measured peak, in one place.
+
+Used by training MFU (peak FLOP/s), the planner (HBM per chip, slice shapes) and the
+Cloud TPU launcher (accelerator types, runtime images). Imports nothing heavy at module
+level, so launchers can read the tables without JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+  topology: str  # prefix jax.experimental.topologies knows ("v5e", "v5p", ...)
+  hbm_bytes: int  # per chip
+  cores_per_chip: int  # slice names count TensorCores on v4/v5p (v5p-16 = 8 chips)
+  accelerator: str  # Cloud TPU accelerator-type prefix
+  runtime: str  # Cloud TPU VM runtime image
+  peak_bf16_flops: float  # dense, per chip
+  device_kinds: tuple[str, ...]  # jax device_kind strings of this generation
+
+
+TPU_GENERATIONS = {
+    "v4": TpuGeneration("v4", 32 * GIB, 2, "v4", "tpu-ubuntu2204-base", 275e12, ("TPU v4",)),
+    "v5e": TpuGeneration("v5e", 16 * GIB, 1, "v5litepod", "v2-alpha-tpuv5-lite", 197e12,
+                         ("TPU v5 lite", "TPU v5e")),
+    "v5p": TpuGeneration("v5p", 95 * GIB, 2, "v5p", "v2-alpha-tpuv5", 459e12, ("TPU v5p", "TPU v5")),
+    "v6e": TpuGeneration("v6e", 32 * GIB, 1, "v6e", "v2-alpha-tpuv6e", 918e12,
+                         ("TPU v6 lite", "TPU v6e")),
+}
+
+# Dense bf16 peak FLOP/s per GPU, by jax device_kind substring.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def datasheet_peak_flops(device_kind: str) -> tuple[float, str] | None:
+  """(peak bf16 FLOP/s per device, table name) for a known device kind, else None."""
+  for name, gen in TPU_GENERATIONS.items():
+    if any(kind in device_kind for kind in gen.device_kinds):
+      return gen.peak_bf16_flops, f"TPU {name}"
+  for name, flops in GPU_PEAK_FLOPS.items():
+    if name in device_kind:
+      return flops, name
+  return None
+
+
+def measure_matmul_flops(n: int = 2048, dtype=None, repeats: int = 5) -> float:
+  """Achieved FLOP/s of an n x n matmul on the default device: a measured peak."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((n, n), dtype or jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(x, x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(x, x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+def peak_flops(configured: float, dtype=None) -> tuple[float, str]:
+  """Total peak FLOP/s of the devices in use, and where the number came from: the
+  config, the datasheet, or (on CPU and unknown devices) a measured matmul."""
+  import jax
+  if configured > 0:
+    return configured * jax.device_count(), "config"
+  if jax.default_backend() == "cpu":
+    return measure_matmul_flops(dtype=dtype), "measured matmul"
+  known = datasheet_peak_flops(jax.devices()[0].device_kind)
+  if known is not None:
+    return known[0] * jax.device_count(), f"datasheet {known[1]}"
+  return measure_matmul_flops(dtype=dtype) * jax.device_count(), "measured matmul"

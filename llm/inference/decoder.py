@@ -1,0 +1,114 @@
+"""Batched KV-cache decoding with static shapes: a jitted prefill, then a jitted step per
+token, attending through the same attention dispatch as training.
+
+`Decoder(model_cfg, params).generate(prompts_as_token_ids, max_tokens, sampling)`; the
+text API (`llm.inference.text`) wraps it with a tokenizer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm.config import head_dim
+from llm.inference.sampling import SamplingParams, sample
+from llm.model import make_model
+
+
+def round_up(n: int, multiple: int) -> int:
+  """`n` rounded up to a multiple, so nearby lengths share one compiled shape."""
+  return -(-n // multiple) * multiple
+
+
+class Decoder:
+  """Batched KV-cache decoding with static shapes: a jitted prefill, then a jitted step
+  per token. Prompts of different lengths are left-padded; pads are never attended to
+  and positions start at 0 at each prompt's first real token."""
+
+  def __init__(self, model_cfg, params):
+    self.cfg = model_cfg
+    self.model = make_model(model_cfg)
+    self.params = params
+    self._prefill = jax.jit(self._prefill_fn)
+    self._step = jax.jit(self._step_fn, static_argnames=("sampling",), donate_argnums=(1,))
+
+  @staticmethod
+  def shapes(prompt_len: int, max_tokens: int) -> tuple[int, int]:
+    """(padded prompt length, cache length) for a longest prompt and a token budget."""
+    p_len = round_up(prompt_len, 16)
+    return p_len, round_up(p_len + max_tokens, 64)
+
+  def init_cache(self, batch: int, max_len: int):
+    c = self.cfg
+    shape = (c.n_layers, batch, max_len, c.n_kv_heads, head_dim(c))
+    dtype = jnp.dtype(c.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+  def _prefill_fn(self, params, tokens_BP, valid_BP, cache):
+    positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
+    s = cache["k"].shape[2]
+    kv_valid_BS = jnp.zeros((tokens_BP.shape[0], s), bool).at[:, :tokens_BP.shape[1]].set(valid_BP)
+    decode = {"slot": jnp.int32(0), "kv_valid": kv_valid_BS}
+    logits_BPV, cache = self.model.apply({"params": params}, tokens_BP, None, positions_BP,
+                                         cache, decode)
+    return logits_BPV[:, -1], cache, kv_valid_BS, positions_BP[:, -1] + 1
+
+  def _step_fn(self, params, carry, *, sampling: SamplingParams):
+    """Samples a token from the last logits, feeds it, returns (carry, token)."""
+    rng, key = jax.random.split(carry["rng"])
+    token_B = sample(key, carry["logits"], sampling, carry["seen"])
+    slot = carry["slot"]
+    kv_valid_BS = jax.lax.dynamic_update_slice(
+        carry["kv_valid"], jnp.ones((token_B.shape[0], 1), bool), (0, slot))
+    decode = {"slot": slot, "kv_valid": kv_valid_BS}
+    logits_B1V, cache = self.model.apply({"params": params}, token_B[:, None], None,
+                                         carry["positions"][:, None], carry["cache"], decode)
+    seen = carry["seen"]
+    if seen is not None:
+      seen = seen.at[jnp.arange(token_B.shape[0]), token_B].set(True)
+    carry = dict(cache=cache, kv_valid=kv_valid_BS, slot=slot + 1, positions=carry["positions"] + 1,
+                 logits=logits_B1V[:, 0], rng=rng, seen=seen)
+    return carry, token_B
+
+  def generate(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams,
+               seed: int = 0, eos_id: int | None = None, on_token=None) -> list[list[int]]:
+    """Continuations (without EOS) of each prompt. `on_token(step, tokens_B, done_B)` is
+    called after every step, e.g. to stream text."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError("every prompt needs at least one token")
+    if max_tokens < 1:
+      raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    b = len(prompts)
+    p_len, s = self.shapes(max(len(p) for p in prompts), max_tokens)
+    tokens = np.zeros((b, p_len), np.int32)
+    valid = np.zeros((b, p_len), bool)
+    for i, prompt in enumerate(prompts):
+      tokens[i, p_len - len(prompt):] = prompt
+      valid[i, p_len - len(prompt):] = True
+    logits, cache, kv_valid, positions = self._prefill(self.params, jnp.asarray(tokens),
+                                                       jnp.asarray(valid), self.init_cache(b, s))
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+      seen = np.zeros((b, self.cfg.vocab_size), bool)
+      for i, prompt in enumerate(prompts):
+        seen[i, prompt] = True
+      seen = jnp.asarray(seen)
+    carry = dict(cache=cache, kv_valid=kv_valid, slot=jnp.int32(p_len), positions=positions,
+                 logits=logits, rng=jax.random.key(seed), seen=seen)
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = np.zeros(b, bool)
+    for step in range(max_tokens):
+      carry, token_B = self._step(self.params, carry, sampling=sampling)
+      token_B = np.asarray(token_B)
+      for i in range(b):
+        if not done[i]:
+          if eos_id is not None and token_B[i] == eos_id:
+            done[i] = True
+          else:
+            out[i].append(int(token_B[i]))
+      if on_token is not None:
+        on_token(step, token_B, done.copy())
+      if done.all():
+        break
+    return out

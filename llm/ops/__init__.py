@@ -1,0 +1,1 @@
+"""Numerical ops the model and objectives share: attention, cross-entropy."""

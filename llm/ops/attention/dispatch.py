@@ -1,0 +1,105 @@
+"""Attention placed on the mesh: the implementations `config.model.attention` names, run
+per shard with shard_map, and ring attention when the sequence is sharded.
+
+Model code calls `attend(...)` with [B, T, H, E] activations and knows nothing of the
+mesh. Here the ambient mesh (`llm.parallel.mesh.use_mesh`) and the logical-axis rules
+decide how q/k/v are split:
+  - "xla" with no sequence sharding: plain XLA attention, partitioned by GSPMD.
+  - "flash": the Pallas kernel inside shard_map over batch and heads (a custom call
+    cannot be partitioned by GSPMD).
+  - mesh.sequence > 1 (training): ring attention with the implementation's chunk
+    functions.
+Cached decoding comes through here too: queries at `q_offset` over a KV cache whose
+empty slots have kv segment id 0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+import pallas_kernels.flash_attention as flash
+from llm.ops.attention.ring import flash_blocks, ring_attention
+from llm.ops.attention.xla import Blocks, xla_attention, xla_blocks
+from llm.parallel.rules import logical_to_spec
+
+SEQUENCE_AXIS = "sequence"
+
+
+class Implementation(NamedTuple):
+  blocks: Blocks  # chunk functions, for ring attention
+  # attention over a whole (per-device) sequence, (q, k, v, seg, kv_seg, q_offset) -> out;
+  # None: plain XLA, which GSPMD partitions by itself
+  whole: Callable | None
+  check_vma: bool  # Pallas' interpreter (CPU runs) does not track varying mesh axes
+
+
+def _xla(q_len, kv_len, head_dim, window, block_q, block_k) -> Implementation:
+  del q_len, kv_len, head_dim, block_q, block_k
+  return Implementation(xla_blocks(window), None, True)
+
+
+def _flash(q_len, kv_len, head_dim, window, block_q, block_k) -> Implementation:
+  opts = flash.make_options(q_len, kv_len, head_dim, causal=True, window=window,
+                            block_q=block_q, block_k=block_k)
+
+  def whole(q, k, v, seg, kv_seg, q_offset):
+    return flash.flash_attention(q, k, v, seg, kv_seg, causal=True, window=window,
+                                 block_q=opts.block_q, block_k=opts.block_k,
+                                 backend=opts.backend, interpret=opts.interpret,
+                                 q_offset=q_offset)
+
+  return Implementation(flash_blocks(opts), whole, False)
+
+
+# config.model.attention -> a builder of the implementation for given (local) shapes.
+IMPLEMENTATIONS: dict[str, Callable[..., Implementation]] = {"xla": _xla, "flash": _flash}
+
+
+def _current_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, kv_segment_ids_BS=None,
+           q_offset=0, window: int | None = None, block_q: int | None = None,
+           block_k: int | None = None):
+  """Causal attention within segments by the named implementation, on the ambient mesh.
+
+  Self-attention by default; with `kv_segment_ids_BS` (a KV cache) the keys are their own
+  sequence and queries sit at positions q_offset + t."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
+  mesh = _current_mesh()
+  cached = kv_segment_ids_BS is not None
+  kv_seg_BS = segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
+  t, e, s = q_BTHE.shape[1], q_BTHE.shape[3], k_BSKE.shape[1]
+  length = None if cached else "length"  # a cache is never split along its slots
+  q_spec = None if mesh is None else logical_to_spec(("batch", length, "act_heads", "head_dim"),
+                                                     q_BTHE.shape, mesh)
+  ring = q_spec is not None and q_spec[1] is not None
+  n_chunks = mesh.shape[SEQUENCE_AXIS] if ring else 1
+  chosen = IMPLEMENTATIONS[impl](t // n_chunks, s // n_chunks, e, window, block_q, block_k)
+  if chosen.whole is None and not ring:
+    return xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window, kv_seg_BS, q_offset)
+
+  def local(q, k, v, seg, kv_seg, offset):
+    if ring:
+      return ring_attention(q, k, v, seg, chosen.blocks, SEQUENCE_AXIS)
+    return chosen.whole(q, k, v, seg, kv_seg, offset)
+
+  q_offset = jnp.asarray(q_offset, jnp.int32)
+  if mesh is None:
+    return local(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kv_seg_BS, q_offset)
+  k_spec = logical_to_spec(("batch", length, "act_kv_heads", "head_dim"), k_BSKE.shape, mesh)
+  if q_spec[2] != k_spec[2]:  # K/V heads don't split like query heads: give each its own
+    h = q_BTHE.shape[2]
+    k_BSKE, v_BSKE = (jnp.repeat(x, h // k_BSKE.shape[2], axis=2) for x in (k_BSKE, v_BSKE))
+    k_spec = P(k_spec[0], k_spec[1], q_spec[2], q_spec[3])
+  return jax.shard_map(local, mesh=mesh,
+                       in_specs=(q_spec, k_spec, k_spec, P(*q_spec[:2]), P(*k_spec[:2]), P()),
+                       out_specs=q_spec, check_vma=chosen.check_vma)(
+                           q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kv_seg_BS, q_offset)

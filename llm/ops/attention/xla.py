@@ -1,0 +1,91 @@
+"""Attention in plain XLA: chunk functions (forward -> (out, lse), backward -> (dq, dk,
+dv)) for one (query chunk, key chunk) pair at given position offsets, causal within
+segments with an optional window; GQA without repeating K/V. Used whole (GSPMD
+partitions it), as ring-attention chunks, and for cached decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax.numpy as jnp
+
+import pallas_kernels.flash_attention as flash
+
+
+class Blocks(NamedTuple):
+  """One (query chunk, key chunk) step: forward -> (out, lse); backward -> (dq, dk, dv)."""
+  fwd: Callable
+  bwd: Callable
+
+
+
+def _chunk_mask(qseg_BT, kvseg_BS, q_offset, kv_offset, window):
+  """[B, T, S] causal visibility by the one masking rule (flash.attention_mask)."""
+  t, s = qseg_BT.shape[1], kvseg_BS.shape[1]
+  q_pos_1T1 = q_offset + jnp.arange(t)[None, :, None]
+  kv_pos_11S = kv_offset + jnp.arange(s)[None, None, :]
+  return flash.attention_mask(q_pos_1T1, kv_pos_11S, qseg_BT[:, :, None], kvseg_BS[:, None, :],
+                              causal=True, window=window)
+
+
+def _grouped_logits(q_BTHE, k_BSKE, scale):
+  b, t, h, e = q_BTHE.shape
+  kh = k_BSKE.shape[2]
+  q_BTKGE = q_BTHE.reshape(b, t, kh, h // kh, e)
+  return jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
+                    preferred_element_type=jnp.float32) * scale
+
+
+def xla_blocks(window: int | None) -> Blocks:
+  """Chunk functions in plain XLA, causal with segment ids and an optional window;
+  GQA without repeating K/V."""
+
+  def fwd(q_BTHE, k_BSKE, v_BSKE, qseg_BT, kvseg_BS, q_offset, kv_offset):
+    b, t, h, e = q_BTHE.shape
+    mask_B11TS = _chunk_mask(qseg_BT, kvseg_BS, q_offset, kv_offset, window)[:, None, None]
+    s_BKGTS = jnp.where(mask_B11TS, _grouped_logits(q_BTHE, k_BSKE, e ** -0.5), flash.EMPTY_LSE)
+    m_BKGT = jnp.max(s_BKGTS, axis=-1)
+    p_BKGTS = jnp.where(mask_B11TS, jnp.exp(s_BKGTS - m_BKGT[..., None]), 0.0)
+    l_BKGT = jnp.sum(p_BKGTS, axis=-1)
+    safe_l = jnp.where(l_BKGT == 0, 1.0, l_BKGT)
+    o_BTKGE = jnp.einsum("bkgts,bske->btkge", p_BKGTS.astype(v_BSKE.dtype), v_BSKE,
+                         preferred_element_type=jnp.float32)
+    o_BTKGE = o_BTKGE / safe_l.transpose(0, 3, 1, 2)[..., None]
+    lse_BKGT = jnp.where(l_BKGT == 0, flash.EMPTY_LSE, m_BKGT + jnp.log(safe_l))
+    return (o_BTKGE.reshape(b, t, h, e).astype(q_BTHE.dtype),
+            lse_BKGT.reshape(b, h, t))
+
+  def bwd(q_BTHE, k_BSKE, v_BSKE, qseg_BT, kvseg_BS, q_offset, kv_offset, lse_BHT, delta_BHT,
+          do_BTHE):
+    b, t, h, e = q_BTHE.shape
+    kh = k_BSKE.shape[2]
+    g = h // kh
+    scale = e ** -0.5
+    mask_B11TS = _chunk_mask(qseg_BT, kvseg_BS, q_offset, kv_offset, window)[:, None, None]
+    s_BKGTS = _grouped_logits(q_BTHE, k_BSKE, scale)
+    p_BKGTS = jnp.where(mask_B11TS, jnp.exp(s_BKGTS - lse_BHT.reshape(b, kh, g, t)[..., None]),
+                        0.0)
+    do_BTKGE = do_BTHE.reshape(b, t, kh, g, e)
+    dv_BSKE = jnp.einsum("bkgts,btkge->bske", p_BKGTS.astype(do_BTHE.dtype), do_BTKGE,
+                         preferred_element_type=jnp.float32)
+    dp_BKGTS = jnp.einsum("btkge,bske->bkgts", do_BTKGE, v_BSKE,
+                          preferred_element_type=jnp.float32)
+    ds_BKGTS = p_BKGTS * (dp_BKGTS - delta_BHT.reshape(b, kh, g, t)[..., None]) * scale
+    dq_BTKGE = jnp.einsum("bkgts,bske->btkge", ds_BKGTS.astype(k_BSKE.dtype), k_BSKE,
+                          preferred_element_type=jnp.float32)
+    dk_BSKE = jnp.einsum("bkgts,btkge->bske", ds_BKGTS.astype(q_BTHE.dtype),
+                         q_BTHE.reshape(b, t, kh, g, e), preferred_element_type=jnp.float32)
+    return (dq_BTKGE.reshape(b, t, h, e).astype(q_BTHE.dtype), dk_BSKE.astype(k_BSKE.dtype),
+            dv_BSKE.astype(v_BSKE.dtype))
+
+  return Blocks(fwd, bwd)
+
+
+def xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window: int | None = None,
+                  kv_segment_ids_BS=None, q_offset=0):
+  """Softmax in fp32, causal within each segment, optional window. Queries sit at
+  positions q_offset + t, keys at s (cached decoding: kv segment 0 marks empty slots)."""
+  kvseg = segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
+  out, _ = xla_blocks(window).fwd(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kvseg, q_offset, 0)
+  return out

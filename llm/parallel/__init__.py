@@ -1,0 +1,1 @@
+"""Parallelism: the mesh, the logical-axis rules table, multi-process runs."""

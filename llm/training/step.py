@@ -1,0 +1,90 @@
+"""The pure train step, `train_step(state, batch) -> (state, metrics)`, with the objective
+passed in; the abstract batch and the jitted step that the loop runs and the planner and
+benchmarks compile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from llm.parallel.rules import data_parallel_size
+from llm.training.objectives import OBJECTIVES
+from llm.training.optim import schedule
+from llm.training.state import TrainState
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def microbatches(batch, n: int):
+  """[B, ...] -> [n, B/n, ...], microbatch i taking rows i, i+n, ... (spread over devices)."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_accum: int):
+  """One optimizer step on `objective(params, batch) -> (total, sums)` (see objectives).
+  A step whose loss, gradients or update are not finite leaves params and optimizer
+  state unchanged and counts as skipped."""
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  if grad_accum == 1:
+    (total, sums), grads = grad_fn(state.params, batch)
+  else:
+    parts = microbatches(batch, grad_accum)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], parts)))
+    add = lambda carry, microbatch: (jax.tree.map(jnp.add, carry, grad_fn(state.params, microbatch)), None)  # noqa: E731
+    ((total, sums), grads), _ = jax.lax.scan(add, zeros, parts)
+  weight = jnp.maximum(sums.pop("weight"), 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state),
+                            skipped=state.skipped + (~finite).astype(jnp.int32))
+  metrics = {name: value / weight for name, value in sums.items()}
+  metrics.update(objective=total / weight, weight=weight, grad_norm=grad_norm,
+                 learning_rate=lr_schedule(state.step), skipped_steps=new_state.skipped,
+                 step_finite=finite.astype(jnp.int32))
+  return new_state, metrics
+
+
+def make_objective(config, model):
+  """`config.train.objective` bound to the model and config: (params, batch) -> (total, sums)."""
+  return functools.partial(OBJECTIVES[config.train.objective], model=model,
+                           config=ml_collections.FrozenConfigDict(config))
+
+
+def check_batch(config, mesh) -> None:
+  dp = data_parallel_size(mesh)
+  b, accum = config.train.batch_size, config.train.grad_accum
+  if b % (dp * accum):
+    raise ValueError(f"train.batch_size={b} must be divisible by the data-parallel size "
+                     f"(mesh data x fsdp = {dp}) times train.grad_accum={accum}")
+  if config.data.seq_len % mesh.shape["sequence"]:
+    raise ValueError(f"data.seq_len={config.data.seq_len} must be divisible by "
+                     f"mesh.sequence={mesh.shape['sequence']}")
+
+
+def abstract_batch(config, batch_sharding) -> dict:
+  """Shapes, dtypes and sharding of one global batch, for compiling ahead of time."""
+  return {k: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len),
+                                  jnp.float32 if k == "loss_mask" else jnp.int32,
+                                  sharding=batch_sharding) for k in BATCH_KEYS}
+
+
+def jit_train_step(config, model, tx, shardings, batch_sharding):
+  """The train step for `config`, jitted with the state's and batch's shardings (the
+  state is donated): what the loop runs and what llm.plan compiles for a topology."""
+  return jax.jit(
+      functools.partial(train_step, objective=make_objective(config, model), tx=tx,
+                        lr_schedule=schedule(config.optim, config.train.steps),
+                        grad_accum=config.train.grad_accum),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+      donate_argnums=0)
