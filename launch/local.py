@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
   p.add_argument("--devices_per_process", type=int, default=2)
   p.add_argument("--module", default="llm.train", help="python -m MODULE runs in each process")
   p.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
+  p.add_argument("--grace_seconds", type=float, default=10.0,
+                 help="after one process fails, how long the others get to stop before SIGKILL")
   p.add_argument("--dry_run", "--dry-run", dest="dry_run", action="store_true",
                  help="print the commands and exit")
   p.add_argument("args", nargs=argparse.REMAINDER, help="-- then the module's arguments")
@@ -89,6 +92,7 @@ def main(argv=None) -> int:
   signal.signal(signal.SIGTERM, forward)
   signal.signal(signal.SIGINT, forward)
   code = 0
+  kill_at = None  # when the others get SIGKILL after one failed
   remaining = set(range(len(procs)))
   while remaining:
     for i in list(remaining):
@@ -98,10 +102,20 @@ def main(argv=None) -> int:
         continue
       remaining.discard(i)
       if rc != 0 and code == 0:
-        code = rc
-        print(f"[launch] process {i} exited with {rc}; stopping the others", flush=True)
+        # A lost process leaves the others blocked in collectives until JAX's heartbeat
+        # gives up (minutes): ask them to stop, then kill what is left after a grace period.
+        code = rc if rc > 0 else 128 - rc
+        print(f"[launch] process {i} exited with {rc}; stopping the others (SIGTERM, then "
+              f"SIGKILL after {a.grace_seconds:g}s)", flush=True)
         for j in remaining:
           procs[j].terminate()
+        kill_at = time.monotonic() + a.grace_seconds
+    if kill_at is not None and time.monotonic() > kill_at:
+      for j in remaining:
+        if procs[j].poll() is None:
+          print(f"[launch] process {j} still running: SIGKILL", flush=True)
+          procs[j].kill()
+      kill_at = None
   for t in pumps:
     t.join(timeout=5)
   return code

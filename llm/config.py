@@ -12,8 +12,11 @@ values of each choice field live once, in a registry beside their implementation
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import json
+import math
+import re
 
 import ml_collections
 
@@ -88,6 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer_path="",  # "" trains a sentencepiece model into the workdir
       tokenizer_model_type="bpe",
       tokenizer_max_chars=20_000_000,
+      encoding="utf-8",  # text encoding of text/jsonl files (any Python codec name)
+      encoding_errors="strict",  # strict: undecodable bytes are an error; replace: U+FFFD
       shuffle_seed=0,
   ))
 
@@ -104,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       async_checkpointing=True,
       peak_flops_per_device=0.0,  # 0: look up the device, or measure a matmul on CPU
+      max_consecutive_skips=5,  # stop the run after this many non-finite steps in a row
       init_params="",  # a params-only checkpoint (llm.convert output) to start from
   ))
 
@@ -154,17 +160,34 @@ def check_choices(config: ml_collections.ConfigDict) -> None:
     _choice(field, _get(config, field), registry(where))
 
 
+def check_range(name: str, value, lo=None, hi=None, lo_open: bool = False,
+                hi_open: bool = False, note: str = "") -> None:
+  """Raises ValueError unless `value` is a finite number within the bounds."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  if ok and lo is not None:
+    ok = value > lo if lo_open else value >= lo
+  if ok and hi is not None:
+    ok = value < hi if hi_open else value <= hi
+  if not ok:
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+    raise ValueError(f"{name}={value!r} must be in {span}" + (f" ({note})" if note else ""))
+
+
 def _positive(name, value):
-  if value <= 0:
-    raise ValueError(f"{name}={value!r} must be > 0")
+  check_range(name, value, lo=0, lo_open=True)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad value and what is allowed."""
   check_choices(config)
   m, d, t, o = config.model, config.data, config.train, config.optim
-  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+  check_range("seed", config.seed, lo=0)
+  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+               "norm_eps", "rope_theta", "init_std"):
     _positive(f"model.{name}", m[name])
+  check_range("model.head_dim", m.head_dim, lo=0, note="0 = d_model // n_heads")
   if m.head_dim == 0 and m.d_model % m.n_heads:
     raise ValueError(
         f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
@@ -175,25 +198,58 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "GQA needs n_heads to be a multiple of n_kv_heads (n_kv_heads=1 is MQA)")
   if head_dim(m) % 2:
     raise ValueError(f"head dim {head_dim(m)} must be even for RoPE")
+  if m.rope_scaling.type != "none":
+    r = m.rope_scaling
+    check_range("model.rope_scaling.factor", r.factor, lo=1)
+    _positive("model.rope_scaling.low_freq_factor", r.low_freq_factor)
+    check_range("model.rope_scaling.high_freq_factor", r.high_freq_factor, lo=r.low_freq_factor,
+                lo_open=True, note="must exceed low_freq_factor")
+    _positive("model.rope_scaling.original_max_position", r.original_max_position)
   for name in ("flash_block_q", "flash_block_k", "sliding_window"):
-    if m[name] < 0:
-      raise ValueError(f"model.{name}={m[name]} must be >= 0 (0 = default / off)")
+    check_range(f"model.{name}", m[name], lo=0, note="0 = default / off")
   if d.source in ("text", "jsonl") and not d.paths:
     raise ValueError(f"data.source={d.source!r} needs data.paths (comma-separated files or globs)")
   if d.source == "tfds" and not d.tfds_name:
     raise ValueError("data.source='tfds' needs data.tfds_name (e.g. 'lm1b')")
+  if d.doc_separator:
+    try:
+      re.compile(d.doc_separator)
+    except re.error as e:
+      raise ValueError(f"data.doc_separator={d.doc_separator!r} is not a valid regular "
+                       f"expression: {e}") from None
+  try:
+    codecs.lookup(d.encoding)
+  except LookupError:
+    raise ValueError(f"data.encoding={d.encoding!r} is not a text encoding Python knows "
+                     "(e.g. 'utf-8', 'latin-1', 'cp1252')") from None
+  _choice("data.encoding_errors", d.encoding_errors, ("strict", "replace"))
   _positive("data.seq_len", d.seq_len)
-  if not 0.0 < d.val_fraction < 1.0:
-    raise ValueError(f"data.val_fraction={d.val_fraction!r} must be in (0, 1)")
+  check_range("data.val_fraction", d.val_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
+  _positive("data.tokenizer_max_chars", d.tokenizer_max_chars)
+  check_range("data.shuffle_seed", d.shuffle_seed, lo=0)
   for name in ("batch_size", "grad_accum", "steps", "log_every", "eval_every",
-               "eval_batches", "checkpoint_every", "keep_checkpoints"):
+               "eval_batches", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
     _positive(f"train.{name}", t[name])
+  check_range("train.z_loss", t.z_loss, lo=0, note="0 = off")
+  check_range("train.peak_flops_per_device", t.peak_flops_per_device, lo=0,
+              note="0 = look it up or measure it")
   if t.batch_size % t.grad_accum:
     raise ValueError(
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+  _positive("optim.lr", o.lr)
   if o.warmup_steps < 0 or o.warmup_steps > t.steps:
     raise ValueError(f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}]")
-  _positive("optim.lr", o.lr)
+  check_range("optim.min_lr_ratio", o.min_lr_ratio, lo=0, hi=1,
+              note="the final learning rate as a fraction of optim.lr")
+  check_range("optim.decay_fraction", o.decay_fraction, lo=0, hi=1, lo_open=True)
+  check_range("optim.b1", o.b1, lo=0, hi=1, hi_open=True)
+  check_range("optim.b2", o.b2, lo=0, hi=1, hi_open=True)
+  check_range("optim.eps", o.eps, lo=0, lo_open=True, note="Adam's denominator guard")
+  check_range("optim.weight_decay", o.weight_decay, lo=0)
+  check_range("optim.clip_norm", o.clip_norm, lo=0, note="0 = no clipping")
+  dist = config.distributed
+  check_range("distributed.num_processes", dist.num_processes, lo=0)
+  check_range("distributed.process_id", dist.process_id, lo=-1)
   mesh_axes = registry(MESH_AXES_REGISTRY)
   unknown = set(config.mesh.keys()) - set(mesh_axes)
   if unknown:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags, logging
+from absl import flags
 
+from llm import cli
+from llm.config import check_range
 from llm.eval.heldout import evaluate_heldout
 from llm.inference import load
 from llm.workdir import Workdir
@@ -20,8 +22,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  check_range("--batch_size", FLAGS.batch_size, lo=1)
+  check_range("--max_batches", FLAGS.max_batches, lo=0, note="0 = all")
   config, params, tok = load(FLAGS.workdir)
   result = evaluate_heldout(config, params, tok, FLAGS.workdir, FLAGS.batch_size,
                             FLAGS.max_batches)
@@ -35,4 +37,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
   flags.DEFINE_integer("max_batches", 0, "Evaluate at most this many batches; 0 for all.")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

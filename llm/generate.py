@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 
+from llm import cli
+from llm.config import check_range
 from llm.inference import Decoder, SamplingParams, generate, load  # noqa: F401
 
 FLAGS = flags.FLAGS
@@ -20,13 +22,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  config, params, tokenizer = load(FLAGS.workdir)
-  sys.stdout.write(FLAGS.prompt)
   sampling = SamplingParams(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                             top_p=FLAGS.top_p, min_p=FLAGS.min_p,
                             repetition_penalty=FLAGS.repetition_penalty)
+  check_range("--max_tokens", FLAGS.max_tokens, lo=1)
+  check_range("--seed", FLAGS.seed, lo=0)
+  config, params, tokenizer = load(FLAGS.workdir)
+  sys.stdout.write(FLAGS.prompt)
   generate(config, params, tokenizer, FLAGS.prompt, FLAGS.max_tokens, sampling, FLAGS.seed,
            stream=sys.stdout)
   sys.stdout.write("\n")
@@ -47,4 +49,4 @@ def define_flags():
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

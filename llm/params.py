@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from llm import cli
 from llm import config as config_lib
 from llm.model import init_params, make_model, unbox
 from llm.model.mlp import MLPS
@@ -57,4 +58,4 @@ def main(argv):
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -28,6 +28,7 @@ import jax
 from absl import app, flags
 
 import pallas_kernels.flash_attention as flash
+from llm import cli
 from llm import config as config_lib
 from llm.flops import recomputed_flops_per_token
 from llm.hardware import GIB, TPU_GENERATIONS
@@ -77,12 +78,17 @@ def tpu_target(name: str, num_slices: int = 1) -> Target:
     grid = table[chips]
   # Several processes may compile for TPUs on one host (none of them owns a chip).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    raise RuntimeError("the planner needs libtpu to compile for TPUs: pip install -e '.[tpu]'")
   try:
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(f"{prefix}:{grid}", platform="tpu", num_slices=num_slices)
-  except Exception as err:  # noqa: BLE001 (no libtpu, or a shape it rejects)
-    raise RuntimeError(f"cannot describe TPU topology {prefix}:{grid} ({err}); the planner "
-                       "needs libtpu: pip install -e '.[tpu]'") from err
+  except Exception as err:  # noqa: BLE001 (a shape libtpu rejects)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise ValueError(f"--topology={name!r}: libtpu cannot describe a {prefix}:{grid} slice "
+                     f"({first}); use a slice name like {gen}-16 or a grid of a real "
+                     f"{gen} slice") from err
   label = name if num_slices == 1 else f"{num_slices} x {name}"
   return Target(label, list(topo.devices), hbm)
 
@@ -220,6 +226,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
+  config_lib.check_range("--num_slices", FLAGS.num_slices, lo=1)
+  config_lib.check_range("--per_chip_batch", FLAGS.per_chip_batch, lo=0,
+                         note="0 = use train.batch_size")
   target = tpu_target(FLAGS.topology, FLAGS.num_slices)
   if FLAGS.per_chip_batch:
     config.train.batch_size = FLAGS.per_chip_batch * len(target.devices)
@@ -250,4 +259,4 @@ if __name__ == "__main__":
                        "must be a multiple)")
   flags.DEFINE_bool("search", False, "try mesh layouts x remat policies; rank those that fit")
   flags.mark_flags_as_required(["config", "topology"])
-  app.run(main)
+  cli.run(main)

@@ -8,11 +8,16 @@ SIGTERM saves a checkpoint and exits cleanly. The loop is `llm.training.loop.tra
 
 from __future__ import annotations
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == "__main__":  # first of all: a SIGTERM during start-up is a clean stop too
+  from llm.training import preemption
+  preemption.catch_sigterm()
 
-from llm.parallel import distributed
-from llm.training.loop import train
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from llm import cli  # noqa: E402
+from llm.parallel import distributed  # noqa: E402
+from llm.training.loop import train  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -20,8 +25,6 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   distributed.initialize(FLAGS.config.distributed)
   train(FLAGS.config, FLAGS.workdir)
 
@@ -30,4 +33,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

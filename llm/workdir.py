@@ -5,17 +5,27 @@
     DIR/tokenizer.model  the tokenizer, unless data.tokenizer_path names one
     DIR/data/            the tokenized corpus cache
     DIR/params/          a params-only Orbax checkpoint (llm.convert output)
-    DIR/checkpoints/N/   training checkpoints: items state/, data/ (iterator), config/
+    DIR/checkpoints/N/   training checkpoints: items state/, data/ (iterator), config/, and
+                         manifest.json (sizes and CRC32s of every file, written last)
+    DIR/.lock            held (flock) by the run training in DIR
     DIR/metrics.jsonl    one JSON object per logged step; TensorBoard events beside it
     DIR/eval.json        llm.evaluate's result
 
 Every module that reads or writes these asks this one. Loading for inference restores
-the params subtree of the newest checkpoint only: no optimizer is built or read.
+the params subtree of the newest good checkpoint only: no optimizer is built or read; a
+checkpoint whose files do not match its manifest, or that fails to restore, is passed
+over with a warning for the one before it.
 """
 
 from __future__ import annotations
 
+import datetime
+import fcntl
+import json
 import os
+import socket
+import sys
+import zlib
 from pathlib import Path
 
 import ml_collections
@@ -30,6 +40,8 @@ PARAMS = "params"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
+LOCK = ".lock"
+MANIFEST = "manifest.json"
 # items of one training checkpoint
 STATE_ITEM, DATA_ITEM, CONFIG_ITEM = "state", "data", "config"
 
@@ -68,6 +80,10 @@ class Workdir:
     tmp.write_text(config_lib.to_json(config))
     os.replace(tmp, self.config_json)
 
+  def lock(self) -> "RunLock":
+    """Exclusive use of this directory by one run (see RunLock)."""
+    return RunLock(self.path / LOCK)
+
   def checkpoint_steps(self) -> list[int]:
     """Steps of the finished training checkpoints, oldest first (Orbax writes a step into
     a temporary directory and renames it to its number when complete)."""
@@ -75,6 +91,94 @@ class Workdir:
       return []
     return sorted(int(p.name) for p in self.checkpoints.iterdir()
                   if p.is_dir() and p.name.isdigit())
+
+
+class RunLock:
+  """An flock on DIR/.lock naming its holder. The kernel drops it when the holding process
+  dies, however it dies, so a killed run never leaves the directory stuck."""
+
+  def __init__(self, path: Path):
+    self.path = path
+    self._fd: int | None = None
+
+  def __enter__(self) -> "RunLock":
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+      os.close(fd)
+      raise RuntimeError(f"{self.path.parent} is in use by another run ({holder}); wait for it "
+                         "to finish or stop it, or use another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                   f"{datetime.datetime.now().isoformat(timespec='seconds')}").encode(), 0)
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      os.close(self._fd)  # releases the flock
+      self._fd = None
+
+
+def _file_crc32(path: Path) -> int:
+  crc = 0
+  with open(path, "rb") as fh:
+    while chunk := fh.read(1 << 22):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _checkpoint_files(step_dir: Path) -> list[Path]:
+  return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(step_dir: Path) -> None:
+  """Records the size and CRC32 of every file of a finished checkpoint; written last
+  (atomically), so its presence marks a checkpoint as complete."""
+  files = {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "crc32": _file_crc32(p)}
+           for p in _checkpoint_files(step_dir)}
+  tmp = step_dir / f".{MANIFEST}.tmp"
+  tmp.write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
+  os.replace(tmp, step_dir / MANIFEST)
+
+
+def verify_checkpoint(step_dir: Path) -> str | None:
+  """None when every file matches the manifest; else what is wrong, naming the file.
+  A checkpoint without a manifest (its writer was killed in the instant between
+  finishing and recording it) is "unverified": usable only if it restores."""
+  manifest_path = step_dir / MANIFEST
+  if not step_dir.is_dir():
+    return f"{step_dir} does not exist"
+  if not manifest_path.is_file():
+    return None if _checkpoint_files(step_dir) else f"{step_dir} is empty"
+  try:
+    expected = json.loads(manifest_path.read_text())["files"]
+  except (ValueError, KeyError) as e:
+    return f"{manifest_path} is unreadable ({e})"
+  for rel, want in sorted(expected.items()):
+    path = step_dir / rel
+    if not path.is_file():
+      return f"{path} is missing"
+    size = path.stat().st_size
+    if size != want["size"]:
+      return f"{path} has {size} bytes, the manifest says {want['size']}"
+    if _file_crc32(path) != want["crc32"]:
+      return f"{path} does not match its checksum (corrupted)"
+  return None
+
+
+def describe(err: BaseException) -> str:
+  """An exception's type and first line, for one-line messages."""
+  lines = str(err).strip().splitlines()
+  return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
+
+
+def warn(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def load_tokenizer(workdir: str | os.PathLike, config):
@@ -102,19 +206,29 @@ def load_params(workdir: str | os.PathLike, step: int | None = None):
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                         unbox(abstract_params(config.model)))
   steps = wd.checkpoint_steps()
-  if step is None and steps:
-    step = steps[-1]
-  if step is not None:
-    path = wd.checkpoints / str(step) / STATE_ITEM
-    if not path.is_dir():
-      raise FileNotFoundError(f"no checkpoint for step {step} in {wd.checkpoints}; have {steps}")
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
-    with ocp.PyTreeCheckpointer() as ckptr:
-      restored = ckptr.restore(path.absolute(), args=ocp.args.PyTreeRestore(
-          item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
-    return config, restored["params"]
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {wd.checkpoints}; have {steps}")
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+  for candidate in reversed(steps if step is None else [step]):
+    step_dir = wd.checkpoints / str(candidate)
+    problem = verify_checkpoint(step_dir)
+    if problem is None:
+      try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+          restored = ckptr.restore((step_dir / STATE_ITEM).absolute(), args=ocp.args.PyTreeRestore(
+              item={"params": target}, restore_args={"params": restore_args},
+              partial_restore=True))
+        return config, restored["params"]
+      except Exception as e:  # noqa: BLE001 (any failure to read it is damage)
+        problem = f"it could not be restored ({describe(e)})"
+    if step is not None:
+      raise ValueError(f"checkpoint step {candidate} in {wd.checkpoints} is damaged: {problem}")
+    warn(f"checkpoint step {candidate} in {wd.checkpoints} is damaged: {problem}; "
+         "using the one before it")
   if wd.params.is_dir():
     return config, restore_params(wd.params, target)
+  if steps:
+    raise ValueError(f"every checkpoint in {wd.checkpoints} is damaged (see the warnings)")
   raise FileNotFoundError(f"no checkpoint in {wd.checkpoints} and no {wd.params}")
 
 

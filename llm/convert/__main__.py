@@ -13,13 +13,15 @@ directly. llm-to-hf writes config.json and safetensors that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 
+from llm import cli
 from llm import config as config_lib
 from llm import workdir as workdir_lib
 from llm.convert import hf
@@ -38,16 +40,52 @@ def get_config():
 '''
 
 
-def hf_to_llm(hf_dir: str, workdir: str) -> None:
-  hf_dir_path, wd = Path(hf_dir), Workdir(workdir)
-  out = wd.path
-  config_path = hf_dir_path / "config.json"
+def _removed_on_failure(path: Path):
+  """A directory this command creates: removed again if the command fails, so a failed
+  conversion leaves nothing behind (an existing directory is left as it was)."""
+  existed = path.exists()
+
+  @contextlib.contextmanager
+  def guard():
+    try:
+      yield
+    except BaseException:
+      if not existed:
+        shutil.rmtree(path, ignore_errors=True)
+      raise
+
+  return guard()
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+  config_path = hf_dir / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"{config_path} does not exist")
-  hf_cfg = json.loads(config_path.read_text())
+  try:
+    hf_cfg = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+  if not isinstance(hf_cfg, dict):
+    raise ValueError(f"{config_path} holds a JSON {type(hf_cfg).__name__}, not an object")
+  return hf_cfg
+
+
+def hf_to_llm(hf_dir: str, workdir: str) -> None:
+  hf_dir_path, wd = Path(hf_dir), Workdir(workdir)
+  hf_cfg = read_hf_config(hf_dir_path)
   cfg = config_lib.base_config()
-  cfg.model.update(hf.model_updates_from_hf(hf_cfg))
+  try:
+    cfg.model.update(hf.model_updates_from_hf(hf_cfg))
+  except KeyError as e:
+    raise ValueError(f"{hf_dir_path / 'config.json'} has no {e.args[0]!r}, which a Llama or "
+                     "Mistral config needs") from None
   cfg.data.seq_len = int(min(hf_cfg.get("max_position_embeddings", 2048), 2048))
+  with _removed_on_failure(wd.path):
+    _write_converted(hf_dir_path, wd, cfg)
+
+
+def _write_converted(hf_dir_path: Path, wd: Workdir, cfg) -> None:
+  out = wd.path
   out.mkdir(parents=True, exist_ok=True)
   tokenizer = hf_dir_path / "tokenizer.model"
   if tokenizer.is_file():
@@ -67,16 +105,17 @@ def hf_to_llm(hf_dir: str, workdir: str) -> None:
 def llm_to_hf(workdir: str, hf_dir: str) -> None:
   config, params = load_params(workdir)
   out = Path(hf_dir)
-  out.mkdir(parents=True, exist_ok=True)
   tok_path = Workdir(workdir).tokenizer(config)
-  bos, eos = 1, 2
-  if tok_path.is_file():
-    tok = load_tokenizer(workdir, config)
-    bos, eos = tok.bos_id, tok.eos_id
-    shutil.copyfile(tok_path, out / "tokenizer.model")
-  hf_cfg = hf.hf_config_from_model(config.model, config.data.seq_len, bos, eos)
-  hf.write_safetensors(hf.params_to_hf(jax.device_get(params), config.model), out)
-  (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+  with _removed_on_failure(out):
+    out.mkdir(parents=True, exist_ok=True)
+    bos, eos = 1, 2
+    if tok_path.is_file():
+      tok = load_tokenizer(workdir, config)
+      bos, eos = tok.bos_id, tok.eos_id
+      shutil.copyfile(tok_path, out / "tokenizer.model")
+    hf_cfg = hf.hf_config_from_model(config.model, config.data.seq_len, bos, eos)
+    hf.write_safetensors(hf.params_to_hf(jax.device_get(params), config.model), out)
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
   print(f"wrote {out}: config.json, safetensors" + (", tokenizer.model" if tok_path.is_file() else ""))
 
 
@@ -86,8 +125,6 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"give one command, one of {list(COMMANDS)}; got {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   if not FLAGS.hf_dir or not FLAGS.workdir:
     raise app.UsageError("--hf_dir and --workdir are both required")
   if argv[1] == "hf-to-llm":
@@ -99,4 +136,4 @@ def main(argv):
 if __name__ == "__main__":
   flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
   flags.DEFINE_string("workdir", None, "An llm workdir.")
-  app.run(main)
+  cli.run(main)

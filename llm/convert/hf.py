@@ -214,13 +214,20 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path,
     total += x.nbytes
   flush()
   n = len(shard_names)
+  umask = os.umask(0)
+  os.umask(umask)
+
+  def publish(tmp: str, final: str) -> None:  # readable like any file the user writes
+    os.chmod(out_dir / tmp, 0o666 & ~umask)
+    os.replace(out_dir / tmp, out_dir / final)
+
   if n == 1:
-    os.replace(out_dir / "shard-00000.tmp", out_dir / "model.safetensors")
+    publish("shard-00000.tmp", "model.safetensors")
     return
   weight_map = {}
   for i, names in enumerate(shard_names):
     final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-    os.replace(out_dir / f"shard-{i:05d}.tmp", out_dir / final)
+    publish(f"shard-{i:05d}.tmp", final)
     weight_map.update({name: final for name in names})
   (out_dir / "model.safetensors.index.json").write_text(json.dumps(
       {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

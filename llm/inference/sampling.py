@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from llm.config import check_range
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -22,16 +24,12 @@ class SamplingParams:
   repetition_penalty: float = 1.0  # 1.0: off
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-    if self.top_k < 0:
-      raise ValueError(f"top_k={self.top_k} must be >= 0 (0 is off)")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-    if not 0.0 <= self.min_p < 1.0:
-      raise ValueError(f"min_p={self.min_p} must be in [0, 1)")
-    if self.repetition_penalty <= 0:
-      raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+    check_range("temperature", self.temperature, lo=0, note="0 is greedy")
+    check_range("top_k", self.top_k, lo=0, note="0 is off")
+    check_range("top_p", self.top_p, lo=0, hi=1, lo_open=True, note="1 is off")
+    check_range("min_p", self.min_p, lo=0, hi=1, hi_open=True, note="0 is off")
+    check_range("repetition_penalty", self.repetition_penalty, lo=0, lo_open=True,
+                note="1 is off")
 
 
 def apply_repetition_penalty(logits_BV, seen_BV, penalty: float):

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from llm.inference.decoder import Decoder
@@ -27,6 +28,11 @@ def generate(config, params, tokenizer, prompt: str | list[str], max_tokens: int
   With `stream` (a file), a single prompt's text is written as it is generated."""
   prompts = [prompt] if isinstance(prompt, str) else list(prompt)
   ids = [[tokenizer.bos_id] + list(tokenizer.encode(p)) for p in prompts]
+  longest = max(len(i) for i in ids)
+  if longest + max_tokens > config.data.seq_len:
+    print(f"warning: prompt ({longest} tokens) + max_tokens ({max_tokens}) runs past the "
+          f"{config.data.seq_len} tokens the model was trained on (data.seq_len); text beyond "
+          "that is usually degraded", file=sys.stderr, flush=True)
   decoder = Decoder(config.model, params)
   printed = [""]
   collected: list[int] = []

@@ -2,44 +2,98 @@
 
 Saves are asynchronous and atomic (written to a temporary directory, then
 renamed), and the oldest of `keep` checkpoints is deleted only after a newer
-one is complete, so the checkpoint being written is never the only copy.
+one is complete, so the checkpoint being written is never the only copy. A finished
+checkpoint is sealed with a manifest of its files' sizes and checksums; restoring
+verifies it and falls back past damaged ones. `check_resumable` refuses a resume that
+would change the meaning of what was saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from llm import config as config_lib
 from llm.model import unbox
 from llm.params import abstract_params
-from llm.workdir import CONFIG_ITEM as CONFIG, DATA_ITEM as DATA, STATE_ITEM as STATE
+from llm.training.optim import make_optimizer
+from llm.workdir import (CONFIG_ITEM as CONFIG, DATA_ITEM as DATA, STATE_ITEM as STATE,
+                         describe, verify_checkpoint, warn, write_manifest)
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, permissions, ...)."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 class Checkpointer:
+  """Keep-N Orbax checkpoints of (train state, data iterator, config), each finished one
+  sealed with a manifest (llm.workdir.write_manifest); restore takes the newest good one."""
 
   def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.directory = Path(directory).absolute()
     self.async_save = async_save
+    self.primary = jax.process_index() == 0
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=(STATE, DATA, CONFIG))
+    self._pending: list[int] = []  # saved, not yet sealed with a manifest
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iter, config_dict: dict) -> None:
+    if not bool(_all_finite(state.params)):
+      raise ValueError(f"refusing to checkpoint step {step}: the params hold NaN or inf")
+    self.wait()  # the previous save is finished and sealed before a new one starts
     items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_dict)}
     if data_iter is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._reporting(step):
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._pending.append(step)
     logging.info("checkpoint for step %d %s", step,
                  "being written in the background" if self.async_save else "written")
+
+  def wait(self) -> None:
+    """Waits for the save in flight; seals finished checkpoints with their manifest."""
+    with self._reporting(self._pending[-1] if self._pending else None):
+      self.manager.wait_until_finished()
+    if self.primary:
+      for step in self._pending:
+        step_dir = self.directory / str(step)
+        if step_dir.is_dir():  # (max_to_keep may already have removed it)
+          write_manifest(step_dir)
+    self._pending.clear()
+
+  @contextlib.contextmanager
+  def _reporting(self, step):
+    """Turns a failed write into one line naming the directory, the free space and the
+    newest intact checkpoint."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 (Orbax wraps I/O errors in many types)
+      free = shutil.disk_usage(self.directory).free / 2**20
+      intact = [s for s in self.manager.all_steps() if s != step]
+      raise CheckpointWriteError(
+          f"could not write checkpoint step {step} to {self.directory} ({describe(e)}); "
+          f"{free:,.0f} MiB free there. The previous checkpoint "
+          f"({'step ' + str(max(intact)) if intact else 'none'}) is intact.") from e
 
   def saved_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
@@ -52,31 +106,89 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE], restored[DATA] if data_iter is not None else None
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def restore_newest_good(self, abstract_state, data_iter, check_saved_config):
+    """(step, state, data_iter) of the newest checkpoint that verifies and restores, or None
+    when there is none. `check_saved_config(saved)` may refuse a good checkpoint (its error
+    propagates); a damaged one is warned about, moved aside as N.damaged-TIME (nothing
+    is deleted) and the one before it tried. Resuming from an older checkpoint
+    retraces the same steps as an uninterrupted run."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      problem = verify_checkpoint(self.directory / str(step))
+      saved = None
+      if problem is None:
+        try:
+          saved = self.saved_config(step)
+        except Exception as e:  # noqa: BLE001 (an unreadable item is damage)
+          problem = f"its config item is unreadable ({describe(e)})"
+      if problem is None:
+        check_saved_config(saved)
+        try:
+          state, data_iter = self.restore(step, abstract_state, data_iter)
+          return step, state, data_iter
+        except Exception as e:  # noqa: BLE001
+          problem = f"it could not be restored ({describe(e)})"
+      warn(f"checkpoint step {step} in {self.directory} is damaged: {problem}; falling back to "
+           "the one before it")
+      self._quarantine(step)
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint {step} verified")
+    if self.primary:
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      os.replace(self.directory / str(step),
+                 self.directory / f"{step}.damaged-{stamp}-{time.time_ns() % 10**9}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.close()
 
 
-def check_same_model(saved: dict, model_cfg, workdir) -> None:
-  """Raises if the checkpoint in `workdir` was written for a model whose params differ
-  (tree, shapes or dtypes) from `model_cfg`'s."""
-  saved_cfg = config_lib.base_config().model
-  saved_cfg.update(saved.get("model", {}))
+def _layout(tree) -> dict:
+  return {jax.tree_util.keystr(p): (tuple(x.shape), str(x.dtype))
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
-  def shapes(cfg):
-    tree = unbox(abstract_params(cfg))
-    return {jax.tree_util.keystr(p): (tuple(x.shape), str(x.dtype))
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
-  before, now = shapes(saved_cfg), shapes(model_cfg)
-  if before == now:
-    return
-  diffs = [f"{k}: checkpoint {before.get(k, 'absent')}, config {now.get(k, 'absent')}"
-           for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-  changed = [f"model.{k}: checkpoint {saved_cfg[k]!r}, config {model_cfg[k]!r}"
-             for k in model_cfg.keys() if saved_cfg.get(k) != model_cfg[k]]
-  raise ValueError(f"the checkpoint in {workdir} is for a different model shape ("
-                   + "; ".join(changed or diffs[:5]) + "). Use a new --workdir, or the saved "
-                   "config.")
+def _changed(section: str, saved_cfg, cfg, keys=None) -> list[str]:
+  keys = cfg.keys() if keys is None else keys
+  return [f"{section}.{k}: checkpoint {saved_cfg.get(k)!r}, config {cfg[k]!r}"
+          for k in keys if saved_cfg.get(k) != cfg[k]]
+
+
+# Fields whose change would reinterpret the saved data position (it counts batches of
+# rows of the token stream, shuffled by the seed, split by val_fraction).
+DATA_POSITION_FIELDS = {"train": ("batch_size",),
+                        "data": ("seq_len", "shuffle_seed", "val_fraction", "source", "paths",
+                                 "jsonl_key", "tfds_name", "tfds_key", "doc_separator")}
+
+
+def check_resumable(saved: dict, config, workdir) -> None:
+  """Raises ValueError, naming the changed fields and the way out, if resuming the
+  checkpoint saved with config `saved` under `config` would not continue the same run:
+  another model (params tree, shapes or dtypes), a data position that would mean other
+  rows, or an optimizer state of another layout. Hyperparameters that keep the layout
+  (learning rate, betas, schedule, steps, mesh) may change."""
+  saved_cfg = config_lib.base_config()
+  saved_cfg.update(saved)
+  if _layout(unbox(abstract_params(saved_cfg.model))) != _layout(unbox(abstract_params(config.model))):
+    raise ValueError(f"the checkpoint in {workdir} is for a different model shape ("
+                     + "; ".join(_changed("model", saved_cfg.model, config.model)) +
+                     "). Use a new --workdir, or the saved config.")
+  moved = [c for section, keys in DATA_POSITION_FIELDS.items()
+           for c in _changed(section, saved_cfg[section], config[section], keys)]
+  if moved:
+    raise ValueError(f"resuming the checkpoint in {workdir} with " + "; ".join(moved) +
+                     " would reinterpret its saved data position (batches of rows already "
+                     "read). Resume with the checkpoint's values, or start a new --workdir "
+                     "(e.g. with --config.train.init_params to keep the weights).")
+  params = unbox(abstract_params(config.model))
+  opt_layout = lambda cfg: _layout(jax.eval_shape(  # noqa: E731
+      make_optimizer(cfg.optim, cfg.train.steps).init, params))
+  if opt_layout(saved_cfg) != opt_layout(config):
+    raise ValueError(f"the checkpoint in {workdir} holds optimizer state of another layout ("
+                     + "; ".join(_changed("optim", saved_cfg.optim, config.optim)) +
+                     "). Resume with the checkpoint's optimizer settings, or start a new "
+                     "--workdir with --config.train.init_params to keep the weights.")

@@ -7,14 +7,13 @@ and continues exactly as an uninterrupted run would. The CLI is `python -m llm.t
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import signal
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 
 from llm import config as config_lib
@@ -28,6 +27,7 @@ from llm.parallel.mesh import make_mesh, use_mesh
 from llm.training import checkpoint as checkpoint_lib
 from llm.training.metrics import MetricsWriter
 from llm.training.optim import make_optimizer
+from llm.training.preemption import StopDecision
 from llm.training.state import init_state, state_shardings
 from llm.training.step import BATCH_KEYS, abstract_batch, check_batch, jit_train_step
 from llm.workdir import Workdir, restore_params
@@ -39,32 +39,8 @@ def global_batch(local: dict, batch_sharding) -> dict:
           for k in BATCH_KEYS}
 
 
-class _Preemption:
-  """Turns SIGTERM into a stop decision the loop reads once per step.
-
-  With several processes, JAX's preemption sync service (started by
-  jax.distributed.initialize) spreads a notice to all of them and names one step at
-  which every process stops and checkpoints together."""
-
-  def __init__(self):
-    self.requested = False
-    self.multiprocess = jax.process_count() > 1
-    if self.multiprocess:
-      return
-    try:
-      signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. called from a notebook worker)
-      pass
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning("received signal %d: saving a checkpoint and stopping", signum)
-    self.requested = True
-
-  def stop_at(self, step: int) -> bool:
-    if self.multiprocess:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+class TrainingDiverged(RuntimeError):
+  """Too many non-finite steps in a row (train.max_consecutive_skips)."""
 
 
 def _prepare_data(config, workdir):
@@ -80,16 +56,18 @@ def _prepare_data(config, workdir):
   return corpus
 
 
-def _start_state(config, ckpt, model, tx, mesh, train_iter):
-  """(state, train_iter, state shardings): the latest checkpoint's, else a fresh state
-  (from train.init_params when set)."""
+def _start_state(config, wd: Workdir, ckpt, model, tx, mesh, train_iter):
+  """(state, train_iter, state shardings): the newest good checkpoint's, else a fresh
+  state (from train.init_params when set)."""
   primary = jax.process_index() == 0
   abstract_state, shardings = state_shardings(model, tx, config.data.seq_len, mesh)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, train_iter = ckpt.restore(latest, abstract_state, train_iter)
+  resumed = ckpt.restore_newest_good(
+      abstract_state, train_iter,
+      lambda saved: checkpoint_lib.check_resumable(saved, config, wd.path))
+  if resumed is not None:
+    step, state, train_iter = resumed
     if primary:
-      print(f"resumed from step {latest} in {ckpt.directory}", flush=True)
+      print(f"resumed from step {step} in {ckpt.directory}", flush=True)
     return state, train_iter, shardings
   state = init_state(model, tx, config.data.seq_len, config.seed, shardings)
   if config.train.init_params:
@@ -102,25 +80,23 @@ def _start_state(config, ckpt, model, tx, mesh, train_iter):
 def train(config, workdir: str, devices=None) -> dict:
   """Trains (or resumes) per `config` in `workdir`; returns the last logged metrics.
 
-  `devices` (default: all) are the devices the mesh is laid over.
+  `devices` (default: all) are the devices the mesh is laid over. Raises ValueError for
+  bad settings (before any work), RuntimeError if another run holds the workdir, and
+  TrainingDiverged after train.max_consecutive_skips non-finite steps in a row.
   """
   config_lib.validate(config)
+  stop = StopDecision()  # from here on SIGTERM is a clean stop, start-up included
   wd = Workdir(workdir)
-  wd.path.mkdir(parents=True, exist_ok=True)
   mesh = make_mesh(config.mesh, devices)
   check_batch(config, mesh)
-  with use_mesh(mesh):
-    return _train(config, wd, mesh)
+  # Process 0 holds the workdir for the job (the others share it).
+  lock = wd.lock() if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, use_mesh(mesh):
+    return _train(config, wd, mesh, stop)
 
 
-def _train(config, wd: Workdir, mesh) -> dict:
+def _train(config, wd: Workdir, mesh, stop: StopDecision) -> dict:
   primary = jax.process_index() == 0
-  ckpt = checkpoint_lib.Checkpointer(wd.checkpoints, config.train.keep_checkpoints,
-                                     config.train.async_checkpointing)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    checkpoint_lib.check_same_model(ckpt.saved_config(latest), config.model, wd.path)
-
   corpus = _prepare_data(config, wd.path)
   model = make_model(config.model)
   total_steps = config.train.steps
@@ -128,7 +104,9 @@ def _train(config, wd: Workdir, mesh) -> dict:
   train_iter = pipeline.train_iterator(corpus.train, config.train.batch_size,
                                        config.data.shuffle_seed, jax.process_index(),
                                        jax.process_count())
-  state, train_iter, shardings = _start_state(config, ckpt, model, tx, mesh, train_iter)
+  ckpt = checkpoint_lib.Checkpointer(wd.checkpoints, config.train.keep_checkpoints,
+                                     config.train.async_checkpointing)
+  state, train_iter, shardings = _start_state(config, wd, ckpt, model, tx, mesh, train_iter)
   if primary:  # only once the run has really started or resumed
     wd.write_config(config)
 
@@ -164,15 +142,26 @@ def _train(config, wd: Workdir, mesh) -> dict:
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))),
             "unigram_loss": corpus.unigram_loss}
 
-  preemption = _Preemption()
   step = int(jax.device_get(state.step))
+  first_step = step
   last: dict = {}
-  stopped_early = False
+  # a signal during start-up: stop before the first step (the multi-process decision is
+  # taken at step boundaries only)
+  stopped_early = step < total_steps and not stop.multiprocess and stop.stop_at(step)
+  skips_in_a_row = 0
   t_last, step_last = time.perf_counter(), step
-  while step < total_steps:
+  while step < total_steps and not stopped_early:
     state, metrics = step_fn(state, global_batch(next(train_iter), batch_sharding))
     step += 1
-    stopped_early = step < total_steps and preemption.stop_at(step)  # read once: a signal
+    skips_in_a_row = 0 if int(metrics["step_finite"]) else skips_in_a_row + 1
+    if skips_in_a_row >= config.train.max_consecutive_skips:
+      writer.write(step, jax.device_get(metrics))
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
+      raise TrainingDiverged(_diverged_message(config, step, skips_in_a_row, metrics,
+                                               ckpt.latest_step()))
+    stopped_early = step < total_steps and stop.stop_at(step)  # read once: a signal
     # landing later in this iteration is acted on after the next step, never between
     # log and save
     done = step == total_steps or stopped_early
@@ -191,18 +180,34 @@ def _train(config, wd: Workdir, mesh) -> dict:
     elif step % config.train.eval_every == 0:
       last = evaluate(state.params)
       writer.write(step, last)
-    if step % config.train.checkpoint_every == 0 or done:
+    # A streak of skipped steps changes nothing worth a periodic checkpoint, and saving one
+    # would push an older (pre-streak) checkpoint out of the keep-N window.
+    if (step % config.train.checkpoint_every == 0 and not skips_in_a_row) or done:
       ckpt.save(step, state, train_iter, config.to_dict())
-    if done:
-      break
   ckpt.wait()
   ckpt.close()
   writer.close()
   if primary and stopped_early:
-    print(f"stopped early at step {step} of {total_steps} (signal); checkpoint saved in "
-          f"{ckpt.directory}. Re-run the same command to resume.", flush=True)
+    where = (f"at step {step} of {total_steps}; checkpoint saved in {ckpt.directory}"
+             if step > first_step else f"during start-up, before step {step + 1}; nothing new "
+             "to save")
+    print(f"stopped early (signal) {where}. Re-run the same command to resume.", flush=True)
   elif primary and "eval_loss" in last:
     verdict = "below" if last["eval_loss"] < corpus.unigram_loss else "NOT below"
     print(f"done at step {step}: eval loss {last['eval_loss']:.4f} is {verdict} the unigram "
           f"baseline {corpus.unigram_loss:.4f}", flush=True)
   return last
+
+
+def _diverged_message(config, step: int, skips: int, metrics, good_checkpoint) -> str:
+  m = jax.device_get(metrics)
+  resume = (f"The newest checkpoint (step {good_checkpoint}) holds finite params: resume from "
+            f"it with a lower --config.optim.lr (now {config.optim.lr:g})"
+            if good_checkpoint is not None else
+            f"No checkpoint was written; start again with a lower --config.optim.lr (now "
+            f"{config.optim.lr:g})")
+  return (f"training stopped at step {step}: the last {skips} steps (train.max_consecutive_skips"
+          f"={config.train.max_consecutive_skips}) had a non-finite loss, gradient or update "
+          f"(loss {float(m['objective']):.4g}, grad norm {float(m['grad_norm']):.4g}) and were "
+          f"skipped, so the params are those after step {step - skips}. {resume}, or check the "
+          f"data of steps {step - skips + 1}..{step}.")

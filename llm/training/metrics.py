@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from llm.workdir import Workdir
@@ -33,7 +34,8 @@ class MetricsWriter:
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     for k, v in metrics.items():
-      self._tb.add_scalar(k, float(v), step)
+      if math.isfinite(float(v)):  # a skipped step's NaN loss is in metrics.jsonl
+        self._tb.add_scalar(k, float(v), step)
     self._tb.flush()
     parts = [f"step {step}/{self.total_steps}"]
     for k in ("loss", "eval_loss", "eval_perplexity", "learning_rate", "grad_norm"):
@@ -43,6 +45,8 @@ class MetricsWriter:
       parts.append(f"{float(metrics['tokens_per_sec']):,.0f} tok/s")
     if "mfu" in metrics:
       parts.append(f"mfu {100 * float(metrics['mfu']):.1f}%")
+    if float(metrics.get("skipped_steps", 0)) > 0:
+      parts.append(f"skipped {int(metrics['skipped_steps'])} non-finite steps")
     if seconds_per_step:
       parts.append(f"ETA {_fmt_duration(seconds_per_step * (self.total_steps - step))}")
     print(" | ".join(parts), flush=True)

@@ -1,0 +1,52 @@
+"""Running a command-line entry point: a user error (a bad value, a missing file, a run
+that cannot go on) prints one line saying what is wrong and exits 1; `--verbosity=1`
+shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+# What a user's input or environment can cause; anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
+
+
+def message(err: BaseException) -> str:
+  text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+  return f"{type(err).__name__}: {text}" if not isinstance(err, ValueError) else str(text)
+
+
+def run(main) -> None:
+  """app.run(main) with user errors turned into one line on stderr and exit status 1."""
+
+  started = []
+
+  def guarded(argv):
+    started.append(True)
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    try:
+      return main(argv)
+    except USER_ERRORS as err:
+      if flags.FLAGS.verbosity >= 1:
+        raise
+      print(f"error: {message(err)} [--verbosity=1 shows the traceback]", file=sys.stderr)
+      sys.exit(1)
+
+  try:
+    app.run(guarded)
+  except (AttributeError, KeyError, ValueError, TypeError) as err:
+    if started or "--verbosity=1" in sys.argv:
+      raise
+    # Raised while parsing flags: a --config.* override naming a field that does not exist
+    # or giving a value of the wrong type.
+    name = str(err.args[0] if err.args else err).strip("'\"")
+    culprits = [a for a in sys.argv[1:] if a.startswith("--config.") and name in a]
+    what = (f"the config has no field {name!r}" if isinstance(err, (AttributeError, KeyError))
+            else message(err))
+    print(f"error: cannot apply {' '.join(culprits) or 'the command-line flags'}: {what}",
+          file=sys.stderr)
+    sys.exit(1)
