@@ -15,9 +15,11 @@ import jax
 import numpy as np
 import pytest
 
+from llm import config as config_lib
 from llm import workdir as workdir_lib
 from llm.data import pipeline, sources
 from llm.train import train
+from llm.training.checkpoint import CheckpointWriteError
 from llm.training.loop import TrainingDiverged
 from tests.helpers import ROOT, losses, tiny_config
 
@@ -224,16 +226,17 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_bitwise(finished_run, 
     (dict(optim=dict(clip_norm=0.0)), "optimizer state of another layout"),
     (dict(model=dict(param_dtype="bfloat16")), "different model shape.*model.param_dtype"),
 ])
-def test_resume_that_would_change_meaning_is_refused(config, tmp_path, change, message):
-  config.train.update(steps=2, checkpoint_every=2)
-  train(config, tmp_path, devices=ONE)
-  saved_config = (tmp_path / "config.json").read_text()
-  config.train.steps = 4
+def test_resume_that_would_change_meaning_is_refused(finished_run, tmp_path, change, message):
+  config, run = finished_run
+  config = config_lib.from_json(config_lib.to_json(config))
+  shutil.copytree(run, tmp_path / "run")
+  saved_config = (tmp_path / "run" / "config.json").read_text()
+  config.train.steps = 16
   for section, values in change.items():
     config[section].update(values)
   with pytest.raises(ValueError, match=message):
-    train(config, tmp_path, devices=ONE)
-  assert (tmp_path / "config.json").read_text() == saved_config  # untouched by the refusal
+    train(config, tmp_path / "run", devices=ONE)
+  assert (tmp_path / "run" / "config.json").read_text() == saved_config  # untouched
 
 
 def test_a_lower_learning_rate_may_resume(config, tmp_path):
@@ -334,3 +337,21 @@ def test_values_are_checked_before_any_work(config, tmp_path):
   config.optim.b1 = math.nan
   with pytest.raises(ValueError, match="optim.b1=nan must be in"):
     train(config, tmp_path / "w", devices=ONE)
+
+
+def test_a_full_disk_fails_in_one_line_and_keeps_the_previous_checkpoint(config, tmp_path):
+  small = tmp_path / "small"
+  small.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)],
+                    capture_output=True).returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  try:
+    config.train.update(steps=40, checkpoint_every=4, keep_checkpoints=5)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint step (\d+) needs about [\d.]+ MiB "
+                                                   r"in .* but only [\d.]+ MiB are free.*The "
+                                                   r"previous checkpoint \(step \d+\) is intact"):
+      train(config, small / "w", devices=ONE)
+    config_, params = workdir_lib.load_params(small / "w")  # the previous one loads
+    assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(params))
+  finally:
+    subprocess.run(["umount", str(small)], check=True)

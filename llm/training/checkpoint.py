@@ -53,6 +53,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=(STATE, DATA, CONFIG))
     self._pending: list[int] = []  # saved, not yet sealed with a manifest
+    self._failed = False  # a save failed: closing may not raise its error again
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -61,6 +62,7 @@ class Checkpointer:
     if not bool(_all_finite(state.params)):
       raise ValueError(f"refusing to checkpoint step {step}: the params hold NaN or inf")
     self.wait()  # the previous save is finished and sealed before a new one starts
+    self._check_space(step, state)
     items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_dict)}
     if data_iter is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
@@ -81,6 +83,22 @@ class Checkpointer:
           write_manifest(step_dir)
     self._pending.clear()
 
+  def _check_space(self, step: int, state) -> None:
+    """Refuses, before writing anything, a checkpoint the filesystem has no room for."""
+    needed = sum(x.nbytes for x in jax.tree.leaves(state))
+    free = shutil.disk_usage(self.directory).free
+    if needed > free:
+      self._failed = True
+      raise CheckpointWriteError(
+          f"checkpoint step {step} needs about {needed / 2**20:,.1f} MiB in {self.directory} "
+          f"but only {free / 2**20:,.1f} MiB are free; free some space and resume. "
+          f"{self._intact(step)}")
+
+  def _intact(self, step) -> str:
+    intact = [s for s in self.manager.all_steps() if s != step]
+    return (f"The previous checkpoint (step {max(intact)}) is intact." if intact else
+            "No checkpoint has been written yet.")
+
   @contextlib.contextmanager
   def _reporting(self, step):
     """Turns a failed write into one line naming the directory, the free space and the
@@ -88,12 +106,11 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # noqa: BLE001 (Orbax wraps I/O errors in many types)
+      self._failed = True
       free = shutil.disk_usage(self.directory).free / 2**20
-      intact = [s for s in self.manager.all_steps() if s != step]
       raise CheckpointWriteError(
           f"could not write checkpoint step {step} to {self.directory} ({describe(e)}); "
-          f"{free:,.0f} MiB free there. The previous checkpoint "
-          f"({'step ' + str(max(intact)) if intact else 'none'}) is intact.") from e
+          f"{free:,.1f} MiB free there. {self._intact(step)}") from e
 
   def saved_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
@@ -144,7 +161,17 @@ class Checkpointer:
     self.manager.reload()
 
   def close(self) -> None:
-    self.manager.close()
+    """Closes the manager. After a failure (the run is ending with an error already) an
+    unfinished save's error is not raised again."""
+    if self.manager is None:
+      return
+    manager, self.manager = self.manager, None
+    try:
+      manager.close()
+    except Exception as e:  # noqa: BLE001
+      if not self._failed:
+        raise
+      logging.warning("closing the checkpoint manager after a failed save: %s", describe(e))
 
 
 def _layout(tree) -> dict:

@@ -91,11 +91,12 @@ def train(config, workdir: str, devices=None) -> dict:
   check_batch(config, mesh)
   # Process 0 holds the workdir for the job (the others share it).
   lock = wd.lock() if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock, use_mesh(mesh):
-    return _train(config, wd, mesh, stop)
+  with lock, use_mesh(mesh), contextlib.ExitStack() as cleanup:
+    return _train(config, wd, mesh, stop, cleanup)
 
 
-def _train(config, wd: Workdir, mesh, stop: StopDecision) -> dict:
+def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.ExitStack) -> dict:
+  """The run; `cleanup` closes the checkpointer and metrics writer however it ends."""
   primary = jax.process_index() == 0
   corpus = _prepare_data(config, wd.path)
   model = make_model(config.model)
@@ -106,6 +107,7 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision) -> dict:
                                        jax.process_count())
   ckpt = checkpoint_lib.Checkpointer(wd.checkpoints, config.train.keep_checkpoints,
                                      config.train.async_checkpointing)
+  cleanup.callback(ckpt.close)
   state, train_iter, shardings = _start_state(config, wd, ckpt, model, tx, mesh, train_iter)
   if primary:  # only once the run has really started or resumed
     wd.write_config(config)
@@ -127,6 +129,7 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision) -> dict:
   peak, peak_source = hardware.peak_flops(config.train.peak_flops_per_device,
                                           jnp.dtype(config.model.dtype))
   writer = MetricsWriter(wd.path, total_steps, enabled=primary)
+  cleanup.callback(writer.close)
   if primary:
     print(f"model: {n_params:,} params | {config.train.batch_size} x {config.data.seq_len} "
           f"tokens/step | mesh {dict(mesh.shape)} | compile {compile_seconds:.1f}s | "
@@ -157,8 +160,6 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision) -> dict:
     if skips_in_a_row >= config.train.max_consecutive_skips:
       writer.write(step, jax.device_get(metrics))
       ckpt.wait()
-      ckpt.close()
-      writer.close()
       raise TrainingDiverged(_diverged_message(config, step, skips_in_a_row, metrics,
                                                ckpt.latest_step()))
     stopped_early = step < total_steps and stop.stop_at(step)  # read once: a signal
@@ -185,8 +186,6 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision) -> dict:
     if (step % config.train.checkpoint_every == 0 and not skips_in_a_row) or done:
       ckpt.save(step, state, train_iter, config.to_dict())
   ckpt.wait()
-  ckpt.close()
-  writer.close()
   if primary and stopped_early:
     where = (f"at step {step} of {total_steps}; checkpoint saved in {ckpt.directory}"
              if step > first_step else f"during start-up, before step {step + 1}; nothing new "

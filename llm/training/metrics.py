@@ -52,6 +52,6 @@ class MetricsWriter:
     print(" | ".join(parts), flush=True)
 
   def close(self) -> None:
-    if self.enabled:
+    if self.enabled and not self._jsonl.closed:
       self._jsonl.close()
       self._tb.close()
