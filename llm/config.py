@@ -24,6 +24,7 @@ import ml_collections
 CHOICES = {
     "model.attention": "llm.ops.attention:IMPLEMENTATIONS",
     "model.mlp": "llm.model.mlp:MLPS",
+    "model.moe.compute": "llm.model.moe:COMPUTE",
     "model.remat": "llm.model.transformer:REMAT_POLICIES",
     "model.dtype": "llm.model.layers:DTYPES",
     "model.param_dtype": "llm.model.layers:DTYPES",
@@ -68,6 +69,17 @@ def base_config() -> ml_collections.ConfigDict:
       qk_norm=False,
       attention="xla",  # xla | flash (Pallas kernel; interpreted on CPU)
       mlp="dense",  # the feed-forward kind (llm.model.mlp.MLPS)
+      moe=ml_collections.ConfigDict(dict(  # used when mlp="moe" (llm/model/moe.py)
+          n_experts=8,
+          top_k=2,  # experts per token
+          d_ff=0,  # each expert's width; 0: model.d_ff
+          n_shared=0,  # always-on experts added to the routed ones
+          norm_topk_prob=True,  # renormalise the top-k probabilities (Mixtral; Qwen3 option)
+          load_balance_weight=0.01,  # x n_experts * sum_i f_i P_i
+          router_z_weight=0.001,  # x mean logsumexp(router logits)^2
+          compute="dropless",  # dropless (grouped matmul) | capacity (einsum, drops overflow)
+          capacity_factor=1.25,  # compute="capacity": slots per expert / (tokens * k / experts)
+      )),
       flash_block_q=0,  # flash kernel block sizes; 0 = the kernel's default
       flash_block_k=0,
       sliding_window=0,  # attend to the last N positions only (Mistral); 0 = full
@@ -207,6 +219,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive("model.rope_scaling.original_max_position", r.original_max_position)
   for name in ("flash_block_q", "flash_block_k", "sliding_window"):
     check_range(f"model.{name}", m[name], lo=0, note="0 = default / off")
+  if m.mlp == "moe":
+    e = m.moe
+    check_range("model.moe.n_experts", e.n_experts, lo=1)
+    check_range("model.moe.top_k", e.top_k, lo=1, hi=e.n_experts, note="at most n_experts")
+    check_range("model.moe.d_ff", e.d_ff, lo=0, note="0 = model.d_ff")
+    check_range("model.moe.n_shared", e.n_shared, lo=0)
+    check_range("model.moe.load_balance_weight", e.load_balance_weight, lo=0)
+    check_range("model.moe.router_z_weight", e.router_z_weight, lo=0)
+    check_range("model.moe.capacity_factor", e.capacity_factor, lo=0, lo_open=True)
   if d.source in ("text", "jsonl") and not d.paths:
     raise ValueError(f"data.source={d.source!r} needs data.paths (comma-separated files or globs)")
   if d.source == "tfds" and not d.tfds_name:

@@ -139,11 +139,11 @@ def test_a_new_mlp_kind_and_objective_are_one_registry_line_each(config, tmp_pat
                         batch["positions"], mutable=["aux_losses"])
   per_layer = sown["aux_losses"]["layers"]["mlp"]["activation_penalty"][0]
   assert per_layer.shape == (config.model.n_layers,)
-  np.testing.assert_allclose(aux["activation_penalty"], float(jnp.sum(per_layer)), rtol=1e-6)
+  np.testing.assert_allclose(aux.losses["activation_penalty"], float(jnp.sum(per_layer)), rtol=1e-6)
   base_total, sums = objectives.pretrain(params, batch, model=model, config=config)
   np.testing.assert_allclose(
       float(base_total),
-      float(sums["loss"] + config.train.z_loss * sums["z_loss"] + sums["weight"] * aux["activation_penalty"]),
+      float(sums["loss"] + config.train.z_loss * sums["z_loss"] + sums["weight"] * aux.losses["activation_penalty"]),
       rtol=1e-6)
 
   from llm.train import train

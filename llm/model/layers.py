@@ -1,5 +1,5 @@
-"""Building blocks of a Llama-family decoder: RMSNorm, RoPE, projections, and the
-channel through which layers hand auxiliary losses to the objective.
+"""Building blocks of a Llama-family decoder: RMSNorm, RoPE, projections, SwiGLU, and
+the channels through which layers hand auxiliary losses and metrics to the objective.
 
 Parameters carry logical axis names only ("embed", "heads", "mlp", ...);
 llm/parallel/rules.py maps them to mesh axes. Shape suffixes: B batch, T length,
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 DTYPES = ("float32", "bfloat16")  # model.dtype (compute) and model.param_dtype
 AUX_LOSSES = "aux_losses"  # the flax collection auxiliary losses are sown into
+AUX_METRICS = "aux_metrics"  # and scalars to log (averaged over layers)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -67,6 +68,12 @@ def add_aux_loss(module: nn.Module, name: str, value: jax.Array) -> None:
   module.sow(AUX_LOSSES, name, value)
 
 
+def add_aux_metric(module: nn.Module, name: str, value: jax.Array) -> None:
+  """Hands a scalar to log (e.g. an MoE layer's load balance); the objective logs its mean
+  over layers by `name`, and it does not enter the loss."""
+  module.sow(AUX_METRICS, name, value)
+
+
 def _llama3_scaling(inv_freq, scaling):
   """Llama-3 frequency scaling: long wavelengths slowed by `factor`, a smooth band between."""
   factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
@@ -100,3 +107,23 @@ def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) 
   x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNE.dtype)
+
+
+class SwiGLU(nn.Module):
+  """The dense Llama MLP: down(silu(gate(x)) * up(x))."""
+  cfg: object  # the model ConfigDict
+  out_init_std: float
+  d_ff: int = 0  # 0: cfg.d_ff
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    c = self.cfg
+    f = self.d_ff or c.d_ff
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    gate_BTF = Projection((c.d_model,), (f,), ("embed", "mlp"), init_std=c.init_std,
+                          name="gate", **kw)(x_BTD)
+    up_BTF = Projection((c.d_model,), (f,), ("embed", "mlp"), init_std=c.init_std,
+                        name="up", **kw)(x_BTD)
+    h_BTF = constrain(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
+    return Projection((f,), (c.d_model,), ("mlp", "embed"), init_std=self.out_init_std,
+                      name="down", **kw)(h_BTF)

@@ -9,6 +9,7 @@ collects the auxiliary losses its layers sowed.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -17,7 +18,7 @@ import ml_collections
 
 from llm.config import head_dim
 from llm.model.attention import Attention
-from llm.model.layers import AUX_LOSSES, RMSNorm, constrain, param_with_axes
+from llm.model.layers import AUX_LOSSES, AUX_METRICS, RMSNorm, constrain, param_with_axes
 from llm.model.mlp import MLPS
 
 # config.model.remat -> what the backward pass may keep from the forward (None: all of it),
@@ -80,7 +81,7 @@ class Transformer(nn.Module):
     if REMAT_POLICIES[c.remat] is not None:
       block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0, AUX_LOSSES: 0},
+      stack = nn.scan(block, variable_axes={"params": 0, AUX_LOSSES: 0, AUX_METRICS: 0},
                       split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
@@ -125,12 +126,22 @@ def unbox(boxed_params):
                       boxed_params, is_leaf=is_box)
 
 
-def forward(model: Transformer, params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(logits_BTV, {name: auxiliary loss summed over layers}) for a packed batch."""
-  logits_BTV, sown = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                                 batch["positions"], mutable=[AUX_LOSSES])
-  aux = {}
-  for path, value in jax.tree_util.tree_flatten_with_path(sown.get(AUX_LOSSES, {}))[0]:
+class Aux(NamedTuple):
+  losses: dict  # name -> auxiliary loss summed over layers (added to the objective)
+  metrics: dict  # name -> metric averaged over layers (logged only)
+
+
+def _by_name(sown, reduce) -> dict:
+  values: dict = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
     name = next(p.key for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
-    aux[name] = aux.get(name, 0.0) + jnp.sum(value)
-  return logits_BTV, aux
+    values.setdefault(name, []).append(jnp.ravel(value))
+  return {name: reduce(jnp.concatenate(parts)) for name, parts in values.items()}
+
+
+def forward(model: Transformer, params, batch) -> tuple[jax.Array, Aux]:
+  """(logits_BTV, Aux) for a packed batch: what the layers sowed, by name."""
+  logits_BTV, sown = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                                 batch["positions"], mutable=[AUX_LOSSES, AUX_METRICS])
+  return logits_BTV, Aux(_by_name(sown.get(AUX_LOSSES, {}), jnp.sum),
+                         _by_name(sown.get(AUX_METRICS, {}), jnp.mean))

@@ -31,6 +31,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("experts", None),  # an MoE layer's expert axis (replicated until an expert mesh axis)
     ("head_dim", None),
     ("layers", None),
     ("norm", None),

@@ -19,15 +19,19 @@ import jax
 import jax.numpy as jnp
 
 from llm.model import forward
+from llm.model.transformer import Aux
 from llm.ops.cross_entropy import token_nll
 
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def with_aux_losses(total, sums: dict, aux: dict, weight):
-  """Adds the model's auxiliary losses (means over the batch) to `total` as sums."""
-  for name, value in aux.items():
+def with_aux(total, sums: dict, aux: Aux, weight):
+  """Adds the model's auxiliary losses (means over the batch) to `total` as sums, and
+  its metrics to `sums` (weighted, so the step's division gives their mean)."""
+  for name, value in aux.losses.items():
     total = total + weight * value
+    sums[name] = weight * value
+  for name, value in aux.metrics.items():
     sums[name] = weight * value
   return total, sums
 
@@ -42,7 +46,7 @@ def pretrain(params, batch, *, model, config):
   nll = jnp.sum(nll_BT * mask_BT)
   z = jnp.sum(jnp.square(logz_BT) * mask_BT)
   sums = {"loss": nll, "z_loss": z, "weight": tokens}
-  return with_aux_losses(nll + config.train.z_loss * z, sums, aux, tokens)
+  return with_aux(nll + config.train.z_loss * z, sums, aux, tokens)
 
 
 # config.train.objective -> the objective function

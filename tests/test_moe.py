@@ -1,0 +1,150 @@
+"""Mixture-of-experts layers against a per-token NumPy reference (forward) and a dense
+every-expert JAX reference (gradients); recipes' parameter counts; a short training run."""
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm import config as config_lib
+from llm.model import forward, init_params, make_model, unbox
+from llm.model.moe import capacity, dropless, load_balance_loss, route
+from llm.params import active_params, count_params
+from llm.train import train
+from tests.helpers import ROOT, losses, tiny_config
+
+
+def _weights(seed=0, n=24, d=16, f=12, e=4):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  return (jax.random.normal(ks[0], (n, d)), 0.5 * jax.random.normal(ks[1], (d, e)),
+          0.3 * jax.random.normal(ks[2], (e, d, f)), 0.3 * jax.random.normal(ks[3], (e, d, f)),
+          0.3 * jax.random.normal(ks[4], (e, f, d)))
+
+
+def _numpy_moe(x, router, gate, up, down, k, norm):
+  """Token by token: softmax router, top k, each chosen expert's SwiGLU, weighted sum."""
+  x, router, gate, up, down = (np.asarray(a, np.float64) for a in (x, router, gate, up, down))
+  out = np.zeros_like(x)
+  silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+  for i, token in enumerate(x):
+    logits = token @ router
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    chosen = np.argsort(-probs, kind="stable")[:k]
+    w = probs[chosen] / (probs[chosen].sum() if norm else 1.0)
+    for weight, j in zip(w, chosen):
+      out[i] += weight * ((silu(token @ gate[j]) * (token @ up[j])) @ down[j])
+  return out
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("compute", ["dropless", "capacity"])
+def test_moe_matches_per_token_reference(compute, norm):
+  x, router, gate, up, down = _weights()
+  k = 2
+  _, _, weights, experts = route(x, router, k, norm)
+  extra = {"capacity_factor": 4.0} if compute == "capacity" else {}  # room for everyone
+  fn = {"dropless": dropless, "capacity": capacity}[compute]
+  out, dropped = fn(x, weights, experts, gate, up, down, jnp.float32, **extra)
+  np.testing.assert_allclose(out, _numpy_moe(x, router, gate, up, down, k, norm), rtol=2e-5,
+                             atol=2e-5)
+  assert float(dropped) == 0.0
+
+  def loss(fn_, x, router, gate, up, down):
+    _, _, w, ex = route(x, router, k, norm)
+    return jnp.sum(jnp.sin(fn_(x, w, ex, gate, up, down)))
+
+  ours = jax.grad(lambda *a: loss(lambda *b: fn(*b, jnp.float32, **extra)[0], *a),
+                  argnums=(0, 1, 2, 3, 4))(x, router, gate, up, down)
+  ref = jax.grad(lambda *a: loss(_dense_moe, *a), argnums=(0, 1, 2, 3, 4))(
+      x, router, gate, up, down)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _dense_moe(x, weights, experts, gate, up, down):
+  """Every expert on every token, masked to the chosen: a differentiable reference."""
+  full = jnp.einsum("nd,edf->enf", x, gate)
+  y = jnp.einsum("enf,efd->end", jax.nn.silu(full) * jnp.einsum("nd,edf->enf", x, up), down)
+  mix = jnp.sum(jax.nn.one_hot(experts, gate.shape[0]) * weights[..., None], axis=1)
+  return jnp.einsum("ne,end->nd", mix, y)
+
+
+def test_capacity_drops_overflow_slot_major_in_token_order():
+  """Assignments are served first slot first (every token's top choice), then in token
+  order; an expert's assignments past its capacity are dropped."""
+  x, router, gate, up, down = _weights(n=32)
+  _, _, weights, experts = route(x, router, 2, True)
+  out, dropped = capacity(x, weights, experts, gate, up, down, jnp.float32, capacity_factor=0.5)
+  cap = int(np.ceil(0.5 * 32 * 2 / 4))
+  kept_weights = np.zeros((32, 2), np.float32)
+  used = np.zeros(4, int)
+  for slot in range(2):
+    for token in range(32):
+      j = int(experts[token, slot])
+      if used[j] < cap:
+        used[j] += 1
+        kept_weights[token, slot] = weights[token, slot]
+  expected = _dense_moe(x, jnp.asarray(kept_weights), experts, gate, up, down)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  assert float(dropped) == pytest.approx(float((kept_weights == 0).mean()))
+  assert 0 < float(dropped) < 1
+
+
+def test_load_balance_loss_is_switch_form():
+  probs = jax.nn.softmax(jax.random.normal(jax.random.key(1), (10, 4)), -1)
+  _, experts = jax.lax.top_k(probs, 2)
+  f = np.bincount(np.asarray(experts).reshape(-1), minlength=4) / 10
+  expected = 4 * np.sum(f * np.asarray(probs).mean(0))
+  assert float(load_balance_loss(probs, experts)) == pytest.approx(expected, rel=1e-6)
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("name,total,active", [
+    ("mixtral_8x7b", 46_702_792_704, 12_879_925_248),
+    ("qwen3_30b_a3b", 30_532_122_624, 3_353_032_704),
+])
+def test_moe_recipes_have_published_counts(name, total, active):
+  cfg = _load(name)
+  config_lib.validate(cfg)
+  assert count_params(cfg.model) == total
+  assert active_params(cfg.model) == active
+
+
+def test_moe_model_trains_and_logs_its_aux_losses(config, tmp_path):
+  config.model.update(mlp="moe")
+  config.model.moe.update(n_experts=4, top_k=2, d_ff=32, n_shared=1)
+  config.train.update(steps=4, checkpoint_every=4, eval_every=4)
+  model = make_model(config.model)
+  params = unbox(init_params(model, jax.random.key(0), 8))
+  batch = {"inputs": jnp.ones((2, 8), jnp.int32), "segment_ids": jnp.ones((2, 8), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(8), (2, 8))}
+  _, aux = forward(model, params, batch)
+  assert set(aux.losses) == {"moe_load_balance_loss", "moe_router_z_loss"}
+  assert set(aux.metrics) == {"moe_load_min_over_max", "moe_dropped_fraction"}
+  train(config, tmp_path, devices=jax.devices()[:1])
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  first = next(r for r in records if "loss" in r)
+  assert first["moe_load_balance_loss"] > 0 and 0 <= first["moe_load_min_over_max"] <= 1
+  assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+  assert losses(tmp_path)[4] < losses(tmp_path)[1]
+
+
+def test_moe_config_errors():
+  cfg = tiny_config()
+  cfg.model.mlp = "moe"
+  cfg.model.moe.update(n_experts=4, top_k=5)
+  with pytest.raises(ValueError, match=r"model.moe.top_k=5 must be in \[1, 4\]"):
+    config_lib.validate(cfg)
+  cfg.model.moe.update(top_k=2, compute="magic")
+  with pytest.raises(ValueError, match="model.moe.compute='magic' is not allowed"):
+    config_lib.validate(cfg)
