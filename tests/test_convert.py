@@ -126,3 +126,51 @@ def test_fine_tuning_starts_from_converted_params(tmp_path, config):
   train(config, tmp_path / "ft", devices=jax.devices()[:1])
   _, tuned = load_params(tmp_path / "ft")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tuned, start)
+
+
+def _hf_moe_model(out, family, **overrides):
+  torch.manual_seed(0)
+  common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
+  if family == "mixtral":
+    cfg = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, **common,
+                                     **overrides)
+    model = transformers.MixtralForCausalLM(cfg)
+  else:
+    cfg = transformers.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32,
+                                      num_experts=4, head_dim=24, decoder_sparse_step=1,
+                                      mlp_only_layers=[], **common, **overrides)
+    model = transformers.Qwen3MoeForCausalLM(cfg)
+  model = model.eval()
+  with torch.no_grad():  # decisive routers and non-trivial norms
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+      if name.endswith("gate.weight") and "experts" not in name:
+        p.mul_(20.0)
+  model.save_pretrained(out)
+  return model
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mixtral", {}),
+    ("qwen3_moe", dict(norm_topk_prob=True)),
+    ("qwen3_moe", dict(norm_topk_prob=False, tie_word_embeddings=True)),
+])
+def test_moe_import_matches_transformers_and_round_trips(tmp_path, family, overrides):
+  model = _hf_moe_model(tmp_path / "hf", family, **overrides)
+  hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  config = config_lib.from_json((tmp_path / "ours" / "config.json").read_text())
+  assert config.model.mlp == "moe" and config.model.moe.n_experts == 4
+  ids = np.random.default_rng(0).integers(0, 128, (2, 24))
+  ref = _hf_logits(model, ids)
+  assert np.max(np.abs(_our_logits(tmp_path / "ours", ids) - ref)) <= 1e-4
+
+  llm_to_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
+  before, after = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
+  assert sorted(before) == sorted(after)
+  for name in before:
+    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+  assert type(reloaded).__name__ == type(model).__name__
+  assert np.max(np.abs(_hf_logits(reloaded, ids) - ref)) <= 1e-5

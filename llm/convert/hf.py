@@ -1,4 +1,5 @@
-"""Hugging Face Llama/Mistral checkpoints <-> our params, one tensor at a time.
+"""Hugging Face Llama / Mistral / Mixtral / Qwen3-MoE checkpoints <-> our params, one
+tensor at a time.
 
 HF stores Linear weights as [out, in]; our Projection kernels are [in, out...]
 with heads split out, and scanned layers stacked on a leading axis. Both use
@@ -14,8 +15,9 @@ from typing import Iterator
 
 import numpy as np
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
+                           "Qwen3MoeForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen3_moe")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -47,6 +49,9 @@ def model_updates_from_hf(hf: dict) -> dict:
       d_ff=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
       rope_theta=theta, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=False,
       sliding_window=int(hf.get("sliding_window") or 0))
+  if hf["model_type"] in ("mixtral", "qwen3_moe"):
+    updates.update(mlp="moe", moe=_moe_updates_from_hf(hf))
+    updates["qk_norm"] = hf["model_type"] == "qwen3_moe"
   if rope_type == "llama3":
     updates["rope_scaling"] = dict(
         type="llama3", factor=float(scaling["factor"]),
@@ -56,9 +61,44 @@ def model_updates_from_hf(hf: dict) -> dict:
   return updates
 
 
+def _moe_updates_from_hf(hf: dict) -> dict:
+  """model.moe from a Mixtral or Qwen3-MoE config (every layer sparse, no shared experts)."""
+  qwen = hf["model_type"] == "qwen3_moe"
+  if qwen and (hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers")):
+    raise ValueError("Qwen3-MoE configs with dense layers (decoder_sparse_step != 1 or "
+                     "mlp_only_layers) are not supported: every layer must be sparse")
+  n_experts = hf.get("num_local_experts") or hf["num_experts"]
+  return dict(n_experts=int(n_experts), top_k=int(hf["num_experts_per_tok"]),
+              d_ff=int(hf["moe_intermediate_size"]) if qwen else 0, n_shared=0,
+              norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if qwen else True,
+              load_balance_weight=float(hf.get("router_aux_loss_coef", 0.01)))
+
+
+def _hf_moe_config(c) -> dict:
+  """The Mixtral or Qwen3-MoE fields for a MoE model."""
+  m = c.moe
+  if m.n_shared:
+    raise ValueError("model.moe.n_shared > 0 (shared experts) has no Mixtral/Qwen3-MoE "
+                     "equivalent in transformers")
+  if c.qk_norm:  # Qwen3-MoE
+    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "num_experts": m.n_experts, "num_local_experts": m.n_experts,
+            "num_experts_per_tok": m.top_k, "moe_intermediate_size": m.d_ff or c.d_ff,
+            "norm_topk_prob": bool(m.norm_topk_prob), "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "router_aux_loss_coef": m.load_balance_weight,
+            "use_sliding_window": False}
+  if not m.norm_topk_prob or m.d_ff not in (0, c.d_ff):
+    raise ValueError("a MoE model without QK-norm exports as Mixtral, which renormalises the "
+                     "top-k probabilities and has experts of model.d_ff: set "
+                     "model.moe.norm_topk_prob=True and model.moe.d_ff=0")
+  return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+          "num_local_experts": m.n_experts, "num_experts_per_tok": m.top_k,
+          "router_aux_loss_coef": m.load_balance_weight}
+
+
 def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: int = 2) -> dict:
   c = model_cfg
-  if c.qk_norm:
+  if c.qk_norm and c.mlp != "moe":
     raise ValueError("model.qk_norm=True has no Llama equivalent in transformers")
   head_dim = c.head_dim or c.d_model // c.n_heads
   arch, model_type = ("MistralForCausalLM", "mistral") if c.sliding_window else (
@@ -79,37 +119,50 @@ def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: 
       "tie_word_embeddings": bool(c.tie_embeddings), "max_position_embeddings": max_position,
       "attention_bias": False, "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
       "torch_dtype": "float32", "dtype": "float32",
+      **(_hf_moe_config(c) if c.mlp == "moe" else {}),
   }
 
 
 # ----------------------------------------------------------------------------- tensors
 
-def _layer_map(c):
-  """(HF suffix, our path under layers, HF [out,in] -> ours) for one decoder layer."""
+def _layer_map(c, family: str):
+  """[(HF suffix, our path under layers, index within the layer's array, HF -> ours,
+  ours -> HF)] for one decoder layer; HF Linear weights are [out, in]."""
   h, k, d = c.n_heads, c.n_kv_heads, c.d_model
   e = c.head_dim or d // h
-  return [
-      ("self_attn.q_proj.weight", ("attn", "q", "kernel"), lambda w: w.T.reshape(d, h, e)),
-      ("self_attn.k_proj.weight", ("attn", "k", "kernel"), lambda w: w.T.reshape(d, k, e)),
-      ("self_attn.v_proj.weight", ("attn", "v", "kernel"), lambda w: w.T.reshape(d, k, e)),
-      ("self_attn.o_proj.weight", ("attn", "o", "kernel"), lambda w: w.T.reshape(h, e, d)),
-      ("mlp.gate_proj.weight", ("mlp", "gate", "kernel"), lambda w: w.T),
-      ("mlp.up_proj.weight", ("mlp", "up", "kernel"), lambda w: w.T),
-      ("mlp.down_proj.weight", ("mlp", "down", "kernel"), lambda w: w.T),
-      ("input_layernorm.weight", ("attn_norm", "scale"), lambda w: w),
-      ("post_attention_layernorm.weight", ("mlp_norm", "scale"), lambda w: w),
+  same = lambda w: w  # noqa: E731
+  t = lambda w: w.T  # noqa: E731
+  out = [
+      ("self_attn.q_proj.weight", ("attn", "q", "kernel"), (), lambda w: w.T.reshape(d, h, e),
+       lambda x: x.reshape(d, -1).T),
+      ("self_attn.k_proj.weight", ("attn", "k", "kernel"), (), lambda w: w.T.reshape(d, k, e),
+       lambda x: x.reshape(d, -1).T),
+      ("self_attn.v_proj.weight", ("attn", "v", "kernel"), (), lambda w: w.T.reshape(d, k, e),
+       lambda x: x.reshape(d, -1).T),
+      ("self_attn.o_proj.weight", ("attn", "o", "kernel"), (), lambda w: w.T.reshape(h, e, d),
+       lambda x: x.reshape(-1, d).T),
+      ("input_layernorm.weight", ("attn_norm", "scale"), (), same, same),
+      ("post_attention_layernorm.weight", ("mlp_norm", "scale"), (), same, same),
   ]
+  if c.qk_norm:
+    out += [("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), (), same, same),
+            ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), (), same, same)]
+  if c.mlp != "moe":
+    return out + [(f"mlp.{n}_proj.weight", ("mlp", n, "kernel"), (), t, t)
+                  for n in ("gate", "up", "down")]
+  if family == "mixtral":
+    block, names = "block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}
+  else:
+    block, names = "mlp", {n: f"{n}_proj" for n in ("gate", "up", "down")}
+  out.append((f"{block}.gate.weight", ("mlp", "router"), (), t, t))
+  for j in range(c.moe.n_experts):
+    out += [(f"{block}.experts.{j}.{hf_name}.weight", ("mlp", ours), (j,), t, t)
+            for ours, hf_name in names.items()]
+  return out
 
 
-def _inverse(path, x):
-  """Ours -> HF [out, in] for one layer's tensor at `path`."""
-  if path[-1] == "scale":
-    return x
-  if path[1] in ("q", "k", "v"):
-    return x.reshape(x.shape[0], -1).T
-  if path[1] == "o":
-    return x.reshape(-1, x.shape[-1]).T
-  return x.T
+def _family(c) -> str:
+  return "qwen3_moe" if c.mlp == "moe" and c.qk_norm else "mixtral" if c.mlp == "moe" else "llama"
 
 
 class SafetensorsReader:
@@ -159,21 +212,20 @@ def hf_to_params(reader: SafetensorsReader, c, dtype=np.float32) -> dict:
     params["unembed"] = get("lm_head.weight").T
     _check("lm_head.weight", params["unembed"], shapes["unembed"].shape)
   layers: dict = {}
-  for suffix, path, to_ours in _layer_map(c):
+  for suffix, path, index, to_ours, to_hf in _layer_map(c, _family(c)):
     target = shapes["layers"]
     for p in path:
       target = target[p]
-    stacked = np.empty(target.shape, dtype)
-    hf_shape = _inverse(path, np.empty(target.shape[1:], np.float32)).shape
+    node = layers
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    stacked = node.setdefault(path[-1], np.empty(target.shape, dtype))
+    hf_shape = to_hf(np.empty(target.shape[1 + len(index):], np.float32)).shape
     for i in range(c.n_layers):
       name = f"model.layers.{i}.{suffix}"
       raw = get(name)
       _check(name, raw, hf_shape)
-      stacked[i] = to_ours(raw)
-    node = layers
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = stacked
+      stacked[(i, *index)] = to_ours(raw)
   params["layers"] = layers
   return params
 
@@ -183,11 +235,11 @@ def params_to_hf(params, c) -> Iterator[tuple[str, np.ndarray]]:
   f32 = lambda x: np.asarray(x, np.float32)
   yield "model.embed_tokens.weight", f32(params["embedding"])
   for i in range(c.n_layers):
-    for suffix, path, _ in _layer_map(c):
+    for suffix, path, index, _, to_hf in _layer_map(c, _family(c)):
       x = params["layers"]
       for p in path:
         x = x[p]
-      yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(_inverse(path, f32(x[i])))
+      yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(to_hf(f32(x[(i, *index)])))
   yield "model.norm.weight", f32(params["final_norm"]["scale"])
   if not c.tie_embeddings:
     yield "lm_head.weight", np.ascontiguousarray(f32(params["unembed"]).T)
