@@ -24,7 +24,7 @@ import ml_collections
 CHOICES = {
     "model.attention": "llm.ops.attention:IMPLEMENTATIONS",
     "model.mlp": "llm.model.mlp:MLPS",
-    "model.moe.compute": "llm.model.moe:COMPUTE",
+    "model.moe.compute": "llm.ops.moe:COMPUTE",
     "model.remat": "llm.model.transformer:REMAT_POLICIES",
     "model.dtype": "llm.model.layers:DTYPES",
     "model.param_dtype": "llm.model.layers:DTYPES",
@@ -138,7 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
       clip_norm=1.0,
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, fsdp=1, tensor=1, sequence=1))
 
   # Multi-process runs (see llm/distributed.py); the defaults detect everything.
   c.distributed = ml_collections.ConfigDict(dict(

@@ -127,7 +127,9 @@ def compile_step(config, target: Target) -> Plan:
   batch = abstract_batch(config, batch_sharding)
   step = jit_train_step(config, model, tx, shardings_, batch_sharding)
   tokens = config.train.batch_size * config.data.seq_len
-  common = dict(mesh=dict(mesh.shape), remat=config.model.remat,
+  # the expert axis is listed only when used (dense models never split it)
+  shown = {a: n for a, n in mesh.shape.items() if a != "expert" or n > 1}
+  common = dict(mesh=shown, remat=config.model.remat,
                 batch_size=config.train.batch_size,
                 per_chip_batch=config.train.batch_size / len(target.devices),
                 flops_per_chip=recomputed_flops_per_token(config.model, config.data.seq_len) * tokens / len(
@@ -157,13 +159,18 @@ def _shard_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def mesh_candidates(n_chips: int) -> list[dict]:
-  """Layouts worth trying: FSDP across everything, FSDP x tensor, data x FSDP."""
+def mesh_candidates(n_chips: int, n_experts: int = 0) -> list[dict]:
+  """Layouts worth trying: FSDP across everything, FSDP x tensor, data x FSDP, and for a
+  MoE model (n_experts > 0) each of those with experts split 2, 4, 8 or 16 ways."""
   out = []
-  for tensor in (1, 2, 4, 8):
-    for data in (1, 2, 4):
-      if n_chips % (tensor * data) == 0:
-        out.append(dict(data=data, fsdp=n_chips // (tensor * data), tensor=tensor, sequence=1))
+  experts = [1] + [e for e in (2, 4, 8, 16) if n_experts and n_experts % e == 0]
+  for expert in experts:
+    for tensor in (1, 2, 4, 8):
+      for data in (1, 2, 4):
+        if n_chips % (expert * tensor * data) == 0:
+          mesh = dict(data=data, fsdp=n_chips // (expert * tensor * data), tensor=tensor,
+                      sequence=1)
+          out.append({**mesh, "expert": expert} if expert > 1 else mesh)
   return out
 
 
@@ -200,10 +207,11 @@ def plan(config, target: Target, search: bool = False, meshes: list[dict] | None
   if not search:
     return [compile_step(config, target)]
   results = []
-  meshes = mesh_candidates(len(target.devices)) if meshes is None else meshes
+  n_experts = config.model.moe.n_experts if config.model.mlp == "moe" else 0
+  meshes = mesh_candidates(len(target.devices), n_experts) if meshes is None else meshes
   for mesh, remat in itertools.product(meshes, remats):
     c = config_lib.from_json(config_lib.to_json(config))
-    c.mesh.update(mesh)
+    c.mesh.update({"expert": 1, **mesh})
     c.model.remat = remat
     try:
       results.append(compile_step(c, target))

@@ -11,7 +11,8 @@ import pytest
 
 from llm import config as config_lib
 from llm.model import forward, init_params, make_model, unbox
-from llm.model.moe import capacity, dropless, load_balance_loss, route
+from llm.model.moe import load_balance_loss, route
+from llm.ops.moe import capacity, dropless
 from llm.params import active_params, count_params
 from llm.train import train
 from tests.helpers import ROOT, losses, tiny_config
@@ -148,3 +149,39 @@ def test_moe_config_errors():
   cfg.model.moe.update(top_k=2, compute="magic")
   with pytest.raises(ValueError, match="model.moe.compute='magic' is not allowed"):
     config_lib.validate(cfg)
+
+
+def _moe_config(config):
+  config.model.update(mlp="moe")
+  config.model.moe.update(n_experts=4, top_k=2, d_ff=32)
+  return config
+
+
+def test_expert_parallel_training_matches_one_device_and_restores_across_layouts(config,
+                                                                                  tmp_path):
+  """A tiny MoE on 8 devices with expert=4 x data=2, then resumed on expert=2 x fsdp=2 x
+  tensor=2, gives the losses of a 1-device run (dropless experts, all-to-all by gather
+  and reduce-scatter inside shard_map)."""
+  config = _moe_config(config)
+  config.train.update(steps=6, checkpoint_every=3, eval_every=3)
+  train(config, tmp_path / "one", devices=jax.devices()[:1])
+  config.mesh.update(data=2, expert=4)
+  config.train.steps = 3
+  train(config, tmp_path / "ep")
+  config.mesh.update(data=1, expert=2, fsdp=2, tensor=2)
+  config.train.steps = 6
+  train(config, tmp_path / "ep")
+  one, ep = losses(tmp_path / "one"), losses(tmp_path / "ep")
+  assert sorted(ep) == list(range(1, 7))
+  np.testing.assert_allclose([ep[s] for s in one], [one[s] for s in one], rtol=2e-5)
+
+
+def test_expert_parallelism_needs_dropless_and_divisible_experts(config, tmp_path):
+  config = _moe_config(config)
+  config.mesh.update(data=2, expert=4)
+  config.model.moe.compute = "capacity"
+  with pytest.raises(ValueError, match="expert parallelism .* runs dropless experts only"):
+    train(config, tmp_path / "a")
+  config.model.moe.update(compute="dropless", n_experts=6)
+  with pytest.raises(ValueError, match="model.moe.n_experts=6 must be divisible by mesh.expert=4"):
+    train(config, tmp_path / "b")

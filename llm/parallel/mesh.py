@@ -18,13 +18,15 @@ from jax.sharding import Mesh
 
 from llm.parallel.rules import flax_rules
 
-# The mesh axes, in device-layout order (innermost last). config.mesh gives their sizes.
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+# The mesh axes, in device-layout order (innermost last). config.mesh gives their sizes; an
+# axis it leaves out has size 1. "expert" splits the batch like "data" and holds a share of
+# every MoE layer's experts (expert parallelism).
+MESH_AXES = ("data", "expert", "fsdp", "tensor", "sequence")
 
 
 def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
   """Axis sizes with a -1 filled in; raises if their product is not n_devices."""
-  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  sizes = {a: int(mesh_cfg[a]) if a in mesh_cfg else 1 for a in MESH_AXES}
   fixed = math.prod(s for s in sizes.values() if s != -1)
   for axis, size in sizes.items():
     if size == -1:

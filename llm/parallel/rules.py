@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # logical axis -> mesh axes it is sharded over (in order); absent or None = replicated.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # activations
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "expert", "fsdp")),
     ("length", "sequence"),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -31,7 +31,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("experts", None),  # an MoE layer's expert axis (replicated until an expert mesh axis)
+    ("experts", "expert"),  # an MoE layer's expert axis
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
@@ -95,6 +95,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(_rule("batch") or None, _rule("length") or None))
 
 
+def batch_axes() -> tuple[str, ...]:
+  """The mesh axes a batch is split over (the "batch" rule)."""
+  return _rule("batch")
+
+
 def data_parallel_size(mesh: Mesh) -> int:
   """How many ways a batch is split: the product of the mesh axes the "batch" rule names."""
-  return math.prod(mesh.shape[a] for a in _rule("batch"))
+  return math.prod(mesh.shape[a] for a in batch_axes())

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from llm.parallel.rules import data_parallel_size
+from llm.parallel.rules import batch_axes, data_parallel_size
 from llm.training.objectives import OBJECTIVES
 from llm.training.optim import schedule
 from llm.training.state import TrainState
@@ -65,8 +65,9 @@ def check_batch(config, mesh) -> None:
   dp = data_parallel_size(mesh)
   b, accum = config.train.batch_size, config.train.grad_accum
   if b % (dp * accum):
+    axes = " x ".join(a for a in batch_axes() if a != "expert" or mesh.shape[a] > 1)
     raise ValueError(f"train.batch_size={b} must be divisible by the data-parallel size "
-                     f"(mesh data x fsdp = {dp}) times train.grad_accum={accum}")
+                     f"(mesh {axes} = {dp}) times train.grad_accum={accum}")
   if config.data.seq_len % mesh.shape["sequence"]:
     raise ValueError(f"data.seq_len={config.data.seq_len} must be divisible by "
                      f"mesh.sequence={mesh.shape['sequence']}")
