@@ -13,9 +13,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -24,7 +22,7 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_result, machine  # noqa: E402
+from benchmarks.common import append_result, machine, median_seconds  # noqa: E402
 from pallas_kernels.flash_attention import flash_attention  # noqa: E402
 
 
@@ -45,16 +43,6 @@ def implementations(platform_name: str, scale: float):
     impls["jax pallas tpu flash_attention"] = lambda q, k, v: t(tpu_attention.flash_attention(
         t(q), t(k), t(v), causal=True, sm_scale=scale))
   return impls
-
-
-def time_fn(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main():
@@ -85,8 +73,8 @@ def main():
       fwd = jax.jit(f)
       fwd_bwd = jax.jit(lambda q, k, v, f=f: jax.vjp(f, q, k, v)[1](do))
       try:
-        t_fwd = time_fn(fwd, (q, k, v), args.repeats)
-        t_all = time_fn(fwd_bwd, (q, k, v), args.repeats)
+        t_fwd = median_seconds(fwd, (q, k, v), args.repeats)
+        t_all = median_seconds(fwd_bwd, (q, k, v), args.repeats)
         rows.append((t, b, name, 1e3 * t_fwd, fwd_flops / t_fwd / 1e12, 1e3 * t_all,
                      3.5 * fwd_flops / t_all / 1e12))
       except Exception as err:  # noqa: BLE001 (out of memory, unsupported shape): say so

@@ -7,7 +7,9 @@ import datetime
 import importlib.util
 import platform
 import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -20,6 +22,17 @@ def load_config(path: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def median_seconds(fn, args, repeats: int) -> float:
+  """Median wall time of fn(*args) over `repeats` runs, after one untimed (compiling) run."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
 
 
 def machine() -> str:

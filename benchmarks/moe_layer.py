@@ -11,9 +11,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -22,7 +20,7 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_result, machine  # noqa: E402
+from benchmarks.common import append_result, machine, median_seconds  # noqa: E402
 from llm.model.moe import route  # noqa: E402
 from llm.ops.moe import capacity, dropless  # noqa: E402
 
@@ -38,16 +36,6 @@ def parse():
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--no_append", action="store_true")
   return p.parse_args()
-
-
-def timed(fn, *args, steps: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main():
@@ -70,12 +58,13 @@ def main():
   def dense_loss(x, g, u, dn):
     return jnp.sum((jax.nn.silu(x @ g) * (x @ u) @ dn) ** 2)
 
-  rows = [("dense SwiGLU, width top_k x d_ff", timed(jax.jit(jax.value_and_grad(
-      dense_loss, argnums=(0, 1, 2, 3))), x, *dense, steps=a.steps))]
-  rows.append(("dropless (ragged_dot)", timed(moe_loss(dropless), x, gate, up, down,
-                                                  steps=a.steps)))
-  rows.append((f"capacity einsum (factor {a.capacity_factor:g})", timed(
-      moe_loss(capacity, capacity_factor=a.capacity_factor), x, gate, up, down, steps=a.steps)))
+  dense_fn = jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1, 2, 3)))
+  rows = [("dense SwiGLU, width top_k x d_ff", median_seconds(dense_fn, (x, *dense), a.steps)),
+          ("dropless (ragged_dot)", median_seconds(moe_loss(dropless), (x, gate, up, down),
+                                                   a.steps)),
+          (f"capacity einsum (factor {a.capacity_factor:g})",
+           median_seconds(moe_loss(capacity, capacity_factor=a.capacity_factor),
+                          (x, gate, up, down), a.steps))]
   base = rows[0][1]
   table = "\n".join(["| layer (forward + backward) | ms | tokens/s | vs dense |",
                      "|---|---:|---:|---:|"] +

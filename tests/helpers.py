@@ -30,6 +30,15 @@ def tiny_config(**mesh) -> ml_collections.ConfigDict:
   return c
 
 
+def load_recipe(name: str) -> ml_collections.ConfigDict:
+  """configs/NAME.py's get_config()."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def losses(workdir) -> dict[int, float]:
   """Training loss per step from metrics.jsonl, the last record of each step (a resumed
   run re-logs the steps after its checkpoint)."""

@@ -5,17 +5,9 @@ import pytest
 
 from llm import config as config_lib
 from llm.params import count_params
-from tests.helpers import tiny_config
+from tests.helpers import load_recipe, tiny_config
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -26,14 +18,14 @@ def _load(name):
     ("llama2_70b", 68_976_648_192),
 ])
 def test_published_parameter_counts(name, expected):
-  cfg = _load(name)
+  cfg = load_recipe(name)
   config_lib.validate(cfg)
   assert count_params(cfg.model) == expected
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama3_70b", "llama_125m"])
 def test_every_config_validates(name):
-  config_lib.validate(_load(name))
+  config_lib.validate(load_recipe(name))
 
 
 @pytest.mark.parametrize("override,message", [

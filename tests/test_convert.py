@@ -69,6 +69,11 @@ def test_import_matches_transformers_and_round_trips(tmp_path, variant):
   ref = _hf_logits(model, ids)
   assert np.max(np.abs(_our_logits(tmp_path / "ours", ids) - ref)) <= 1e-4
 
+  _check_round_trip(tmp_path, ids, ref)
+
+
+def _check_round_trip(tmp_path, ids, ref):
+  """ours -> HF gives back the imported tensors exactly, and transformers loads them."""
   llm_to_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
   before, after = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
   assert sorted(before) == sorted(after)
@@ -76,6 +81,7 @@ def test_import_matches_transformers_and_round_trips(tmp_path, variant):
     np.testing.assert_array_equal(after[name], before[name], err_msg=name)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
   assert np.max(np.abs(_hf_logits(reloaded, ids) - ref)) <= 1e-5
+  return reloaded
 
 
 def test_sharded_checkpoints_are_written_and_read(tmp_path):
@@ -166,11 +172,5 @@ def test_moe_import_matches_transformers_and_round_trips(tmp_path, family, overr
   ref = _hf_logits(model, ids)
   assert np.max(np.abs(_our_logits(tmp_path / "ours", ids) - ref)) <= 1e-4
 
-  llm_to_hf(str(tmp_path / "ours"), str(tmp_path / "back"))
-  before, after = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
-  assert sorted(before) == sorted(after)
-  for name in before:
-    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+  reloaded = _check_round_trip(tmp_path, ids, ref)
   assert type(reloaded).__name__ == type(model).__name__
-  assert np.max(np.abs(_hf_logits(reloaded, ids) - ref)) <= 1e-5

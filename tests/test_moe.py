@@ -1,7 +1,6 @@
 """Mixture-of-experts layers against a per-token NumPy reference (forward) and a dense
 every-expert JAX reference (gradients); recipes' parameter counts; a short training run."""
 
-import importlib.util
 import json
 
 import jax
@@ -15,7 +14,7 @@ from llm.model.moe import load_balance_loss, route
 from llm.ops.moe import capacity, dropless
 from llm.params import active_params, count_params
 from llm.train import train
-from tests.helpers import ROOT, losses, tiny_config
+from tests.helpers import load_recipe, losses, tiny_config
 
 
 def _weights(seed=0, n=24, d=16, f=12, e=4):
@@ -103,27 +102,20 @@ def test_load_balance_loss_is_switch_form():
   assert float(load_balance_loss(probs, experts)) == pytest.approx(expected, rel=1e-6)
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 @pytest.mark.parametrize("name,total,active", [
     ("mixtral_8x7b", 46_702_792_704, 12_879_925_248),
     ("qwen3_30b_a3b", 30_532_122_624, 3_353_032_704),
 ])
 def test_moe_recipes_have_published_counts(name, total, active):
-  cfg = _load(name)
+  cfg = load_recipe(name)
   config_lib.validate(cfg)
   assert count_params(cfg.model) == total
   assert active_params(cfg.model) == active
 
 
 def test_moe_model_trains_and_logs_its_aux_losses(config, tmp_path):
-  config.model.update(mlp="moe")
-  config.model.moe.update(n_experts=4, top_k=2, d_ff=32, n_shared=1)
+  config.model.update(mlp="moe")  # capacity compute: quick on CPU (dropless trains below)
+  config.model.moe.update(n_experts=4, top_k=2, d_ff=32, n_shared=1, compute="capacity")
   config.train.update(steps=4, checkpoint_every=4, eval_every=4)
   model = make_model(config.model)
   params = unbox(init_params(model, jax.random.key(0), 8))

@@ -239,13 +239,14 @@ def test_resume_that_would_change_meaning_is_refused(finished_run, tmp_path, cha
   assert (tmp_path / "run" / "config.json").read_text() == saved_config  # untouched
 
 
-def test_a_lower_learning_rate_may_resume(config, tmp_path):
-  config.train.update(steps=2, checkpoint_every=2)
-  train(config, tmp_path, devices=ONE)
-  config.train.steps = 3
+def test_a_lower_learning_rate_may_resume(finished_run, tmp_path):
+  config, run = finished_run
+  config = config_lib.from_json(config_lib.to_json(config))
+  shutil.copytree(run, tmp_path / "run")
+  config.train.steps = 13
   config.optim.lr = config.optim.lr / 10
-  train(config, tmp_path, devices=ONE)
-  assert sorted(losses(tmp_path)) == [1, 2, 3]
+  train(config, tmp_path / "run", devices=ONE)
+  assert sorted(losses(tmp_path / "run")) == list(range(1, 14))
 
 
 # --------------------------------------------------------------- one run per dir
