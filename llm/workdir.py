@@ -171,6 +171,29 @@ def verify_checkpoint(step_dir: Path) -> str | None:
   return None
 
 
+class Damaged(Exception):
+  """A checkpoint's contents could not be read (raised by `newest_good`'s attempts)."""
+
+
+def newest_good(checkpoints: Path, steps: list[int], attempt, on_damaged=None):
+  """(step, attempt(step)) for the newest of `steps` whose files match its manifest and
+  whose `attempt` does not raise Damaged; a damaged one is warned about (naming the step
+  and what is wrong) and handed to `on_damaged` before the one before it is tried. None
+  when all are damaged. Any other exception from `attempt` propagates."""
+  for step in sorted(steps, reverse=True):
+    problem = verify_checkpoint(checkpoints / str(step))
+    if problem is None:
+      try:
+        return step, attempt(step)
+      except Damaged as e:
+        problem = str(e)
+    warn(f"checkpoint step {step} in {checkpoints} is damaged: {problem}; falling back to the "
+         "one before it")
+    if on_damaged is not None:
+      on_damaged(step)
+  return None
+
+
 def describe(err: BaseException) -> str:
   """An exception's type and first line, for one-line messages."""
   lines = str(err).strip().splitlines()
@@ -209,22 +232,23 @@ def load_params(workdir: str | os.PathLike, step: int | None = None):
   if step is not None and step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {wd.checkpoints}; have {steps}")
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
-  for candidate in reversed(steps if step is None else [step]):
-    step_dir = wd.checkpoints / str(candidate)
-    problem = verify_checkpoint(step_dir)
-    if problem is None:
-      try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-          restored = ckptr.restore((step_dir / STATE_ITEM).absolute(), args=ocp.args.PyTreeRestore(
-              item={"params": target}, restore_args={"params": restore_args},
-              partial_restore=True))
-        return config, restored["params"]
-      except Exception as e:  # noqa: BLE001 (any failure to read it is damage)
-        problem = f"it could not be restored ({describe(e)})"
-    if step is not None:
-      raise ValueError(f"checkpoint step {candidate} in {wd.checkpoints} is damaged: {problem}")
-    warn(f"checkpoint step {candidate} in {wd.checkpoints} is damaged: {problem}; "
-         "using the one before it")
+
+  def restore(candidate: int):
+    try:
+      with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(
+            (wd.checkpoints / str(candidate) / STATE_ITEM).absolute(),
+            args=ocp.args.PyTreeRestore(item={"params": target},
+                                        restore_args={"params": restore_args},
+                                        partial_restore=True))["params"]
+    except Exception as e:  # noqa: BLE001 (any failure to read it is damage)
+      raise Damaged(f"it could not be restored ({describe(e)})") from e
+
+  found = newest_good(wd.checkpoints, steps if step is None else [step], restore)
+  if found is not None:
+    return config, found[1]
+  if step is not None:
+    raise ValueError(f"checkpoint step {step} in {wd.checkpoints} is damaged (see the warning)")
   if wd.params.is_dir():
     return config, restore_params(wd.params, target)
   if steps:

@@ -28,7 +28,7 @@ from llm.model import unbox
 from llm.params import abstract_params
 from llm.training.optim import make_optimizer
 from llm.workdir import (CONFIG_ITEM as CONFIG, DATA_ITEM as DATA, STATE_ITEM as STATE,
-                         describe, verify_checkpoint, warn, write_manifest)
+                         Damaged, describe, newest_good, write_manifest)
 
 
 class CheckpointWriteError(OSError):
@@ -129,25 +129,19 @@ class Checkpointer:
     propagates); a damaged one is warned about, moved aside as N.damaged-TIME (nothing
     is deleted) and the one before it tried. Resuming from an older checkpoint
     retraces the same steps as an uninterrupted run."""
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      problem = verify_checkpoint(self.directory / str(step))
-      saved = None
-      if problem is None:
-        try:
-          saved = self.saved_config(step)
-        except Exception as e:  # noqa: BLE001 (an unreadable item is damage)
-          problem = f"its config item is unreadable ({describe(e)})"
-      if problem is None:
-        check_saved_config(saved)
-        try:
-          state, data_iter = self.restore(step, abstract_state, data_iter)
-          return step, state, data_iter
-        except Exception as e:  # noqa: BLE001
-          problem = f"it could not be restored ({describe(e)})"
-      warn(f"checkpoint step {step} in {self.directory} is damaged: {problem}; falling back to "
-           "the one before it")
-      self._quarantine(step)
-    return None
+    def attempt(step: int):
+      try:
+        saved = self.saved_config(step)
+      except Exception as e:  # noqa: BLE001 (an unreadable item is damage)
+        raise Damaged(f"its config item is unreadable ({describe(e)})") from e
+      check_saved_config(saved)  # a refusal is not damage: it propagates
+      try:
+        return self.restore(step, abstract_state, data_iter)
+      except Exception as e:  # noqa: BLE001
+        raise Damaged(f"it could not be restored ({describe(e)})") from e
+
+    found = newest_good(self.directory, self.manager.all_steps(), attempt, self._quarantine)
+    return None if found is None else (found[0], *found[1])
 
   def _quarantine(self, step: int) -> None:
     if jax.process_count() > 1:
@@ -200,7 +194,8 @@ def check_resumable(saved: dict, config, workdir) -> None:
   (learning rate, betas, schedule, steps, mesh) may change."""
   saved_cfg = config_lib.base_config()
   saved_cfg.update(saved)
-  if _layout(unbox(abstract_params(saved_cfg.model))) != _layout(unbox(abstract_params(config.model))):
+  params = unbox(abstract_params(config.model))
+  if _layout(unbox(abstract_params(saved_cfg.model))) != _layout(params):
     raise ValueError(f"the checkpoint in {workdir} is for a different model shape ("
                      + "; ".join(_changed("model", saved_cfg.model, config.model)) +
                      "). Use a new --workdir, or the saved config.")
@@ -211,7 +206,6 @@ def check_resumable(saved: dict, config, workdir) -> None:
                      " would reinterpret its saved data position (batches of rows already "
                      "read). Resume with the checkpoint's values, or start a new --workdir "
                      "(e.g. with --config.train.init_params to keep the weights).")
-  params = unbox(abstract_params(config.model))
   opt_layout = lambda cfg: _layout(jax.eval_shape(  # noqa: E731
       make_optimizer(cfg.optim, cfg.train.steps).init, params))
   if opt_layout(saved_cfg) != opt_layout(config):
