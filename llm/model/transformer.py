@@ -3,7 +3,7 @@
 Layers are stacked with `nn.scan` (one compiled block, a leading "layers"
 param axis) and rematerialised by a named policy (REMAT_POLICIES). The MLP is the
 kind `config.model.mlp` names (llm.model.mlp.MLPS). `forward` applies the model and
-collects the auxiliary losses its layers sowed.
+collects the auxiliary losses and metrics its layers sowed.
 """
 
 from __future__ import annotations
