@@ -77,8 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
           norm_topk_prob=True,  # renormalise the top-k probabilities (Mixtral; Qwen3 option)
           load_balance_weight=0.01,  # x n_experts * sum_i f_i P_i
           router_z_weight=0.001,  # x mean logsumexp(router logits)^2
-          compute="dropless",  # dropless (grouped matmul) | capacity (einsum, drops overflow)
+          # dropless (ragged_dot) | megablox (Pallas TPU grouped matmul) | capacity (einsum
+          # dispatch, drops overflow; all-to-all under expert parallelism)
+          compute="dropless",
           capacity_factor=1.25,  # compute="capacity": slots per expert / (tokens * k / experts)
+          every=1,  # every n-th layer is MoE (layers n-1, 2n-1, ...), the others dense d_ff
       )),
       flash_block_q=0,  # flash kernel block sizes; 0 = the kernel's default
       flash_block_k=0,
@@ -228,6 +231,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_range("model.moe.load_balance_weight", e.load_balance_weight, lo=0)
     check_range("model.moe.router_z_weight", e.router_z_weight, lo=0)
     check_range("model.moe.capacity_factor", e.capacity_factor, lo=0, lo_open=True)
+    check_range("model.moe.every", e.every, lo=1, hi=m.n_layers, note="at most model.n_layers")
+    if m.n_layers % e.every:
+      raise ValueError(f"model.n_layers={m.n_layers} must be divisible by model.moe.every="
+                       f"{e.every} (every n-th layer is MoE; layers are scanned in groups of n)")
   if d.source in ("text", "jsonl") and not d.paths:
     raise ValueError(f"data.source={d.source!r} needs data.paths (comma-separated files or globs)")
   if d.source == "tfds" and not d.tfds_name:

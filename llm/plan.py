@@ -107,6 +107,7 @@ class Plan:
   flops_per_chip: float  # model FLOPs of one step on one chip, recomputation included
   compile_seconds: float
   compiler_oom: bool = False  # the compiler refused: temporaries alone exceed HBM
+  pallas_kernels: int = 0  # Mosaic (Pallas TPU) kernels in the compiled step
 
   @property
   def total_bytes(self) -> int:
@@ -150,7 +151,8 @@ def compile_step(config, target: Target) -> Plan:
   return Plan(**common, argument_bytes=mem.argument_size_in_bytes,
               output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
               temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
-              compile_seconds=time.perf_counter() - t0)
+              compile_seconds=time.perf_counter() - t0,
+              pallas_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
 
 
 def _shard_bytes(tree) -> int:

@@ -139,13 +139,13 @@ def _hf_moe_model(out, family, **overrides):
   common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
   if family == "mixtral":
-    cfg = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, **common,
-                                     **overrides)
+    cfg = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4,
+                                     **{**common, **overrides})
     model = transformers.MixtralForCausalLM(cfg)
   else:
-    cfg = transformers.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32,
-                                      num_experts=4, head_dim=24, decoder_sparse_step=1,
-                                      mlp_only_layers=[], **common, **overrides)
+    common.update(intermediate_size=96, moe_intermediate_size=32, num_experts=4, head_dim=24,
+                  decoder_sparse_step=1, mlp_only_layers=[])
+    cfg = transformers.Qwen3MoeConfig(**{**common, **overrides})
     model = transformers.Qwen3MoeForCausalLM(cfg)
   model = model.eval()
   with torch.no_grad():  # decisive routers and non-trivial norms
@@ -162,6 +162,7 @@ def _hf_moe_model(out, family, **overrides):
     ("mixtral", {}),
     ("qwen3_moe", dict(norm_topk_prob=True)),
     ("qwen3_moe", dict(norm_topk_prob=False, tie_word_embeddings=True)),
+    ("qwen3_moe", dict(decoder_sparse_step=2, num_hidden_layers=4)),  # dense, moe, dense, moe
 ])
 def test_moe_import_matches_transformers_and_round_trips(tmp_path, family, overrides):
   model = _hf_moe_model(tmp_path / "hf", family, **overrides)

@@ -22,8 +22,19 @@ def model_and_params():
   return cfg, model, params
 
 
-def test_greedy_cached_decoding_equals_argmax_of_full_forward(model_and_params):
-  cfg, model, params = model_and_params
+def _mixed_moe_model():
+  """Dense and MoE layers alternating (moe.every=2): the cache is scanned in groups."""
+  cfg = tiny_config()
+  cfg.model.update(mlp="moe", n_layers=4)
+  cfg.model.moe.update(n_experts=4, top_k=2, d_ff=32, every=2)
+  model = make_model(cfg.model)
+  params = nn.meta.unbox(model.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))["params"])
+  return cfg, model, jax.tree.map(lambda x: x * 3.0 if x.ndim > 2 else x, params)
+
+
+@pytest.mark.parametrize("which", ["dense", "every_other_layer_moe"])
+def test_greedy_cached_decoding_equals_argmax_of_full_forward(model_and_params, which):
+  cfg, model, params = model_and_params if which == "dense" else _mixed_moe_model()
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(3, 512, n)) for n in (5, 11, 1)]  # different lengths: padded
   steps = 12

@@ -11,7 +11,7 @@ import pytest
 from llm import config as config_lib
 from llm.model import forward, init_params, make_model, unbox
 from llm.model.moe import load_balance_loss, route
-from llm.ops.moe import capacity, dropless
+from llm.ops.moe import COMPUTE, capacity
 from llm.params import active_params, count_params
 from llm.train import train
 from tests.helpers import load_recipe, losses, tiny_config
@@ -41,13 +41,13 @@ def _numpy_moe(x, router, gate, up, down, k, norm):
 
 
 @pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("compute", ["dropless", "capacity"])
+@pytest.mark.parametrize("compute", ["dropless", "megablox", "capacity"])
 def test_moe_matches_per_token_reference(compute, norm):
   x, router, gate, up, down = _weights()
   k = 2
   _, _, weights, experts = route(x, router, k, norm)
   extra = {"capacity_factor": 4.0} if compute == "capacity" else {}  # room for everyone
-  fn = {"dropless": dropless, "capacity": capacity}[compute]
+  fn = COMPUTE[compute]  # megablox: the Pallas TPU kernel in the interpreter
   out, dropped = fn(x, weights, experts, gate, up, down, jnp.float32, **extra)
   np.testing.assert_allclose(out, _numpy_moe(x, router, gate, up, down, k, norm), rtol=2e-5,
                              atol=2e-5)
@@ -168,12 +168,63 @@ def test_expert_parallel_training_matches_one_device_and_restores_across_layouts
   np.testing.assert_allclose([ep[s] for s in one], [one[s] for s in one], rtol=2e-5)
 
 
-def test_expert_parallelism_needs_dropless_and_divisible_experts(config, tmp_path):
+def test_expert_parallel_capacity_all_to_all_matches_one_device(config, tmp_path):
+  """Capacity compute with experts over expert=4 (tokens sent by all-to-all) equals one
+  device when the capacity drops nothing (capacity_factor = n_experts / top_k)."""
+  config = _moe_config(config)
+  config.model.moe.update(compute="capacity", capacity_factor=2.0)
+  config.train.update(steps=2, checkpoint_every=2, eval_every=2)
+  train(config, tmp_path / "one", devices=jax.devices()[:1])
+  config.mesh.update(data=2, expert=4)
+  train(config, tmp_path / "ep")
+  one, ep = losses(tmp_path / "one"), losses(tmp_path / "ep")
+  np.testing.assert_allclose([ep[s] for s in one], [one[s] for s in one], rtol=2e-5)
+  record = next(json.loads(line) for line in open(tmp_path / "ep" / "metrics.jsonl")
+                if "moe_dropped_fraction" in line)
+  assert record["moe_dropped_fraction"] == 0.0
+
+
+def test_expert_parallelism_needs_divisible_experts(config, tmp_path):
   config = _moe_config(config)
   config.mesh.update(data=2, expert=4)
-  config.model.moe.compute = "capacity"
-  with pytest.raises(ValueError, match="expert parallelism .* runs dropless experts only"):
-    train(config, tmp_path / "a")
-  config.model.moe.update(compute="dropless", n_experts=6)
+  config.model.moe.update(n_experts=6)
   with pytest.raises(ValueError, match="model.moe.n_experts=6 must be divisible by mesh.expert=4"):
     train(config, tmp_path / "b")
+
+
+def _mixed_config(scan: bool):
+  cfg = tiny_config()
+  cfg.model.update(mlp="moe", n_layers=4, scan_layers=scan, remat="none")
+  cfg.model.moe.update(n_experts=4, top_k=2, d_ff=16, every=2, compute="capacity")
+  config_lib.validate(cfg)
+  return cfg
+
+
+def test_every_nth_layer_moe_has_dense_layers_between():
+  """moe.every=2: layers 1 and 3 are MoE, 0 and 2 dense; scanned in groups of two, the
+  same function as the unscanned model with the same weights; counts add up."""
+  cfg = _mixed_config(scan=True)
+  params = unbox(init_params(make_model(cfg.model), jax.random.key(0), 8))
+  groups = params["layers"]
+  assert set(groups) == {"block_0", "block_1"}
+  assert "router" in groups["block_1"]["mlp"] and "router" not in groups["block_0"]["mlp"]
+  assert groups["block_0"]["mlp"]["gate"]["kernel"].shape[0] == 2  # 4 layers / groups of 2
+  flat_cfg = _mixed_config(scan=False)
+  flat = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(4):
+    flat[f"layers_{i}"] = jax.tree.map(lambda a: a[i // 2], groups[f"block_{i % 2}"])
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.model.vocab_size)
+  batch = {"inputs": tokens, "segment_ids": jnp.ones_like(tokens),
+           "positions": jnp.broadcast_to(jnp.arange(8), (2, 8))}
+  scanned, aux = forward(make_model(cfg.model), params, batch)
+  unrolled, _ = forward(make_model(flat_cfg.model), flat, batch)
+  np.testing.assert_allclose(scanned, unrolled, atol=1e-5)
+  assert set(aux.losses) == {"moe_load_balance_loss", "moe_router_z_loss"}
+  routed_experts_per_layer = 4 * 3 * cfg.model.d_model * 16
+  inactive = 2 * routed_experts_per_layer * (1 - 2 / 4)  # two MoE layers, top 2 of 4 experts
+  assert count_params(cfg.model) - active_params(cfg.model) == inactive
+  bad = tiny_config()
+  bad.model.update(mlp="moe", n_layers=4)
+  bad.model.moe.every = 3
+  with pytest.raises(ValueError, match="model.n_layers=4 must be divisible by model.moe.every=3"):
+    config_lib.validate(bad)

@@ -85,3 +85,17 @@ def test_multislice_mesh_keeps_only_data_across_slices(config):
   config.mesh.update(data=1, fsdp=8, tensor=1)
   with pytest.raises(ValueError, match="span 2 slices, so mesh.data=1 must be a multiple"):
     make_mesh(config.mesh, target.devices)
+
+
+@needs_libtpu
+def test_moe_with_megablox_compiles_for_tpu_with_expert_parallelism(config):
+  """The MoE layer's grouped matmuls are Mosaic kernels (megablox gmm forward, gmm + tgmm
+  backward) on a v5e-4 with the experts split 4 ways."""
+  config.model.update(d_model=256, n_heads=4, n_kv_heads=4, d_ff=512, mlp="moe", n_layers=2,
+                      dtype="bfloat16")
+  config.model.moe.update(n_experts=8, top_k=2, compute="megablox")
+  config.mesh.update(data=1, expert=4)
+  config.train.batch_size = 8
+  p = plan.compile_step(config, plan.tpu_target("v5e-4"))
+  assert p.mesh == {"data": 1, "expert": 4, "fsdp": 1, "tensor": 1, "sequence": 1}
+  assert p.pallas_kernels >= 3 * 3  # gate, up, down: forward gmm, backward gmm and tgmm

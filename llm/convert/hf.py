@@ -62,16 +62,21 @@ def model_updates_from_hf(hf: dict) -> dict:
 
 
 def _moe_updates_from_hf(hf: dict) -> dict:
-  """model.moe from a Mixtral or Qwen3-MoE config (every layer sparse, no shared experts)."""
+  """model.moe from a Mixtral or Qwen3-MoE config (no shared experts; Qwen3's
+  decoder_sparse_step n makes every n-th layer sparse, the others dense)."""
   qwen = hf["model_type"] == "qwen3_moe"
-  if qwen and (hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers")):
-    raise ValueError("Qwen3-MoE configs with dense layers (decoder_sparse_step != 1 or "
-                     "mlp_only_layers) are not supported: every layer must be sparse")
+  every = int(hf.get("decoder_sparse_step", 1) or 1) if qwen else 1
+  if qwen and hf.get("mlp_only_layers"):
+    raise ValueError(f"Qwen3-MoE mlp_only_layers={hf['mlp_only_layers']} is not supported: "
+                     "dense layers must come from decoder_sparse_step (every n-th layer sparse)")
+  if hf["num_hidden_layers"] % every:
+    raise ValueError(f"Qwen3-MoE decoder_sparse_step={every} must divide num_hidden_layers="
+                     f"{hf['num_hidden_layers']}")
   n_experts = hf.get("num_local_experts") or hf["num_experts"]
   return dict(n_experts=int(n_experts), top_k=int(hf["num_experts_per_tok"]),
               d_ff=int(hf["moe_intermediate_size"]) if qwen else 0, n_shared=0,
               norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if qwen else True,
-              load_balance_weight=float(hf.get("router_aux_loss_coef", 0.01)))
+              load_balance_weight=float(hf.get("router_aux_loss_coef", 0.01)), every=every)
 
 
 def _hf_moe_config(c) -> dict:
@@ -84,9 +89,12 @@ def _hf_moe_config(c) -> dict:
     return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
             "num_experts": m.n_experts, "num_local_experts": m.n_experts,
             "num_experts_per_tok": m.top_k, "moe_intermediate_size": m.d_ff or c.d_ff,
-            "norm_topk_prob": bool(m.norm_topk_prob), "decoder_sparse_step": 1,
+            "norm_topk_prob": bool(m.norm_topk_prob), "decoder_sparse_step": m.every,
             "mlp_only_layers": [], "router_aux_loss_coef": m.load_balance_weight,
             "use_sliding_window": False}
+  if m.every != 1:
+    raise ValueError(f"model.moe.every={m.every}: Mixtral has every layer sparse; dense layers "
+                     "between MoE layers export as Qwen3-MoE (model.qk_norm=True)")
   if not m.norm_topk_prob or m.d_ff not in (0, c.d_ff):
     raise ValueError("a MoE model without QK-norm exports as Mixtral, which renormalises the "
                      "top-k probabilities and has experts of model.d_ff: set "
@@ -125,9 +133,10 @@ def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: 
 
 # ----------------------------------------------------------------------------- tensors
 
-def _layer_map(c, family: str):
-  """[(HF suffix, our path under layers, index within the layer's array, HF -> ours,
-  ours -> HF)] for one decoder layer; HF Linear weights are [out, in]."""
+def _layer_map(c, family: str, mlp: str):
+  """[(HF suffix, our path under the layer's block, index within the layer's array,
+  HF -> ours, ours -> HF)] for one decoder layer with MLP kind `mlp`; HF Linear weights
+  are [out, in]."""
   h, k, d = c.n_heads, c.n_kv_heads, c.d_model
   e = c.head_dim or d // h
   same = lambda w: w  # noqa: E731
@@ -147,7 +156,7 @@ def _layer_map(c, family: str):
   if c.qk_norm:
     out += [("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), (), same, same),
             ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), (), same, same)]
-  if c.mlp != "moe":
+  if mlp != "moe":
     return out + [(f"mlp.{n}_proj.weight", ("mlp", n, "kernel"), (), t, t)
                   for n in ("gate", "up", "down")]
   if family == "mixtral":
@@ -159,6 +168,15 @@ def _layer_map(c, family: str):
     out += [(f"{block}.experts.{j}.{hf_name}.weight", ("mlp", ours), (j,), t, t)
             for ours, hf_name in names.items()]
   return out
+
+
+def _layer_slot(c, i: int) -> tuple[tuple[str, ...], int, str]:
+  """(path of layer i's block under params["layers"], its index on the stacked axis, MLP kind)."""
+  from llm.model.transformer import layer_kinds
+  kinds = layer_kinds(c)
+  if len(kinds) == 1:
+    return (), i, kinds[0]
+  return (f"block_{i % len(kinds)}",), i // len(kinds), kinds[i % len(kinds)]
 
 
 def _family(c) -> str:
@@ -212,20 +230,22 @@ def hf_to_params(reader: SafetensorsReader, c, dtype=np.float32) -> dict:
     params["unembed"] = get("lm_head.weight").T
     _check("lm_head.weight", params["unembed"], shapes["unembed"].shape)
   layers: dict = {}
-  for suffix, path, index, to_ours, to_hf in _layer_map(c, _family(c)):
-    target = shapes["layers"]
-    for p in path:
-      target = target[p]
-    node = layers
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    stacked = node.setdefault(path[-1], np.empty(target.shape, dtype))
-    hf_shape = to_hf(np.empty(target.shape[1 + len(index):], np.float32)).shape
-    for i in range(c.n_layers):
+  for i in range(c.n_layers):
+    block, stack_index, kind = _layer_slot(c, i)
+    for suffix, path, index, to_ours, to_hf in _layer_map(c, _family(c), kind):
+      path = block + path
+      target = shapes["layers"]
+      for p in path:
+        target = target[p]
+      node = layers
+      for p in path[:-1]:
+        node = node.setdefault(p, {})
+      stacked = node.setdefault(path[-1], np.empty(target.shape, dtype))
+      hf_shape = to_hf(np.empty(target.shape[1 + len(index):], np.float32)).shape
       name = f"model.layers.{i}.{suffix}"
       raw = get(name)
       _check(name, raw, hf_shape)
-      stacked[(i, *index)] = to_ours(raw)
+      stacked[(stack_index, *index)] = to_ours(raw)
   params["layers"] = layers
   return params
 
@@ -235,11 +255,13 @@ def params_to_hf(params, c) -> Iterator[tuple[str, np.ndarray]]:
   f32 = lambda x: np.asarray(x, np.float32)
   yield "model.embed_tokens.weight", f32(params["embedding"])
   for i in range(c.n_layers):
-    for suffix, path, index, _, to_hf in _layer_map(c, _family(c)):
+    block, stack_index, kind = _layer_slot(c, i)
+    for suffix, path, index, _, to_hf in _layer_map(c, _family(c), kind):
       x = params["layers"]
-      for p in path:
+      for p in block + path:
         x = x[p]
-      yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(to_hf(f32(x[(i, *index)])))
+      yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(
+          to_hf(f32(x[(stack_index, *index)])))
   yield "model.norm.weight", f32(params["final_norm"]["scale"])
   if not c.tie_embeddings:
     yield "lm_head.weight", np.ascontiguousarray(f32(params["unembed"]).T)

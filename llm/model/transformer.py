@@ -2,8 +2,12 @@
 
 Layers are stacked with `nn.scan` (one compiled block, a leading "layers"
 param axis) and rematerialised by a named policy (REMAT_POLICIES). The MLP is the
-kind `config.model.mlp` names (llm.model.mlp.MLPS). `forward` applies the model and
-collects the auxiliary losses and metrics its layers sowed.
+kind `config.model.mlp` names (llm.model.mlp.MLPS). With `mlp="moe"` and
+`moe.every=n > 1` only every n-th layer is MoE (layers n-1, 2n-1, ...; Qwen3's
+`decoder_sparse_step`) and the others dense: the scanned unit is then a group of n
+blocks named block_0 .. block_{n-1}, so params["layers"]["block_j"] holds layers
+j, n+j, 2n+j, ... `forward` applies the model and collects the auxiliary losses and
+metrics its layers sowed.
 """
 
 from __future__ import annotations
@@ -35,8 +39,20 @@ def dtypes(cfg):
   return jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
 
+def layer_kinds(cfg) -> tuple[str, ...]:
+  """The MLP kind of each block in the scanned unit (one block unless moe.every > 1)."""
+  every = cfg.moe.every if cfg.mlp == "moe" else 1
+  return ("dense",) * (every - 1) + (cfg.mlp,)
+
+
+def mlp_kind(cfg, layer: int) -> str:
+  kinds = layer_kinds(cfg)
+  return kinds[layer % len(kinds)]
+
+
 class Block(nn.Module):
   cfg: object
+  mlp: str = ""  # MLPS kind; "" = cfg.mlp
 
   @nn.compact
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, decode=None):
@@ -50,8 +66,26 @@ class Block(nn.Module):
     x_BTD = x_BTD + attn_BTD
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
     h_BTD = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x_BTD)
-    x_BTD = x_BTD + MLPS[c.mlp](c, out_init_std=out_std, name="mlp")(h_BTD)
+    x_BTD = x_BTD + MLPS[self.mlp or c.mlp](c, out_init_std=out_std, name="mlp")(h_BTD)
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+    return x_BTD, cache
+
+
+class Group(nn.Module):
+  """Consecutive blocks of the kinds `layer_kinds` names, scanned as one unit; the
+  cache's leading axis runs over the group's blocks."""
+  cfg: object
+
+  @nn.compact
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, decode=None):
+    caches = []
+    for j, kind in enumerate(layer_kinds(self.cfg)):
+      block_cache = None if cache is None else jax.tree.map(lambda a: a[j], cache)
+      x_BTD, block_cache = Block(self.cfg, kind, name=f"block_{j}")(
+          x_BTD, segment_ids_BT, positions_BT, block_cache, decode)
+      caches.append(block_cache)
+    if cache is not None:
+      cache = jax.tree.map(lambda *a: jnp.stack(a), *caches)
     return x_BTD, cache
 
 
@@ -77,21 +111,28 @@ class Transformer(nn.Module):
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
 
-    block = Block
+    group = len(layer_kinds(c))
+    unit = Block if group == 1 else Group
     if REMAT_POLICIES[c.remat] is not None:
-      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+      unit = nn.remat(unit, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0, AUX_LOSSES: 0, AUX_METRICS: 0},
+      stack = nn.scan(unit, variable_axes={"params": 0, AUX_LOSSES: 0, AUX_METRICS: 0},
                       split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=c.n_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                      length=c.n_layers // group, metadata_params={nn.PARTITION_NAME: "layers"})
+      if cache is not None and group > 1:  # [L, ...] -> [L / n, n, ...]
+        cache = jax.tree.map(lambda a: a.reshape(-1, group, *a.shape[1:]), cache)
       x_BTD, cache = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT, cache, decode)
+      if cache is not None and group > 1:
+        cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), cache)
     else:
       layer_caches = []
       for i in range(c.n_layers):
         layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
-        x_BTD, layer_cache = block(c, name=f"layers_{i}")(x_BTD, segment_ids_BT, positions_BT,
-                                                          layer_cache, decode)
+        block = Block if REMAT_POLICIES[c.remat] is None else nn.remat(
+            Block, policy=REMAT_POLICIES[c.remat], prevent_cse=True)
+        x_BTD, layer_cache = block(c, mlp_kind(c, i), name=f"layers_{i}")(
+            x_BTD, segment_ids_BT, positions_BT, layer_cache, decode)
         layer_caches.append(layer_cache)
       if cache is not None:
         cache = jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
