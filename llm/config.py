@@ -31,6 +31,9 @@ CHOICES = {
     "model.rope_scaling.type": "llm.model.layers:ROPE_SCALINGS",
     "data.source": "llm.data.sources:SOURCES",
     "data.tokenizer_model_type": "llm.data.tokenizer:MODEL_TYPES",
+    "data.chat.template": "llm.data.chat:TEMPLATE_CHOICES",
+    "data.chat.loss_on": "llm.data.chat:LOSS_ON",
+    "data.chat.overlong": "llm.data.chat:OVERLONG",
     "train.objective": "llm.training.objectives:OBJECTIVES",
     "optim.schedule": "llm.training.optim:SCHEDULES",
     "distributed.initialize": "llm.parallel.distributed:MODES",
@@ -109,6 +112,12 @@ def base_config() -> ml_collections.ConfigDict:
       encoding="utf-8",  # text encoding of text/jsonl files (any Python codec name)
       encoding_errors="strict",  # strict: undecodable bytes are an error; replace: U+FFFD
       shuffle_seed=0,
+      # train.objective="sft": JSONL chat examples from data.paths (llm/data/chat.py)
+      chat=ml_collections.ConfigDict(dict(
+          template="",  # chatml | llama3 | mistral; "" = the tokenizer's chat_template
+          loss_on="assistant",  # assistant (every assistant turn) | last | all
+          overlong="truncate",  # examples over data.seq_len + 1 tokens: truncate | drop
+      )),
   ))
 
   c.train = ml_collections.ConfigDict(dict(

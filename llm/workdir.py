@@ -2,7 +2,9 @@
 
     DIR/config.json      the run's config (written once a run has started or resumed)
     DIR/config.py        a config file to train from (llm.convert output)
-    DIR/tokenizer.model  the tokenizer, unless data.tokenizer_path names one
+    DIR/tokenizer.model  the tokenizer (sentencepiece), unless data.tokenizer_path names one
+    DIR/tokenizer.json   or a converted model's Hugging Face tokenizer (with its
+                         tokenizer_config.json / chat_template.jinja beside it)
     DIR/data/            the tokenized corpus cache
     DIR/params/          a params-only Orbax checkpoint (llm.convert output)
     DIR/checkpoints/N/   training checkpoints: items state/, data/ (iterator), config/, and
@@ -35,6 +37,7 @@ from llm import config as config_lib
 CONFIG_JSON = "config.json"
 CONFIG_PY = "config.py"
 TOKENIZER = "tokenizer.model"
+HF_TOKENIZER = "tokenizer.json"
 DATA = "data"
 PARAMS = "params"
 CHECKPOINTS = "checkpoints"
@@ -64,8 +67,12 @@ class Workdir:
   eval_json = property(lambda self: self.path / EVAL)
 
   def tokenizer(self, config) -> Path:
-    """The run's tokenizer: data.tokenizer_path, else DIR/tokenizer.model."""
-    return Path(config.data.tokenizer_path or self.path / TOKENIZER)
+    """The run's tokenizer: data.tokenizer_path, else DIR/tokenizer.json (a converted
+    model's Hugging Face tokenizer) if present, else DIR/tokenizer.model."""
+    if config.data.tokenizer_path:
+      return Path(config.data.tokenizer_path)
+    hf = self.path / HF_TOKENIZER
+    return hf if hf.is_file() else self.path / TOKENIZER
 
   def read_config(self) -> ml_collections.ConfigDict:
     if not self.config_json.is_file():
@@ -206,16 +213,16 @@ def warn(message: str) -> None:
 
 def load_tokenizer(workdir: str | os.PathLike, config):
   """The run's tokenizer (never trains one)."""
-  from llm.data.tokenizer import Tokenizer, check_vocab
-  tok = Tokenizer(Workdir(workdir).tokenizer(config))
+  from llm.data.tokenizer import check_vocab, open_tokenizer
+  tok = open_tokenizer(Workdir(workdir).tokenizer(config))
   check_vocab(tok, config.model.vocab_size)
   return tok
 
 
-def load_params(workdir: str | os.PathLike, step: int | None = None):
+def load_params(workdir: str | os.PathLike, step: int | None = None, target=None):
   """(config, params) of `workdir`: the params of its newest training checkpoint (or of
   `step`), else its params-only checkpoint (llm.convert output); replicated over the
-  local devices."""
+  local devices, or placed as `target` (a tree of sharded ShapeDtypeStructs) says."""
   import jax
   import orbax.checkpoint as ocp
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -225,9 +232,10 @@ def load_params(workdir: str | os.PathLike, step: int | None = None):
 
   wd = Workdir(workdir)
   config = wd.read_config()
-  replicated = NamedSharding(jax.sharding.Mesh(jax.local_devices(), ("all",)), P())
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                        unbox(abstract_params(config.model)))
+  if target is None:
+    replicated = NamedSharding(jax.sharding.Mesh(jax.local_devices(), ("all",)), P())
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                          unbox(abstract_params(config.model)))
   steps = wd.checkpoint_steps()
   if step is not None and step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {wd.checkpoints}; have {steps}")
@@ -265,10 +273,13 @@ def save_params(path: str | os.PathLike, params) -> None:
 
 
 def restore_params(path: str | os.PathLike, target):
-  """Restores a params-only checkpoint onto the shapes and shardings of `target`."""
+  """Restores a params-only checkpoint, or the params of a run directory's newest good
+  checkpoint, onto the shapes and shardings of `target`."""
   import orbax.checkpoint as ocp
   path = Path(path).absolute()
   if not path.is_dir():
     raise FileNotFoundError(f"params checkpoint {str(path)!r} does not exist")
+  if (path / CONFIG_JSON).is_file():  # a workdir
+    return load_params(path, target=target)[1]
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(path, target)

@@ -113,7 +113,7 @@ class _DenseWithPenalty(mlp_lib.SwiGLU):
 
 
 def _twice_the_loss(params, batch, *, model, config):
-  total, sums = objectives.pretrain(params, batch, model=model, config=config)
+  total, sums = objectives.next_token(params, batch, model=model, config=config)
   return 2 * total, {**sums, "loss": 2 * sums["loss"]}
 
 
@@ -140,7 +140,7 @@ def test_a_new_mlp_kind_and_objective_are_one_registry_line_each(config, tmp_pat
   per_layer = sown["aux_losses"]["layers"]["mlp"]["activation_penalty"][0]
   assert per_layer.shape == (config.model.n_layers,)
   np.testing.assert_allclose(aux.losses["activation_penalty"], float(jnp.sum(per_layer)), rtol=1e-6)
-  base_total, sums = objectives.pretrain(params, batch, model=model, config=config)
+  base_total, sums = objectives.next_token(params, batch, model=model, config=config)
   np.testing.assert_allclose(
       float(base_total),
       float(sums["loss"] + config.train.z_loss * sums["z_loss"] + sums["weight"] * aux.losses["activation_penalty"]),

@@ -11,7 +11,7 @@ from llm.data import pipeline
 from llm.model import make_model
 from llm.parallel.mesh import make_mesh
 from llm.train import train
-from llm.training.objectives import pretrain
+from llm.training.objectives import next_token
 from llm.training.optim import make_optimizer, schedule
 from llm.training.state import init_state, state_shardings
 from llm.training.step import make_objective, train_step
@@ -38,7 +38,7 @@ def _step(config, model, tx, grad_accum=1):
 def test_loss_is_masked_mean_cross_entropy(config, tmp_path):
   model, _, state, batch = _setup(config, tmp_path)
   config.train.z_loss = 1e-4
-  total, sums = pretrain(state.params, batch, model=model, config=config)
+  total, sums = next_token(state.params, batch, model=model, config=config)
   nll, z, tokens = sums["loss"], sums["z_loss"], sums["weight"]
   logits = np.asarray(model.apply({"params": state.params}, batch["inputs"], batch["segment_ids"],
                                   batch["positions"]), np.float64)

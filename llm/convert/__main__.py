@@ -87,11 +87,10 @@ def hf_to_llm(hf_dir: str, workdir: str) -> None:
 def _write_converted(hf_dir_path: Path, wd: Workdir, cfg) -> None:
   out = wd.path
   out.mkdir(parents=True, exist_ok=True)
-  tokenizer = hf_dir_path / "tokenizer.model"
-  if tokenizer.is_file():
-    out_tokenizer = out / workdir_lib.TOKENIZER
-    shutil.copyfile(tokenizer, out_tokenizer)
-    cfg.data.tokenizer_path = str(out_tokenizer.absolute())
+  copied = _copy_tokenizer(hf_dir_path, out)
+  if copied:  # tokenizer.json (with its config and chat template) wins over tokenizer.model
+    main = workdir_lib.HF_TOKENIZER if workdir_lib.HF_TOKENIZER in copied else workdir_lib.TOKENIZER
+    cfg.data.tokenizer_path = str((out / main).absolute())
   cfg.train.init_params = str(wd.params.absolute())
   config_lib.validate(cfg)
   params = hf.hf_to_params(hf.SafetensorsReader(hf_dir_path), cfg.model)
@@ -99,7 +98,21 @@ def _write_converted(hf_dir_path: Path, wd: Workdir, cfg) -> None:
   wd.write_config(cfg)
   wd.config_py.write_text(CONFIG_PY.format(hf_dir=hf_dir_path.absolute()))
   print(f"wrote {out}: config.json, config.py, {workdir_lib.PARAMS}/"
-        + (", tokenizer.model" if tokenizer.is_file() else ""))
+        + "".join(f", {name}" for name in copied))
+
+
+# A model directory's tokenizer files, copied both ways as they are.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.model")
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+  copied = []
+  for name in TOKENIZER_FILES:
+    if (src / name).is_file():
+      shutil.copyfile(src / name, dst / name)
+      copied.append(name)
+  return copied
 
 
 def llm_to_hf(workdir: str, hf_dir: str) -> None:
@@ -109,14 +122,19 @@ def llm_to_hf(workdir: str, hf_dir: str) -> None:
   with _removed_on_failure(out):
     out.mkdir(parents=True, exist_ok=True)
     bos, eos = 1, 2
+    copied = []
     if tok_path.is_file():
       tok = load_tokenizer(workdir, config)
       bos, eos = tok.bos_id, tok.eos_id
-      shutil.copyfile(tok_path, out / "tokenizer.model")
+      if tok_path.name == workdir_lib.HF_TOKENIZER:
+        copied = _copy_tokenizer(tok_path.parent, out)
+      else:
+        shutil.copyfile(tok_path, out / "tokenizer.model")
+        copied = ["tokenizer.model"]
     hf_cfg = hf.hf_config_from_model(config.model, config.data.seq_len, bos, eos)
     hf.write_safetensors(hf.params_to_hf(jax.device_get(params), config.model), out)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-  print(f"wrote {out}: config.json, safetensors" + (", tokenizer.model" if tok_path.is_file() else ""))
+  print(f"wrote {out}: config.json, safetensors" + "".join(f", {name}" for name in copied))
 
 
 FLAGS = flags.FLAGS

@@ -1,5 +1,8 @@
 """From config to batches: corpus -> tokenizer -> token stream (cached) -> packed rows -> grain.
 
+With train.objective="sft" the corpus is JSONL chat examples (llm.data.sft): rendered
+with the chat template, masked to the assistant's tokens, packed per example.
+
 The training iterator is a grain DatasetIterator, shuffled per epoch, sharded
 per process (process p reads rows p, p + P, p + 2P, ...), whose state is
 saved in every checkpoint so a resumed run reads exactly the batches an
@@ -16,17 +19,17 @@ import os
 import grain
 import numpy as np
 
-from llm.data import sources
+from llm.data import chat, sft, sources
 from llm.data.packing import PackedRows, concat_documents
-from llm.data.tokenizer import Tokenizer, check_vocab, train_tokenizer
+from llm.data.tokenizer import Tokenizer, check_vocab, open_tokenizer, train_tokenizer
 from llm.workdir import Workdir
 
 
 @dataclasses.dataclass
 class Corpus:
   tokenizer: Tokenizer
-  train: PackedRows
-  val: PackedRows
+  train: PackedRows | sft.PackedExamples
+  val: PackedRows | sft.PackedExamples
   unigram_loss: float  # nats/token of val targets under the train unigram distribution
 
 
@@ -44,10 +47,15 @@ def load_or_train_tokenizer(config, workdir: str | os.PathLike) -> Tokenizer:
   if not path.is_file() and not config.data.tokenizer_path:
     print(f"training a {config.model.vocab_size}-piece sentencepiece tokenizer -> {path}",
           flush=True)
-    tok = train_tokenizer(sources.documents(config.data), config.model.vocab_size, path,
-                          config.data.tokenizer_model_type, config.data.tokenizer_max_chars)
+    if is_chat(config):  # message texts; the template's special strings as single tokens
+      docs = (m["content"] for conv in sft.conversations(config.data) for m in conv)
+      symbols = chat.TEMPLATE_TOKENS.get(config.data.chat.template, ())
+    else:
+      docs, symbols = sources.documents(config.data), ()
+    tok = train_tokenizer(docs, config.model.vocab_size, path, config.data.tokenizer_model_type,
+                          config.data.tokenizer_max_chars, symbols)
   else:
-    tok = Tokenizer(path)
+    tok = open_tokenizer(path)
   check_vocab(tok, config.model.vocab_size)
   return tok
 
@@ -81,10 +89,40 @@ def unigram_loss(train_tokens: np.ndarray, val: PackedRows, vocab_size: int) -> 
   return float(-(logp[targets] * mask).sum() / max(mask.sum(), 1))
 
 
+def is_chat(config) -> bool:
+  """Whether the run's data are chat examples (the objective reads them) or documents."""
+  return config.train.objective == "sft"
+
+
+def prepare_chat(config, tok) -> Corpus:
+  """SFT rows: chat examples split into train and validation, each packed."""
+  d = config.data
+  convs = sft.conversations(d)
+  cut = sft.split(len(convs), d.val_fraction)
+  if cut < 1:
+    raise ValueError(f"data.paths={d.paths!r} holds {len(convs)} example(s): too few for a "
+                     "train and a validation split")
+  train_t = sft.tokenize_examples(convs[:cut], tok, d)
+  val_t = sft.tokenize_examples(convs[cut:], tok, d)
+  print(f"chat examples: {len(train_t.ids):,} train, {len(val_t.ids):,} validation; "
+        f"truncated {train_t.truncated + val_t.truncated:,}, dropped "
+        f"{train_t.dropped + val_t.dropped:,} (over data.seq_len={d.seq_len} + 1 tokens, "
+        f"data.chat.overlong={d.chat.overlong!r}, or nothing left to learn)", flush=True)
+  if not train_t.ids or not val_t.ids:
+    raise ValueError("no chat example is left in the train or the validation split "
+                     "(see the counts above)")
+  train = sft.pack(train_t.ids, train_t.masks, d.seq_len)
+  val = sft.pack(val_t.ids, val_t.masks, d.seq_len)
+  return Corpus(tok, sft.PackedExamples(train), sft.PackedExamples(val),
+                sft.masked_unigram_loss(train, val, config.model.vocab_size))
+
+
 def prepare(config, workdir, tokenizer: Tokenizer | None = None) -> Corpus:
   """Train and validation rows of the corpus, tokenized by `tokenizer` (default: the run's,
   trained if missing)."""
   tok = tokenizer or load_or_train_tokenizer(config, workdir)
+  if is_chat(config):
+    return prepare_chat(config, tok)
   tokens, doc_ids = token_stream(config, workdir, tok)
   seq_len = config.data.seq_len
   split = int(len(tokens) * (1 - config.data.val_fraction))

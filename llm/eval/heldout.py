@@ -26,18 +26,9 @@ def nll_sums(model, params, batch):
   return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 
-def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+def token_byte_lengths(tokenizer) -> np.ndarray:
   """UTF-8 bytes each token stands for (byte-fallback pieces 1, control tokens 0)."""
-  sp = tokenizer.sp
-  out = np.zeros(tokenizer.vocab_size, np.int64)
-  for i in range(tokenizer.vocab_size):
-    if sp.is_control(i) or sp.is_unknown(i):
-      continue
-    if sp.is_byte(i):
-      out[i] = 1
-    else:
-      out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-  return out
+  return tokenizer.token_byte_lengths()
 
 
 def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: int = 8,

@@ -33,7 +33,7 @@ class WorkdirLM(LM):
     out = []
     half = max(self.max_len // 2, 1)
     for r in requests:
-      ids = [self.tok.bos_id] + list(self.tok.encode(r.args[0]))
+      ids = (self.tok.bos_prefix() or [self.tok.eos_id]) + list(self.tok.encode(r.args[0]))
       pairs = [(ids[max(0, start - half):start], ids[start:start + half])
                for start in range(1, len(ids), half)]
       out.append(sum(lp for lp, _ in self.scorer.loglikelihood_ids(pairs)))
@@ -47,7 +47,7 @@ class WorkdirLM(LM):
       until = [until] if isinstance(until, str) else list(until)
       max_tokens = int(kwargs.pop("max_gen_toks", 256))
       temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-      prompt = [self.tok.bos_id] + list(self.tok.encode(context))
+      prompt = (self.tok.bos_prefix() or [self.tok.eos_id]) + list(self.tok.encode(context))
       prompt = prompt[-max(self.max_len - max_tokens, 1):]
       ids = self.decoder.generate([prompt], max_tokens, SamplingParams(temperature=temperature),
                                   eos_id=self.tok.eos_id)[0]

@@ -46,7 +46,8 @@ class Scorer:
     return out
 
   def loglikelihood(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-    ids = [([self.tok.bos_id] + list(self.tok.encode(c)) if c else [self.tok.bos_id],
+    start = self.tok.bos_prefix() or [self.tok.eos_id]  # lm_eval's rule without a BOS
+    ids = [(start + list(self.tok.encode(c)) if c else start,
             list(self.tok.encode(x))) for c, x in pairs]
     return self.loglikelihood_ids(ids)
 

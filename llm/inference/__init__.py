@@ -2,4 +2,4 @@
 
 from llm.inference.decoder import Decoder  # noqa: F401
 from llm.inference.sampling import SamplingParams  # noqa: F401
-from llm.inference.text import generate, load  # noqa: F401
+from llm.inference.text import chat, generate, load  # noqa: F401

@@ -88,8 +88,9 @@ class Decoder:
     return carry, token_B
 
   def generate(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams,
-               seed: int = 0, eos_id: int | None = None, on_token=None) -> list[list[int]]:
-    """Continuations (without EOS) of each prompt. `on_token(step, tokens_B, done_B)` is
+               seed: int = 0, eos_id=None, on_token=None) -> list[list[int]]:
+    """Continuations (without EOS) of each prompt; `eos_id` is one token id or several
+    (e.g. EOS and a chat template's end of turn). `on_token(step, tokens_B, done_B)` is
     called after every step, e.g. to stream text."""
     if not prompts or any(len(p) == 0 for p in prompts):
       raise ValueError("every prompt needs at least one token")
@@ -115,12 +116,13 @@ class Decoder:
                  logits=logits, rng=jax.random.key(seed), seen=seen)
     out: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
+    stop = set() if eos_id is None else {int(eos_id)} if np.ndim(eos_id) == 0 else set(eos_id)
     for step in range(max_tokens):
       carry, token_B = self._step(self.params, carry, sampling=sampling)
       token_B = np.asarray(token_B)
       for i in range(b):
         if not done[i]:
-          if eos_id is not None and token_B[i] == eos_id:
+          if int(token_B[i]) in stop:
             done[i] = True
           else:
             out[i].append(int(token_B[i]))

@@ -36,7 +36,7 @@ def with_aux(total, sums: dict, aux: Aux, weight):
   return total, sums
 
 
-def pretrain(params, batch, *, model, config):
+def next_token(params, batch, *, model, config):
   """Next-token cross-entropy over the loss mask, plus z-loss (train.z_loss x log^2 Z).
   Metrics: loss (cross-entropy per token), z_loss (mean log^2 Z), auxiliary losses."""
   logits_BTV, aux = forward(model, params, batch)
@@ -49,5 +49,7 @@ def pretrain(params, batch, *, model, config):
   return with_aux(nll + config.train.z_loss * z, sums, aux, tokens)
 
 
-# config.train.objective -> the objective function
-OBJECTIVES: dict[str, Objective] = {"pretrain": pretrain}
+# config.train.objective -> the objective function. "sft" minimises the same masked
+# cross-entropy over chat examples whose loss mask is the assistant's tokens (the data
+# side: llm.data.pipeline.is_chat, llm.data.sft).
+OBJECTIVES: dict[str, Objective] = {"pretrain": next_token, "sft": next_token}

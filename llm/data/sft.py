@@ -1,0 +1,139 @@
+"""Supervised fine-tuning data: JSONL chat examples -> packed rows with a loss mask.
+
+Each example (any format of llm.data.chat) is rendered with the run's chat template and
+tokenized; its targets are the next tokens and the loss mask covers the predicted tokens
+the template marks as the assistant's (data.chat.loss_on). Examples are packed in file
+order, several to a row of data.seq_len, each its own segment (attention never crosses
+examples, positions restart), the rest of a row padded (segment 0, masked out). An
+example longer than data.seq_len + 1 tokens is truncated or dropped (data.chat.overlong);
+the counts are printed. The last data.val_fraction of the examples is the validation
+split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Iterator
+
+import numpy as np
+
+from llm.data import chat, sources
+
+
+def records(data_cfg) -> Iterator[tuple[str, dict]]:
+  """(where, JSON object) per non-empty line of the data.paths JSONL files."""
+  for f in sources.expand_paths(data_cfg.paths):
+    offset = 0
+    with open(f, "rb") as fh:
+      for line_no, raw in enumerate(fh, 1):
+        where = f"{f}:{line_no}"
+        line = sources.decode(raw, where, data_cfg.encoding, data_cfg.encoding_errors, offset)
+        offset += len(raw)
+        if not line.strip():
+          continue
+        try:
+          yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{where} is not valid JSON: {e}") from None
+
+
+def conversations(data_cfg) -> list[list[dict]]:
+  out = [chat.to_messages(record, where) for where, record in records(data_cfg)]
+  if not out:
+    raise ValueError(f"data.paths={data_cfg.paths!r} holds no examples")
+  return out
+
+
+@dataclasses.dataclass
+class Tokenized:
+  ids: list[np.ndarray]  # per example, int32
+  masks: list[np.ndarray]  # per example, bool: the token is the assistant's (loss target)
+  truncated: int
+  dropped: int
+
+
+def tokenize_examples(convs: list[list[dict]], tokenizer, data_cfg) -> Tokenized:
+  template = chat.template_for(data_cfg.chat, tokenizer)
+  limit = data_cfg.seq_len + 1
+  ids, masks = [], []
+  truncated = dropped = 0
+  for messages in convs:
+    example_ids, mask = chat.tokenize_chat(tokenizer, template, messages, data_cfg.chat.loss_on)
+    cut = len(example_ids) > limit
+    if cut:
+      if data_cfg.chat.overlong == "drop":
+        dropped += 1
+        continue
+      example_ids, mask = example_ids[:limit], mask[:limit]
+    if len(example_ids) < 2 or not mask[1:].any():
+      dropped += 1  # nothing left to learn from (e.g. truncated before the answer)
+      continue
+    truncated += cut
+    ids.append(example_ids)
+    masks.append(mask)
+  return Tokenized(ids, masks, truncated, dropped)
+
+
+def pack(ids: list[np.ndarray], masks: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """Rows [R, seq_len] of inputs/targets/segment_ids/positions/loss_mask, examples in
+  order, a new row whenever the next example does not fit the current one."""
+  rows: list[list[int]] = []
+  used = seq_len
+  for i, x in enumerate(ids):
+    n = len(x) - 1  # predictions of this example
+    if used + n > seq_len:
+      rows.append([])
+      used = 0
+    rows[-1].append(i)
+    used += n
+  out = {k: np.zeros((len(rows), seq_len), np.int32)
+         for k in ("inputs", "targets", "segment_ids", "positions")}
+  out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
+  for r, members in enumerate(rows):
+    pos = 0
+    for seg, i in enumerate(members, 1):
+      x, m = ids[i], masks[i]
+      n = len(x) - 1
+      out["inputs"][r, pos:pos + n] = x[:-1]
+      out["targets"][r, pos:pos + n] = x[1:]
+      out["segment_ids"][r, pos:pos + n] = seg
+      out["positions"][r, pos:pos + n] = np.arange(n)
+      out["loss_mask"][r, pos:pos + n] = m[1:]
+      pos += n
+  return out
+
+
+class PackedExamples:
+  """A grain random-access source over packed example rows."""
+
+  def __init__(self, rows: dict[str, np.ndarray]):
+    self.rows = rows
+    self.seq_len = rows["inputs"].shape[1]
+
+  def __len__(self) -> int:
+    return len(self.rows["inputs"])
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"row {index} out of range [0, {len(self)})")
+    return {k: v[index] for k, v in self.rows.items()}
+
+  def __repr__(self) -> str:
+    return f"PackedExamples(rows={len(self)}, seq_len={self.seq_len})"
+
+
+def split(n_examples: int, val_fraction: float) -> int:
+  """Index of the first validation example: at least one of each when there are two."""
+  n_val = min(max(1, round(n_examples * val_fraction)), n_examples - 1)
+  return n_examples - n_val
+
+
+def masked_unigram_loss(train: dict, val: dict, vocab_size: int) -> float:
+  """Cross-entropy (nats) of val's masked targets under add-one-smoothed unigram
+  frequencies of train's masked targets."""
+  counts = np.bincount(train["targets"][train["loss_mask"] > 0], minlength=vocab_size)
+  logp = np.log((counts + 1.0) / (counts.sum() + vocab_size))
+  m = val["loss_mask"] > 0
+  return float(-logp[val["targets"][m]].mean()) if m.any() else float("nan")

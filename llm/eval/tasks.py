@@ -1,0 +1,129 @@
+"""Generated chat tasks with verifiable answers, and exact-match scoring of a model on them.
+
+    python -m llm.eval.tasks make --task=reverse --out=data/reverse   # train.jsonl, test.jsonl
+    python -m llm.eval.tasks score --workdir=runs/sft --data=data/reverse/test.jsonl
+
+Each task (TASKS) draws examples from a seeded generator as {"messages": [user,
+assistant]} JSONL (the answer is the assistant's content). `exact_match` asks the model
+each test question through the run's chat template (greedy) and counts replies equal
+to the answer after stripping surrounding whitespace. The same answers serve as
+rewards for preference data and RL (llm.training alignment objectives).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+from typing import Callable
+
+WORDS = ("the king queen love night day sword crown heart blood death life sleep dream "
+         "honour lord lady father mother son brother sister friend enemy war peace fire "
+         "water earth air star moon sun rose thorn grave ghost").split()
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+  word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
+  return f"Reverse the letters: {word}", word[::-1]
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+  a, b = rng.randint(0, 99), rng.randint(0, 99)
+  return f"What is {a} + {b}?", str(a + b)
+
+
+def _last_word(rng: random.Random) -> tuple[str, str]:
+  words = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
+  return f"Which word comes last: {' '.join(words)}", words[-1]
+
+
+# --task -> a generator of (question, answer) from a seeded random.Random
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "reverse": _reverse, "add": _add, "last_word": _last_word}
+
+
+def examples(task: str, n: int, seed: int) -> list[dict]:
+  if task not in TASKS:
+    raise ValueError(f"task {task!r} is not known; choose one of {sorted(TASKS)}")
+  rng = random.Random(seed)
+  out = []
+  for _ in range(n):
+    question, answer = TASKS[task](rng)
+    out.append({"messages": [{"role": "user", "content": question},
+                             {"role": "assistant", "content": answer}]})
+  return out
+
+
+def write_task(task: str, out_dir: str | Path, n_train: int = 4000, n_test: int = 200,
+               seed: int = 0) -> tuple[Path, Path]:
+  """train.jsonl and test.jsonl (disjoint questions) under out_dir."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  test = examples(task, n_test, seed + 1)
+  held_out = {e["messages"][0]["content"] for e in test}
+  train = [e for e in examples(task, n_train + n_test, seed)
+           if e["messages"][0]["content"] not in held_out][:n_train]
+  paths = out / "train.jsonl", out / "test.jsonl"
+  for path, rows in zip(paths, (train, test)):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+  return paths
+
+
+def read_examples(path: str | Path) -> list[dict]:
+  return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def exact_match(config, params, tokenizer, test: list[dict], max_tokens: int = 16,
+                batch_size: int = 64) -> tuple[float, list[str]]:
+  """(fraction of greedy replies equal to the reference answer, the replies)."""
+  from llm.inference import SamplingParams, chat
+  replies: list[str] = []
+  for i in range(0, len(test), batch_size):
+    part = test[i:i + batch_size]
+    prompts = [e["messages"][:-1] for e in part]
+    replies += chat(config, params, tokenizer, prompts, max_tokens,
+                    SamplingParams(temperature=0.0))
+  answers = [e["messages"][-1]["content"].strip() for e in test]
+  hits = sum(r.strip() == a for r, a in zip(replies, answers))
+  return hits / max(len(test), 1), replies
+
+
+def main(argv: list[str]) -> None:
+  f = FLAGS
+  if len(argv) != 2 or argv[1] not in ("make", "score"):
+    raise ValueError(f"usage: python -m llm.eval.tasks make|score [flags]; got {argv[1:]}")
+  if argv[1] == "make":
+    if not f.task or not f.out:
+      raise ValueError("make needs --task and --out")
+    train, test = write_task(f.task, f.out, f.n_train, f.n_test, f.seed)
+    print(f"wrote {train} and {test}")
+    return
+  if not f.workdir or not f.data:
+    raise ValueError("score needs --workdir and --data")
+  from llm.inference import load
+  config, params, tok = load(f.workdir)
+  test = read_examples(f.data)[:f.limit or None]
+  accuracy, replies = exact_match(config, params, tok, test)
+  for e, r in list(zip(test, replies))[:5]:
+    print(f"  {e['messages'][-2]['content']!r} -> {r.strip()!r} "
+          f"(answer {e['messages'][-1]['content']!r})")
+  print(json.dumps({"exact_match": accuracy, "n": len(test), "workdir": f.workdir}))
+
+
+if __name__ == "__main__":
+  from absl import flags
+
+  from llm.cli import run
+  flags.DEFINE_string("task", "", f"make: one of {sorted(TASKS)}")
+  flags.DEFINE_string("out", "", "make: the directory for train.jsonl and test.jsonl")
+  flags.DEFINE_integer("n_train", 4000, "make: training examples")
+  flags.DEFINE_integer("n_test", 200, "make: test examples (questions not in train)")
+  flags.DEFINE_integer("seed", 0, "make: generator seed")
+  flags.DEFINE_string("workdir", "", "score: the run to score")
+  flags.DEFINE_string("data", "", "score: a test.jsonl")
+  flags.DEFINE_integer("limit", 0, "score: the first N examples only (0: all)")
+  FLAGS = flags.FLAGS
+  run(main)
