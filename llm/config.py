@@ -39,6 +39,7 @@ CHOICES = {
     "distributed.initialize": "llm.parallel.distributed:MODES",
 }
 MESH_AXES_REGISTRY = "llm.parallel.mesh:MESH_AXES"
+LORA_TARGETS_REGISTRY = "llm.model.lora:TARGETS"
 
 
 def registry(where: str):
@@ -85,6 +86,13 @@ def base_config() -> ml_collections.ConfigDict:
           compute="dropless",
           capacity_factor=1.25,  # compute="capacity": slots per expert / (tokens * k / experts)
           every=1,  # every n-th layer is MoE (layers n-1, 2n-1, ...), the others dense d_ff
+      )),
+      # LoRA adapters (llm/model/lora.py): rank 0 = off; with rank > 0 only the adapters
+      # train (the base weights are frozen) and they are merged for generation and export
+      lora=ml_collections.ConfigDict(dict(
+          rank=0,
+          alpha=16.0,  # the update is scaled by alpha / rank
+          targets="q,v",  # comma-separated: any of q, k, v, o, gate, up, down
       )),
       flash_block_q=0,  # flash kernel block sizes; 0 = the kernel's default
       flash_block_k=0,
@@ -231,6 +239,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive("model.rope_scaling.original_max_position", r.original_max_position)
   for name in ("flash_block_q", "flash_block_k", "sliding_window"):
     check_range(f"model.{name}", m[name], lo=0, note="0 = default / off")
+  if m.lora.rank:
+    check_range("model.lora.rank", m.lora.rank, lo=1)
+    check_range("model.lora.alpha", m.lora.alpha, lo=0, lo_open=True)
+    targets = [t.strip() for t in m.lora.targets.split(",") if t.strip()]
+    allowed = registry(LORA_TARGETS_REGISTRY)
+    if not targets or any(t not in allowed for t in targets):
+      raise ValueError(f"model.lora.targets={m.lora.targets!r}: allowed targets are "
+                       f"{list(allowed)} (comma-separated)")
   if m.mlp == "moe":
     e = m.moe
     check_range("model.moe.n_experts", e.n_experts, lo=1)

@@ -232,6 +232,7 @@ def load_params(workdir: str | os.PathLike, step: int | None = None, target=None
 
   wd = Workdir(workdir)
   config = wd.read_config()
+  placed = target is not None  # restoring for training: keep adapters apart
   if target is None:
     replicated = NamedSharding(jax.sharding.Mesh(jax.local_devices(), ("all",)), P())
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -254,6 +255,10 @@ def load_params(workdir: str | os.PathLike, step: int | None = None, target=None
 
   found = newest_good(wd.checkpoints, steps if step is None else [step], restore)
   if found is not None:
+    if config.model.lora.rank and not placed:  # inference: adapters folded in
+      from llm.model import lora
+      merged, config.model = lora.merge(found[1], config.model)
+      return config, merged
     return config, found[1]
   if step is not None:
     raise ValueError(f"checkpoint step {step} in {wd.checkpoints} is damaged (see the warning)")

@@ -105,6 +105,8 @@ def main(argv: list[str]) -> None:
     raise ValueError("score needs --workdir and --data")
   from llm.inference import load
   config, params, tok = load(f.workdir)
+  if f.template:
+    config.data.chat.template = f.template
   test = read_examples(f.data)[:f.limit or None]
   accuracy, replies = exact_match(config, params, tok, test)
   for e, r in list(zip(test, replies))[:5]:
@@ -125,5 +127,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", "", "score: the run to score")
   flags.DEFINE_string("data", "", "score: a test.jsonl")
   flags.DEFINE_integer("limit", 0, "score: the first N examples only (0: all)")
+  flags.DEFINE_string("template", "", "score: a built-in chat template (default: the run's)")
   FLAGS = flags.FLAGS
   run(main)

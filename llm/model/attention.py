@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from llm.ops.attention import attend
 from llm.model.layers import Projection, RMSNorm, apply_rope, constrain, rope_inv_freq
+from llm.model.lora import projection_kwargs
 
 
 class Attention(nn.Module):
@@ -31,11 +32,11 @@ class Attention(nn.Module):
     h, k, e, d = c.n_heads, c.n_kv_heads, self.head_dim, c.d_model
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q_BTHE = Projection((d,), (h, e), ("embed", "heads", "head_dim"), init_std=c.init_std,
-                        name="q", **kw)(x_BTD)
+                        name="q", **kw, **projection_kwargs(c, "q"))(x_BTD)
     k_BTKE = Projection((d,), (k, e), ("embed", "kv_heads", "head_dim"), init_std=c.init_std,
-                        name="k", **kw)(x_BTD)
+                        name="k", **kw, **projection_kwargs(c, "k"))(x_BTD)
     v_BTKE = Projection((d,), (k, e), ("embed", "kv_heads", "head_dim"), init_std=c.init_std,
-                        name="v", **kw)(x_BTD)
+                        name="v", **kw, **projection_kwargs(c, "v"))(x_BTD)
     if c.qk_norm:
       q_BTHE = RMSNorm(c.norm_eps, axis_name="head_dim", name="q_norm", **kw)(q_BTHE)
       k_BTKE = RMSNorm(c.norm_eps, axis_name="head_dim", name="k_norm", **kw)(k_BTKE)
@@ -59,5 +60,6 @@ class Attention(nn.Module):
                         q_offset=decode["slot"], **options)
     out_BTHE = constrain(out_BTHE, ("batch", "length", "act_heads", "head_dim"))
     out_BTD = Projection((h, e), (d,), ("heads", "head_dim", "embed"),
-                         init_std=self.out_init_std, name="o", **kw)(out_BTHE)
+                         init_std=self.out_init_std, name="o", **kw,
+                         **projection_kwargs(c, "o"))(out_BTHE)
     return out_BTD, cache

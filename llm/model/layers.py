@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm.model.lora import projection_kwargs
+
 DTYPES = ("float32", "bfloat16")  # model.dtype (compute) and model.param_dtype
 AUX_LOSSES = "aux_losses"  # the flax collection auxiliary losses are sown into
 AUX_METRICS = "aux_metrics"  # and scalars to log (averaged over layers)
@@ -45,13 +47,20 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-  """A bias-free linear map `x[..., in] -> x[..., out...]` with named weight axes."""
+  """A bias-free linear map `x[..., in] -> x[..., out...]` with named weight axes.
+
+  With `lora_rank` > 0 a low-rank adapter is added (LoRA): x -> x @ A @ B x alpha/rank,
+  A [in..., rank] (normal, std 1/rank) and B [rank, out...] zero-initialised, so the
+  adapted map starts equal to the base one. A and B carry the kernel's input and output
+  axes, so they shard like it; the rank axis is never split."""
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
   axes: tuple[str, ...]
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   init_std: float
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x):
@@ -59,7 +68,18 @@ class Projection(nn.Module):
                              self.in_shape + self.out_shape, self.axes, self.param_dtype)
     n_in = len(self.in_shape)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    x = x.astype(self.dtype)
+    out = jax.lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
+    if self.lora_rank:
+      r = self.lora_rank
+      a = param_with_axes(self, "lora_a", nn.initializers.normal(1.0 / r), self.in_shape + (r,),
+                          self.axes[:n_in] + (None,), self.param_dtype)
+      b = param_with_axes(self, "lora_b", nn.initializers.zeros, (r,) + self.out_shape,
+                          (None,) + self.axes[n_in:], self.param_dtype)
+      xa = jax.lax.dot_general(x, a.astype(self.dtype), (contract, ((), ())))
+      xab = jnp.tensordot(xa, b.astype(self.dtype), axes=1)
+      out = out + (self.lora_alpha / r) * xab
+    return out
 
 
 def add_aux_loss(module: nn.Module, name: str, value: jax.Array) -> None:
@@ -121,9 +141,9 @@ class SwiGLU(nn.Module):
     f = self.d_ff or c.d_ff
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     gate_BTF = Projection((c.d_model,), (f,), ("embed", "mlp"), init_std=c.init_std,
-                          name="gate", **kw)(x_BTD)
+                          name="gate", **kw, **projection_kwargs(c, "gate"))(x_BTD)
     up_BTF = Projection((c.d_model,), (f,), ("embed", "mlp"), init_std=c.init_std,
-                        name="up", **kw)(x_BTD)
+                        name="up", **kw, **projection_kwargs(c, "up"))(x_BTD)
     h_BTF = constrain(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
     return Projection((f,), (c.d_model,), ("mlp", "embed"), init_std=self.out_init_std,
-                      name="down", **kw)(h_BTF)
+                      name="down", **kw, **projection_kwargs(c, "down"))(h_BTF)

@@ -207,7 +207,7 @@ def check_resumable(saved: dict, config, workdir) -> None:
                      "read). Resume with the checkpoint's values, or start a new --workdir "
                      "(e.g. with --config.train.init_params to keep the weights).")
   opt_layout = lambda cfg: _layout(jax.eval_shape(  # noqa: E731
-      make_optimizer(cfg.optim, cfg.train.steps).init, params))
+      make_optimizer(cfg.optim, cfg.train.steps, cfg.model).init, params))
   if opt_layout(saved_cfg) != opt_layout(config):
     raise ValueError(f"the checkpoint in {workdir} holds optimizer state of another layout ("
                      + "; ".join(_changed("optim", saved_cfg.optim, config.optim)) +

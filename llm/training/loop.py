@@ -26,6 +26,7 @@ from llm.parallel import rules
 from llm.parallel.mesh import make_mesh, use_mesh
 from llm.training import checkpoint as checkpoint_lib
 from llm.training.metrics import MetricsWriter
+from llm.model import lora
 from llm.training.optim import make_optimizer
 from llm.training.preemption import StopDecision
 from llm.training.state import init_state, state_shardings
@@ -71,9 +72,17 @@ def _start_state(config, wd: Workdir, ckpt, model, tx, mesh, train_iter):
     return state, train_iter, shardings
   state = init_state(model, tx, config.data.seq_len, config.seed, shardings)
   if config.train.init_params:
-    state = state.replace(params=restore_params(config.train.init_params, abstract_state.params))
+    # LoRA: the base weights come from init_params, the adapters keep their initialisation
+    base_target, _ = lora.split(abstract_state.params)
+    _, adapters = lora.split(state.params)
+    base = restore_params(config.train.init_params, base_target)
+    state = state.replace(params=lora.join(base, adapters))
     if primary:
       print(f"initialised params from {config.train.init_params}", flush=True)
+  if config.model.lora.rank and primary:
+    print(f"LoRA: training {lora.adapter_bytes(state.params) / 2**20:.2f} MiB of adapters "
+          f"(rank {config.model.lora.rank} on {config.model.lora.targets}); the base is frozen",
+          flush=True)
   return state, train_iter, shardings
 
 
@@ -101,7 +110,7 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   corpus = _prepare_data(config, wd.path)
   model = make_model(config.model)
   total_steps = config.train.steps
-  tx = make_optimizer(config.optim, total_steps)
+  tx = make_optimizer(config.optim, total_steps, config.model)
   train_iter = pipeline.train_iterator(corpus.train, config.train.batch_size,
                                        config.data.shuffle_seed, jax.process_index(),
                                        jax.process_count())

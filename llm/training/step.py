@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from llm.model.lora import freeze_base
 from llm.parallel.rules import batch_axes, data_parallel_size
 from llm.training.objectives import OBJECTIVES
 from llm.training.optim import schedule
@@ -56,9 +57,13 @@ def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_acc
 
 
 def make_objective(config, model):
-  """`config.train.objective` bound to the model and config: (params, batch) -> (total, sums)."""
-  return functools.partial(OBJECTIVES[config.train.objective], model=model,
-                           config=ml_collections.FrozenConfigDict(config))
+  """`config.train.objective` bound to the model and config: (params, batch) -> (total, sums).
+  With LoRA the base weights are frozen: no gradient flows to (or is computed for) them."""
+  objective = functools.partial(OBJECTIVES[config.train.objective], model=model,
+                                config=ml_collections.FrozenConfigDict(config))
+  if not config.model.lora.rank:
+    return objective
+  return lambda params, batch: objective(freeze_base(params), batch)
 
 
 def check_batch(config, mesh) -> None:

@@ -1,0 +1,109 @@
+"""LoRA adapters (`model.lora`): which projections get them, telling them apart from the
+base weights, and merging them into the base.
+
+An adapted projection (llm.model.layers.Projection) holds "kernel" plus "lora_a"
+[in..., r] and "lora_b" [r, out...]; its map is x @ (kernel + alpha/r x A @ B). Training
+freezes everything but the adapters (llm.training.optim, llm.training.step);
+generation and export use `merge`, which folds the adapters into the kernels and
+returns a model config without them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ADAPTER_KEYS = ("lora_a", "lora_b")
+# model.lora.targets: the projections LoRA can adapt
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def targets(model_cfg) -> tuple[str, ...]:
+  return tuple(t.strip() for t in model_cfg.lora.targets.split(",") if t.strip())
+
+
+def projection_kwargs(model_cfg, target: str) -> dict:
+  """Projection arguments for the projection named `target`."""
+  lora = model_cfg.lora
+  if not lora.rank or target not in targets(model_cfg):
+    return {}
+  return dict(lora_rank=lora.rank, lora_alpha=lora.alpha)
+
+
+def is_adapter(path) -> bool:
+  """Whether a params tree path (from tree_flatten_with_path) is a LoRA weight."""
+  return any(getattr(k, "key", None) in ADAPTER_KEYS for k in path)
+
+
+def trainable_labels(params):
+  """"adapter" or "frozen" for every leaf of `params`."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "adapter" if is_adapter(path) else "frozen", params)
+
+
+def freeze_base(params):
+  """`params` with the gradient stopped at every non-adapter leaf (no base gradients are
+  computed at all)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if is_adapter(path) else jax.lax.stop_gradient(x), params)
+
+
+def split(params) -> tuple[dict, dict]:
+  """(base params without adapters, the adapters alone), both nested dicts."""
+  if not isinstance(params, dict):
+    return params, None
+  base, adapters = {}, {}
+  for key, value in params.items():
+    if key in ADAPTER_KEYS:
+      adapters[key] = value
+      continue
+    b, a = split(value)
+    base[key] = b
+    if a:
+      adapters[key] = a
+  return base, adapters
+
+
+def join(base, adapters):
+  """The inverse of `split`."""
+  if not adapters:
+    return base
+  out = dict(base)
+  for key, value in adapters.items():
+    out[key] = value if key in ADAPTER_KEYS else join(base[key], value)
+  return out
+
+
+def _delta(a, b, kernel_shape, scale):
+  """scale x A @ B shaped like the kernel (leading stacked-layer axes kept)."""
+  n_lead = a.ndim + b.ndim - len(kernel_shape) - 2
+  lead = a.shape[:n_lead]
+  r = a.shape[-1]
+  a2 = a.reshape(*lead, -1, r).astype(jnp.float32)
+  b2 = b.reshape(*lead, r, -1).astype(jnp.float32)
+  return (scale * jnp.matmul(a2, b2)).reshape(kernel_shape)
+
+
+def merge(params, model_cfg):
+  """(params with every adapter folded into its kernel, the model config without LoRA)."""
+  scale = model_cfg.lora.alpha / max(model_cfg.lora.rank, 1)
+
+  def fold(node):
+    if not isinstance(node, dict):
+      return node
+    if "lora_a" in node:
+      kernel = node["kernel"]
+      merged = kernel.astype(jnp.float32) + _delta(node["lora_a"], node["lora_b"],
+                                                   kernel.shape, scale)
+      return {"kernel": merged.astype(kernel.dtype)}
+    return {k: fold(v) for k, v in node.items()}
+
+  import ml_collections
+  merged_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  merged_cfg.lora.rank = 0
+  return fold(params), merged_cfg
+
+
+def adapter_bytes(params) -> int:
+  _, adapters = split(params)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(adapters or {}))
