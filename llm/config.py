@@ -25,6 +25,7 @@ CHOICES = {
     "model.attention": "llm.ops.attention:IMPLEMENTATIONS",
     "model.mlp": "llm.model.mlp:MLPS",
     "model.moe.compute": "llm.ops.moe:COMPUTE",
+    "model.lora.base_quant": "llm.model.quant:BASE_QUANT",
     "model.remat": "llm.model.transformer:REMAT_POLICIES",
     "model.dtype": "llm.model.layers:DTYPES",
     "model.param_dtype": "llm.model.layers:DTYPES",
@@ -93,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
           rank=0,
           alpha=16.0,  # the update is scaled by alpha / rank
           targets="q,v",  # comma-separated: any of q, k, v, o, gate, up, down
+          base_quant="none",  # QLoRA: the frozen base stored as int8 | nf4 (none: as is)
       )),
       flash_block_q=0,  # flash kernel block sizes; 0 = the kernel's default
       flash_block_k=0,
@@ -239,6 +241,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive("model.rope_scaling.original_max_position", r.original_max_position)
   for name in ("flash_block_q", "flash_block_k", "sliding_window"):
     check_range(f"model.{name}", m[name], lo=0, note="0 = default / off")
+  if m.lora.base_quant != "none" and not m.lora.rank:
+    raise ValueError(f"model.lora.base_quant={m.lora.base_quant!r} quantizes the frozen base "
+                     "of a LoRA run: set model.lora.rank > 0")
   if m.lora.rank:
     check_range("model.lora.rank", m.lora.rank, lo=1)
     check_range("model.lora.alpha", m.lora.alpha, lo=0, lo_open=True)

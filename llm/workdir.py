@@ -219,10 +219,13 @@ def load_tokenizer(workdir: str | os.PathLike, config):
   return tok
 
 
-def load_params(workdir: str | os.PathLike, step: int | None = None, target=None):
+def load_params(workdir: str | os.PathLike, step: int | None = None, target=None,
+                merge_lora: bool = True):
   """(config, params) of `workdir`: the params of its newest training checkpoint (or of
   `step`), else its params-only checkpoint (llm.convert output); replicated over the
-  local devices, or placed as `target` (a tree of sharded ShapeDtypeStructs) says."""
+  local devices, or placed as `target` (a tree of sharded ShapeDtypeStructs) says. A
+  LoRA run's adapters are joined to its base and, unless a target is given or
+  `merge_lora` is False, folded into it (the config returned then has no LoRA)."""
   import jax
   import orbax.checkpoint as ocp
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -240,6 +243,11 @@ def load_params(workdir: str | os.PathLike, step: int | None = None, target=None
   steps = wd.checkpoint_steps()
   if step is not None and step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {wd.checkpoints}; have {steps}")
+  from llm.model import lora
+  lora_run = bool(config.model.lora.rank)
+  full_target = target
+  if lora_run:  # the checkpoints hold the adapters; the base is train.init_params
+    target = lora.split(full_target)[1]
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
 
   def restore(candidate: int):
@@ -255,11 +263,13 @@ def load_params(workdir: str | os.PathLike, step: int | None = None, target=None
 
   found = newest_good(wd.checkpoints, steps if step is None else [step], restore)
   if found is not None:
-    if config.model.lora.rank and not placed:  # inference: adapters folded in
-      from llm.model import lora
-      merged, config.model = lora.merge(found[1], config.model)
-      return config, merged
-    return config, found[1]
+    if not lora_run:
+      return config, found[1]
+    params = lora.join(lora_base(config, lora.split(full_target)[0]), found[1])
+    if placed or not merge_lora:
+      return config, params
+    merged, config.model = lora.merge(params, config.model)  # inference: adapters folded in
+    return config, merged
   if step is not None:
     raise ValueError(f"checkpoint step {step} in {wd.checkpoints} is damaged (see the warning)")
   if wd.params.is_dir():
@@ -267,6 +277,44 @@ def load_params(workdir: str | os.PathLike, step: int | None = None, target=None
   if steps:
     raise ValueError(f"every checkpoint in {wd.checkpoints} is damaged (see the warnings)")
   raise FileNotFoundError(f"no checkpoint in {wd.checkpoints} and no {wd.params}")
+
+
+def lora_base(config, base_target):
+  """The frozen base of a LoRA run, placed like `base_target`: train.init_params, else
+  the run's seeded initialisation; quantized when model.lora.base_quant says so (QLoRA:
+  the float base is read, then quantized in place)."""
+  import jax
+  import ml_collections
+
+  from llm.model import init_params, lora, make_model, quant, unbox
+  from llm.parallel.mesh import MESH_AXES
+  from llm.parallel.rules import logical_to_sharding
+  kind = config.model.lora.base_quant
+  if kind == "none":
+    if config.train.init_params:
+      return restore_params(config.train.init_params, base_target)
+    shardings = jax.tree.map(lambda a: a.sharding, base_target)
+    init = lambda: lora.split(unbox(init_params(make_model(config.model),  # noqa: E731
+                                                jax.random.key(config.seed),
+                                                config.data.seq_len)))[0]
+    return jax.jit(init, out_shardings=shardings)()
+  if not config.train.init_params:
+    raise ValueError(f"model.lora.base_quant={kind!r} (QLoRA) quantizes a pretrained base: "
+                     "set train.init_params to a converted or trained workdir")
+  float_cfg = ml_collections.ConfigDict(config.model.to_dict())
+  float_cfg.lora.update(rank=0, base_quant="none")
+  mesh = jax.tree.leaves(base_target)[0].sharding.mesh
+  boxed = jax.eval_shape(lambda: init_params(make_model(float_cfg), jax.random.key(0), 8))
+  if set(MESH_AXES) <= set(mesh.axis_names):  # a training mesh: shard like the model
+    float_shardings = logical_to_sharding(boxed, mesh)
+  else:  # inference: replicated like the target
+    float_shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()), unbox(boxed))
+  float_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              unbox(boxed), float_shardings)
+  base = restore_params(config.train.init_params, float_target)
+  shardings = jax.tree.map(lambda a: a.sharding, base_target)
+  return jax.jit(lambda b: quant.quantize_base(b, kind), out_shardings=shardings)(base)
 
 
 def save_params(path: str | os.PathLike, params) -> None:

@@ -175,3 +175,30 @@ def test_moe_import_matches_transformers_and_round_trips(tmp_path, family, overr
 
   reloaded = _check_round_trip(tmp_path, ids, ref)
   assert type(reloaded).__name__ == type(model).__name__
+
+
+def test_lora_run_exports_a_peft_adapter_and_imports_one(tmp_path, config):
+  """A LoRA run on a converted Llama: `llm-to-hf --peft` writes an adapter that peft loads
+  onto the transformers base with our merged model's logits; `hf-to-llm --peft_dir`
+  folds the same adapter into imported weights."""
+  peft = pytest.importorskip("peft")
+  model = _hf_model(tmp_path / "hf", vocab=config.model.vocab_size, num_key_value_heads=2)
+  ids = np.random.default_rng(0).integers(0, config.model.vocab_size, (2, 16))
+  base_logits = _hf_logits(model, ids)
+  hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "base"))
+  converted = config_lib.from_json((tmp_path / "base" / "config.json").read_text())
+  config.model.update(converted.model.to_dict())
+  config.model.update(remat="none")
+  config.model.lora.update(rank=4, alpha=8.0, targets="q,k,v,o,gate,up,down")
+  config.train.update(steps=2, checkpoint_every=2, eval_every=2,
+                      init_params=converted.train.init_params)
+  config.optim.update(lr=2e-2, warmup_steps=0)
+  train(config, tmp_path / "lora", devices=jax.devices()[:1])
+  llm_to_hf(str(tmp_path / "lora"), str(tmp_path / "peft"), peft=True)
+  adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert adapter_config["r"] == 4 and len(adapter_config["target_modules"]) == 7
+  ref = _hf_logits(peft.PeftModel.from_pretrained(model, tmp_path / "peft").eval(), ids)
+  assert np.max(np.abs(ref - base_logits)) > 1e-3  # the adapters changed the model
+  assert np.max(np.abs(_our_logits(tmp_path / "lora", ids) - ref)) <= 1e-4
+  hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "imported"), peft_dir=str(tmp_path / "peft"))
+  assert np.max(np.abs(_our_logits(tmp_path / "imported", ids) - ref)) <= 1e-4

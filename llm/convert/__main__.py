@@ -1,14 +1,19 @@
 """Convert checkpoints between Hugging Face and llm.
 
-  python -m llm.convert hf-to-llm --hf_dir=IN --workdir=OUT
-  python -m llm.convert llm-to-hf --workdir=IN --hf_dir=OUT
+  python -m llm.convert hf-to-llm --hf_dir=IN --workdir=OUT [--peft_dir=ADAPTER]
+  python -m llm.convert llm-to-hf --workdir=IN --hf_dir=OUT [--peft]
 
 hf-to-llm writes OUT/config.json, OUT/config.py (a config file for
 `llm.train --config=OUT/config.py`, starting from the converted params),
 OUT/params (an Orbax params checkpoint) and OUT/tokenizer.model when the HF
 directory has one. `llm.generate --workdir=OUT` and `llm.evaluate` use OUT
 directly. llm-to-hf writes config.json and safetensors that
-`transformers.AutoModelForCausalLM.from_pretrained` loads.
+`transformers.AutoModelForCausalLM.from_pretrained` loads (a LoRA run merged).
+
+LoRA: `llm-to-hf --peft` writes a LoRA run's adapters as a PEFT adapter directory
+(adapter_config.json + adapter_model.safetensors) that `peft.PeftModel.from_pretrained`
+loads onto the transformers base; `hf-to-llm --peft_dir=ADAPTER` folds a PEFT LoRA
+adapter into the imported weights.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ def read_hf_config(hf_dir: Path) -> dict:
   return hf_cfg
 
 
-def hf_to_llm(hf_dir: str, workdir: str) -> None:
+def hf_to_llm(hf_dir: str, workdir: str, peft_dir: str = "") -> None:
   hf_dir_path, wd = Path(hf_dir), Workdir(workdir)
   hf_cfg = read_hf_config(hf_dir_path)
   cfg = config_lib.base_config()
@@ -81,10 +86,10 @@ def hf_to_llm(hf_dir: str, workdir: str) -> None:
                      "Mistral config needs") from None
   cfg.data.seq_len = int(min(hf_cfg.get("max_position_embeddings", 2048), 2048))
   with _removed_on_failure(wd.path):
-    _write_converted(hf_dir_path, wd, cfg)
+    _write_converted(hf_dir_path, wd, cfg, peft_dir)
 
 
-def _write_converted(hf_dir_path: Path, wd: Workdir, cfg) -> None:
+def _write_converted(hf_dir_path: Path, wd: Workdir, cfg, peft_dir: str = "") -> None:
   out = wd.path
   out.mkdir(parents=True, exist_ok=True)
   copied = _copy_tokenizer(hf_dir_path, out)
@@ -94,6 +99,8 @@ def _write_converted(hf_dir_path: Path, wd: Workdir, cfg) -> None:
   cfg.train.init_params = str(wd.params.absolute())
   config_lib.validate(cfg)
   params = hf.hf_to_params(hf.SafetensorsReader(hf_dir_path), cfg.model)
+  if peft_dir:
+    params = hf.merge_peft(params, cfg.model, peft_dir)
   save_params(wd.params, params)
   wd.write_config(cfg)
   wd.config_py.write_text(CONFIG_PY.format(hf_dir=hf_dir_path.absolute()))
@@ -115,7 +122,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
   return copied
 
 
-def llm_to_hf(workdir: str, hf_dir: str) -> None:
+def llm_to_hf(workdir: str, hf_dir: str, peft: bool = False) -> None:
+  if peft:
+    return _write_peft(workdir, Path(hf_dir))
   config, params = load_params(workdir)
   out = Path(hf_dir)
   tok_path = Workdir(workdir).tokenizer(config)
@@ -137,6 +146,20 @@ def llm_to_hf(workdir: str, hf_dir: str) -> None:
   print(f"wrote {out}: config.json, safetensors" + "".join(f", {name}" for name in copied))
 
 
+def _write_peft(workdir: str, out: Path) -> None:
+  config, params = load_params(workdir, merge_lora=False)
+  if not config.model.lora.rank:
+    raise ValueError(f"{workdir} is not a LoRA run (model.lora.rank=0): export it without "
+                     "--peft")
+  with _removed_on_failure(out):
+    out.mkdir(parents=True, exist_ok=True)
+    hf.write_safetensors(hf.adapters_to_peft(jax.device_get(params), config.model), out,
+                         filename="adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(
+        json.dumps(hf.peft_config(config.model, config.train.init_params), indent=2))
+  print(f"wrote {out}: adapter_config.json, adapter_model.safetensors")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -146,12 +169,14 @@ def main(argv):
   if not FLAGS.hf_dir or not FLAGS.workdir:
     raise app.UsageError("--hf_dir and --workdir are both required")
   if argv[1] == "hf-to-llm":
-    hf_to_llm(FLAGS.hf_dir, FLAGS.workdir)
+    hf_to_llm(FLAGS.hf_dir, FLAGS.workdir, FLAGS.peft_dir)
   else:
-    llm_to_hf(FLAGS.workdir, FLAGS.hf_dir)
+    llm_to_hf(FLAGS.workdir, FLAGS.hf_dir, FLAGS.peft)
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory.")
   flags.DEFINE_string("workdir", None, "An llm workdir.")
+  flags.DEFINE_string("peft_dir", "", "hf-to-llm: a PEFT LoRA adapter to fold into the weights.")
+  flags.DEFINE_bool("peft", False, "llm-to-hf: write a LoRA run's adapters as a PEFT adapter.")
   cli.run(main)

@@ -268,9 +268,9 @@ def params_to_hf(params, c) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path,
-                      max_shard_bytes: int = 2 * 2**30) -> None:
+                      max_shard_bytes: int = 2 * 2**30, filename: str = "model.safetensors") -> None:
   """Writes shards of at most `max_shard_bytes` (one tensor may exceed it) plus an index;
-  only the shard being filled is held in memory."""
+  only the shard being filled is held in memory. One shard is named `filename`."""
   from safetensors.numpy import save_file
   shard_names: list[list[str]] = []  # tensor names of each written shard
   current: dict[str, np.ndarray] = {}
@@ -296,7 +296,7 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path,
     os.replace(out_dir / tmp, out_dir / final)
 
   if n == 1:
-    publish("shard-00000.tmp", "model.safetensors")
+    publish("shard-00000.tmp", filename)
     return
   weight_map = {}
   for i, names in enumerate(shard_names):
@@ -305,3 +305,92 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path,
     weight_map.update({name: final for name in names})
   (out_dir / "model.safetensors.index.json").write_text(json.dumps(
       {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+# ----------------------------------------------------------------------------- PEFT LoRA
+
+# model.lora target -> (our module path in a layer, the HF module it adapts)
+PEFT_MODULES = {"q": (("attn", "q"), "self_attn.q_proj"), "k": (("attn", "k"), "self_attn.k_proj"),
+                "v": (("attn", "v"), "self_attn.v_proj"), "o": (("attn", "o"), "self_attn.o_proj"),
+                "gate": (("mlp", "gate"), "mlp.gate_proj"), "up": (("mlp", "up"), "mlp.up_proj"),
+                "down": (("mlp", "down"), "mlp.down_proj")}
+PEFT_PREFIX = "base_model.model.model.layers"
+
+
+def peft_config(c, base_model: str = "") -> dict:
+  """adapter_config.json of a LoRA run, as peft writes it."""
+  from llm.model.lora import targets
+  return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c.lora.rank,
+          "lora_alpha": c.lora.alpha, "lora_dropout": 0.0, "bias": "none",
+          "target_modules": sorted(PEFT_MODULES[t][1].split(".")[-1] for t in targets(c)),
+          "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+          "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+          "base_model_name_or_path": base_model or None}
+
+
+def _peft_layers(c):
+  """(layer index, target, our block path, stacked index, HF module) for each adapter."""
+  from llm.model.lora import targets
+  for i in range(c.n_layers):
+    block, stack_index, kind = _layer_slot(c, i)
+    for t in targets(c):
+      ours, module = PEFT_MODULES[t]
+      if ours[0] == "mlp" and kind != "dense":
+        raise ValueError(f"model.lora.targets has {t!r} but layer {i} is a MoE layer; "
+                         "LoRA adapts dense projections only")
+      yield i, block + ours, stack_index, module
+
+
+def adapters_to_peft(params, c) -> Iterator[tuple[str, np.ndarray]]:
+  """(PEFT tensor name, [r, in] lora_A or [out, r] lora_B) of a LoRA run's adapters."""
+  f32 = lambda x: np.asarray(x, np.float32)
+  for i, path, index, module in _peft_layers(c):
+    node = params["layers"]
+    for p in path:
+      node = node[p]
+    a, b = f32(node["lora_a"][index]), f32(node["lora_b"][index])
+    r = a.shape[-1]
+    name = f"{PEFT_PREFIX}.{i}.{module}"
+    yield f"{name}.lora_A.weight", np.ascontiguousarray(a.reshape(-1, r).T)
+    yield f"{name}.lora_B.weight", np.ascontiguousarray(b.reshape(r, -1).T)
+
+
+def merge_peft(params, c, peft_dir) -> dict:
+  """Our (numpy) params with a PEFT LoRA adapter directory folded into the kernels."""
+  from safetensors.numpy import load_file
+  peft_dir = Path(peft_dir)
+  config_path = peft_dir / "adapter_config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{config_path} does not exist: is {peft_dir} a PEFT adapter?")
+  pc = json.loads(config_path.read_text())
+  if pc.get("peft_type") != "LORA" or pc.get("use_dora") or pc.get("use_rslora"):
+    raise ValueError(f"{config_path}: only plain LoRA adapters are supported (peft_type LORA, "
+                     f"no DoRA, no rsLoRA); got {pc.get('peft_type')!r}")
+  weights_path = peft_dir / "adapter_model.safetensors"
+  if not weights_path.is_file():
+    raise FileNotFoundError(f"{weights_path} does not exist")
+  tensors = load_file(weights_path)
+  scale = float(pc["lora_alpha"]) / float(pc["r"])
+  by_module = {module: t for t, (_, module) in PEFT_MODULES.items()}
+  merged = 0
+  for name, a in tensors.items():
+    if not name.endswith(".lora_A.weight"):
+      continue
+    stem = name[:-len(".lora_A.weight")]
+    parts = stem.split(".layers.", 1)[1].split(".", 1)
+    i, module = int(parts[0]), parts[1]
+    if module not in by_module:
+      raise ValueError(f"{weights_path}: adapter on {module!r} has no counterpart here; "
+                       f"supported: {sorted(by_module)}")
+    block, index, _ = _layer_slot(c, i)
+    node = params["layers"]
+    for p in block + PEFT_MODULES[by_module[module]][0]:
+      node = node[p]
+    kernel = node["kernel"]
+    b = tensors[f"{stem}.lora_B.weight"]
+    delta = scale * (b.astype(np.float32) @ a.astype(np.float32))  # [out, in]
+    kernel[index] += delta.T.reshape(kernel.shape[1:]).astype(kernel.dtype)
+    merged += 1
+  if not merged:
+    raise ValueError(f"{weights_path} holds no lora_A/lora_B tensors")
+  return params

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm.model import quant
 from llm.model.lora import projection_kwargs
 
 DTYPES = ("float32", "bfloat16")  # model.dtype (compute) and model.param_dtype
@@ -61,12 +62,23 @@ class Projection(nn.Module):
   init_std: float
   lora_rank: int = 0
   lora_alpha: float = 16.0
+  base_quant: str = "none"  # QLoRA: the kernel stored quantized (llm.model.quant)
 
   @nn.compact
   def __call__(self, x):
-    kernel = param_with_axes(self, "kernel", nn.initializers.normal(self.init_std),
-                             self.in_shape + self.out_shape, self.axes, self.param_dtype)
     n_in = len(self.in_shape)
+    shape = self.in_shape + self.out_shape
+    if self.base_quant == "none":
+      kernel = param_with_axes(self, "kernel", nn.initializers.normal(self.init_std), shape,
+                               self.axes, self.param_dtype)
+    else:  # frozen and loaded from a pretrained base (zeros until then)
+      q_shape, s_shape, q_dtype = quant.quantized_shapes(self.base_quant, shape, n_in)
+      scale_axes = self.axes[n_in:] if self.base_quant == "int8" else self.axes
+      kernel_q = param_with_axes(self, "kernel_q", nn.initializers.zeros, q_shape, self.axes,
+                                 jnp.dtype(q_dtype))
+      scale = param_with_axes(self, "kernel_scale", nn.initializers.ones, s_shape, scale_axes,
+                              jnp.float32)
+      kernel = quant.dequantize(kernel_q, scale, self.base_quant, n_in, self.dtype)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     x = x.astype(self.dtype)
     out = jax.lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))

@@ -3,7 +3,8 @@ base weights, and merging them into the base.
 
 An adapted projection (llm.model.layers.Projection) holds "kernel" plus "lora_a"
 [in..., r] and "lora_b" [r, out...]; its map is x @ (kernel + alpha/r x A @ B). Training
-freezes everything but the adapters (llm.training.optim, llm.training.step);
+differentiates the adapters only and updates nothing else (llm.training.step,
+llm.training.optim);
 generation and export use `merge`, which folds the adapters into the kernels and
 returns a model config without them.
 """
@@ -23,11 +24,15 @@ def targets(model_cfg) -> tuple[str, ...]:
 
 
 def projection_kwargs(model_cfg, target: str) -> dict:
-  """Projection arguments for the projection named `target`."""
+  """Projection arguments for the projection named `target`: an adapter if it is a
+  target, a quantized kernel for every projection under QLoRA."""
   lora = model_cfg.lora
-  if not lora.rank or target not in targets(model_cfg):
+  if not lora.rank:
     return {}
-  return dict(lora_rank=lora.rank, lora_alpha=lora.alpha)
+  kwargs = {} if lora.base_quant == "none" else {"base_quant": lora.base_quant}
+  if target in targets(model_cfg):
+    kwargs.update(lora_rank=lora.rank, lora_alpha=lora.alpha)
+  return kwargs
 
 
 def is_adapter(path) -> bool:
@@ -39,13 +44,6 @@ def trainable_labels(params):
   """"adapter" or "frozen" for every leaf of `params`."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: "adapter" if is_adapter(path) else "frozen", params)
-
-
-def freeze_base(params):
-  """`params` with the gradient stopped at every non-adapter leaf (no base gradients are
-  computed at all)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: x if is_adapter(path) else jax.lax.stop_gradient(x), params)
 
 
 def split(params) -> tuple[dict, dict]:
@@ -85,8 +83,12 @@ def _delta(a, b, kernel_shape, scale):
 
 
 def merge(params, model_cfg):
-  """(params with every adapter folded into its kernel, the model config without LoRA)."""
+  """(params with every adapter folded into its kernel, the model config without LoRA);
+  a quantized base (QLoRA) is dequantized first."""
+  from llm.model import quant
   scale = model_cfg.lora.alpha / max(model_cfg.lora.rank, 1)
+  params = quant.dequantize_base(params, model_cfg.lora.base_quant,
+                                 jnp.dtype(model_cfg.param_dtype))
 
   def fold(node):
     if not isinstance(node, dict):
@@ -100,7 +102,7 @@ def merge(params, model_cfg):
 
   import ml_collections
   merged_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-  merged_cfg.lora.rank = 0
+  merged_cfg.lora.update(rank=0, base_quant="none")
   return fold(params), merged_cfg
 
 

@@ -206,6 +206,11 @@ def check_resumable(saved: dict, config, workdir) -> None:
                      " would reinterpret its saved data position (batches of rows already "
                      "read). Resume with the checkpoint's values, or start a new --workdir "
                      "(e.g. with --config.train.init_params to keep the weights).")
+  if config.model.lora.rank and saved_cfg.train.init_params != config.train.init_params:
+    raise ValueError(f"the checkpoint in {workdir} holds LoRA adapters trained on the base "
+                     f"train.init_params={saved_cfg.train.init_params!r}, not "
+                     f"{config.train.init_params!r}; resume with that base or use a new "
+                     "--workdir")
   opt_layout = lambda cfg: _layout(jax.eval_shape(  # noqa: E731
       make_optimizer(cfg.optim, cfg.train.steps, cfg.model).init, params))
   if opt_layout(saved_cfg) != opt_layout(config):

@@ -31,7 +31,7 @@ from llm.training.optim import make_optimizer
 from llm.training.preemption import StopDecision
 from llm.training.state import init_state, state_shardings
 from llm.training.step import BATCH_KEYS, abstract_batch, check_batch, jit_train_step
-from llm.workdir import Workdir, restore_params
+from llm.workdir import Workdir, lora_base, restore_params
 
 
 def global_batch(local: dict, batch_sharding) -> dict:
@@ -59,31 +59,54 @@ def _prepare_data(config, workdir):
 
 def _start_state(config, wd: Workdir, ckpt, model, tx, mesh, train_iter):
   """(state, train_iter, state shardings): the newest good checkpoint's, else a fresh
-  state (from train.init_params when set)."""
+  state (from train.init_params when set). With LoRA the checkpoints hold the adapters
+  (and their optimizer state) only: the base comes from train.init_params (or the seeded
+  initialisation) every time."""
   primary = jax.process_index() == 0
   abstract_state, shardings = state_shardings(model, tx, config.data.seq_len, mesh)
+  use_lora = bool(config.model.lora.rank)
+  state = None
+  if use_lora:  # the frozen base is needed whether or not a checkpoint resumes
+    state = _fresh_state(config, model, tx, shardings, abstract_state)
   resumed = ckpt.restore_newest_good(
-      abstract_state, train_iter,
+      saved_part(config, abstract_state), train_iter,
       lambda saved: checkpoint_lib.check_resumable(saved, config, wd.path))
   if resumed is not None:
-    step, state, train_iter = resumed
+    step, saved, train_iter = resumed
+    if use_lora:
+      saved = saved.replace(params=lora.join(lora.split(state.params)[0], saved.params))
     if primary:
       print(f"resumed from step {step} in {ckpt.directory}", flush=True)
-    return state, train_iter, shardings
-  state = init_state(model, tx, config.data.seq_len, config.seed, shardings)
-  if config.train.init_params:
-    # LoRA: the base weights come from init_params, the adapters keep their initialisation
-    base_target, _ = lora.split(abstract_state.params)
-    _, adapters = lora.split(state.params)
-    base = restore_params(config.train.init_params, base_target)
-    state = state.replace(params=lora.join(base, adapters))
-    if primary:
-      print(f"initialised params from {config.train.init_params}", flush=True)
+    return saved, train_iter, shardings
+  if state is None:
+    state = _fresh_state(config, model, tx, shardings, abstract_state)
   if config.model.lora.rank and primary:
     print(f"LoRA: training {lora.adapter_bytes(state.params) / 2**20:.2f} MiB of adapters "
-          f"(rank {config.model.lora.rank} on {config.model.lora.targets}); the base is frozen",
-          flush=True)
+          f"(rank {config.model.lora.rank} on {config.model.lora.targets}); the base is "
+          "frozen and checkpoints hold the adapters only", flush=True)
   return state, train_iter, shardings
+
+
+def _fresh_state(config, model, tx, shardings, abstract_state):
+  state = init_state(model, tx, config.data.seq_len, config.seed, shardings)
+  if config.model.lora.rank:  # the frozen base: init_params (quantized for QLoRA) or as is
+    base_target, _ = lora.split(abstract_state.params)
+    _, adapters = lora.split(state.params)
+    if config.train.init_params or config.model.lora.base_quant != "none":
+      state = state.replace(params=lora.join(lora_base(config, base_target), adapters))
+  elif config.train.init_params:
+    state = state.replace(params=restore_params(config.train.init_params, abstract_state.params))
+  if config.train.init_params and jax.process_index() == 0:
+    print(f"initialised params from {config.train.init_params}", flush=True)
+  return state
+
+
+def saved_part(config, state):
+  """What a checkpoint holds of the train state: all of it, or with LoRA the state with
+  the adapters as its params (the frozen base is not saved again and again)."""
+  if not config.model.lora.rank:
+    return state
+  return state.replace(params=lora.split(state.params)[1])
 
 
 def train(config, workdir: str, devices=None) -> dict:
@@ -193,7 +216,7 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
     # A streak of skipped steps changes nothing worth a periodic checkpoint, and saving one
     # would push an older (pre-streak) checkpoint out of the keep-N window.
     if (step % config.train.checkpoint_every == 0 and not skips_in_a_row) or done:
-      ckpt.save(step, state, train_iter, config.to_dict())
+      ckpt.save(step, saved_part(config, state), train_iter, config.to_dict())
   ckpt.wait()
   if primary and stopped_early:
     where = (f"at step {step} of {total_steps}; checkpoint saved in {ckpt.directory}"

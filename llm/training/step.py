@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from llm.model.lora import freeze_base
+from llm.model import lora
 from llm.parallel.rules import batch_axes, data_parallel_size
 from llm.training.objectives import OBJECTIVES
 from llm.training.optim import schedule
@@ -26,25 +26,34 @@ def microbatches(batch, n: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_accum: int):
+def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_accum: int,
+               frozen_base: bool = False):
   """One optimizer step on `objective(params, batch) -> (total, sums)` (see objectives).
-  A step whose loss, gradients or update are not finite leaves params and optimizer
-  state unchanged and counts as skipped."""
-  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  With `frozen_base` (LoRA) only the adapters are differentiated; the base gets zero
+  gradients without computing any (it may even be stored quantized). A step whose loss,
+  gradients or update are not finite leaves params and optimizer state unchanged and
+  counts as skipped."""
+  frozen, trainable = lora.split(state.params) if frozen_base else (None, state.params)
+  loss_fn = objective if not frozen_base else (
+      lambda t, b: objective(lora.join(frozen, t), b))
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum == 1:
-    (total, sums), grads = grad_fn(state.params, batch)
+    (total, sums), grads = grad_fn(trainable, batch)
   else:
     parts = microbatches(batch, grad_accum)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], parts)))
-    add = lambda carry, microbatch: (jax.tree.map(jnp.add, carry, grad_fn(state.params, microbatch)), None)  # noqa: E731
+                         jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], parts)))
+    add = lambda carry, microbatch: (jax.tree.map(jnp.add, carry, grad_fn(trainable, microbatch)), None)  # noqa: E731
     ((total, sums), grads), _ = jax.lax.scan(add, zeros, parts)
+  if frozen_base:
+    grads = lora.join(jax.tree.map(jnp.zeros_like, frozen), grads)
   weight = jnp.maximum(sums.pop("weight"), 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+  trained = lora.split(params)[1] if frozen_base else params
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(trained))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
   new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                             opt_state=keep(opt_state, state.opt_state),
@@ -57,13 +66,9 @@ def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_acc
 
 
 def make_objective(config, model):
-  """`config.train.objective` bound to the model and config: (params, batch) -> (total, sums).
-  With LoRA the base weights are frozen: no gradient flows to (or is computed for) them."""
-  objective = functools.partial(OBJECTIVES[config.train.objective], model=model,
-                                config=ml_collections.FrozenConfigDict(config))
-  if not config.model.lora.rank:
-    return objective
-  return lambda params, batch: objective(freeze_base(params), batch)
+  """`config.train.objective` bound to the model and config: (params, batch) -> (total, sums)."""
+  return functools.partial(OBJECTIVES[config.train.objective], model=model,
+                           config=ml_collections.FrozenConfigDict(config))
 
 
 def check_batch(config, mesh) -> None:
@@ -91,6 +96,7 @@ def jit_train_step(config, model, tx, shardings, batch_sharding):
   return jax.jit(
       functools.partial(train_step, objective=make_objective(config, model), tx=tx,
                         lr_schedule=schedule(config.optim, config.train.steps),
-                        grad_accum=config.train.grad_accum),
+                        grad_accum=config.train.grad_accum,
+                        frozen_base=bool(config.model.lora.rank)),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
       donate_argnums=0)
