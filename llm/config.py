@@ -36,6 +36,7 @@ CHOICES = {
     "data.chat.loss_on": "llm.data.chat:LOSS_ON",
     "data.chat.overlong": "llm.data.chat:OVERLONG",
     "train.objective": "llm.training.objectives:OBJECTIVES",
+    "train.dpo.loss_type": "llm.training.objectives:DPO_LOSSES",
     "optim.schedule": "llm.training.optim:SCHEDULES",
     "distributed.initialize": "llm.parallel.distributed:MODES",
 }
@@ -144,7 +145,13 @@ def base_config() -> ml_collections.ConfigDict:
       async_checkpointing=True,
       peak_flops_per_device=0.0,  # 0: look up the device, or measure a matmul on CPU
       max_consecutive_skips=5,  # stop the run after this many non-finite steps in a row
-      init_params="",  # a params-only checkpoint (llm.convert output) to start from
+      init_params="",  # a workdir or params-only checkpoint (llm.convert output) to start from
+      # train.objective="dpo": preference pairs in data.paths; the reference is init_params
+      dpo=ml_collections.ConfigDict(dict(
+          beta=0.1,
+          loss_type="sigmoid",  # sigmoid (DPO) | ipo
+          label_smoothing=0.0,  # sigmoid only: conservative DPO's eps
+      )),
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -241,6 +248,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive("model.rope_scaling.original_max_position", r.original_max_position)
   for name in ("flash_block_q", "flash_block_k", "sliding_window"):
     check_range(f"model.{name}", m[name], lo=0, note="0 = default / off")
+  if t.objective == "dpo":
+    check_range("train.dpo.beta", t.dpo.beta, lo=0, lo_open=True)
+    check_range("train.dpo.label_smoothing", t.dpo.label_smoothing, lo=0, hi=0.5, hi_open=True)
   if m.lora.base_quant != "none" and not m.lora.rank:
     raise ValueError(f"model.lora.base_quant={m.lora.base_quant!r} quantizes the frozen base "
                      "of a LoRA run: set model.lora.rank > 0")

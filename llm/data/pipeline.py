@@ -1,7 +1,8 @@
 """From config to batches: corpus -> tokenizer -> token stream (cached) -> packed rows -> grain.
 
 With train.objective="sft" the corpus is JSONL chat examples (llm.data.sft): rendered
-with the chat template, masked to the assistant's tokens, packed per example.
+with the chat template, masked to the assistant's tokens, packed per example; with
+"dpo" it is preference pairs (llm.data.preference), both sides of a pair in one row.
 
 The training iterator is a grain DatasetIterator, shuffled per epoch, sharded
 per process (process p reads rows p, p + P, p + 2P, ...), whose state is
@@ -19,7 +20,7 @@ import os
 import grain
 import numpy as np
 
-from llm.data import chat, sft, sources
+from llm.data import chat, preference, sft, sources
 from llm.data.packing import PackedRows, concat_documents
 from llm.data.tokenizer import Tokenizer, check_vocab, open_tokenizer, train_tokenizer
 from llm.workdir import Workdir
@@ -48,7 +49,9 @@ def load_or_train_tokenizer(config, workdir: str | os.PathLike) -> Tokenizer:
     print(f"training a {config.model.vocab_size}-piece sentencepiece tokenizer -> {path}",
           flush=True)
     if is_chat(config):  # message texts; the template's special strings as single tokens
-      docs = (m["content"] for conv in sft.conversations(config.data) for m in conv)
+      convs = (sft.conversations(config.data) if config.train.objective == "sft" else
+               [c for pair in preference.pairs(config.data) for c in pair])
+      docs = (m["content"] for conv in convs for m in conv)
       symbols = chat.TEMPLATE_TOKENS.get(config.data.chat.template, ())
     else:
       docs, symbols = sources.documents(config.data), ()
@@ -90,8 +93,9 @@ def unigram_loss(train_tokens: np.ndarray, val: PackedRows, vocab_size: int) -> 
 
 
 def is_chat(config) -> bool:
-  """Whether the run's data are chat examples (the objective reads them) or documents."""
-  return config.train.objective == "sft"
+  """Whether the run's data are chat examples or preference pairs (the objective reads
+  them) rather than documents."""
+  return config.train.objective in ("sft", "dpo")
 
 
 def prepare_chat(config, tok) -> Corpus:
@@ -121,6 +125,9 @@ def prepare(config, workdir, tokenizer: Tokenizer | None = None) -> Corpus:
   """Train and validation rows of the corpus, tokenized by `tokenizer` (default: the run's,
   trained if missing)."""
   tok = tokenizer or load_or_train_tokenizer(config, workdir)
+  if config.train.objective == "dpo":
+    train, val = preference.prepare_pairs(config, tok)
+    return Corpus(tok, train, val, float("nan"))
   if is_chat(config):
     return prepare_chat(config, tok)
   tokens, doc_ids = token_stream(config, workdir, tok)

@@ -1,6 +1,7 @@
 """Held-out evaluation: loss (nats/token), perplexity and bits per byte on the
 validation split (the last data.val_fraction of the token stream, never trained on).
-`nll_sums` is also what the training loop evaluates with.
+The training loop's evaluation is the objective over the same rows (its "loss" sum is
+this cross-entropy).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ class Projection(nn.Module):
   """A bias-free linear map `x[..., in] -> x[..., out...]` with named weight axes.
 
   With `lora_rank` > 0 a low-rank adapter is added (LoRA): x -> x @ A @ B x alpha/rank,
-  A [in..., rank] (normal, std 1/rank) and B [rank, out...] zero-initialised, so the
+  A [in..., rank] (normal, std 1/rank) and B [rank, out...] zero-initialised (both fp32), so the
   adapted map starts equal to the base one. A and B carry the kernel's input and output
   axes, so they shard like it; the rank axis is never split."""
   in_shape: tuple[int, ...]
@@ -84,10 +84,11 @@ class Projection(nn.Module):
     out = jax.lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
     if self.lora_rank:
       r = self.lora_rank
+      # adapters are kept in fp32 whatever the (frozen) base's dtype
       a = param_with_axes(self, "lora_a", nn.initializers.normal(1.0 / r), self.in_shape + (r,),
-                          self.axes[:n_in] + (None,), self.param_dtype)
+                          self.axes[:n_in] + (None,), jnp.float32)
       b = param_with_axes(self, "lora_b", nn.initializers.zeros, (r,) + self.out_shape,
-                          (None,) + self.axes[n_in:], self.param_dtype)
+                          (None,) + self.axes[n_in:], jnp.float32)
       xa = jax.lax.dot_general(x, a.astype(self.dtype), (contract, ((), ())))
       xab = jnp.tensordot(xa, b.astype(self.dtype), axes=1)
       out = out + (self.lora_alpha / r) * xab

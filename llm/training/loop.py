@@ -8,7 +8,6 @@ and continues exactly as an uninterrupted run would. The CLI is `python -m llm.t
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 
 import jax
@@ -20,24 +19,25 @@ from llm import config as config_lib
 from llm import flops
 from llm import hardware
 from llm.data import pipeline
-from llm.eval.heldout import nll_sums
-from llm.model import make_model
+from llm.model import lora, make_model
 from llm.parallel import rules
 from llm.parallel.mesh import make_mesh, use_mesh
 from llm.training import checkpoint as checkpoint_lib
+from llm.training import reference
 from llm.training.metrics import MetricsWriter
-from llm.model import lora
+from llm.training.objectives import NEEDS_REFERENCE
 from llm.training.optim import make_optimizer
 from llm.training.preemption import StopDecision
 from llm.training.state import init_state, state_shardings
-from llm.training.step import BATCH_KEYS, abstract_batch, check_batch, jit_train_step
+from llm.training.step import (BATCH_KEYS, abstract_batch, batch_fields, check_batch,
+                               jit_train_step, make_objective)
 from llm.workdir import Workdir, lora_base, restore_params
 
 
-def global_batch(local: dict, batch_sharding) -> dict:
+def global_batch(local: dict, batch_sharding, keys=BATCH_KEYS) -> dict:
   """Assembles each process's rows into global arrays laid out on the mesh."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
-          for k in BATCH_KEYS}
+          for k in keys}
 
 
 class TrainingDiverged(RuntimeError):
@@ -134,6 +134,13 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   model = make_model(config.model)
   total_steps = config.train.steps
   tx = make_optimizer(config.optim, total_steps, config.model)
+  batch_sharding = rules.batch_sharding(mesh)
+  if config.train.objective in NEEDS_REFERENCE:  # before any row is read
+    abstract_state, shardings = state_shardings(model, tx, config.data.seq_len, mesh)
+    reference.attach(config, wd.data, corpus, model,
+                     lambda: _fresh_state(config, model, tx, shardings, abstract_state).params,
+                     mesh, batch_sharding, shardings.params)
+  keys = tuple(batch_fields(config))
   train_iter = pipeline.train_iterator(corpus.train, config.train.batch_size,
                                        config.data.shuffle_seed, jax.process_index(),
                                        jax.process_count())
@@ -144,14 +151,13 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   if primary:  # only once the run has really started or resumed
     wd.write_config(config)
 
-  batch_sharding = rules.batch_sharding(mesh)
   t0 = time.perf_counter()
   step_fn = jit_train_step(config, model, tx, shardings, batch_sharding).lower(
       state, abstract_batch(config, batch_sharding)).compile()
   compile_seconds = time.perf_counter() - t0
-  eval_fn = jax.jit(functools.partial(nll_sums, model),
+  eval_fn = jax.jit(make_objective(config, model),
                     in_shardings=(shardings.params, batch_sharding))
-  val_batches = [global_batch(b, batch_sharding) for b in pipeline.eval_batches(
+  val_batches = [global_batch(b, batch_sharding, keys) for b in pipeline.eval_batches(
       corpus.val, config.train.batch_size, config.train.eval_batches, jax.process_index(),
       jax.process_count())]
 
@@ -166,16 +172,22 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
     print(f"model: {n_params:,} params | {config.train.batch_size} x {config.data.seq_len} "
           f"tokens/step | mesh {dict(mesh.shape)} | compile {compile_seconds:.1f}s | "
           f"peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})", flush=True)
-    print(f"data: {len(corpus.train):,} train rows, {len(corpus.val):,} val rows | unigram "
-          f"baseline val loss {corpus.unigram_loss:.4f}", flush=True)
+    baseline = (f" | unigram baseline val loss {corpus.unigram_loss:.4f}"
+                if np.isfinite(corpus.unigram_loss) else "")
+    print(f"data: {len(corpus.train):,} train rows, {len(corpus.val):,} val rows{baseline}",
+          flush=True)
 
   def evaluate(params) -> dict:
-    sums = [eval_fn(params, b) for b in val_batches]
-    nll = sum(float(s[0]) for s in sums)
-    tokens = sum(float(s[1]) for s in sums)
-    loss = nll / max(tokens, 1.0)
-    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))),
-            "unigram_loss": corpus.unigram_loss}
+    """The objective's metrics over the validation batches: eval_loss (cross-entropy per
+    token for next-token objectives) and the others by name."""
+    sums = [jax.device_get(eval_fn(params, b)[1]) for b in val_batches]
+    totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
+    weight = max(totals.pop("weight"), 1.0)
+    out = {f"eval_{k}": v / weight for k, v in totals.items()}
+    if config.train.objective not in NEEDS_REFERENCE:
+      out["eval_perplexity"] = float(np.exp(min(out["eval_loss"], 50.0)))
+      out["unigram_loss"] = corpus.unigram_loss
+    return out
 
   step = int(jax.device_get(state.step))
   first_step = step
@@ -186,7 +198,7 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   skips_in_a_row = 0
   t_last, step_last = time.perf_counter(), step
   while step < total_steps and not stopped_early:
-    state, metrics = step_fn(state, global_batch(next(train_iter), batch_sharding))
+    state, metrics = step_fn(state, global_batch(next(train_iter), batch_sharding, keys))
     step += 1
     skips_in_a_row = 0 if int(metrics["step_finite"]) else skips_in_a_row + 1
     if skips_in_a_row >= config.train.max_consecutive_skips:
@@ -223,7 +235,7 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
              if step > first_step else f"during start-up, before step {step + 1}; nothing new "
              "to save")
     print(f"stopped early (signal) {where}. Re-run the same command to resume.", flush=True)
-  elif primary and "eval_loss" in last:
+  elif primary and "eval_loss" in last and np.isfinite(corpus.unigram_loss):
     verdict = "below" if last["eval_loss"] < corpus.unigram_loss else "NOT below"
     print(f"done at step {step}: eval loss {last['eval_loss']:.4f} is {verdict} the unigram "
           f"baseline {corpus.unigram_loss:.4f}", flush=True)

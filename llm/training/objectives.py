@@ -49,7 +49,76 @@ def next_token(params, batch, *, model, config):
   return with_aux(nll + config.train.z_loss * z, sums, aux, tokens)
 
 
+def pair_sums(value_BT, batch):
+  """Per (row, pair, side) sums of a per-token value over the loss mask: [B, P + 1, 2]
+  (pair 0 is padding; side 1 is the chosen completion, 0 the rejected)."""
+  b, t = value_BT.shape
+  n_pairs = t // 2 + 1
+  index = (jnp.arange(b)[:, None] * n_pairs + batch["pair_ids"]) * 2 + batch["chosen"]
+  sums = jax.ops.segment_sum((value_BT * batch["loss_mask"]).reshape(-1), index.reshape(-1),
+                             num_segments=b * n_pairs * 2)
+  return sums.reshape(b, n_pairs, 2)
+
+
+def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float,
+               loss_type: str, label_smoothing: float = 0.0):
+  """Per-pair DPO losses (TRL's definitions): sigmoid, -log sigmoid(beta h) (with label
+  smoothing eps: (1 - eps) of that plus eps x -log sigmoid(-beta h)), or ipo,
+  (h - 1 / (2 beta))^2, where h = (policy_chosen - policy_rejected) - (ref_chosen -
+  ref_rejected) in log-probabilities (IPO: per-token averages)."""
+  h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+  if loss_type == "ipo":
+    return jnp.square(h - 1.0 / (2.0 * beta))
+  return (-jax.nn.log_sigmoid(beta * h) * (1.0 - label_smoothing)
+          - jax.nn.log_sigmoid(-beta * h) * label_smoothing)
+
+
+def dpo(params, batch, *, model, config):
+  """Direct preference optimisation against reference log-probabilities that the batch
+  carries per token ("ref_logp", computed once with the starting weights: the frozen
+  reference costs no second copy of the model). Weight: pairs. Metrics with TRL's names:
+  rewards/chosen, rewards/rejected (beta x policy-minus-reference log-probabilities),
+  rewards/accuracies, rewards/margins, logps/chosen, logps/rejected."""
+  d = config.train.dpo
+  logits_BTV, aux = forward(model, params, batch)
+  nll_BT, _ = token_nll(logits_BTV, batch["targets"])
+  policy = pair_sums(-nll_BT, batch)
+  ref = pair_sums(batch["ref_logp"], batch)
+  tokens = pair_sums(jnp.ones_like(nll_BT), batch)
+  valid = (tokens[..., 0] > 0) & (tokens[..., 1] > 0)  # [B, P + 1]: real pairs
+  if d.loss_type == "ipo":  # TRL's IPO compares per-token average log-probabilities
+    policy, ref = policy / jnp.maximum(tokens, 1), ref / jnp.maximum(tokens, 1)
+  losses = dpo_losses(policy[..., 1], policy[..., 0], ref[..., 1], ref[..., 0], beta=d.beta,
+                      loss_type=d.loss_type, label_smoothing=d.label_smoothing)
+  chosen_rewards = d.beta * (policy[..., 1] - ref[..., 1])
+  rejected_rewards = d.beta * (policy[..., 0] - ref[..., 0])
+  masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731
+  pairs = jnp.sum(valid).astype(jnp.float32)
+  total = masked(losses)
+  sums = {"loss": total, "rewards/chosen": masked(chosen_rewards),
+          "rewards/rejected": masked(rejected_rewards),
+          "rewards/accuracies": masked((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+          "rewards/margins": masked(chosen_rewards - rejected_rewards),
+          "logps/chosen": masked(policy[..., 1]), "logps/rejected": masked(policy[..., 0]),
+          "weight": pairs}
+  return with_aux(total, sums, aux, pairs)
+
+
+def reference_logps(params, batch, *, model):
+  """Per-token log-probabilities of the targets (the reference for dpo)."""
+  logits_BTV, _ = forward(model, params, batch)
+  nll_BT, _ = token_nll(logits_BTV, batch["targets"])
+  return -nll_BT
+
+
+# what a batch holds besides inputs/targets/segment_ids/positions/loss_mask, per objective
+EXTRA_BATCH_FIELDS = {"dpo": {"pair_ids": "int32", "chosen": "int32", "ref_logp": "float32"}}
+# config.train.dpo.loss_type -> per-pair loss (dpo_losses)
+DPO_LOSSES = ("sigmoid", "ipo")
+# objectives whose batches carry "ref_logp" from the starting weights
+NEEDS_REFERENCE = ("dpo",)
+
 # config.train.objective -> the objective function. "sft" minimises the same masked
 # cross-entropy over chat examples whose loss mask is the assistant's tokens (the data
 # side: llm.data.pipeline.is_chat, llm.data.sft).
-OBJECTIVES: dict[str, Objective] = {"pretrain": next_token, "sft": next_token}
+OBJECTIVES: dict[str, Objective] = {"pretrain": next_token, "sft": next_token, "dpo": dpo}

@@ -14,11 +14,17 @@ import optax
 
 from llm.model import lora
 from llm.parallel.rules import batch_axes, data_parallel_size
-from llm.training.objectives import OBJECTIVES
+from llm.training.objectives import EXTRA_BATCH_FIELDS, OBJECTIVES
 from llm.training.optim import schedule
 from llm.training.state import TrainState
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def batch_fields(config) -> dict[str, str]:
+  """Name -> dtype of every [B, T] array in a batch for `config.train.objective`."""
+  fields = {k: "float32" if k == "loss_mask" else "int32" for k in BATCH_KEYS}
+  return {**fields, **EXTRA_BATCH_FIELDS.get(config.train.objective, {})}
 
 
 def microbatches(batch, n: int):
@@ -86,8 +92,8 @@ def check_batch(config, mesh) -> None:
 def abstract_batch(config, batch_sharding) -> dict:
   """Shapes, dtypes and sharding of one global batch, for compiling ahead of time."""
   return {k: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len),
-                                  jnp.float32 if k == "loss_mask" else jnp.int32,
-                                  sharding=batch_sharding) for k in BATCH_KEYS}
+                                  jnp.dtype(dtype), sharding=batch_sharding)
+          for k, dtype in batch_fields(config).items()}
 
 
 def jit_train_step(config, model, tx, shardings, batch_sharding):

@@ -1,0 +1,125 @@
+"""Preference pairs for DPO: JSONL -> two conversations per pair -> packed rows.
+
+Formats (TRL's conventions): `prompt` (a string, or a list of messages; `messages` is
+accepted for it) with `chosen` and `rejected` completions (strings, or lists of
+assistant messages); or `chosen` / `rejected` as whole conversations sharing their
+prompt (TRL's implicit prompt). Both conversations are rendered with the run's chat
+template and only the completion's tokens are in the loss mask (the last assistant turn,
+with its end-of-turn token); prompt tokens are masked out.
+
+Rows: a pair's chosen and rejected sequences sit in the same row as two segments, pairs
+packed in file order. Per token, `pair_ids` numbers the pairs of a row from 1 (0 =
+padding) and `chosen` is 1 on the chosen sequence, 0 on the rejected one; the objective
+sums log-probabilities per (pair, side).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from llm.data import chat
+from llm.data.sft import PackedExamples, records
+
+
+def _as_messages(value, role: str, where: str, field: str) -> list[dict]:
+  if isinstance(value, str):
+    return [{"role": role, "content": value}]
+  if isinstance(value, list):
+    return list(value)
+  raise ValueError(f"{where}: {field!r} must be a string or a list of messages, got "
+                   f"{json.dumps(value)[:80]}")
+
+
+def to_pair(record: dict, where: str = "example") -> tuple[list[dict], list[dict]]:
+  """(chosen conversation, rejected conversation) of one preference example."""
+  if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise ValueError(f"{where}: a preference example needs 'chosen' and 'rejected' (and "
+                     f"usually 'prompt'); got {keys}")
+  prompt_value = record.get("prompt", record.get("messages"))
+  prompt = [] if prompt_value is None else _as_messages(prompt_value, "user", where, "prompt")
+  chosen = prompt + _as_messages(record["chosen"], "assistant", where, "chosen")
+  rejected = prompt + _as_messages(record["rejected"], "assistant", where, "rejected")
+  for conv in (chosen, rejected):
+    chat.to_messages({"messages": conv}, where)  # the same checks as chat examples
+    if conv[-1]["role"] != "assistant":
+      raise ValueError(f"{where}: a completion must end with an assistant message")
+  return chosen, rejected
+
+
+def pairs(data_cfg) -> list[tuple[list[dict], list[dict]]]:
+  out = [to_pair(record, where) for where, record in records(data_cfg)]
+  if not out:
+    raise ValueError(f"data.paths={data_cfg.paths!r} holds no preference pairs")
+  return out
+
+
+def tokenize_pairs(convs, tokenizer, data_cfg):
+  """([(chosen ids, chosen mask, rejected ids, rejected mask)], dropped): a pair is dropped
+  when either side is over data.seq_len + 1 tokens or both would not fit one row."""
+  template = chat.template_for(data_cfg.chat, tokenizer)
+  out, dropped = [], 0
+  for chosen, rejected in convs:
+    c_ids, c_mask = chat.tokenize_chat(tokenizer, template, chosen, "last")
+    r_ids, r_mask = chat.tokenize_chat(tokenizer, template, rejected, "last")
+    if (len(c_ids) - 1) + (len(r_ids) - 1) > data_cfg.seq_len or not (
+        c_mask[1:].any() and r_mask[1:].any()):
+      dropped += 1
+      continue
+    out.append((c_ids, c_mask, r_ids, r_mask))
+  return out, dropped
+
+
+def pack_pairs(tokenized, seq_len: int) -> dict[str, np.ndarray]:
+  """Rows with both sides of each pair, pairs in order, a new row when one does not fit."""
+  rows: list[list[int]] = []
+  used = seq_len
+  for i, (c, _, r, _) in enumerate(tokenized):
+    n = len(c) - 1 + len(r) - 1
+    if used + n > seq_len:
+      rows.append([])
+      used = 0
+    rows[-1].append(i)
+    used += n
+  keys = ("inputs", "targets", "segment_ids", "positions", "pair_ids", "chosen")
+  out = {k: np.zeros((len(rows), seq_len), np.int32) for k in keys}
+  out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
+  for row, members in enumerate(rows):
+    pos, segment = 0, 0
+    for pair_in_row, i in enumerate(members, 1):
+      c_ids, c_mask, r_ids, r_mask = tokenized[i]
+      for ids, mask, is_chosen in ((c_ids, c_mask, 1), (r_ids, r_mask, 0)):
+        segment += 1
+        n = len(ids) - 1
+        span = slice(pos, pos + n)
+        out["inputs"][row, span] = ids[:-1]
+        out["targets"][row, span] = ids[1:]
+        out["segment_ids"][row, span] = segment
+        out["positions"][row, span] = np.arange(n)
+        out["loss_mask"][row, span] = mask[1:]
+        out["pair_ids"][row, span] = pair_in_row
+        out["chosen"][row, span] = is_chosen
+        pos += n
+  return out
+
+
+def prepare_pairs(config, tokenizer):
+  """(train rows, validation rows) of the preference data, each a PackedExamples."""
+  from llm.data.sft import split
+  d = config.data
+  convs = pairs(d)
+  cut = split(len(convs), d.val_fraction)
+  if cut < 1:
+    raise ValueError(f"data.paths={d.paths!r} holds {len(convs)} pair(s): too few for a "
+                     "train and a validation split")
+  train, dropped_train = tokenize_pairs(convs[:cut], tokenizer, d)
+  val, dropped_val = tokenize_pairs(convs[cut:], tokenizer, d)
+  print(f"preference pairs: {len(train):,} train, {len(val):,} validation; dropped "
+        f"{dropped_train + dropped_val:,} (both sides over data.seq_len={d.seq_len} tokens, or "
+        "an empty completion)", flush=True)
+  if not train or not val:
+    raise ValueError("no preference pair is left in the train or the validation split")
+  return (PackedExamples(pack_pairs(train, d.seq_len)),
+          PackedExamples(pack_pairs(val, d.seq_len)))

@@ -1,0 +1,77 @@
+"""Reference log-probabilities for objectives that compare with the starting model (dpo).
+
+They are computed once, per token of every train and validation row, with the weights
+the run starts from (train.init_params; for a LoRA run its base, as the adapters start
+at zero), and carried by the rows as "ref_logp": the frozen reference never needs a
+second copy of the model in memory. They are cached in DIR/data/ keyed on the rows and
+the starting weights, so a resumed run (whose params have moved on) reads the same
+reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llm.training.objectives import reference_logps
+
+CACHE = "reference_logps.npz"
+
+
+def _key(config, rows_list) -> str:
+  h = hashlib.sha256()
+  for rows in rows_list:
+    for k in ("inputs", "targets", "segment_ids", "positions"):
+      h.update(np.ascontiguousarray(rows[k]).tobytes())
+  h.update(json.dumps({"model": config.model.to_dict(), "init": config.train.init_params,
+                       "seed": config.seed}, sort_keys=True).encode())
+  return h.hexdigest()
+
+
+def _compute(rows, params, model, batch_size: int, mesh, batch_sharding, param_shardings):
+  fn = jax.jit(lambda p, b: reference_logps(p, b, model=model),
+               in_shardings=(param_shardings, batch_sharding),
+               out_shardings=NamedSharding(mesh, P()))
+  n = len(rows["inputs"])
+  n_proc, me = jax.process_count(), jax.process_index()
+  out = np.zeros(rows["inputs"].shape, np.float32)
+  for start in range(0, n, batch_size):
+    idx = np.minimum(np.arange(start, start + batch_size), n - 1)  # the last batch padded
+    local = idx.reshape(n_proc, -1)[me]
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding, rows[k][local])
+             for k in ("inputs", "targets", "segment_ids", "positions")}
+    values = np.asarray(fn(params, batch))
+    keep = min(batch_size, n - start)
+    out[start:start + keep] = values[:keep]
+  return out
+
+
+def attach(config, data_dir, corpus, model, initial_params, mesh, batch_sharding,
+           param_shardings) -> None:
+  """Adds "ref_logp" to the train and validation rows (from the cache, else computed with
+  `initial_params()` and cached)."""
+  rows_list = [corpus.train.rows, corpus.val.rows]
+  key = _key(config, rows_list)
+  path = data_dir / CACHE
+  if path.is_file():
+    with np.load(path) as z:
+      if str(z["key"]) == key:
+        corpus.train.rows["ref_logp"], corpus.val.rows["ref_logp"] = z["train"], z["val"]
+        return
+  if jax.process_index() == 0:
+    print("computing reference log-probabilities with the starting weights", flush=True)
+  params = initial_params()
+  train, val = (_compute(rows, params, model, config.train.batch_size, mesh, batch_sharding,
+                         param_shardings) for rows in rows_list)
+  del params
+  corpus.train.rows["ref_logp"], corpus.val.rows["ref_logp"] = train, val
+  if jax.process_index() == 0:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / f"{CACHE}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, key=key, train=train, val=val)
+    os.replace(tmp, path)
