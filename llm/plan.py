@@ -122,7 +122,7 @@ def compile_step(config, target: Target) -> Plan:
   mesh = make_mesh(config.mesh, target.devices)
   check_batch(config, mesh)
   model = make_model(config.model)
-  tx = make_optimizer(config.optim, config.train.steps, config.model)
+  tx = make_optimizer(config.optim, config.train.steps)
   abstract_state, shardings_ = state_shardings(model, tx, config.data.seq_len, mesh)
   batch_sharding = make_batch_sharding(mesh)
   batch = abstract_batch(config, batch_sharding)

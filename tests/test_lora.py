@@ -14,7 +14,8 @@ import pytest
 from llm import config as config_lib
 from llm.model import forward, init_params, lora, make_model, quant, unbox
 from llm.training.optim import make_optimizer, schedule
-from llm.training.state import TrainState
+from llm.parallel.mesh import make_mesh
+from llm.training.state import TrainState, state_shardings
 from llm.training.step import make_objective, train_step
 from llm.train import train
 from llm.workdir import load_params
@@ -63,11 +64,13 @@ def test_step0_equals_base_and_merged_equals_unmerged():
 
 def test_only_adapters_train_and_hold_optimizer_state():
   _, cfg, _, params = _models("q,v,down")
-  tx = make_optimizer(cfg.optim, 10, cfg.model)
-  opt_state = tx.init(params)
-  n_moments = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0)
+  tx = make_optimizer(cfg.optim, 10)
+  abstract, _ = state_shardings(make_model(cfg.model), tx, 8,
+                                make_mesh(cfg.mesh, jax.devices()[:1]))
+  n_moments = sum(x.size for x in jax.tree.leaves(abstract.opt_state) if x.ndim > 0)
   adapter_size = sum(x.size for x in jax.tree.leaves(lora.split(params)[1]))
   assert n_moments == 2 * adapter_size  # Adam's m and v for the adapters, nothing for the base
+  opt_state = tx.init(lora.trainable(params, cfg.model))
   state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
                      skipped=jnp.int32(0))
   objective = make_objective(cfg, make_model(cfg.model))

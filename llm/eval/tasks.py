@@ -1,6 +1,7 @@
 """Generated chat tasks with verifiable answers, and exact-match scoring of a model on them.
 
     python -m llm.eval.tasks make --task=reverse --out=data/reverse   # train.jsonl, test.jsonl
+    python -m llm.eval.tasks pairs --task=reverse --out=data/reverse_pairs  # for dpo
     python -m llm.eval.tasks score --workdir=runs/sft --data=data/reverse/test.jsonl
 
 Each task (TASKS) draws examples from a seeded generator as {"messages": [user,
@@ -55,15 +56,42 @@ def examples(task: str, n: int, seed: int) -> list[dict]:
   return out
 
 
+def wrong_answer(answer: str, rng: random.Random) -> str:
+  """A plausible wrong answer: two characters swapped, or a digit changed."""
+  if answer.isdigit():
+    return str(int(answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+  if len(set(answer)) == 1:
+    return answer + answer[0]
+  while True:
+    i, j = sorted(rng.sample(range(len(answer)), 2))
+    wrong = answer[:i] + answer[j] + answer[i + 1:j] + answer[i] + answer[j + 1:]
+    if wrong != answer:
+      return wrong
+
+
+def to_pairs(examples_: list[dict], seed: int) -> list[dict]:
+  """TRL-style preference pairs: the question, the right answer chosen, a wrong one
+  rejected."""
+  rng = random.Random(seed)
+  return [{"prompt": e["messages"][:-1],
+           "chosen": [e["messages"][-1]],
+           "rejected": [{"role": "assistant",
+                         "content": wrong_answer(e["messages"][-1]["content"], rng)}]}
+          for e in examples_]
+
+
 def write_task(task: str, out_dir: str | Path, n_train: int = 4000, n_test: int = 200,
-               seed: int = 0) -> tuple[Path, Path]:
-  """train.jsonl and test.jsonl (disjoint questions) under out_dir."""
+               seed: int = 0, pairs: bool = False) -> tuple[Path, Path]:
+  """train.jsonl and test.jsonl (disjoint questions) under out_dir; with `pairs`,
+  preference pairs (to_pairs) instead of chat examples."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   test = examples(task, n_test, seed + 1)
   held_out = {e["messages"][0]["content"] for e in test}
   train = [e for e in examples(task, n_train + n_test, seed)
            if e["messages"][0]["content"] not in held_out][:n_train]
+  if pairs:
+    train, test = to_pairs(train, seed), to_pairs(test, seed + 1)
   paths = out / "train.jsonl", out / "test.jsonl"
   for path, rows in zip(paths, (train, test)):
     tmp = path.with_suffix(".tmp")
@@ -93,12 +121,12 @@ def exact_match(config, params, tokenizer, test: list[dict], max_tokens: int = 1
 
 def main(argv: list[str]) -> None:
   f = FLAGS
-  if len(argv) != 2 or argv[1] not in ("make", "score"):
-    raise ValueError(f"usage: python -m llm.eval.tasks make|score [flags]; got {argv[1:]}")
-  if argv[1] == "make":
+  if len(argv) != 2 or argv[1] not in ("make", "pairs", "score"):
+    raise ValueError(f"usage: python -m llm.eval.tasks make|pairs|score [flags]; got {argv[1:]}")
+  if argv[1] in ("make", "pairs"):
     if not f.task or not f.out:
-      raise ValueError("make needs --task and --out")
-    train, test = write_task(f.task, f.out, f.n_train, f.n_test, f.seed)
+      raise ValueError(f"{argv[1]} needs --task and --out")
+    train, test = write_task(f.task, f.out, f.n_train, f.n_test, f.seed, argv[1] == "pairs")
     print(f"wrote {train} and {test}")
     return
   if not f.workdir or not f.data:

@@ -40,10 +40,9 @@ def is_adapter(path) -> bool:
   return any(getattr(k, "key", None) in ADAPTER_KEYS for k in path)
 
 
-def trainable_labels(params):
-  """"adapter" or "frozen" for every leaf of `params`."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "adapter" if is_adapter(path) else "frozen", params)
+def trainable(params, model_cfg):
+  """What the optimizer updates: the adapters of a LoRA model, else every param."""
+  return split(params)[1] if model_cfg.lora.rank else params
 
 
 def split(params) -> tuple[dict, dict]:

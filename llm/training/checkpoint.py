@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from llm import config as config_lib
 from llm.model import unbox
 from llm.params import abstract_params
+from llm.model import lora
 from llm.training.optim import make_optimizer
 from llm.workdir import (CONFIG_ITEM as CONFIG, DATA_ITEM as DATA, STATE_ITEM as STATE,
                          Damaged, describe, newest_good, write_manifest)
@@ -212,7 +213,7 @@ def check_resumable(saved: dict, config, workdir) -> None:
                      f"{config.train.init_params!r}; resume with that base or use a new "
                      "--workdir")
   opt_layout = lambda cfg: _layout(jax.eval_shape(  # noqa: E731
-      make_optimizer(cfg.optim, cfg.train.steps, cfg.model).init, params))
+      make_optimizer(cfg.optim, cfg.train.steps).init, lora.trainable(params, cfg.model)))
   if opt_layout(saved_cfg) != opt_layout(config):
     raise ValueError(f"the checkpoint in {workdir} holds optimizer state of another layout ("
                      + "; ".join(_changed("optim", saved_cfg.optim, config.optim)) +

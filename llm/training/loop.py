@@ -133,7 +133,7 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   corpus = _prepare_data(config, wd.path)
   model = make_model(config.model)
   total_steps = config.train.steps
-  tx = make_optimizer(config.optim, total_steps, config.model)
+  tx = make_optimizer(config.optim, total_steps)
   batch_sharding = rules.batch_sharding(mesh)
   if config.train.objective in NEEDS_REFERENCE:  # before any row is read
     abstract_state, shardings = state_shardings(model, tx, config.data.seq_len, mesh)

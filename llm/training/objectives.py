@@ -78,7 +78,9 @@ def dpo(params, batch, *, model, config):
   carries per token ("ref_logp", computed once with the starting weights: the frozen
   reference costs no second copy of the model). Weight: pairs. Metrics with TRL's names:
   rewards/chosen, rewards/rejected (beta x policy-minus-reference log-probabilities),
-  rewards/accuracies, rewards/margins, logps/chosen, logps/rejected."""
+  rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; and
+  preference_accuracy, the fraction of pairs whose chosen completion the policy itself
+  finds likelier."""
   d = config.train.dpo
   logits_BTV, aux = forward(model, params, batch)
   nll_BT, _ = token_nll(logits_BTV, batch["targets"])
@@ -100,6 +102,8 @@ def dpo(params, batch, *, model, config):
           "rewards/accuracies": masked((chosen_rewards > rejected_rewards).astype(jnp.float32)),
           "rewards/margins": masked(chosen_rewards - rejected_rewards),
           "logps/chosen": masked(policy[..., 1]), "logps/rejected": masked(policy[..., 0]),
+          # the policy itself prefers the chosen completion (at step 0: the reference does)
+          "preference_accuracy": masked((policy[..., 1] > policy[..., 0]).astype(jnp.float32)),
           "weight": pairs}
   return with_aux(total, sums, aux, pairs)
 

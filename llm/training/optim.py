@@ -49,15 +49,11 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim_cfg, total_steps: int, model_cfg=None) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping. With LoRA (model_cfg.lora.rank > 0) it updates the
-  adapters only: the base weights get no update and no optimizer state."""
+def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping, over the trainable params (with LoRA the adapters
+  alone: `llm.model.lora.trainable`)."""
   c = optim_cfg
   parts = [optax.clip_by_global_norm(c.clip_norm)] if c.clip_norm > 0 else []
   parts.append(optax.adamw(schedule(c, total_steps), b1=c.b1, b2=c.b2, eps=c.eps,
                            weight_decay=c.weight_decay, mask=decay_mask))
-  tx = optax.chain(*parts)
-  if model_cfg is not None and model_cfg.lora.rank:
-    from llm.model.lora import trainable_labels
-    tx = optax.multi_transform({"adapter": tx, "frozen": optax.set_to_zero()}, trainable_labels)
-  return tx
+  return optax.chain(*parts)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from llm.model import init_params, unbox
+from llm.model import init_params, lora, unbox
 from llm.parallel.rules import logical_to_sharding
 
 
@@ -42,7 +42,7 @@ def state_shardings(model, tx, seq_len: int, mesh: Mesh):
   boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0), seq_len))
   param_shardings = logical_to_sharding(boxed, mesh)
   params = unbox(boxed)
-  opt_state = jax.eval_shape(tx.init, params)
+  opt_state = jax.eval_shape(tx.init, lora.trainable(params, model.cfg))
   replicated = NamedSharding(mesh, P())
   shardings = TrainState(step=replicated, params=param_shardings,
                          opt_state=_opt_shardings(opt_state, param_shardings, mesh),
@@ -59,7 +59,8 @@ def init_state(model, tx, seq_len: int, seed: int, shardings: TrainState) -> Tra
 
   def init():
     params = unbox(init_params(model, jax.random.key(seed), seq_len))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(lora.trainable(params, model.cfg)),
                       skipped=jnp.zeros((), jnp.int32))
 
   return jax.jit(init, out_shardings=shardings)()

@@ -35,10 +35,10 @@ def microbatches(batch, n: int):
 def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_accum: int,
                frozen_base: bool = False):
   """One optimizer step on `objective(params, batch) -> (total, sums)` (see objectives).
-  With `frozen_base` (LoRA) only the adapters are differentiated; the base gets zero
-  gradients without computing any (it may even be stored quantized). A step whose loss,
-  gradients or update are not finite leaves params and optimizer state unchanged and
-  counts as skipped."""
+  With `frozen_base` (LoRA) only the adapters are differentiated and updated (`tx` and
+  the optimizer state cover them alone); the base passes through untouched (it may even
+  be stored quantized). A step whose loss, gradients or update are not finite leaves
+  params and optimizer state unchanged and counts as skipped."""
   frozen, trainable = lora.split(state.params) if frozen_base else (None, state.params)
   loss_fn = objective if not frozen_base else (
       lambda t, b: objective(lora.join(frozen, t), b))
@@ -51,17 +51,16 @@ def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_acc
                          jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], parts)))
     add = lambda carry, microbatch: (jax.tree.map(jnp.add, carry, grad_fn(trainable, microbatch)), None)  # noqa: E731
     ((total, sums), grads), _ = jax.lax.scan(add, zeros, parts)
-  if frozen_base:
-    grads = lora.join(jax.tree.map(jnp.zeros_like, frozen), grads)
   weight = jnp.maximum(sums.pop("weight"), 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  trained = lora.split(params)[1] if frozen_base else params
-  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(trained))
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  new = optax.apply_updates(trainable, updates)
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+  new = keep(new, trainable)
+  new_state = state.replace(step=state.step + 1,
+                            params=lora.join(frozen, new) if frozen_base else new,
                             opt_state=keep(opt_state, state.opt_state),
                             skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics = {name: value / weight for name, value in sums.items()}
