@@ -39,13 +39,17 @@ def test_greedy_cached_decoding_equals_argmax_of_full_forward(model_and_params, 
   prompts = [list(rng.integers(3, 512, n)) for n in (5, 11, 1)]  # different lengths: padded
   steps = 12
   got = Decoder(cfg.model, params).generate(prompts, steps, SamplingParams(temperature=0.0))
-  forward = jax.jit(model.apply)
-  for prompt, continuation in zip(prompts, got):
-    seq = list(prompt)
-    for _ in range(steps):
-      logits = forward({"params": params}, jnp.asarray([seq]))
-      seq.append(int(jnp.argmax(logits[0, -1])))
-    assert continuation == seq[len(prompt):]
+  # Greedy: every generated token is the argmax of the full forward over what precedes it.
+  # One causal forward over prompt + continuation checks them all (right padding cannot
+  # reach earlier positions).
+  seqs = [list(p) + c for p, c in zip(prompts, got)]
+  longest = max(len(x) for x in seqs)
+  logits = jax.jit(model.apply)({"params": params},
+                                jnp.asarray([x + [0] * (longest - len(x)) for x in seqs]))
+  for i, (prompt, continuation) in enumerate(zip(prompts, got)):
+    assert len(continuation) == steps
+    chosen = np.argmax(logits[i, len(prompt) - 1:len(prompt) - 1 + steps], axis=-1)
+    assert continuation == chosen.tolist()
 
 
 def test_sliding_window_decoding_equals_windowed_full_forward(model_and_params):

@@ -163,7 +163,7 @@ def test_int8_and_nf4_round_trips_match_numpy():
                              rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["int8", "nf4"])
+@pytest.mark.parametrize("kind", [pytest.param("int8", marks=pytest.mark.slow), "nf4"])
 def test_qlora_model_is_the_dequantized_base_plus_adapters(kind):
   base_cfg, lora_cfg, base_params, _ = _models()
   lora_cfg.model.lora.base_quant = kind

@@ -113,25 +113,6 @@ def test_moe_recipes_have_published_counts(name, total, active):
   assert active_params(cfg.model) == active
 
 
-def test_moe_model_trains_and_logs_its_aux_losses(config, tmp_path):
-  config.model.update(mlp="moe")  # capacity compute: quick on CPU (dropless trains below)
-  config.model.moe.update(n_experts=4, top_k=2, d_ff=32, n_shared=1, compute="capacity")
-  config.train.update(steps=4, checkpoint_every=4, eval_every=4)
-  model = make_model(config.model)
-  params = unbox(init_params(model, jax.random.key(0), 8))
-  batch = {"inputs": jnp.ones((2, 8), jnp.int32), "segment_ids": jnp.ones((2, 8), jnp.int32),
-           "positions": jnp.broadcast_to(jnp.arange(8), (2, 8))}
-  _, aux = forward(model, params, batch)
-  assert set(aux.losses) == {"moe_load_balance_loss", "moe_router_z_loss"}
-  assert set(aux.metrics) == {"moe_load_min_over_max", "moe_dropped_fraction"}
-  train(config, tmp_path, devices=jax.devices()[:1])
-  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-  first = next(r for r in records if "loss" in r)
-  assert first["moe_load_balance_loss"] > 0 and 0 <= first["moe_load_min_over_max"] <= 1
-  assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
-  assert losses(tmp_path)[4] < losses(tmp_path)[1]
-
-
 def test_moe_config_errors():
   cfg = tiny_config()
   cfg.model.mlp = "moe"
@@ -168,16 +149,29 @@ def test_expert_parallel_training_matches_one_device_and_restores_across_layouts
   np.testing.assert_allclose([ep[s] for s in one], [one[s] for s in one], rtol=2e-5)
 
 
-def test_expert_parallel_capacity_all_to_all_matches_one_device(config, tmp_path):
-  """Capacity compute with experts over expert=4 (tokens sent by all-to-all) equals one
-  device when the capacity drops nothing (capacity_factor = n_experts / top_k)."""
+def test_moe_trains_logs_aux_losses_and_all_to_all_matches_one_device(config, tmp_path):
+  """A MoE (capacity compute, a shared expert) trains on one device and logs its aux
+  losses; with experts over expert=4 (tokens sent by all-to-all) it gives the same losses
+  when the capacity drops nothing (capacity_factor = n_experts / top_k)."""
   config = _moe_config(config)
-  config.model.moe.update(compute="capacity", capacity_factor=2.0)
-  config.train.update(steps=2, checkpoint_every=2, eval_every=2)
+  config.model.moe.update(compute="capacity", capacity_factor=2.0, n_shared=1)
+  config.train.update(steps=4, checkpoint_every=4, eval_every=4)
+  model = make_model(config.model)
+  params = unbox(init_params(model, jax.random.key(0), 8))
+  batch = {"inputs": jnp.ones((2, 8), jnp.int32), "segment_ids": jnp.ones((2, 8), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(8), (2, 8))}
+  _, aux = forward(model, params, batch)
+  assert set(aux.losses) == {"moe_load_balance_loss", "moe_router_z_loss"}
+  assert set(aux.metrics) == {"moe_load_min_over_max", "moe_dropped_fraction"}
   train(config, tmp_path / "one", devices=jax.devices()[:1])
+  records = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+  first = next(r for r in records if "loss" in r)
+  assert first["moe_load_balance_loss"] > 0 and 0 <= first["moe_load_min_over_max"] <= 1
+  one = losses(tmp_path / "one")
+  assert sorted(one) == [1, 2, 3, 4] and one[4] < one[1]
   config.mesh.update(data=2, expert=4)
   train(config, tmp_path / "ep")
-  one, ep = losses(tmp_path / "one"), losses(tmp_path / "ep")
+  ep = losses(tmp_path / "ep")
   np.testing.assert_allclose([ep[s] for s in one], [one[s] for s in one], rtol=2e-5)
   record = next(json.loads(line) for line in open(tmp_path / "ep" / "metrics.jsonl")
                 if "moe_dropped_fraction" in line)

@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from llm.train import train
 from tests.helpers import ROOT, losses
@@ -62,6 +63,7 @@ def test_two_processes_match_one_and_resume(config, tmp_path, tokenizer_path):
                              rtol=1e-6)
 
 
+@pytest.mark.slow  # one-process SIGTERM handling runs by default (test_resume, test_reliability)
 def test_sigterm_stops_all_processes_at_one_step_then_resumes(config, tmp_path,
                                                               tokenizer_path):
   """SIGTERM to the job: both processes checkpoint the same step and exit 0; rerun, the

@@ -1,7 +1,8 @@
 """Generated chat tasks with verifiable answers, and exact-match scoring of a model on them.
 
     python -m llm.eval.tasks make --task=reverse --out=data/reverse   # train.jsonl, test.jsonl
-    python -m llm.eval.tasks pairs --task=reverse --out=data/reverse_pairs  # for dpo
+    python -m llm.eval.tasks pairs --task=reverse --out=data/reverse_pairs \
+        [--workdir=runs/sft]   # for dpo; rejecting the model's own wrong replies
     python -m llm.eval.tasks score --workdir=runs/sft --data=data/reverse/test.jsonl
 
 Each task (TASKS) draws examples from a seeded generator as {"messages": [user,
@@ -69,21 +70,25 @@ def wrong_answer(answer: str, rng: random.Random) -> str:
       return wrong
 
 
-def to_pairs(examples_: list[dict], seed: int) -> list[dict]:
+def to_pairs(examples_: list[dict], seed: int, replies: list[str] | None = None) -> list[dict]:
   """TRL-style preference pairs: the question, the right answer chosen, a wrong one
-  rejected."""
+  rejected: the model's own reply where `replies` has a wrong one, else a near miss."""
   rng = random.Random(seed)
-  return [{"prompt": e["messages"][:-1],
-           "chosen": [e["messages"][-1]],
-           "rejected": [{"role": "assistant",
-                         "content": wrong_answer(e["messages"][-1]["content"], rng)}]}
-          for e in examples_]
+  out = []
+  for i, e in enumerate(examples_):
+    answer = e["messages"][-1]["content"]
+    reply = replies[i].strip() if replies is not None else ""
+    rejected = reply if reply and reply != answer.strip() else wrong_answer(answer, rng)
+    out.append({"prompt": e["messages"][:-1], "chosen": [e["messages"][-1]],
+                "rejected": [{"role": "assistant", "content": rejected}]})
+  return out
 
 
 def write_task(task: str, out_dir: str | Path, n_train: int = 4000, n_test: int = 200,
-               seed: int = 0, pairs: bool = False) -> tuple[Path, Path]:
+               seed: int = 0, pairs: bool = False, policy=None) -> tuple[Path, Path]:
   """train.jsonl and test.jsonl (disjoint questions) under out_dir; with `pairs`,
-  preference pairs (to_pairs) instead of chat examples."""
+  preference pairs (to_pairs) instead of chat examples, rejecting the greedy replies of
+  `policy` = (config, params, tokenizer) where they are wrong."""
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   test = examples(task, n_test, seed + 1)
@@ -91,7 +96,10 @@ def write_task(task: str, out_dir: str | Path, n_train: int = 4000, n_test: int 
   train = [e for e in examples(task, n_train + n_test, seed)
            if e["messages"][0]["content"] not in held_out][:n_train]
   if pairs:
-    train, test = to_pairs(train, seed), to_pairs(test, seed + 1)
+    replies = [None, None]
+    if policy is not None:
+      replies = [exact_match(*policy, part)[1] for part in (train, test)]
+    train, test = to_pairs(train, seed, replies[0]), to_pairs(test, seed + 1, replies[1])
   paths = out / "train.jsonl", out / "test.jsonl"
   for path, rows in zip(paths, (train, test)):
     tmp = path.with_suffix(".tmp")
@@ -126,7 +134,14 @@ def main(argv: list[str]) -> None:
   if argv[1] in ("make", "pairs"):
     if not f.task or not f.out:
       raise ValueError(f"{argv[1]} needs --task and --out")
-    train, test = write_task(f.task, f.out, f.n_train, f.n_test, f.seed, argv[1] == "pairs")
+    policy = None
+    if argv[1] == "pairs" and f.workdir:
+      from llm.inference import load
+      policy = load(f.workdir)
+      if f.template:
+        policy[0].data.chat.template = f.template
+    train, test = write_task(f.task, f.out, f.n_train, f.n_test, f.seed, argv[1] == "pairs",
+                             policy)
     print(f"wrote {train} and {test}")
     return
   if not f.workdir or not f.data:
@@ -152,7 +167,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("n_train", 4000, "make: training examples")
   flags.DEFINE_integer("n_test", 200, "make: test examples (questions not in train)")
   flags.DEFINE_integer("seed", 0, "make: generator seed")
-  flags.DEFINE_string("workdir", "", "score: the run to score")
+  flags.DEFINE_string("workdir", "", "score: the run to score; pairs: reject its own wrong "
+                      "greedy replies")
   flags.DEFINE_string("data", "", "score: a test.jsonl")
   flags.DEFINE_integer("limit", 0, "score: the first N examples only (0: all)")
   flags.DEFINE_string("template", "", "score: a built-in chat template (default: the run's)")
