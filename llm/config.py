@@ -151,6 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
           beta=0.1,
           loss_type="sigmoid",  # sigmoid (DPO) | ipo
           label_smoothing=0.0,  # sigmoid only: conservative DPO's eps
+          rpo_alpha=0.0,  # RPO: + alpha x the chosen completion's NLL per token
       )),
   ))
 
@@ -251,6 +252,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.objective == "dpo":
     check_range("train.dpo.beta", t.dpo.beta, lo=0, lo_open=True)
     check_range("train.dpo.label_smoothing", t.dpo.label_smoothing, lo=0, hi=0.5, hi_open=True)
+    check_range("train.dpo.rpo_alpha", t.dpo.rpo_alpha, lo=0)
   if m.lora.base_quant != "none" and not m.lora.rank:
     raise ValueError(f"model.lora.base_quant={m.lora.base_quant!r} quantizes the frozen base "
                      "of a LoRA run: set model.lora.rank > 0")

@@ -104,3 +104,29 @@ def test_dpo_run_raises_held_out_preference_accuracy(config, tmp_path):
   last = [r for r in records if "eval_rewards/accuracies" in r][-1]
   assert last["eval_rewards/accuracies"] >= 0.9 and last["eval_loss"] < np.log(2)
   assert losses(tmp_path / "run")[20] < losses(tmp_path / "run")[1]
+
+
+def test_rpo_adds_the_chosen_nll_per_token():
+  from llm.model import init_params, make_model, unbox
+  from llm.training.objectives import dpo, reference_logps
+  from tests.helpers import tiny_config
+  cfg = tiny_config()
+  cfg.train.objective = "dpo"
+  rng = np.random.default_rng(0)
+  tokenized = [(rng.integers(3, 500, n).astype(np.int32), np.r_[np.zeros(n - 3, bool),
+                                                               np.ones(3, bool)],
+                rng.integers(3, 500, m).astype(np.int32), np.r_[np.zeros(m - 2, bool),
+                                                               np.ones(2, bool)])
+               for n, m in ((6, 5), (7, 8))]
+  batch = {k: jnp.asarray(v) for k, v in preference.pack_pairs(tokenized, seq_len=32).items()}
+  model = make_model(cfg.model)
+  params = unbox(init_params(model, jax.random.key(0), 8))
+  logp = reference_logps(params, batch, model=model)
+  batch["ref_logp"] = jnp.zeros_like(logp)
+  plain, sums = dpo(params, batch, model=model, config=cfg)
+  cfg.train.dpo.rpo_alpha = 0.5
+  with_rpo, _ = dpo(params, batch, model=model, config=cfg)
+  chosen_nll = sum(-float(jnp.sum(logp[0] * batch["loss_mask"][0] * (batch["pair_ids"][0] == p)
+                                  * batch["chosen"][0])) / 3 for p in (1, 2))
+  assert float(sums["weight"]) == 2
+  np.testing.assert_allclose(float(with_rpo - plain), 0.5 * chosen_nll, rtol=1e-5)

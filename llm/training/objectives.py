@@ -92,6 +92,10 @@ def dpo(params, batch, *, model, config):
     policy, ref = policy / jnp.maximum(tokens, 1), ref / jnp.maximum(tokens, 1)
   losses = dpo_losses(policy[..., 1], policy[..., 0], ref[..., 1], ref[..., 0], beta=d.beta,
                       loss_type=d.loss_type, label_smoothing=d.label_smoothing)
+  if d.rpo_alpha:  # RPO (TRL's rpo_alpha): plus the chosen completion's NLL per token
+    chosen_nll = -policy[..., 1] if d.loss_type == "ipo" else (  # (ipo: already per token)
+        -policy[..., 1] / jnp.maximum(tokens[..., 1], 1))
+    losses = losses + d.rpo_alpha * chosen_nll
   chosen_rewards = d.beta * (policy[..., 1] - ref[..., 1])
   rejected_rewards = d.beta * (policy[..., 0] - ref[..., 0])
   masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731
