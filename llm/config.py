@@ -249,6 +249,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive("model.rope_scaling.original_max_position", r.original_max_position)
   for name in ("flash_block_q", "flash_block_k", "sliding_window"):
     check_range(f"model.{name}", m[name], lo=0, note="0 = default / off")
+  if t.objective in ("sft", "dpo") and not d.paths:
+    raise ValueError(f"train.objective={t.objective!r} reads "
+                     f"{'chat examples' if t.objective == 'sft' else 'preference pairs'} from "
+                     "JSONL files: set data.paths (comma-separated files or globs)")
   if t.objective == "dpo":
     check_range("train.dpo.beta", t.dpo.beta, lo=0, lo_open=True)
     check_range("train.dpo.label_smoothing", t.dpo.label_smoothing, lo=0, hi=0.5, hi_open=True)
@@ -264,6 +268,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not targets or any(t not in allowed for t in targets):
       raise ValueError(f"model.lora.targets={m.lora.targets!r}: allowed targets are "
                        f"{list(allowed)} (comma-separated)")
+    if m.mlp == "moe" and set(targets) & {"gate", "up", "down"}:
+      raise ValueError(f"model.lora.targets={m.lora.targets!r}: LoRA does not adapt MoE "
+                       "experts; with model.mlp='moe' choose among q, k, v, o")
   if m.mlp == "moe":
     e = m.moe
     check_range("model.moe.n_experts", e.n_experts, lo=1)

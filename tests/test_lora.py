@@ -98,6 +98,14 @@ def test_bad_targets_are_named():
   cfg.model.lora.update(rank=4, targets="q,embed")
   with pytest.raises(ValueError, match=r"model.lora.targets='q,embed': allowed targets are"):
     config_lib.validate(cfg)
+  cfg.model.update(mlp="moe")
+  cfg.model.lora.targets = "q,up"
+  with pytest.raises(ValueError, match="LoRA does not adapt MoE experts"):
+    config_lib.validate(cfg)
+  cfg = tiny_config()
+  cfg.model.lora.base_quant = "nf4"
+  with pytest.raises(ValueError, match="quantizes the frozen base of a LoRA run"):
+    config_lib.validate(cfg)
 
 
 def test_lora_run_from_a_pretrained_workdir_loads_merged(config, tmp_path):

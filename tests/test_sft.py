@@ -11,6 +11,7 @@ import transformers
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from llm import config as config_lib
 from llm.data import chat, sft
 from llm.data.tokenizer import open_tokenizer, train_tokenizer
 from llm.train import train
@@ -131,6 +132,14 @@ def test_sentencepiece_gets_template_tokens_as_single_pieces(tmp_path):
 ])
 def test_formats_become_messages(record, expected):
   assert [(m["role"], m["content"]) for m in chat.to_messages(record)] == expected
+
+
+def test_chat_objectives_need_jsonl_paths():
+  cfg = tiny_config()
+  cfg.train.objective = "sft"
+  cfg.data.paths = ""
+  with pytest.raises(ValueError, match="train.objective='sft' reads chat examples from JSONL"):
+    config_lib.validate(cfg)
 
 
 def test_bad_examples_are_named():
