@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
       lora=ml_collections.ConfigDict(dict(
           rank=0,
           alpha=16.0,  # the update is scaled by alpha / rank
+          dropout=0.0,  # on the adapters' input while training
           targets="q,v",  # comma-separated: any of q, k, v, o, gate, up, down
           base_quant="none",  # QLoRA: the frozen base stored as int8 | nf4 (none: as is)
       )),
@@ -263,6 +264,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.lora.rank:
     check_range("model.lora.rank", m.lora.rank, lo=1)
     check_range("model.lora.alpha", m.lora.alpha, lo=0, lo_open=True)
+    check_range("model.lora.dropout", m.lora.dropout, lo=0, hi=1, hi_open=True)
     targets = [t.strip() for t in m.lora.targets.split(",") if t.strip()]
     allowed = registry(LORA_TARGETS_REGISTRY)
     if not targets or any(t not in allowed for t in targets):

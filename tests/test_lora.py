@@ -86,6 +86,17 @@ def test_only_adapters_train_and_hold_optimizer_state():
                              rtol=1e-5)
   for _ in range(2):
     state, _ = step(state, _batch(cfg))
+  # LoRA dropout: masks from (seed, step); none without a key (evaluation, generation)
+  cfg.model.lora.dropout = 0.5
+  dropped = functools.partial(train_step, objective=make_objective(cfg, make_model(cfg.model)),
+                              tx=tx, lr_schedule=schedule(cfg.optim, 10), grad_accum=1,
+                              frozen_base=True)
+  losses_by_seed = [float(jax.jit(functools.partial(dropped, dropout_seed=seed))(
+      state, _batch(cfg))[1]["loss"]) for seed in (0, 0, 1)]
+  assert losses_by_seed[0] == losses_by_seed[1] != losses_by_seed[2]
+  no_key, _ = forward(make_model(cfg.model), state.params, _batch(cfg))
+  np.testing.assert_allclose(no_key, _logits(_float_cfg_lora(cfg, 0.0), state.params,
+                                             _batch(cfg)), atol=1e-5)
   before_base, before_adapters = lora.split(params)
   after_base, after_adapters = lora.split(state.params)
   jax.tree.map(np.testing.assert_array_equal, after_base, before_base)
@@ -112,7 +123,7 @@ def test_lora_run_from_a_pretrained_workdir_loads_merged(config, tmp_path):
   config.train.update(steps=2, checkpoint_every=2, eval_every=2)
   train(config, tmp_path / "base", devices=jax.devices()[:1])
   _, base = load_params(tmp_path / "base")
-  config.model.lora.update(rank=2, targets="q,v")
+  config.model.lora.update(rank=2, targets="q,v", dropout=0.1)  # masks keyed on the step
   config.train.update(init_params=str(tmp_path / "base"), steps=4, checkpoint_every=4)
   config.optim.update(lr=1e-2, warmup_steps=0, schedule="constant")  # same lr however long
   train(config, tmp_path / "straight", devices=jax.devices()[:1])
@@ -198,4 +209,11 @@ def _float_cfg(cfg):
   out = tiny_config()
   out.model.update(cfg.model.to_dict())
   out.model.lora.base_quant = "none"
+  return out.model
+
+
+def _float_cfg_lora(cfg, dropout):
+  out = tiny_config()
+  out.model.update(cfg.model.to_dict())
+  out.model.lora.dropout = dropout
   return out.model

@@ -321,7 +321,7 @@ def peft_config(c, base_model: str = "") -> dict:
   """adapter_config.json of a LoRA run, as peft writes it."""
   from llm.model.lora import targets
   return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c.lora.rank,
-          "lora_alpha": c.lora.alpha, "lora_dropout": 0.0, "bias": "none",
+          "lora_alpha": c.lora.alpha, "lora_dropout": c.lora.dropout, "bias": "none",
           "target_modules": sorted(PEFT_MODULES[t][1].split(".")[-1] for t in targets(c)),
           "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
           "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,

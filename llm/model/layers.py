@@ -62,6 +62,7 @@ class Projection(nn.Module):
   init_std: float
   lora_rank: int = 0
   lora_alpha: float = 16.0
+  lora_dropout: float = 0.0  # on the adapter's input, when a "dropout" rng is given
   base_quant: str = "none"  # QLoRA: the kernel stored quantized (llm.model.quant)
 
   @nn.compact
@@ -89,7 +90,11 @@ class Projection(nn.Module):
                           self.axes[:n_in] + (None,), jnp.float32)
       b = param_with_axes(self, "lora_b", nn.initializers.zeros, (r,) + self.out_shape,
                           (None,) + self.axes[n_in:], jnp.float32)
-      xa = jax.lax.dot_general(x, a.astype(self.dtype), (contract, ((), ())))
+      x_in = x
+      if self.lora_dropout and self.has_rng("dropout"):  # training only (the step's rng)
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.lora_dropout, x.shape)
+        x_in = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+      xa = jax.lax.dot_general(x_in, a.astype(self.dtype), (contract, ((), ())))
       xab = jnp.tensordot(xa, b.astype(self.dtype), axes=1)
       out = out + (self.lora_alpha / r) * xab
     return out

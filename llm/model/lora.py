@@ -31,7 +31,7 @@ def projection_kwargs(model_cfg, target: str) -> dict:
     return {}
   kwargs = {} if lora.base_quant == "none" else {"base_quant": lora.base_quant}
   if target in targets(model_cfg):
-    kwargs.update(lora_rank=lora.rank, lora_alpha=lora.alpha)
+    kwargs.update(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout)
   return kwargs
 
 

@@ -117,7 +117,7 @@ class Transformer(nn.Module):
       unit = nn.remat(unit, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
       stack = nn.scan(unit, variable_axes={"params": 0, AUX_LOSSES: 0, AUX_METRICS: 0},
-                      split_rngs={"params": True},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                       length=c.n_layers // group, metadata_params={nn.PARTITION_NAME: "layers"})
       if cache is not None and group > 1:  # [L, ...] -> [L / n, n, ...]
@@ -180,9 +180,11 @@ def _by_name(sown, reduce) -> dict:
   return {name: reduce(jnp.concatenate(parts)) for name, parts in values.items()}
 
 
-def forward(model: Transformer, params, batch) -> tuple[jax.Array, Aux]:
-  """(logits_BTV, Aux) for a packed batch: what the layers sowed, by name."""
+def forward(model: Transformer, params, batch, rng=None) -> tuple[jax.Array, Aux]:
+  """(logits_BTV, Aux) for a packed batch: what the layers sowed, by name. `rng` (training
+  only) drives dropout where the model has any (LoRA dropout)."""
   logits_BTV, sown = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                                 batch["positions"], mutable=[AUX_LOSSES, AUX_METRICS])
+                                 batch["positions"], mutable=[AUX_LOSSES, AUX_METRICS],
+                                 rngs=None if rng is None else {"dropout": rng})
   return logits_BTV, Aux(_by_name(sown.get(AUX_LOSSES, {}), jnp.sum),
                          _by_name(sown.get(AUX_METRICS, {}), jnp.mean))

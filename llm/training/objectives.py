@@ -1,6 +1,7 @@
 """What the train step minimises: one pure function per `config.train.objective`.
 
-An objective is `fn(params, batch, *, model, config) -> (total, sums)`:
+An objective is `fn(params, batch, *, model, config) -> (total, sums)` (with LoRA
+dropout it also gets `rng=`, a key for the model's dropout):
   - `total`: the scalar to minimise, summed over the batch's examples;
   - `sums`: metric sums by name, and "weight" (target tokens, pairs, ...) which divides
     `total` and every other sum. Sums rather than means let gradient accumulation add
@@ -36,10 +37,10 @@ def with_aux(total, sums: dict, aux: Aux, weight):
   return total, sums
 
 
-def next_token(params, batch, *, model, config):
+def next_token(params, batch, *, model, config, rng=None):
   """Next-token cross-entropy over the loss mask, plus z-loss (train.z_loss x log^2 Z).
   Metrics: loss (cross-entropy per token), z_loss (mean log^2 Z), auxiliary losses."""
-  logits_BTV, aux = forward(model, params, batch)
+  logits_BTV, aux = forward(model, params, batch, rng)
   nll_BT, logz_BT = token_nll(logits_BTV, batch["targets"])
   mask_BT = batch["loss_mask"]
   tokens = jnp.sum(mask_BT)
@@ -73,7 +74,7 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta
           - jax.nn.log_sigmoid(-beta * h) * label_smoothing)
 
 
-def dpo(params, batch, *, model, config):
+def dpo(params, batch, *, model, config, rng=None):
   """Direct preference optimisation against reference log-probabilities that the batch
   carries per token ("ref_logp", computed once with the starting weights: the frozen
   reference costs no second copy of the model). Weight: pairs. Metrics with TRL's names:
@@ -82,7 +83,7 @@ def dpo(params, batch, *, model, config):
   preference_accuracy, the fraction of pairs whose chosen completion the policy itself
   finds likelier."""
   d = config.train.dpo
-  logits_BTV, aux = forward(model, params, batch)
+  logits_BTV, aux = forward(model, params, batch, rng)
   nll_BT, _ = token_nll(logits_BTV, batch["targets"])
   policy = pair_sums(-nll_BT, batch)
   ref = pair_sums(batch["ref_logp"], batch)

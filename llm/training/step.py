@@ -33,24 +33,37 @@ def microbatches(batch, n: int):
 
 
 def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_accum: int,
-               frozen_base: bool = False):
+               frozen_base: bool = False, dropout_seed: int | None = None):
   """One optimizer step on `objective(params, batch) -> (total, sums)` (see objectives).
   With `frozen_base` (LoRA) only the adapters are differentiated and updated (`tx` and
   the optimizer state cover them alone); the base passes through untouched (it may even
   be stored quantized). A step whose loss, gradients or update are not finite leaves
-  params and optimizer state unchanged and counts as skipped."""
+  params and optimizer state unchanged and counts as skipped. With `dropout_seed` the
+  objective gets `rng=`, a key of (seed, step, microbatch): a resumed run draws the same
+  dropout masks."""
   frozen, trainable = lora.split(state.params) if frozen_base else (None, state.params)
-  loss_fn = objective if not frozen_base else (
-      lambda t, b: objective(lora.join(frozen, t), b))
+  on_params = objective if not frozen_base else (
+      lambda t, b, **kw: objective(lora.join(frozen, t), b, **kw))
+  step_key = (None if dropout_seed is None else
+              jax.random.fold_in(jax.random.key(dropout_seed), state.step))
+
+  def loss_fn(t, b, i):  # i: the microbatch, for its dropout key
+    kw = {} if step_key is None else {"rng": jax.random.fold_in(step_key, i)}
+    return on_params(t, b, **kw)
+
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if grad_accum == 1:
-    (total, sums), grads = grad_fn(trainable, batch)
+    (total, sums), grads = grad_fn(trainable, batch, 0)
   else:
     parts = microbatches(batch, grad_accum)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], parts)))
-    add = lambda carry, microbatch: (jax.tree.map(jnp.add, carry, grad_fn(trainable, microbatch)), None)  # noqa: E731
-    ((total, sums), grads), _ = jax.lax.scan(add, zeros, parts)
+                         jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], parts), 0))
+
+    def add(carry, indexed):
+      i, microbatch = indexed
+      return jax.tree.map(jnp.add, carry, grad_fn(trainable, microbatch, i)), None
+
+    ((total, sums), grads), _ = jax.lax.scan(add, zeros, (jnp.arange(grad_accum), parts))
   weight = jnp.maximum(sums.pop("weight"), 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
   grad_norm = optax.tree.norm(grads)
@@ -102,6 +115,8 @@ def jit_train_step(config, model, tx, shardings, batch_sharding):
       functools.partial(train_step, objective=make_objective(config, model), tx=tx,
                         lr_schedule=schedule(config.optim, config.train.steps),
                         grad_accum=config.train.grad_accum,
-                        frozen_base=bool(config.model.lora.rank)),
+                        frozen_base=bool(config.model.lora.rank),
+                        dropout_seed=config.seed if config.model.lora.rank and
+                        config.model.lora.dropout else None),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
       donate_argnums=0)
