@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm.data.tokenizer import Tokenizer
-from llm.eval.heldout import evaluate_heldout, token_byte_lengths
+from llm.eval.heldout import evaluate_heldout
 from llm.eval.scorer import Scorer
 from llm.inference import Decoder, SamplingParams
 from llm.model import make_model
@@ -57,7 +57,7 @@ def test_byte_lengths_count_the_text(tokenizer_path):
   text = "for i in range(10):\n    print(i)  # ünïcode €"
   ids = tok.encode(text)
   # sentencepiece prepends one dummy-prefix space to the first piece.
-  assert token_byte_lengths(tok)[ids].sum() == len(text.encode()) + 1
+  assert tok.token_byte_lengths()[ids].sum() == len(text.encode()) + 1
 
 
 def test_heldout_metrics_are_consistent(config, tmp_path, tokenizer_path):

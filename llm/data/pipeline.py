@@ -102,10 +102,7 @@ def prepare_chat(config, tok) -> Corpus:
   """SFT rows: chat examples split into train and validation, each packed."""
   d = config.data
   convs = sft.conversations(d)
-  cut = sft.split(len(convs), d.val_fraction)
-  if cut < 1:
-    raise ValueError(f"data.paths={d.paths!r} holds {len(convs)} example(s): too few for a "
-                     "train and a validation split")
+  cut = sft.split(len(convs), d)
   train_t = sft.tokenize_examples(convs[:cut], tok, d)
   val_t = sft.tokenize_examples(convs[cut:], tok, d)
   print(f"chat examples: {len(train_t.ids):,} train, {len(val_t.ids):,} validation; "

@@ -20,7 +20,7 @@ import json
 import numpy as np
 
 from llm.data import chat
-from llm.data.sft import PackedExamples, records
+from llm.data.sft import PackedExamples, assign_rows, records, split
 
 
 def _as_messages(value, role: str, where: str, field: str) -> list[dict]:
@@ -74,15 +74,7 @@ def tokenize_pairs(convs, tokenizer, data_cfg):
 
 def pack_pairs(tokenized, seq_len: int) -> dict[str, np.ndarray]:
   """Rows with both sides of each pair, pairs in order, a new row when one does not fit."""
-  rows: list[list[int]] = []
-  used = seq_len
-  for i, (c, _, r, _) in enumerate(tokenized):
-    n = len(c) - 1 + len(r) - 1
-    if used + n > seq_len:
-      rows.append([])
-      used = 0
-    rows[-1].append(i)
-    used += n
+  rows = assign_rows([len(c) - 1 + len(r) - 1 for c, _, r, _ in tokenized], seq_len)
   keys = ("inputs", "targets", "segment_ids", "positions", "pair_ids", "chosen")
   out = {k: np.zeros((len(rows), seq_len), np.int32) for k in keys}
   out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
@@ -107,13 +99,9 @@ def pack_pairs(tokenized, seq_len: int) -> dict[str, np.ndarray]:
 
 def prepare_pairs(config, tokenizer):
   """(train rows, validation rows) of the preference data, each a PackedExamples."""
-  from llm.data.sft import split
   d = config.data
   convs = pairs(d)
-  cut = split(len(convs), d.val_fraction)
-  if cut < 1:
-    raise ValueError(f"data.paths={d.paths!r} holds {len(convs)} pair(s): too few for a "
-                     "train and a validation split")
+  cut = split(len(convs), d, "pair(s)")
   train, dropped_train = tokenize_pairs(convs[:cut], tokenizer, d)
   val, dropped_val = tokenize_pairs(convs[cut:], tokenizer, d)
   print(f"preference pairs: {len(train):,} train, {len(val):,} validation; dropped "

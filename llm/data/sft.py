@@ -13,7 +13,6 @@ split.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Iterator
 
 import numpy as np
@@ -21,21 +20,11 @@ import numpy as np
 from llm.data import chat, sources
 
 
-def records(data_cfg) -> Iterator[tuple[str, dict]]:
-  """(where, JSON object) per non-empty line of the data.paths JSONL files."""
-  for f in sources.expand_paths(data_cfg.paths):
-    offset = 0
-    with open(f, "rb") as fh:
-      for line_no, raw in enumerate(fh, 1):
-        where = f"{f}:{line_no}"
-        line = sources.decode(raw, where, data_cfg.encoding, data_cfg.encoding_errors, offset)
-        offset += len(raw)
-        if not line.strip():
-          continue
-        try:
-          yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{where} is not valid JSON: {e}") from None
+def records(data_cfg) -> Iterator[tuple[str, object]]:
+  """(where, JSON value) per non-empty line of the data.paths JSONL files."""
+  for where, _, record in sources.jsonl_records(sources.expand_paths(data_cfg.paths),
+                                                data_cfg.encoding, data_cfg.encoding_errors):
+    yield where, record
 
 
 def conversations(data_cfg) -> list[list[dict]]:
@@ -75,18 +64,24 @@ def tokenize_examples(convs: list[list[dict]], tokenizer, data_cfg) -> Tokenized
   return Tokenized(ids, masks, truncated, dropped)
 
 
-def pack(ids: list[np.ndarray], masks: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
-  """Rows [R, seq_len] of inputs/targets/segment_ids/positions/loss_mask, examples in
-  order, a new row whenever the next example does not fit the current one."""
+def assign_rows(lengths, seq_len: int) -> list[list[int]]:
+  """Item indices per row: items in order, a new row whenever the next (of `lengths`
+  positions) does not fit what is left of the current one."""
   rows: list[list[int]] = []
   used = seq_len
-  for i, x in enumerate(ids):
-    n = len(x) - 1  # predictions of this example
+  for i, n in enumerate(lengths):
     if used + n > seq_len:
       rows.append([])
       used = 0
     rows[-1].append(i)
     used += n
+  return rows
+
+
+def pack(ids: list[np.ndarray], masks: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """Rows [R, seq_len] of inputs/targets/segment_ids/positions/loss_mask, examples in
+  order, a new row whenever the next example does not fit the current one."""
+  rows = assign_rows([len(x) - 1 for x in ids], seq_len)  # predictions per example
   out = {k: np.zeros((len(rows), seq_len), np.int32)
          for k in ("inputs", "targets", "segment_ids", "positions")}
   out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
@@ -124,9 +119,12 @@ class PackedExamples:
     return f"PackedExamples(rows={len(self)}, seq_len={self.seq_len})"
 
 
-def split(n_examples: int, val_fraction: float) -> int:
-  """Index of the first validation example: at least one of each when there are two."""
-  n_val = min(max(1, round(n_examples * val_fraction)), n_examples - 1)
+def split(n_examples: int, data_cfg, what: str = "example(s)") -> int:
+  """Index of the first validation example: at least one of each, so at least two."""
+  if n_examples < 2:
+    raise ValueError(f"data.paths={data_cfg.paths!r} holds {n_examples} {what}: too few for "
+                     "a train and a validation split")
+  n_val = min(max(1, round(n_examples * data_cfg.val_fraction)), n_examples - 1)
   return n_examples - n_val
 
 

@@ -112,30 +112,36 @@ def _python_documents(files: list[Path], separator: str) -> Iterator[str]:
     yield from _split(text, separator)
 
 
-def _jsonl_documents(files: list[Path], key: str, encoding: str, errors: str) -> Iterator[str]:
+def jsonl_records(files: list[Path], encoding: str,
+                  errors: str) -> Iterator[tuple[str, str, object]]:
+  """(where "FILE:LINE", the line, its parsed JSON value) per non-empty line."""
   for f in files:
     offset = 0
     with open(f, "rb") as fh:
       for line_no, raw in enumerate(fh, 1):
-        line = decode(raw, f"{f}:{line_no}", encoding, errors, offset)
+        where = f"{f}:{line_no}"
+        line = decode(raw, where, encoding, errors, offset)
         offset += len(raw)
         if not line.strip():
           continue
         try:
-          record = json.loads(line)
+          yield where, line, json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(f"{f}:{line_no} is not valid JSON: {e}") from None
-        if not isinstance(record, dict):
-          raise ValueError(f"{f}:{line_no} is a JSON {_json_type(record)}, not an object "
-                           f"with a {key!r} field (data.jsonl_key): {line.strip()[:60]!r}")
-        if key not in record:
-          raise MissingKey(f"{f}:{line_no} has no key {key!r} (data.jsonl_key); "
-                           f"keys are {sorted(record)}")
-        value = record[key]
-        if not isinstance(value, str):
-          what = "null" if value is None else f"a {_json_type(value)} ({json.dumps(value)[:60]})"
-          raise ValueError(f"{f}:{line_no}: {key!r} (data.jsonl_key) holds {what}, not a string")
-        yield value
+          raise ValueError(f"{where} is not valid JSON: {e}") from None
+
+
+def _jsonl_documents(files: list[Path], key: str, encoding: str, errors: str) -> Iterator[str]:
+  for where, line, record in jsonl_records(files, encoding, errors):
+    if not isinstance(record, dict):
+      raise ValueError(f"{where} is a JSON {_json_type(record)}, not an object "
+                       f"with a {key!r} field (data.jsonl_key): {line.strip()[:60]!r}")
+    if key not in record:
+      raise MissingKey(f"{where} has no key {key!r} (data.jsonl_key); keys are {sorted(record)}")
+    value = record[key]
+    if not isinstance(value, str):
+      what = "null" if value is None else f"a {_json_type(value)} ({json.dumps(value)[:60]})"
+      raise ValueError(f"{where}: {key!r} (data.jsonl_key) holds {what}, not a string")
+    yield value
 
 
 def _json_type(value) -> str:

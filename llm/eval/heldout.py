@@ -27,11 +27,6 @@ def nll_sums(model, params, batch):
   return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 
-def token_byte_lengths(tokenizer) -> np.ndarray:
-  """UTF-8 bytes each token stands for (byte-fallback pieces 1, control tokens 0)."""
-  return tokenizer.token_byte_lengths()
-
-
 def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: int = 8,
                      max_batches: int = 0) -> dict:
   """loss (nats/token), perplexity and bits per byte over the validation split."""
@@ -43,7 +38,7 @@ def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: 
   if max_batches:
     n_batches = min(n_batches, max_batches)
   sums = jax.jit(functools.partial(nll_sums, make_model(config.model)))
-  byte_len = token_byte_lengths(tokenizer)
+  byte_len = tokenizer.token_byte_lengths()
   nll = tokens = n_bytes = 0.0
   for i in range(n_batches):
     batch = [rows[j] for j in range(i * batch_size, (i + 1) * batch_size)]

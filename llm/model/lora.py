@@ -35,11 +35,6 @@ def projection_kwargs(model_cfg, target: str) -> dict:
   return kwargs
 
 
-def is_adapter(path) -> bool:
-  """Whether a params tree path (from tree_flatten_with_path) is a LoRA weight."""
-  return any(getattr(k, "key", None) in ADAPTER_KEYS for k in path)
-
-
 def trainable(params, model_cfg):
   """What the optimizer updates: the adapters of a LoRA model, else every param."""
   return split(params)[1] if model_cfg.lora.rank else params

@@ -86,25 +86,32 @@ def dequantize(kernel_q, scale, kind: str, n_in: int, dtype, n_lead: int = 0):
   return (values * jnp.expand_dims(scale, n_lead + 1)).reshape(codes.shape).astype(dtype)
 
 
+def _map_projections(params, key: str, fn):
+  """`params` with every projection node (a PROJECTION_AXES name) holding `key` replaced
+  by fn(node, n_in, n_out); everything else kept as it is."""
+  def walk(node, name):
+    if not isinstance(node, dict):
+      return node
+    if key in node and name in PROJECTION_AXES:
+      return fn(node, *PROJECTION_AXES[name])
+    return {k: walk(v, k) for k, v in node.items()}
+
+  return walk(params, "")
+
+
 def quantize_base(params, kind: str):
   """A float base params tree with every projection kernel (PROJECTION_AXES) replaced by
   its quantized pair; everything else is kept as it is."""
   if kind == "none":
     return params
 
-  def walk(node, name):
-    if not isinstance(node, dict):
-      return node
-    if "kernel" in node and name in PROJECTION_AXES:
-      n_in, n_out = PROJECTION_AXES[name]
-      kernel = node["kernel"]
-      n_lead = kernel.ndim - n_in - n_out
-      q, scale = quantize(kernel, kind, n_in, n_lead)
-      rest = {k: v for k, v in node.items() if k != "kernel"}
-      return {**rest, "kernel_q": q, "kernel_scale": scale}
-    return {k: walk(v, k) for k, v in node.items()}
+  def one(node, n_in, n_out):
+    kernel = node["kernel"]
+    q, scale = quantize(kernel, kind, n_in, kernel.ndim - n_in - n_out)
+    rest = {k: v for k, v in node.items() if k != "kernel"}
+    return {**rest, "kernel_q": q, "kernel_scale": scale}
 
-  return walk(params, "")
+  return _map_projections(params, "kernel", one)
 
 
 def dequantize_base(params, kind: str, dtype=jnp.float32):
@@ -112,16 +119,10 @@ def dequantize_base(params, kind: str, dtype=jnp.float32):
   if kind == "none":
     return params
 
-  def walk(node, name):
-    if not isinstance(node, dict):
-      return node
-    if "kernel_q" in node:
-      n_in, n_out = PROJECTION_AXES[name]
-      q = node["kernel_q"]
-      n_lead = q.ndim - n_in - n_out
-      kernel = dequantize(q, node["kernel_scale"], kind, n_in, dtype, n_lead)
-      rest = {k: v for k, v in node.items() if k not in ("kernel_q", "kernel_scale")}
-      return {**rest, "kernel": kernel}
-    return {k: walk(v, k) for k, v in node.items()}
+  def one(node, n_in, n_out):
+    q = node["kernel_q"]
+    kernel = dequantize(q, node["kernel_scale"], kind, n_in, dtype, q.ndim - n_in - n_out)
+    rest = {k: v for k, v in node.items() if k not in ("kernel_q", "kernel_scale")}
+    return {**rest, "kernel": kernel}
 
-  return walk(params, "")
+  return _map_projections(params, "kernel_q", one)
