@@ -24,6 +24,7 @@ import ml_collections
 CHOICES = {
     "model.attention": "llm.ops.attention:IMPLEMENTATIONS",
     "model.mlp": "llm.model.mlp:MLPS",
+    "model.head": "llm.model.transformer:HEADS",
     "model.moe.compute": "llm.ops.moe:COMPUTE",
     "model.lora.base_quant": "llm.model.quant:BASE_QUANT",
     "model.remat": "llm.model.transformer:REMAT_POLICIES",
@@ -37,11 +38,15 @@ CHOICES = {
     "data.chat.overlong": "llm.data.chat:OVERLONG",
     "train.objective": "llm.training.objectives:OBJECTIVES",
     "train.dpo.loss_type": "llm.training.objectives:DPO_LOSSES",
+    "train.dpo.reference": "llm.training.reference:REFERENCE_MODES",
+    "train.grpo.loss_type": "llm.training.objectives:GRPO_LOSSES",
+    "train.grpo.scale_rewards": "llm.training.rewards:SCALE_REWARDS",
     "optim.schedule": "llm.training.optim:SCHEDULES",
     "distributed.initialize": "llm.parallel.distributed:MODES",
 }
 MESH_AXES_REGISTRY = "llm.parallel.mesh:MESH_AXES"
 LORA_TARGETS_REGISTRY = "llm.model.lora:TARGETS"
+REWARD_FUNCTIONS_REGISTRY = "llm.training.rewards:REWARD_FUNCTIONS"
 
 
 def registry(where: str):
@@ -75,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
       qk_norm=False,
       attention="xla",  # xla | flash (Pallas kernel; interpreted on CPU)
       mlp="dense",  # the feed-forward kind (llm.model.mlp.MLPS)
+      head="lm",  # lm (next-token logits) | score (a reward model's scalar; train.objective=reward)
       moe=ml_collections.ConfigDict(dict(  # used when mlp="moe" (llm/model/moe.py)
           n_experts=8,
           top_k=2,  # experts per token
@@ -153,6 +159,31 @@ def base_config() -> ml_collections.ConfigDict:
           loss_type="sigmoid",  # sigmoid (DPO) | ipo
           label_smoothing=0.0,  # sigmoid only: conservative DPO's eps
           rpo_alpha=0.0,  # RPO: + alpha x the chosen completion's NLL per token
+          # precomputed (once over the data, cached) | live (per batch; LoRA: the base)
+          reference="precomputed",
+      )),
+      # train.objective="reward": a reward model (model.head="score") on preference pairs
+      reward=ml_collections.ConfigDict(dict(
+          center_coefficient=0.0,  # + c x (r_chosen + r_rejected)^2 (TRL's center_rewards)
+      )),
+      # train.objective="grpo": prompts in data.paths; completions sampled by the policy,
+      # scored by reward functions and/or a reward model (llm/training/grpo.py)
+      grpo=ml_collections.ConfigDict(dict(
+          num_generations=8,  # completions per prompt (G); train.batch_size = prompts x G
+          max_new_tokens=32,  # per completion
+          temperature=1.0,  # sampling (top_k 0 and top_p 1 are off)
+          top_k=0,
+          top_p=1.0,
+          rewards="exact_match",  # comma-separated llm.training.rewards.REWARD_FUNCTIONS
+          reward_model="",  # a reward-model workdir (objective "reward"); its score is a reward
+          reward_weights="",  # comma-separated, one per reward (functions, then the model)
+          scale_rewards="group",  # group | batch | none
+          loss_type="dapo",  # dapo | grpo | dr_grpo (TRL's aggregations)
+          beta=0.04,  # KL penalty to the reference policy (k3); 0: no reference is kept
+          epsilon=0.2,  # importance-ratio clip: [1 - epsilon, 1 + epsilon_high]
+          epsilon_high=0.0,  # 0: epsilon
+          num_iterations=1,  # optimizer steps per sampled batch (mu)
+          eval_prompts=64,  # held-out prompts answered greedily at each evaluation
       )),
   ))
 
@@ -222,6 +253,46 @@ def _positive(name, value):
   check_range(name, value, lo=0, lo_open=True)
 
 
+def _check_grpo(config) -> None:
+  g, t = config.train.grpo, config.train
+  check_range("train.grpo.num_generations", g.num_generations, lo=2,
+              note="advantages compare completions of one prompt")
+  if t.batch_size % g.num_generations:
+    raise ValueError(f"train.batch_size={t.batch_size} (completions per step) must be a multiple "
+                     f"of train.grpo.num_generations={g.num_generations}")
+  check_range("train.grpo.max_new_tokens", g.max_new_tokens, lo=1, hi=config.data.seq_len - 1,
+              note="below data.seq_len, which holds prompt and completion")
+  check_range("train.grpo.temperature", g.temperature, lo=0, lo_open=True,
+              note="sampling needs a positive temperature")
+  check_range("train.grpo.top_k", g.top_k, lo=0, note="0 is off")
+  check_range("train.grpo.top_p", g.top_p, lo=0, hi=1, lo_open=True, note="1 is off")
+  check_range("train.grpo.beta", g.beta, lo=0)
+  check_range("train.grpo.epsilon", g.epsilon, lo=0, lo_open=True)
+  check_range("train.grpo.epsilon_high", g.epsilon_high, lo=0, note="0 = epsilon")
+  check_range("train.grpo.num_iterations", g.num_iterations, lo=1)
+  check_range("train.grpo.eval_prompts", g.eval_prompts, lo=1)
+  names = [n.strip() for n in g.rewards.split(",") if n.strip()]
+  allowed = registry(REWARD_FUNCTIONS_REGISTRY)
+  if any(n not in allowed for n in names):
+    raise ValueError(f"train.grpo.rewards={g.rewards!r}: allowed reward functions are "
+                     f"{list(allowed)} (comma-separated)")
+  n_rewards = len(names) + bool(g.reward_model)
+  if not n_rewards:
+    raise ValueError("train.grpo needs a reward: name functions in train.grpo.rewards or a "
+                     "reward-model workdir in train.grpo.reward_model")
+  weights = [w.strip() for w in g.reward_weights.split(",") if w.strip()]
+  if weights:
+    try:
+      [float(w) for w in weights]
+    except ValueError:
+      raise ValueError(f"train.grpo.reward_weights={g.reward_weights!r} must be numbers "
+                       "(comma-separated)") from None
+    if len(weights) != n_rewards:
+      raise ValueError(f"train.grpo.reward_weights={g.reward_weights!r} has {len(weights)} "
+                       f"weight(s) for {n_rewards} reward(s) ({names}"
+                       f"{' + reward_model' if g.reward_model else ''})")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad value and what is allowed."""
   check_choices(config)
@@ -250,10 +321,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive("model.rope_scaling.original_max_position", r.original_max_position)
   for name in ("flash_block_q", "flash_block_k", "sliding_window"):
     check_range(f"model.{name}", m[name], lo=0, note="0 = default / off")
-  if t.objective in ("sft", "dpo") and not d.paths:
-    raise ValueError(f"train.objective={t.objective!r} reads "
-                     f"{'chat examples' if t.objective == 'sft' else 'preference pairs'} from "
+  reads = {"sft": "chat examples", "dpo": "preference pairs", "reward": "preference pairs",
+           "grpo": "prompts"}
+  if t.objective in reads and not d.paths:
+    raise ValueError(f"train.objective={t.objective!r} reads {reads[t.objective]} from "
                      "JSONL files: set data.paths (comma-separated files or globs)")
+  if (t.objective == "reward") != (m.head == "score"):
+    raise ValueError(f"train.objective={t.objective!r} with model.head={m.head!r}: a reward "
+                     "model (objective 'reward') has the scalar head 'score', and every other "
+                     "objective needs the 'lm' head")
+  if t.objective == "reward":
+    check_range("train.reward.center_coefficient", t.reward.center_coefficient, lo=0)
+  if t.objective == "grpo":
+    _check_grpo(config)
   if t.objective == "dpo":
     check_range("train.dpo.beta", t.dpo.beta, lo=0, lo_open=True)
     check_range("train.dpo.label_smoothing", t.dpo.label_smoothing, lo=0, hi=0.5, hi_open=True)

@@ -292,7 +292,8 @@ def lora_base(config, base_target):
   kind = config.model.lora.base_quant
   if kind == "none":
     if config.train.init_params:
-      return restore_params(config.train.init_params, base_target)
+      return restore_params(config.train.init_params, base_target,
+                            partial=config.model.head != "lm")
     shardings = jax.tree.map(lambda a: a.sharding, base_target)
     init = lambda: lora.split(unbox(init_params(make_model(config.model),  # noqa: E731
                                                 jax.random.key(config.seed),
@@ -325,14 +326,22 @@ def save_params(path: str | os.PathLike, params) -> None:
     ckptr.wait_until_finished()
 
 
-def restore_params(path: str | os.PathLike, target):
+def restore_params(path: str | os.PathLike, target, partial: bool = False):
   """Restores a params-only checkpoint, or the params of a run directory's newest good
-  checkpoint, onto the shapes and shardings of `target`."""
+  checkpoint, onto the shapes and shardings of `target`; with `partial` the checkpoint
+  may hold more than `target` asks for (e.g. a language model's unembedding when a
+  reward model takes its backbone)."""
+  import jax
   import orbax.checkpoint as ocp
   path = Path(path).absolute()
   if not path.is_dir():
     raise FileNotFoundError(f"params checkpoint {str(path)!r} does not exist")
   if (path / CONFIG_JSON).is_file():  # a workdir
     return load_params(path, target=target)[1]
+  if partial:
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+    with ocp.PyTreeCheckpointer() as ckptr:
+      return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=restore_args, partial_restore=True))
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(path, target)

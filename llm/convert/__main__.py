@@ -30,6 +30,7 @@ from llm import cli
 from llm import config as config_lib
 from llm import workdir as workdir_lib
 from llm.convert import hf
+from llm.model import require_lm_head
 from llm.workdir import Workdir, load_params, load_tokenizer, save_params
 
 COMMANDS = ("hf-to-llm", "llm-to-hf")
@@ -126,6 +127,7 @@ def llm_to_hf(workdir: str, hf_dir: str, peft: bool = False) -> None:
   if peft:
     return _write_peft(workdir, Path(hf_dir))
   config, params = load_params(workdir)
+  require_lm_head(config.model, "export to a Hugging Face causal LM")
   out = Path(hf_dir)
   tok_path = Workdir(workdir).tokenizer(config)
   with _removed_on_failure(out):

@@ -2,7 +2,9 @@
 
 With train.objective="sft" the corpus is JSONL chat examples (llm.data.sft): rendered
 with the chat template, masked to the assistant's tokens, packed per example; with
-"dpo" it is preference pairs (llm.data.preference), both sides of a pair in one row.
+"dpo" or "reward" it is preference pairs (llm.data.preference), both sides of a pair in
+one row; with "grpo" it is prompts (llm.data.prompts), which the run completes itself
+(llm.training.grpo) and the iterator yields prompt indices.
 
 The training iterator is a grain DatasetIterator, shuffled per epoch, sharded
 per process (process p reads rows p, p + P, p + 2P, ...), whose state is
@@ -20,7 +22,7 @@ import os
 import grain
 import numpy as np
 
-from llm.data import chat, preference, sft, sources
+from llm.data import chat, preference, prompts, sft, sources
 from llm.data.packing import PackedRows, concat_documents
 from llm.data.tokenizer import Tokenizer, check_vocab, open_tokenizer, train_tokenizer
 from llm.workdir import Workdir
@@ -49,8 +51,10 @@ def load_or_train_tokenizer(config, workdir: str | os.PathLike) -> Tokenizer:
     print(f"training a {config.model.vocab_size}-piece sentencepiece tokenizer -> {path}",
           flush=True)
     if is_chat(config):  # message texts; the template's special strings as single tokens
-      convs = (sft.conversations(config.data) if config.train.objective == "sft" else
-               [c for pair in preference.pairs(config.data) for c in pair])
+      objective = config.train.objective
+      convs = (sft.conversations(config.data) if objective == "sft" else
+               [p.messages for p in prompts.read_prompts(config.data)] if objective == "grpo"
+               else [c for pair in preference.pairs(config.data) for c in pair])
       docs = (m["content"] for conv in convs for m in conv)
       symbols = chat.TEMPLATE_TOKENS.get(config.data.chat.template, ())
     else:
@@ -95,7 +99,7 @@ def unigram_loss(train_tokens: np.ndarray, val: PackedRows, vocab_size: int) -> 
 def is_chat(config) -> bool:
   """Whether the run's data are chat examples or preference pairs (the objective reads
   them) rather than documents."""
-  return config.train.objective in ("sft", "dpo")
+  return config.train.objective in ("sft", "dpo", "reward", "grpo")
 
 
 def prepare_chat(config, tok) -> Corpus:
@@ -122,8 +126,12 @@ def prepare(config, workdir, tokenizer: Tokenizer | None = None) -> Corpus:
   """Train and validation rows of the corpus, tokenized by `tokenizer` (default: the run's,
   trained if missing)."""
   tok = tokenizer or load_or_train_tokenizer(config, workdir)
-  if config.train.objective == "dpo":
-    train, val = preference.prepare_pairs(config, tok)
+  if config.train.objective in ("dpo", "reward"):
+    train, val = preference.prepare_pairs(config, tok,
+                                           score_last=config.train.objective == "reward")
+    return Corpus(tok, train, val, float("nan"))
+  if config.train.objective == "grpo":
+    train, val = prompts.prepare_prompts(config, tok)
     return Corpus(tok, train, val, float("nan"))
   if is_chat(config):
     return prepare_chat(config, tok)

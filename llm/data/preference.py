@@ -1,4 +1,4 @@
-"""Preference pairs for DPO: JSONL -> two conversations per pair -> packed rows.
+"""Preference pairs for DPO and reward models: JSONL -> two conversations per pair -> packed rows.
 
 Formats (TRL's conventions): `prompt` (a string, or a list of messages; `messages` is
 accepted for it) with `chosen` and `rejected` completions (strings, or lists of
@@ -10,7 +10,9 @@ with its end-of-turn token); prompt tokens are masked out.
 Rows: a pair's chosen and rejected sequences sit in the same row as two segments, pairs
 packed in file order. Per token, `pair_ids` numbers the pairs of a row from 1 (0 =
 padding) and `chosen` is 1 on the chosen sequence, 0 on the rejected one; the objective
-sums log-probabilities per (pair, side).
+sums log-probabilities per (pair, side). For a reward model (`score_last=True`) every
+token of a sequence is an input, and the loss mask marks its last token alone: the
+position whose hidden state is scored (HF's last non-pad token).
 """
 
 from __future__ import annotations
@@ -56,20 +58,34 @@ def pairs(data_cfg) -> list[tuple[list[dict], list[dict]]]:
   return out
 
 
-def tokenize_pairs(convs, tokenizer, data_cfg):
+def tokenize_pairs(convs, tokenizer, data_cfg, score_last: bool = False):
   """([(chosen ids, chosen mask, rejected ids, rejected mask)], dropped): a pair is dropped
-  when either side is over data.seq_len + 1 tokens or both would not fit one row."""
+  when both sides would not fit one row or a completion is empty. With `score_last` the
+  ids get a padding token so that the real last token is an input too (see pack_pairs)."""
   template = chat.template_for(data_cfg.chat, tokenizer)
   out, dropped = [], 0
   for chosen, rejected in convs:
     c_ids, c_mask = chat.tokenize_chat(tokenizer, template, chosen, "last")
     r_ids, r_mask = chat.tokenize_chat(tokenizer, template, rejected, "last")
+    if score_last:
+      c_ids, c_mask, r_ids, r_mask = _scored_at_last(c_ids, c_mask, r_ids, r_mask)
     if (len(c_ids) - 1) + (len(r_ids) - 1) > data_cfg.seq_len or not (
         c_mask[1:].any() and r_mask[1:].any()):
       dropped += 1
       continue
     out.append((c_ids, c_mask, r_ids, r_mask))
   return out, dropped
+
+
+def _scored_at_last(*ids_and_masks):
+  """Appends a padding id to each sequence; the mask then marks only the position whose
+  input is the last real token (a completion that is empty is left empty)."""
+  out = []
+  for ids, mask in zip(ids_and_masks[::2], ids_and_masks[1::2]):
+    last = np.zeros(len(ids) + 1, bool)
+    last[-1] = mask[1:].any()
+    out += [np.append(ids, 0).astype(np.int32), last]
+  return out
 
 
 def pack_pairs(tokenized, seq_len: int) -> dict[str, np.ndarray]:
@@ -97,13 +113,13 @@ def pack_pairs(tokenized, seq_len: int) -> dict[str, np.ndarray]:
   return out
 
 
-def prepare_pairs(config, tokenizer):
+def prepare_pairs(config, tokenizer, score_last: bool = False):
   """(train rows, validation rows) of the preference data, each a PackedExamples."""
   d = config.data
   convs = pairs(d)
   cut = split(len(convs), d, "pair(s)")
-  train, dropped_train = tokenize_pairs(convs[:cut], tokenizer, d)
-  val, dropped_val = tokenize_pairs(convs[cut:], tokenizer, d)
+  train, dropped_train = tokenize_pairs(convs[:cut], tokenizer, d, score_last)
+  val, dropped_val = tokenize_pairs(convs[cut:], tokenizer, d, score_last)
   print(f"preference pairs: {len(train):,} train, {len(val):,} validation; dropped "
         f"{dropped_train + dropped_val:,} (both sides over data.seq_len={d.seq_len} tokens, or "
         "an empty completion)", flush=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from llm.data import pipeline
 from llm.data.tokenizer import Tokenizer
-from llm.model import make_model
+from llm.model import make_model, require_lm_head
 from llm.ops.cross_entropy import token_nll
 
 
@@ -30,6 +30,7 @@ def nll_sums(model, params, batch):
 def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: int = 8,
                      max_batches: int = 0) -> dict:
   """loss (nats/token), perplexity and bits per byte over the validation split."""
+  require_lm_head(config.model, "held-out perplexity")
   corpus = pipeline.prepare(config, workdir, tokenizer)
   rows = corpus.val
   n_batches = len(rows) // batch_size

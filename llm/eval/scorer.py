@@ -57,3 +57,39 @@ class Scorer:
     if normalize:
       scores = [s / max(len(c.encode()), 1) for s, c in zip(scores, choices)]
     return int(np.argmax(scores))
+
+
+class RewardScorer:
+  """A reward model's (model.head="score", train.objective="reward") score of whole
+  conversations: rendered with its chat template, the score at the last token, as its
+  training read it (llm.data.preference, score_last)."""
+
+  def __init__(self, workdir, batch_size: int = 32, mesh=None):
+    """`mesh`: place the params replicated on it (e.g. a training run's), else on the
+    local devices."""
+    from llm.inference import load
+    self.config, self.params, self.tok = load(workdir)
+    if mesh is not None:
+      from jax.sharding import NamedSharding, PartitionSpec as P
+      self.params = jax.device_put(self.params, NamedSharding(mesh, P()))
+    if self.config.model.head != "score":
+      raise ValueError(f"{workdir} is not a reward model (its model.head is "
+                       f"{self.config.model.head!r}; train one with train.objective=reward)")
+    self.model, self.batch_size = make_model(self.config.model), batch_size
+    self._scores = jax.jit(lambda p, t: self.model.apply({"params": p}, t))
+
+  def score(self, conversations: list[list[dict]]) -> np.ndarray:
+    """One float per conversation (lists of {"role", "content"} messages)."""
+    from llm.data import chat
+    template = chat.template_for(self.config.data.chat, self.tok)
+    seqs = [chat.tokenize_chat(self.tok, template, c, "last")[0] for c in conversations]
+    out = np.zeros(len(seqs), np.float32)
+    for start in range(0, len(seqs), self.batch_size):
+      chunk = seqs[start:start + self.batch_size]
+      width = round_up(max(len(s) for s in chunk), 16)
+      tokens = np.zeros((len(chunk), width), np.int32)
+      for i, s in enumerate(chunk):
+        tokens[i, :len(s)] = s
+      scores = np.asarray(self._scores(self.params, jnp.asarray(tokens)))
+      out[start:start + len(chunk)] = scores[np.arange(len(chunk)), [len(s) - 1 for s in chunk]]
+    return out

@@ -57,8 +57,12 @@ def examples(task: str, n: int, seed: int) -> list[dict]:
   return out
 
 
-def wrong_answer(answer: str, rng: random.Random) -> str:
-  """A plausible wrong answer: two characters swapped, or a digit changed."""
+def wrong_answer(answer: str, rng: random.Random, question: str = "") -> str:
+  """A plausible wrong answer: a number changed, another word of the question (or of
+  WORDS) for a word answer, else two characters swapped."""
+  if answer in WORDS:
+    others = [w for w in question.split(":")[-1].split() if w in WORDS and w != answer]
+    return rng.choice(others or [w for w in WORDS if w != answer])
   if answer.isdigit():
     return str(int(answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
   if len(set(answer)) == 1:
@@ -78,7 +82,8 @@ def to_pairs(examples_: list[dict], seed: int, replies: list[str] | None = None)
   for i, e in enumerate(examples_):
     answer = e["messages"][-1]["content"]
     reply = replies[i].strip() if replies is not None else ""
-    rejected = reply if reply and reply != answer.strip() else wrong_answer(answer, rng)
+    rejected = (reply if reply and reply != answer.strip() else
+                wrong_answer(answer, rng, e["messages"][-2]["content"]))
     out.append({"prompt": e["messages"][:-1], "chosen": [e["messages"][-1]],
                 "rejected": [{"role": "assistant", "content": rejected}]})
   return out

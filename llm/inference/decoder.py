@@ -15,7 +15,7 @@ import numpy as np
 
 from llm.config import head_dim
 from llm.inference.sampling import SamplingParams, sample
-from llm.model import make_model
+from llm.model import make_model, require_lm_head
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -29,6 +29,7 @@ class Decoder:
   and positions start at 0 at each prompt's first real token."""
 
   def __init__(self, model_cfg, params):
+    require_lm_head(model_cfg, "generation")
     self.cfg = model_cfg
     self.model = make_model(model_cfg)
     self.params = params
@@ -88,10 +89,12 @@ class Decoder:
     return carry, token_B
 
   def generate(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams,
-               seed: int = 0, eos_id=None, on_token=None) -> list[list[int]]:
-    """Continuations (without EOS) of each prompt; `eos_id` is one token id or several
-    (e.g. EOS and a chat template's end of turn). `on_token(step, tokens_B, done_B)` is
-    called after every step, e.g. to stream text."""
+               seed: int = 0, eos_id=None, on_token=None,
+               keep_stop: bool = False) -> list[list[int]]:
+    """Continuations of each prompt, without the token that stopped it (with it when
+    `keep_stop`: a continuation shorter than max_tokens, or ending in a stop id, stopped);
+    `eos_id` is one token id or several (e.g. EOS and a chat template's end of turn).
+    `on_token(step, tokens_B, done_B)` is called after every step, e.g. to stream text."""
     if not prompts or any(len(p) == 0 for p in prompts):
       raise ValueError("every prompt needs at least one token")
     if max_tokens < 1:
@@ -124,6 +127,8 @@ class Decoder:
         if not done[i]:
           if int(token_B[i]) in stop:
             done[i] = True
+            if keep_stop:
+              out[i].append(int(token_B[i]))
           else:
             out[i].append(int(token_B[i]))
       if on_token is not None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-ADAPTER_KEYS = ("lora_a", "lora_b")
+# what a LoRA run trains: the adapters, and a reward model's "score" head (PEFT's
+# modules_to_save), which starts from scratch
+ADAPTER_KEYS = ("lora_a", "lora_b", "score")
 # model.lora.targets: the projections LoRA can adapt
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 

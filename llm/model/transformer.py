@@ -25,6 +25,19 @@ from llm.model.attention import Attention
 from llm.model.layers import AUX_LOSSES, AUX_METRICS, RMSNorm, constrain, param_with_axes
 from llm.model.mlp import MLPS
 
+# config.model.head -> what the model maps the final hidden states to: "lm", next-token
+# logits [B, T, V]; "score", one scalar per position [B, T] (a reward model: the score of a
+# sequence is the one at its last token; HF's *ForSequenceClassification with one label)
+HEADS = ("lm", "score")
+
+
+def require_lm_head(model_cfg, what: str) -> None:
+  """Refuses a reward model (model.head="score") where next-token logits are needed."""
+  if model_cfg.head != "lm":
+    raise ValueError(f"{what} needs a language model, but this is a reward model "
+                     f"(model.head={model_cfg.head!r}); score conversations with "
+                     "llm.eval.scorer.RewardScorer")
+
 # config.model.remat -> what the backward pass may keep from the forward (None: all of it),
 # in order of increasing recomputation.
 REMAT_POLICIES = {
@@ -90,7 +103,8 @@ class Group(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Maps tokens [B, T] (with segment ids and positions) to fp32 logits [B, T, V].
+  """Maps tokens [B, T] (with segment ids and positions) to fp32 logits [B, T, V] (with
+  model.head="score": fp32 scores [B, T] from a bias-free [D, 1] "score" projection).
 
   For decoding, `cache` holds {"k", "v"} of shape [L, B, S, K, E] and `decode` holds
   {"slot": first cache slot of these tokens, "kv_valid": [B, S] bool}; the call then
@@ -138,6 +152,12 @@ class Transformer(nn.Module):
         cache = jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
 
     x_BTD = RMSNorm(c.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x_BTD)
+    if c.head == "score":
+      score_D1 = param_with_axes(self, "score", nn.initializers.normal(c.init_std),
+                                 (c.d_model, 1), ("embed", None), param_dtype)
+      scores_BT = jnp.dot(x_BTD, score_D1.astype(dtype), preferred_element_type=jnp.float32)[..., 0]
+      scores_BT = constrain(scores_BT, ("batch", "length"))
+      return scores_BT if cache is None else (scores_BT, cache)
     if c.tie_embeddings:
       unembed_DV = embedding_VD.T
     else:

@@ -23,7 +23,7 @@ from llm.model import lora, make_model
 from llm.parallel import rules
 from llm.parallel.mesh import make_mesh, use_mesh
 from llm.training import checkpoint as checkpoint_lib
-from llm.training import reference
+from llm.training import grpo, reference
 from llm.training.metrics import MetricsWriter
 from llm.training.objectives import NEEDS_REFERENCE
 from llm.training.optim import make_optimizer
@@ -95,7 +95,12 @@ def _fresh_state(config, model, tx, shardings, abstract_state):
     if config.train.init_params or config.model.lora.base_quant != "none":
       state = state.replace(params=lora.join(lora_base(config, base_target), adapters))
   elif config.train.init_params:
-    state = state.replace(params=restore_params(config.train.init_params, abstract_state.params))
+    target = dict(abstract_state.params)
+    fresh_head = {"score": state.params["score"]} if "score" in target else {}
+    target.pop("score", None)  # a reward model: the backbone from init_params, a new head
+    state = state.replace(params={**restore_params(config.train.init_params, target,
+                                                   partial=bool(fresh_head)),
+                                  **fresh_head})
   if config.train.init_params and jax.process_index() == 0:
     print(f"initialised params from {config.train.init_params}", flush=True)
   return state
@@ -135,19 +140,37 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   total_steps = config.train.steps
   tx = make_optimizer(config.optim, total_steps)
   batch_sharding = rules.batch_sharding(mesh)
-  if config.train.objective in NEEDS_REFERENCE:  # before any row is read
+  live_reference = (config.train.objective in NEEDS_REFERENCE and
+                    config.train.dpo.reference == "live")
+  if config.train.objective in NEEDS_REFERENCE and not live_reference:  # before any row is read
     abstract_state, shardings = state_shardings(model, tx, config.data.seq_len, mesh)
     reference.attach(config, wd.data, corpus, model,
                      lambda: _fresh_state(config, model, tx, shardings, abstract_state).params,
                      mesh, batch_sharding, shardings.params)
-  keys = tuple(batch_fields(config))
-  train_iter = pipeline.train_iterator(corpus.train, config.train.batch_size,
+  # what the rows hold (a live reference adds ref_logp to each batch)
+  keys = tuple(k for k in batch_fields(config) if not (live_reference and k == "ref_logp"))
+  grpo_run = config.train.objective == "grpo"  # batches are sampled rounds (llm.training.grpo)
+  rows_per_batch = (config.train.batch_size // config.train.grpo.num_generations if grpo_run
+                    else config.train.batch_size)  # GRPO: prompts per round
+  train_iter = pipeline.train_iterator(corpus.train, rows_per_batch,
                                        config.data.shuffle_seed, jax.process_index(),
                                        jax.process_count())
   ckpt = checkpoint_lib.Checkpointer(wd.checkpoints, config.train.keep_checkpoints,
                                      config.train.async_checkpointing)
   cleanup.callback(ckpt.close)
   state, train_iter, shardings = _start_state(config, wd, ckpt, model, tx, mesh, train_iter)
+  start_params = None  # the starting weights, kept where a live reference needs them
+  if ((live_reference or (grpo_run and config.train.grpo.beta))
+      and not config.model.lora.rank):  # (a LoRA run's reference is its base)
+    abstract_state, _ = state_shardings(model, tx, config.data.seq_len, mesh)
+    start_params = _fresh_state(config, model, tx, shardings, abstract_state).params
+  live = (reference.LiveReference(model, batch_sharding, shardings.params, config, start_params)
+          if live_reference else None)
+  rollouts = None
+  if grpo_run:
+    rollouts = grpo.Rollouts(config, wd.path, corpus, model, batch_sharding, shardings.params,
+                             start_params)
+    rollouts.resume(int(jax.device_get(state.step)))
   if primary:  # only once the run has really started or resumed
     wd.write_config(config)
 
@@ -155,11 +178,21 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   step_fn = jit_train_step(config, model, tx, shardings, batch_sharding).lower(
       state, abstract_batch(config, batch_sharding)).compile()
   compile_seconds = time.perf_counter() - t0
+  def next_batch(step: int) -> dict:
+    if rollouts is not None:
+      return rollouts.batch(state, step, train_iter)
+    batch = global_batch(next(train_iter), batch_sharding, keys)
+    return batch if live is None else live.attach(batch, state.params)
+
   eval_fn = jax.jit(make_objective(config, model),
                     in_shardings=(shardings.params, batch_sharding))
-  val_batches = [global_batch(b, batch_sharding, keys) for b in pipeline.eval_batches(
-      corpus.val, config.train.batch_size, config.train.eval_batches, jax.process_index(),
-      jax.process_count())]
+  val_batches = [] if grpo_run else [global_batch(b, batch_sharding, keys) for b in
+                                      pipeline.eval_batches(corpus.val, config.train.batch_size,
+                                                            config.train.eval_batches,
+                                                            jax.process_index(),
+                                                            jax.process_count())]
+  if live is not None:  # the reference does not move: once for the fixed validation batches
+    val_batches = [live.attach(b, state.params) for b in val_batches]
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   tokens_per_step = config.train.batch_size * config.data.seq_len
@@ -179,12 +212,15 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
 
   def evaluate(params) -> dict:
     """The objective's metrics over the validation batches: eval_loss (cross-entropy per
-    token for next-token objectives) and the others by name."""
+    token for next-token objectives) and the others by name; for GRPO the rewards of
+    greedy replies to held-out prompts."""
+    if rollouts is not None:
+      return rollouts.evaluate(params)
     sums = [jax.device_get(eval_fn(params, b)[1]) for b in val_batches]
     totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
     weight = max(totals.pop("weight"), 1.0)
     out = {f"eval_{k}": v / weight for k, v in totals.items()}
-    if config.train.objective not in NEEDS_REFERENCE:
+    if np.isfinite(corpus.unigram_loss):  # next-token objectives
       out["eval_perplexity"] = float(np.exp(min(out["eval_loss"], 50.0)))
       out["unigram_loss"] = corpus.unigram_loss
     return out
@@ -196,9 +232,14 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   # taken at step boundaries only)
   stopped_early = step < total_steps and not stop.multiprocess and stop.stop_at(step)
   skips_in_a_row = 0
+  if rollouts is not None and step == 0 and not stopped_early:  # where the rewards start
+    start = evaluate(state.params)
+    writer.write(0, start)
+    if primary:
+      print(f"step 0: held-out reward {start['eval_reward']:.4f}", flush=True)
   t_last, step_last = time.perf_counter(), step
   while step < total_steps and not stopped_early:
-    state, metrics = step_fn(state, global_batch(next(train_iter), batch_sharding, keys))
+    state, metrics = step_fn(state, next_batch(step))
     step += 1
     skips_in_a_row = 0 if int(metrics["step_finite"]) else skips_in_a_row + 1
     if skips_in_a_row >= config.train.max_consecutive_skips:
@@ -217,6 +258,8 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
       t_last, step_last = now, step
       metrics["tokens_per_sec"] = tokens_per_step / seconds_per_step
       metrics["mfu"] = flops_per_step / seconds_per_step / peak
+      if rollouts is not None:  # the round's rewards and completion lengths
+        metrics.update(rollouts.metrics)
       if step % config.train.eval_every == 0 or done:
         metrics.update(evaluate(state.params))
         t_last = time.perf_counter()  # evaluation time is not training time
@@ -228,6 +271,8 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
     # A streak of skipped steps changes nothing worth a periodic checkpoint, and saving one
     # would push an older (pre-streak) checkpoint out of the keep-N window.
     if (step % config.train.checkpoint_every == 0 and not skips_in_a_row) or done:
+      if rollouts is not None:
+        rollouts.save(step, config.train.keep_checkpoints)
       ckpt.save(step, saved_part(config, state), train_iter, config.to_dict())
   ckpt.wait()
   if primary and stopped_early:

@@ -38,7 +38,8 @@ class MetricsWriter:
         self._tb.add_scalar(k, float(v), step)
     self._tb.flush()
     parts = [f"step {step}/{self.total_steps}"]
-    for k in ("loss", "eval_loss", "eval_perplexity", "learning_rate", "grad_norm"):
+    for k in ("loss", "eval_loss", "eval_perplexity", "eval_accuracy", "reward", "kl",
+              "eval_reward", "learning_rate", "grad_norm"):
       if k in metrics:
         parts.append(f"{k} {float(metrics[k]):.4g}")
     if "tokens_per_sec" in metrics:

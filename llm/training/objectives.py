@@ -113,6 +113,96 @@ def dpo(params, batch, *, model, config, rng=None):
   return with_aux(total, sums, aux, pairs)
 
 
+def bradley_terry_losses(chosen, rejected, center_coefficient: float = 0.0):
+  """Per-pair reward-model losses (TRL's RewardTrainer): -log sigmoid(r_chosen -
+  r_rejected), plus center_coefficient x (r_chosen + r_rejected)^2 (TRL's
+  center_rewards_coefficient; its mean over the pairs is the mean of these terms)."""
+  return (-jax.nn.log_sigmoid(chosen - rejected)
+          + center_coefficient * jnp.square(chosen + rejected))
+
+
+def reward(params, batch, *, model, config, rng=None):
+  """A reward model (model.head="score") trained on preference pairs with the
+  Bradley-Terry loss. A sequence's reward is the score at its last token (the loss mask
+  marks it: llm.data.preference, score_last). Weight: pairs. Metrics with TRL's names:
+  accuracy (chosen scored above rejected; held out: eval_accuracy), margin (mean
+  r_chosen - r_rejected), mean_reward (over both sides)."""
+  scores_BT, aux = forward(model, params, batch, rng)
+  rewards = pair_sums(scores_BT, batch)  # [B, P + 1, 2]: the one masked token's score
+  marked = pair_sums(jnp.ones_like(scores_BT), batch)
+  valid = (marked[..., 0] > 0) & (marked[..., 1] > 0)
+  chosen, rejected = rewards[..., 1], rewards[..., 0]
+  losses = bradley_terry_losses(chosen, rejected, config.train.reward.center_coefficient)
+  masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731
+  pairs = jnp.sum(valid).astype(jnp.float32)
+  total = masked(losses)
+  sums = {"loss": total, "accuracy": masked((chosen > rejected).astype(jnp.float32)),
+          "margin": masked(chosen - rejected), "mean_reward": masked((chosen + rejected) / 2),
+          "weight": pairs}
+  return with_aux(total, sums, aux, pairs)
+
+
+def grpo_token_losses(logp, old_logp, ref_logp, advantage, *, beta: float, epsilon_low: float,
+                      epsilon_high: float):
+  """(per-token loss, per-token k3 KL, low-clipped, high-clipped) of GRPO as TRL computes
+  them: ratio = exp(logp - old_logp), loss = -min(ratio A, clip(ratio, 1 - eps_low,
+  1 + eps_high) A) + beta (exp(ref - logp) - (ref - logp) - 1)."""
+  ratio = jnp.exp(logp - old_logp)
+  clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+  loss = -jnp.minimum(ratio * advantage, clipped * advantage)
+  delta = ref_logp - logp
+  kl = jnp.exp(delta) - delta - 1.0
+  if beta:
+    loss = loss + beta * kl
+  low = (ratio < 1.0 - epsilon_low) & (advantage < 0)
+  high = (ratio > 1.0 + epsilon_high) & (advantage > 0)
+  return loss, kl, low, high
+
+
+def grpo_aggregate(loss_BT, mask_BT, loss_type: str, max_new_tokens: int):
+  """(total, weight) of per-token losses over one completion per row; total / weight is
+  TRL's loss for `loss_type` (see grpo)."""
+  per_row_B = jnp.sum(loss_BT * mask_BT, axis=1)
+  tokens_B = jnp.sum(mask_BT, axis=1)
+  completions = jnp.sum(tokens_B > 0).astype(jnp.float32)
+  if loss_type == "grpo":
+    return jnp.sum(per_row_B / jnp.maximum(tokens_B, 1.0)), completions
+  if loss_type == "dr_grpo":
+    return jnp.sum(per_row_B) / max_new_tokens, completions
+  return jnp.sum(per_row_B), jnp.sum(tokens_B)  # dapo
+
+
+def grpo(params, batch, *, model, config, rng=None):
+  """Group relative policy optimisation on rollouts (llm.training.grpo): one completion
+  per row, its tokens in the loss mask, with per-token "advantage" (the completion's
+  group-normalised reward), "old_logp" (the sampling policy's; with num_iterations=1 the
+  policy's own, detached, as TRL does) and "ref_logp" (the reference's, for the KL
+  penalty). train.grpo.loss_type aggregates like TRL: dapo, sum over all completion tokens
+  / their count (weight: tokens); grpo, each completion's token mean, averaged (weight:
+  completions); dr_grpo, sum / max_new_tokens per completion (weight: completions).
+  Metrics: kl, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean (token
+  means)."""
+  g = config.train.grpo
+  logits_BTV, aux = forward(model, params, batch, rng)
+  nll_BT, _ = token_nll(logits_BTV, batch["targets"])
+  logp_BT = -nll_BT
+  old_BT = batch["old_logp"] if g.num_iterations > 1 else jax.lax.stop_gradient(logp_BT)
+  loss_BT, kl_BT, low_BT, high_BT = grpo_token_losses(
+      logp_BT, old_BT, batch["ref_logp"], batch["advantage"], beta=g.beta,
+      epsilon_low=g.epsilon, epsilon_high=g.epsilon_high or g.epsilon)
+  mask_BT = batch["loss_mask"]
+  total, weight = grpo_aggregate(loss_BT, mask_BT, g.loss_type, g.max_new_tokens)
+  tokens = jnp.sum(mask_BT)
+  # token means, scaled by the weight so that the step's division by it leaves the mean
+  token_mean = lambda x: weight * jnp.sum(x * mask_BT) / jnp.maximum(tokens, 1.0)  # noqa: E731
+  sums = {"loss": total, "kl": token_mean(kl_BT),
+          "clip_ratio/low_mean": token_mean(low_BT.astype(jnp.float32)),
+          "clip_ratio/high_mean": token_mean(high_BT.astype(jnp.float32)),
+          "clip_ratio/region_mean": token_mean((low_BT | high_BT).astype(jnp.float32)),
+          "weight": weight}
+  return with_aux(total, sums, aux, weight)
+
+
 def reference_logps(params, batch, *, model):
   """Per-token log-probabilities of the targets (the reference for dpo)."""
   logits_BTV, _ = forward(model, params, batch)
@@ -121,13 +211,21 @@ def reference_logps(params, batch, *, model):
 
 
 # what a batch holds besides inputs/targets/segment_ids/positions/loss_mask, per objective
-EXTRA_BATCH_FIELDS = {"dpo": {"pair_ids": "int32", "chosen": "int32", "ref_logp": "float32"}}
+EXTRA_BATCH_FIELDS = {"dpo": {"pair_ids": "int32", "chosen": "int32", "ref_logp": "float32"},
+                      "reward": {"pair_ids": "int32", "chosen": "int32"},
+                      "grpo": {"advantage": "float32", "old_logp": "float32",
+                               "ref_logp": "float32"}}
 # config.train.dpo.loss_type -> per-pair loss (dpo_losses)
 DPO_LOSSES = ("sigmoid", "ipo")
+# config.train.grpo.loss_type -> how per-token losses are averaged (see grpo)
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo")
 # objectives whose batches carry "ref_logp" from the starting weights
 NEEDS_REFERENCE = ("dpo",)
 
 # config.train.objective -> the objective function. "sft" minimises the same masked
 # cross-entropy over chat examples whose loss mask is the assistant's tokens (the data
 # side: llm.data.pipeline.is_chat, llm.data.sft).
-OBJECTIVES: dict[str, Objective] = {"pretrain": next_token, "sft": next_token, "dpo": dpo}
+OBJECTIVES: dict[str, Objective] = {"pretrain": next_token, "sft": next_token, "dpo": dpo,
+                                    "reward": reward, "grpo": grpo}
+# objectives whose model has the scalar head (model.head="score") rather than logits
+SCORE_HEAD = ("reward",)

@@ -1,11 +1,15 @@
 """Reference log-probabilities for objectives that compare with the starting model (dpo).
 
-They are computed once, per token of every train and validation row, with the weights
-the run starts from (train.init_params; for a LoRA run its base, as the adapters start
-at zero), and carried by the rows as "ref_logp": the frozen reference never needs a
-second copy of the model in memory. They are cached in DIR/data/ keyed on the rows and
-the starting weights, so a resumed run (whose params have moved on) reads the same
-reference.
+`train.dpo.reference` (REFERENCE_MODES):
+  - "precomputed": computed once, per token of every train and validation row, with the
+    weights the run starts from (train.init_params; for a LoRA run its base, as the
+    adapters start at zero), and carried by the rows as "ref_logp": the frozen reference
+    needs no second copy of the model in memory during training. They are cached in
+    DIR/data/ keyed on the rows and the starting weights, so a resumed run (whose params
+    have moved on) reads the same reference.
+  - "live": computed for each batch as it is used (no pass over the dataset first, nothing
+    cached): a LoRA run's reference is its own base with the adapters left out (no second
+    copy); any other run keeps a copy of the starting weights.
 """
 
 from __future__ import annotations
@@ -21,6 +25,37 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llm.training.objectives import reference_logps
 
 CACHE = "reference_logps.npz"
+# train.dpo.reference: how the reference log-probabilities are obtained (see above)
+REFERENCE_MODES = ("precomputed", "live")
+
+
+def reference_params(config, params, start_params):
+  """The reference policy's params: a LoRA run's base with its adapters at zero (built
+  from `params`, so the base is not copied), else `start_params` (the starting weights)."""
+  if config.model.lora.rank:
+    import jax.numpy as jnp
+
+    from llm.model import lora
+    base, adapters = lora.split(params)
+    return lora.join(base, jax.tree.map(jnp.zeros_like, adapters))
+  return start_params
+
+
+class LiveReference:
+  """Adds "ref_logp" to batches as they are used (train.dpo.reference="live")."""
+
+  def __init__(self, model, batch_sharding, param_shardings, config, start_params=None):
+    self.config, self.start_params = config, start_params
+    self._logps = jax.jit(lambda p, b: reference_logps(p, b, model=model),
+                          in_shardings=(param_shardings, batch_sharding),
+                          out_shardings=batch_sharding)
+
+  def logps(self, params, batch):
+    """Per-token reference log-probabilities of a batch's targets, for policy `params`."""
+    return self._logps(reference_params(self.config, params, self.start_params), batch)
+
+  def attach(self, batch: dict, params) -> dict:
+    return {**batch, "ref_logp": self.logps(params, batch)}
 
 
 def _key(config, rows_list) -> str:

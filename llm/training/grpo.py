@@ -1,0 +1,214 @@
+"""GRPO rollouts: the batches a `train.objective="grpo"` run trains on.
+
+Every `train.grpo.num_iterations` steps a round begins: the next
+train.batch_size / num_generations prompts are each completed num_generations times by
+the current policy (the project's KV-cache decoder, jitted, on the training mesh), the
+completions are scored by the reward functions and/or reward model, and their rewards
+normalised within each prompt's group into advantages (llm.training.rewards). The round's
+rows (prompt + completion, the completion's tokens in the loss mask) carry per token the
+advantage, the sampling policy's log-probabilities (old_logp, when num_iterations > 1)
+and the reference's (ref_logp, when beta > 0: the starting weights; with LoRA the base
+without adapters, so no second copy is held). The objective is
+llm.training.objectives.grpo.
+
+Exact resume: the prompts come from the checkpointed grain iterator, round r samples
+with a key of (seed, r), and a checkpoint saved in the middle of a round stores that
+round's rows in DIR/rollouts/<step>.npz, which a resumed run trains on again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from llm.data import chat
+from llm.inference.decoder import Decoder
+from llm.inference.sampling import SamplingParams
+from llm.training import reference
+from llm.training.objectives import reference_logps
+from llm.training.rewards import REWARD_FUNCTIONS, group_advantages, weighted_rewards
+
+ROLLOUTS = "rollouts"
+ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "advantage",
+            "old_logp", "ref_logp")
+
+
+def _nan_stat(fn, x) -> float:
+  x = np.asarray(x, np.float64)
+  return float(fn(x)) if np.isfinite(x).any() else float("nan")
+
+
+class Rollouts:
+  """Rounds of sampled, scored completions (see the module docstring)."""
+
+  def __init__(self, config, workdir: Path, corpus, model, batch_sharding, param_shardings,
+               start_params=None):
+    if jax.process_count() > 1:
+      raise ValueError("train.objective='grpo' runs in one process (its rollouts are generated "
+                       "and scored on one host); use one process over the local devices")
+    self.config, self.g = config, config.train.grpo
+    self.dir = Path(workdir) / ROLLOUTS
+    self.train_prompts, self.val_prompts = corpus.train.prompts, corpus.val.prompts
+    self.tok = corpus.tokenizer
+    self.stop = chat.stop_ids(self.tok)
+    if not self.stop:
+      raise ValueError("the tokenizer has no EOS or end-of-turn token to end a completion")
+    self.reward_names = [n.strip() for n in self.g.rewards.split(",") if n.strip()]
+    self.scorer = None
+    if self.g.reward_model:
+      from llm.eval.scorer import RewardScorer
+      self.scorer = RewardScorer(self.g.reward_model, mesh=batch_sharding.mesh)
+    n = len(self.reward_names) + (self.scorer is not None)
+    weights = [float(w) for w in self.g.reward_weights.split(",") if w.strip()]
+    self.weights = np.asarray(weights or [1.0] * n, np.float64)
+    self.decoder = Decoder(config.model, None)
+    self.sampling = SamplingParams(temperature=self.g.temperature, top_k=self.g.top_k,
+                                   top_p=self.g.top_p)
+    self.batch_sharding = batch_sharding
+    self._logps = jax.jit(lambda p, b: reference_logps(p, b, model=model),
+                          in_shardings=(param_shardings, batch_sharding))
+    self.start_params = start_params  # no-LoRA runs with beta > 0: the reference's weights
+    self.round, self.rows, self.metrics = -1, None, {}
+    self._check_rewards()
+
+  def _check_rewards(self) -> None:
+    """Runs every reward function on one prompt now, so a missing field fails before work."""
+    self._score([self.train_prompts[0]], [""])
+
+  # ----------------------------------------------------------------------------- a round
+
+  def batch(self, state, step: int, prompt_iter) -> dict:
+    """The global batch for `step` (a new round every num_iterations steps)."""
+    r = step // self.g.num_iterations
+    if r != self.round:
+      indices = np.asarray(next(prompt_iter)["index"])
+      self.rows, self.metrics = self._sample(state.params, [self.train_prompts[i] for i in indices],
+                                             r)
+      self.round = r
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in self.rows.items()}
+
+  def _score(self, prompts, completions: list[str]) -> np.ndarray:
+    """[N, F] rewards per function (then the reward model), NaN where one returns None."""
+    columns: dict[str, list] = {}
+    for p in prompts:
+      for k in p.columns:
+        columns.setdefault(k, [])
+    for k in columns:
+      columns[k] = [p.columns.get(k) for p in prompts]
+    convs = [p.messages for p in prompts]
+    out = []
+    for name in self.reward_names:
+      values = REWARD_FUNCTIONS[name](prompts=convs, completions=completions, **columns)
+      if len(values) != len(completions):
+        raise ValueError(f"reward function {name!r} returned {len(values)} values for "
+                         f"{len(completions)} completions")
+      out.append([np.nan if v is None else float(v) for v in values])
+    if self.scorer is not None:
+      out.append(self.scorer.score([c + [{"role": "assistant", "content": x}]
+                                    for c, x in zip(convs, completions)]))
+    return np.asarray(out, np.float64).T
+
+  def _generate(self, params, prompts, seed: int, sampling) -> tuple[list[list[int]], list[str]]:
+    """(completion ids, with the stop token when one ended them; their texts, without it)."""
+    self.decoder.params = params
+    ids = self.decoder.generate([p.ids.tolist() for p in prompts], self.g.max_new_tokens,
+                                sampling, seed=seed, eos_id=self.stop, keep_stop=True)
+    texts = [self.tok.decode(c[:-1] if c and c[-1] in self.stop else c) for c in ids]
+    return ids, texts
+
+  def _sample(self, params, prompts, r: int) -> tuple[dict, dict]:
+    g, seq_len = self.g, self.config.data.seq_len
+    group = [p for p in prompts for _ in range(g.num_generations)]  # TRL's repeat_interleave
+    completions, texts = self._generate(params, group, self.config.seed * 1_000_003 + r,
+                                        self.sampling)
+    per_function = self._score(group, texts)
+    rewards = weighted_rewards(per_function, self.weights)
+    advantages, std, _ = group_advantages(rewards, g.num_generations, g.scale_rewards)
+    n = len(group)
+    rows = {k: np.zeros((n, seq_len), np.float32 if k in ("loss_mask", "advantage", "old_logp",
+                                                         "ref_logp") else np.int32)
+            for k in ROW_KEYS}
+    for i, (p, c) in enumerate(zip(group, completions)):
+      ids = np.concatenate([p.ids, np.asarray(c, np.int32)])
+      length = len(ids) - 1
+      rows["inputs"][i, :length] = ids[:-1]
+      rows["targets"][i, :length] = ids[1:]
+      rows["segment_ids"][i, :length] = 1
+      rows["positions"][i, :length] = np.arange(length)
+      rows["loss_mask"][i, len(p.ids) - 1:length] = 1.0
+      rows["advantage"][i, :length] = advantages[i]
+    batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+             for k, v in rows.items()}
+    if g.num_iterations > 1:
+      rows["old_logp"] = np.asarray(self._logps(params, batch))
+    if g.beta:
+      rows["ref_logp"] = np.asarray(self._logps(
+          reference.reference_params(self.config, params, self.start_params), batch))
+    lengths = np.asarray([len(c) for c in completions])
+    stopped = np.asarray([bool(c) and c[-1] in self.stop for c in completions])
+    metrics = {"reward": _nan_stat(np.nanmean, rewards),
+               "reward_std": _nan_stat(lambda x: np.nanstd(x, ddof=1), rewards),
+               "frac_reward_zero_std": float(np.mean(np.isclose(std, 0.0))),
+               "completions/mean_length": float(lengths.mean()),
+               "completions/min_length": float(lengths.min()),
+               "completions/max_length": float(lengths.max()),
+               "completions/clipped_ratio": float(1.0 - stopped.mean())}
+    for j, name in enumerate(self.reward_names + ["reward_model"] * (self.scorer is not None)):
+      metrics[f"rewards/{name}/mean"] = _nan_stat(np.nanmean, per_function[:, j])
+      metrics[f"rewards/{name}/std"] = _nan_stat(lambda x: np.nanstd(x, ddof=1),
+                                                 per_function[:, j])
+    return rows, metrics
+
+  # ----------------------------------------------------------------------------- evaluation
+
+  def evaluate(self, params) -> dict:
+    """Mean rewards of greedy replies to the first train.grpo.eval_prompts held-out
+    prompts: eval_reward (weighted sum) and eval_rewards/<name>/mean."""
+    prompts = self.val_prompts[:self.g.eval_prompts]
+    b = self.config.train.batch_size
+    texts: list[str] = []
+    for start in range(0, len(prompts), b):
+      chunk = prompts[start:start + b]
+      padded = chunk + [chunk[-1]] * (b - len(chunk))  # one compiled batch shape
+      texts += self._generate(params, padded, 0, SamplingParams(temperature=0.0))[1][:len(chunk)]
+    per_function = self._score(prompts, texts)
+    out = {"eval_reward": _nan_stat(np.nanmean, weighted_rewards(per_function, self.weights))}
+    for j, name in enumerate(self.reward_names + ["reward_model"] * (self.scorer is not None)):
+      out[f"eval_rewards/{name}/mean"] = _nan_stat(np.nanmean, per_function[:, j])
+    return out
+
+  # ----------------------------------------------------------------------------- resume
+
+  def save(self, step: int, keep: int) -> None:
+    """Keeps the current round's rows for a checkpoint at `step` taken inside the round
+    (a checkpoint at a round boundary needs none); the newest `keep` files are kept."""
+    if step % self.g.num_iterations == 0 or self.rows is None:
+      return
+    self.dir.mkdir(parents=True, exist_ok=True)
+    tmp = self.dir / f"{step}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, round=self.round, **self.rows,
+             **{f"metric:{k}": v for k, v in self.metrics.items()})
+    os.replace(tmp, self.dir / f"{step}.npz")
+    saved = sorted((int(p.name.split(".")[0]) for p in self.dir.glob("*.npz")
+                    if p.name.split(".")[0].isdigit() and p.name.count(".") == 1), reverse=True)
+    for old in saved[keep:]:
+      (self.dir / f"{old}.npz").unlink(missing_ok=True)
+
+  def resume(self, step: int) -> None:
+    """Reads the rows of the round a checkpoint at `step` was taken in, if it was inside one."""
+    if step % self.g.num_iterations == 0:
+      return
+    path = self.dir / f"{step}.npz"
+    if not path.is_file():
+      raise FileNotFoundError(f"the checkpoint at step {step} was taken inside a GRPO round "
+                              f"(train.grpo.num_iterations={self.g.num_iterations}) but that "
+                              f"round's rollouts {path} are missing; resume from another "
+                              "checkpoint")
+    with np.load(path) as z:
+      self.round = int(z["round"])
+      self.rows = {k: z[k] for k in ROW_KEYS}
+      self.metrics = {k[len("metric:"):]: float(z[k]) for k in z.files if k.startswith("metric:")}

@@ -1,0 +1,174 @@
+"""GRPO: advantages and losses against TRL's formulas (written in torch), prompt formats,
+and a short run whose held-out reward rises and which resumes exactly mid-round."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm.data import prompts
+from llm.train import train
+from llm.training import rewards
+from llm.training.objectives import grpo_aggregate, grpo_token_losses
+from tests.helpers import losses
+
+torch = pytest.importorskip("torch")
+
+
+def _trl_nanstd(t, dim=None):
+  """trl.trainer.utils.nanstd."""
+  mean = torch.nanmean(t, dim=dim, keepdim=True)
+  variance = torch.nanmean((t - mean) ** 2, dim=dim, keepdim=True)
+  count = torch.sum(~torch.isnan(t), dim=dim, keepdim=True)
+  correction = torch.where(count > 1, count / (count - 1), torch.full_like(mean, float("nan")))
+  std = torch.sqrt(variance * correction)
+  return std.squeeze() if dim is None else std.squeeze(dim)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_are_trls(scale):
+  g = 4
+  r = np.random.default_rng(0).normal(size=(24,))
+  r[5] = np.nan  # an unscorable completion
+  r[8:12] = 1.0  # a group whose rewards are all equal
+  t = torch.tensor(r)
+  # GRPOTrainer._generate_and_score_completions (sum_then_normalize)
+  mean = torch.nanmean(t.view(-1, g), dim=1).repeat_interleave(g)
+  std = (_trl_nanstd(t.view(-1, g), dim=1).repeat_interleave(g) if scale != "batch"
+         else _trl_nanstd(t).expand_as(t))
+  adv = t - mean
+  if scale != "none":
+    adv = adv / (std + 1e-4)
+  adv = torch.nan_to_num(adv, nan=0.0)
+  ours, ours_std, _ = rewards.group_advantages(r, g, scale)
+  np.testing.assert_allclose(ours, adv.numpy(), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(ours_std, std.numpy(), rtol=1e-6)
+  assert np.all(ours[8:12] == 0)
+  per_function = np.stack([r, np.where(np.arange(24) % 3 == 0, np.nan, 2 * r)], axis=1)
+  per_function[7] = np.nan
+  weighted = rewards.weighted_rewards(per_function, np.array([1.0, 0.5]))
+  expected = torch.tensor(per_function * [1.0, 0.5]).nansum(dim=1)
+  expected[torch.isnan(torch.tensor(per_function)).all(dim=1)] = float("nan")
+  np.testing.assert_allclose(weighted, expected.numpy(), equal_nan=True)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_token_losses_and_aggregation_are_trls(loss_type):
+  rng = np.random.default_rng(1)
+  b, t, max_len = 6, 10, 12
+  logp, old, ref = (rng.normal(-2, 0.4, (b, t)).astype(np.float32) for _ in range(3))
+  adv = np.repeat(rng.normal(size=(b, 1)), t, 1).astype(np.float32)
+  mask = (np.arange(t)[None] >= rng.integers(1, 5, (b, 1))).astype(np.float32)
+  mask[:, -2:] *= rng.integers(0, 2, (b, 2))
+  beta, eps_low, eps_high = 0.04, 0.2, 0.28
+  # GRPOTrainer._compute_loss, token-level importance sampling
+  T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+  coef_1 = torch.exp(T(logp) - T(old))
+  coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+  kl = torch.exp(T(ref) - T(logp)) - (T(ref) - T(logp)) - 1
+  per_token = -torch.min(coef_1 * T(adv), coef_2 * T(adv)) + beta * kl
+  m = T(mask)
+  if loss_type == "grpo":
+    expected = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+  elif loss_type == "dr_grpo":
+    expected = (per_token * m).sum() / (b * max_len)
+  else:  # dapo over one batch: normalised by its completion tokens
+    expected = (per_token * m).sum() / m.sum()
+  loss, ours_kl, low, high = grpo_token_losses(jnp.asarray(logp), jnp.asarray(old),
+                                               jnp.asarray(ref), jnp.asarray(adv), beta=beta,
+                                               epsilon_low=eps_low, epsilon_high=eps_high)
+  total, weight = grpo_aggregate(loss, jnp.asarray(mask), loss_type, max_len)
+  np.testing.assert_allclose(float(total / weight), expected.item(), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(ours_kl), kl.numpy(), rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(low), ((coef_1 < 1 - eps_low) & (T(adv) < 0)).numpy())
+  np.testing.assert_array_equal(np.asarray(high),
+                                ((coef_1 > 1 + eps_high) & (T(adv) > 0)).numpy())
+  # with num_iterations = 1 the old policy is the policy itself (detached): the gradient
+  # of the policy term is -A per token, whatever the clip
+  grad = jax.grad(lambda lp: grpo_aggregate(grpo_token_losses(
+      lp, jax.lax.stop_gradient(lp), lp, jnp.asarray(adv), beta=beta, epsilon_low=eps_low,
+      epsilon_high=eps_high)[0], jnp.asarray(mask), "dapo", max_len)[0])(jnp.asarray(logp))
+  np.testing.assert_allclose(np.asarray(grad), -adv * mask, rtol=1e-5, atol=1e-7)
+
+
+def test_prompt_formats():
+  p = prompts.to_prompt({"prompt": "2+2?", "answer": "4", "level": 1})
+  assert p.messages == [{"role": "user", "content": "2+2?"}]
+  assert p.columns == {"answer": "4", "level": 1}
+  p = prompts.to_prompt({"messages": [{"role": "user", "content": "Reverse: ab"},
+                                      {"role": "assistant", "content": "ba"}]})
+  assert p.messages == [{"role": "user", "content": "Reverse: ab"}] and p.columns == {
+      "answer": "ba"}
+  with pytest.raises(ValueError, match="must end with a user"):
+    prompts.to_prompt({"prompt": [{"role": "user", "content": "q"},
+                                  {"role": "assistant", "content": "a"}]})
+  assert rewards.exact_match([" ba ", "ab"], answer=["ba", "ba"]) == [1.0, 0.0]
+  assert rewards.one_line(["a b", "a\nb", " "]) == [1.0, 0.0, 0.0]
+  with pytest.raises(ValueError, match="'answer' field"):
+    rewards.similarity(["x"])
+
+
+def _letter_e(completions, **_):
+  """A reward a tiny random model can learn in a few steps: the share of 'e's."""
+  return [c.count("e") / max(len(c), 1) for c in completions]
+
+
+def test_grpo_raises_held_out_reward_and_resumes_exactly_mid_round(config, tmp_path,
+                                                                   monkeypatch):
+  monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "letter_e", _letter_e)
+  words = np.random.default_rng(0).choice(list("abcdfgh"), (200, 4))
+  with open(tmp_path / "prompts.jsonl", "w") as f:
+    for w in words:
+      f.write(json.dumps({"prompt": f"Say {''.join(w)}", "answer": "".join(w)}) + "\n")
+  config.train.update(objective="grpo", steps=8, batch_size=16, checkpoint_every=3,
+                      eval_every=8, log_every=1)
+  config.train.grpo.update(num_generations=4, max_new_tokens=8, rewards="letter_e,exact_match",
+                           reward_weights="1,0.5", beta=0.04, num_iterations=2, eval_prompts=8)
+  config.data.update(source="jsonl", paths=str(tmp_path / "prompts.jsonl"), seq_len=32,
+                     val_fraction=0.1)
+  config.data.chat.template = "mistral"
+  config.optim.update(lr=1e-2, warmup_steps=0, schedule="constant")
+  config.mesh.data = 2
+  devices = jax.devices()[:2]
+  train(config, tmp_path / "straight", devices=devices)
+  records = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+  evals = [r for r in records if "eval_reward" in r]
+  assert evals[0]["step"] == 0 and evals[-1]["step"] == 8
+  print("held-out reward", evals[0]["eval_reward"], "->", evals[-1]["eval_reward"])
+  assert evals[-1]["eval_reward"] > evals[0]["eval_reward"] + 0.1
+  last = records[-1]
+  for name in ("reward", "reward_std", "kl", "clip_ratio/region_mean", "completions/mean_length",
+               "completions/clipped_ratio", "rewards/letter_e/mean", "rewards/exact_match/mean",
+               "frac_reward_zero_std"):
+    assert name in last, name
+  assert last["kl"] > 0
+  config.train.steps = 3  # a checkpoint in the middle of round 1 (steps 2 and 3)
+  train(config, tmp_path / "resumed", devices=devices)
+  assert (tmp_path / "resumed" / "rollouts" / "3.npz").is_file()
+  config.train.steps = 8
+  train(config, tmp_path / "resumed", devices=devices)
+  assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_grpo_config_errors(config):
+  from llm import config as config_lib
+  config.train.update(objective="grpo", batch_size=8)
+  config.train.grpo.max_new_tokens = 8
+  config.data.paths = "x.jsonl"
+  config.train.grpo.update(num_generations=3)
+  with pytest.raises(ValueError, match="multiple of train.grpo.num_generations=3"):
+    config_lib.validate(config)
+  config.train.grpo.update(num_generations=4, rewards="exact,one_line")
+  with pytest.raises(ValueError, match="allowed reward functions are"):
+    config_lib.validate(config)
+  config.train.grpo.update(rewards="", reward_model="")
+  with pytest.raises(ValueError, match="needs a reward"):
+    config_lib.validate(config)
+  config.train.grpo.update(rewards="exact_match", reward_weights="1,2")
+  with pytest.raises(ValueError, match="2 weight"):
+    config_lib.validate(config)
+  config.train.grpo.update(reward_weights="", max_new_tokens=config.data.seq_len)
+  with pytest.raises(ValueError, match="train.grpo.max_new_tokens"):
+    config_lib.validate(config)
