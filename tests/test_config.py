@@ -23,7 +23,8 @@ def test_published_parameter_counts(name, expected):
   assert count_params(cfg.model) == expected
 
 
-@pytest.mark.parametrize("name", ["tiny", "llama3_70b", "llama_125m"])
+@pytest.mark.parametrize("name", ["tiny", "llama3_70b", "llama_125m", "sft_tiny", "dpo_tiny",
+                                  "reward_tiny", "grpo_tiny"])
 def test_every_config_validates(name):
   config_lib.validate(load_recipe(name))
 

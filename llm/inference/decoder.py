@@ -7,10 +7,13 @@ text API (`llm.inference.text`) wraps it with a tokenizer.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from llm.config import head_dim
@@ -23,6 +26,45 @@ def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def _prefill(model, params, tokens_BP, valid_BP, cache):
+  """Runs the prompts through the model, filling the cache; returns the last logits."""
+  positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
+  s = cache["k"].shape[2]
+  kv_valid_BS = jnp.zeros((tokens_BP.shape[0], s), bool).at[:, :tokens_BP.shape[1]].set(valid_BP)
+  decode = {"slot": jnp.int32(0), "kv_valid": kv_valid_BS}
+  logits_BPV, cache = model.apply({"params": params}, tokens_BP, None, positions_BP, cache,
+                                  decode)
+  return logits_BPV[:, -1], cache, kv_valid_BS, positions_BP[:, -1] + 1
+
+
+def _step(model, params, carry, *, sampling: SamplingParams):
+  """Samples a token from the last logits, feeds it, returns (carry, token)."""
+  rng, key = jax.random.split(carry["rng"])
+  token_B = sample(key, carry["logits"], sampling, carry["seen"])
+  slot = carry["slot"]
+  kv_valid_BS = jax.lax.dynamic_update_slice(
+      carry["kv_valid"], jnp.ones((token_B.shape[0], 1), bool), (0, slot))
+  decode = {"slot": slot, "kv_valid": kv_valid_BS}
+  logits_B1V, cache = model.apply({"params": params}, token_B[:, None], None,
+                                  carry["positions"][:, None], carry["cache"], decode)
+  seen = carry["seen"]
+  if seen is not None:
+    seen = seen.at[jnp.arange(token_B.shape[0]), token_B].set(True)
+  carry = dict(cache=cache, kv_valid=kv_valid_BS, slot=slot + 1, positions=carry["positions"] + 1,
+               logits=logits_B1V[:, 0], rng=rng, seen=seen)
+  return carry, token_B
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(model_cfg_json: str):
+  """(model, jitted prefill, jitted step) of one model config, shared by every Decoder of
+  it: a new Decoder (e.g. per batch of prompts, or over new params) compiles nothing new."""
+  model = make_model(ml_collections.ConfigDict(json.loads(model_cfg_json)))
+  return (model, jax.jit(functools.partial(_prefill, model)),
+          jax.jit(functools.partial(_step, model), static_argnames=("sampling",),
+                  donate_argnums=(1,)))
+
+
 class Decoder:
   """Batched KV-cache decoding with static shapes: a jitted prefill, then a jitted step
   per token. Prompts of different lengths are left-padded; pads are never attended to
@@ -31,10 +73,9 @@ class Decoder:
   def __init__(self, model_cfg, params):
     require_lm_head(model_cfg, "generation")
     self.cfg = model_cfg
-    self.model = make_model(model_cfg)
     self.params = params
-    self._prefill = jax.jit(self._prefill_fn)
-    self._step = jax.jit(self._step_fn, static_argnames=("sampling",), donate_argnums=(1,))
+    key = json.dumps(ml_collections.ConfigDict(model_cfg).to_dict(), sort_keys=True)
+    self.model, self._prefill, self._step = _programs(key)
 
   @staticmethod
   def shapes(prompt_len: int, max_tokens: int) -> tuple[int, int]:
@@ -61,32 +102,6 @@ class Decoder:
                        f"KV cache for {batch} prompt(s), more than half of the "
                        f"{memory / 2**30:,.1f} GiB of {device.device_kind} memory; at most "
                        f"about {fits:,} tokens fit")
-
-  def _prefill_fn(self, params, tokens_BP, valid_BP, cache):
-    positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
-    s = cache["k"].shape[2]
-    kv_valid_BS = jnp.zeros((tokens_BP.shape[0], s), bool).at[:, :tokens_BP.shape[1]].set(valid_BP)
-    decode = {"slot": jnp.int32(0), "kv_valid": kv_valid_BS}
-    logits_BPV, cache = self.model.apply({"params": params}, tokens_BP, None, positions_BP,
-                                         cache, decode)
-    return logits_BPV[:, -1], cache, kv_valid_BS, positions_BP[:, -1] + 1
-
-  def _step_fn(self, params, carry, *, sampling: SamplingParams):
-    """Samples a token from the last logits, feeds it, returns (carry, token)."""
-    rng, key = jax.random.split(carry["rng"])
-    token_B = sample(key, carry["logits"], sampling, carry["seen"])
-    slot = carry["slot"]
-    kv_valid_BS = jax.lax.dynamic_update_slice(
-        carry["kv_valid"], jnp.ones((token_B.shape[0], 1), bool), (0, slot))
-    decode = {"slot": slot, "kv_valid": kv_valid_BS}
-    logits_B1V, cache = self.model.apply({"params": params}, token_B[:, None], None,
-                                         carry["positions"][:, None], carry["cache"], decode)
-    seen = carry["seen"]
-    if seen is not None:
-      seen = seen.at[jnp.arange(token_B.shape[0]), token_B].set(True)
-    carry = dict(cache=cache, kv_valid=kv_valid_BS, slot=slot + 1, positions=carry["positions"] + 1,
-                 logits=logits_B1V[:, 0], rng=rng, seen=seen)
-    return carry, token_B
 
   def generate(self, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams,
                seed: int = 0, eos_id=None, on_token=None,
