@@ -172,3 +172,25 @@ def test_grpo_config_errors(config):
   config.train.grpo.update(reward_weights="", max_new_tokens=config.data.seq_len)
   with pytest.raises(ValueError, match="train.grpo.max_new_tokens"):
     config_lib.validate(config)
+
+
+def test_lora_grpo_keeps_no_reference_copy_its_base_is_the_reference(config, tmp_path):
+  """With LoRA the reference policy is the base with the adapters left out: at step 1
+  (adapters at zero) the policy is the reference, so the KL is 0; after an update not."""
+  with open(tmp_path / "prompts.jsonl", "w") as f:
+    for i in range(20):
+      f.write(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n")
+  config.model.lora.update(rank=2, targets="q,v")
+  config.train.update(objective="grpo", steps=2, batch_size=8, checkpoint_every=2,
+                      eval_every=2, log_every=1)
+  config.train.grpo.update(num_generations=4, max_new_tokens=6, rewards="similarity",
+                           beta=0.1, eval_prompts=2)
+  config.data.update(source="jsonl", paths=str(tmp_path / "prompts.jsonl"), seq_len=32,
+                     val_fraction=0.1)
+  config.data.chat.template = "mistral"
+  config.optim.update(lr=1e-2, warmup_steps=0, schedule="constant")
+  train(config, tmp_path / "run", devices=jax.devices()[:1])
+  records = {r["step"]: r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))
+             if "kl" in r}
+  assert records[1]["kl"] == pytest.approx(0.0, abs=1e-6)
+  assert records[2]["kl"] > 1e-6
