@@ -56,6 +56,9 @@ def test_rewards_are_the_scores_at_each_sequences_last_token():
   np.testing.assert_allclose(float(total), float(jnp.sum(bradley_terry_losses(chosen, rejected))),
                              rtol=1e-5)
   assert float(sums["accuracy"]) == np.sum(chosen > rejected)
+  both = np.concatenate([chosen, rejected])  # (as sums: times the weight, 3 pairs)
+  np.testing.assert_allclose(float(sums["min_reward"]) / 3, both.min(), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(float(sums["max_reward"]) / 3, both.max(), rtol=1e-4, atol=1e-6)
 
 
 def test_reward_model_learns_held_out_preferences_and_rewards_grpo(config, tmp_path):

@@ -126,7 +126,8 @@ def reward(params, batch, *, model, config, rng=None):
   Bradley-Terry loss. A sequence's reward is the score at its last token (the loss mask
   marks it: llm.data.preference, score_last). Weight: pairs. Metrics with TRL's names:
   accuracy (chosen scored above rejected; held out: eval_accuracy), margin (mean
-  r_chosen - r_rejected), mean_reward (over both sides)."""
+  r_chosen - r_rejected), mean_reward (over both sides), min_reward and max_reward (per
+  batch, averaged over the batches logged, as TRL averages them)."""
   scores_BT, aux = forward(model, params, batch, rng)
   rewards = pair_sums(scores_BT, batch)  # [B, P + 1, 2]: the one masked token's score
   marked = pair_sums(jnp.ones_like(scores_BT), batch)
@@ -136,8 +137,15 @@ def reward(params, batch, *, model, config, rng=None):
   masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731
   pairs = jnp.sum(valid).astype(jnp.float32)
   total = masked(losses)
+  both = jnp.stack([chosen, rejected], -1)
+  valid2 = jnp.stack([valid, valid], -1)
   sums = {"loss": total, "accuracy": masked((chosen > rejected).astype(jnp.float32)),
           "margin": masked(chosen - rejected), "mean_reward": masked((chosen + rejected) / 2),
+          # the batch's extremes, times the weight (the step divides every sum by it)
+          "min_reward": jnp.where(pairs > 0, pairs * jnp.min(jnp.where(valid2, both, jnp.inf)),
+                                  0.0),
+          "max_reward": jnp.where(pairs > 0, pairs * jnp.max(jnp.where(valid2, both, -jnp.inf)),
+                                  0.0),
           "weight": pairs}
   return with_aux(total, sums, aux, pairs)
 
