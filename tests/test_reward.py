@@ -39,7 +39,8 @@ def test_rewards_are_the_scores_at_each_sequences_last_token():
   seqs = [(rng.integers(3, 500, n).astype(np.int32), mask(n, 2),
            rng.integers(3, 500, m).astype(np.int32), mask(m, 3)) for n, m in ((6, 5), (7, 8),
                                                                               (4, 9))]
-  scored = [tuple(preference._scored_at_last(*s)) for s in seqs]
+  margins = [0.5, 0.0, 2.0]  # TRL's optional per-pair margin
+  scored = [tuple(preference._scored_at_last(*s)) + (m,) for s, m in zip(seqs, margins)]
   batch = {k: jnp.asarray(v) for k, v in preference.pack_pairs(scored, seq_len=32).items()}
   model = make_model(cfg.model)
   params = unbox(init_params(model, jax.random.key(0), 8))
@@ -53,8 +54,10 @@ def test_rewards_are_the_scores_at_each_sequences_last_token():
   assert float(sums["weight"]) == 3
   np.testing.assert_allclose(float(sums["margin"]), (chosen - rejected).sum(), rtol=1e-4,
                              atol=1e-5)
-  np.testing.assert_allclose(float(total), float(jnp.sum(bradley_terry_losses(chosen, rejected))),
-                             rtol=1e-5)
+  np.testing.assert_allclose(float(total), float(jnp.sum(bradley_terry_losses(
+      chosen, rejected, margin=np.array(margins)))), rtol=1e-5)
+  expected = -torch.nn.functional.logsigmoid(torch.tensor(chosen - rejected - margins)).sum()
+  np.testing.assert_allclose(float(total), expected.item(), rtol=1e-5)
   assert float(sums["accuracy"]) == np.sum(chosen > rejected)
   both = np.concatenate([chosen, rejected])  # (as sums: times the weight, 3 pairs)
   np.testing.assert_allclose(float(sums["min_reward"]) / 3, both.min(), rtol=1e-4, atol=1e-6)
@@ -67,7 +70,9 @@ def test_reward_model_learns_held_out_preferences_and_rewards_grpo(config, tmp_p
     for _ in range(300):
       word = "".join(rng.choice(list("abcdefgh"), 4))
       f.write(json.dumps({"prompt": f"Is {word} a word?", "chosen": "yes",
-                          "rejected": "no"}) + "\n")
+                          "rejected": "no", "margin": 0.5}) + "\n")
+  with pytest.raises(ValueError, match="'margin' must be a number"):
+    preference._margin({"margin": "big"}, "x.jsonl:1")
   config.model.head = "score"
   config.train.update(objective="reward", steps=16, eval_every=16, checkpoint_every=16,
                       eval_batches=4)

@@ -51,8 +51,19 @@ def to_pair(record: dict, where: str = "example") -> tuple[list[dict], list[dict
   return chosen, rejected
 
 
-def pairs(data_cfg) -> list[tuple[list[dict], list[dict]]]:
-  out = [to_pair(record, where) for where, record in records(data_cfg)]
+def _margin(record: dict, where: str) -> float:
+  """TRL's optional per-pair `margin` for reward models (default 0)."""
+  value = record.get("margin", 0.0)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{where}: 'margin' must be a number, got {json.dumps(value)[:80]}")
+  return float(value)
+
+
+def pairs(data_cfg, with_margins: bool = False) -> list[tuple]:
+  """(chosen conversation, rejected conversation) per example, plus its margin when
+  `with_margins`."""
+  out = [to_pair(record, where) + ((_margin(record, where),) if with_margins else ())
+         for where, record in records(data_cfg)]
   if not out:
     raise ValueError(f"data.paths={data_cfg.paths!r} holds no preference pairs")
   return out
@@ -64,7 +75,8 @@ def tokenize_pairs(convs, tokenizer, data_cfg, score_last: bool = False):
   ids get a padding token so that the real last token is an input too (see pack_pairs)."""
   template = chat.template_for(data_cfg.chat, tokenizer)
   out, dropped = [], 0
-  for chosen, rejected in convs:
+  for item in convs:  # (chosen, rejected[, margin])
+    chosen, rejected = item[:2]
     c_ids, c_mask = chat.tokenize_chat(tokenizer, template, chosen, "last")
     r_ids, r_mask = chat.tokenize_chat(tokenizer, template, rejected, "last")
     if score_last:
@@ -73,7 +85,7 @@ def tokenize_pairs(convs, tokenizer, data_cfg, score_last: bool = False):
         c_mask[1:].any() and r_mask[1:].any()):
       dropped += 1
       continue
-    out.append((c_ids, c_mask, r_ids, r_mask))
+    out.append((c_ids, c_mask, r_ids, r_mask) + tuple(item[2:]))
   return out, dropped
 
 
@@ -89,15 +101,19 @@ def _scored_at_last(*ids_and_masks):
 
 
 def pack_pairs(tokenized, seq_len: int) -> dict[str, np.ndarray]:
-  """Rows with both sides of each pair, pairs in order, a new row when one does not fit."""
-  rows = assign_rows([len(c) - 1 + len(r) - 1 for c, _, r, _ in tokenized], seq_len)
+  """Rows with both sides of each pair, pairs in order, a new row when one does not fit.
+  Items with a fifth element (a reward model's margin) also fill a float "margin" row."""
+  rows = assign_rows([len(t[0]) - 1 + len(t[2]) - 1 for t in tokenized], seq_len)
   keys = ("inputs", "targets", "segment_ids", "positions", "pair_ids", "chosen")
   out = {k: np.zeros((len(rows), seq_len), np.int32) for k in keys}
   out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
+  with_margins = any(len(t) > 4 for t in tokenized)
+  if with_margins:
+    out["margin"] = np.zeros((len(rows), seq_len), np.float32)
   for row, members in enumerate(rows):
     pos, segment = 0, 0
     for pair_in_row, i in enumerate(members, 1):
-      c_ids, c_mask, r_ids, r_mask = tokenized[i]
+      c_ids, c_mask, r_ids, r_mask = tokenized[i][:4]
       for ids, mask, is_chosen in ((c_ids, c_mask, 1), (r_ids, r_mask, 0)):
         segment += 1
         n = len(ids) - 1
@@ -109,6 +125,8 @@ def pack_pairs(tokenized, seq_len: int) -> dict[str, np.ndarray]:
         out["loss_mask"][row, span] = mask[1:]
         out["pair_ids"][row, span] = pair_in_row
         out["chosen"][row, span] = is_chosen
+        if with_margins:
+          out["margin"][row, span] = tokenized[i][4] if len(tokenized[i]) > 4 else 0.0
         pos += n
   return out
 
@@ -116,7 +134,7 @@ def pack_pairs(tokenized, seq_len: int) -> dict[str, np.ndarray]:
 def prepare_pairs(config, tokenizer, score_last: bool = False):
   """(train rows, validation rows) of the preference data, each a PackedExamples."""
   d = config.data
-  convs = pairs(d)
+  convs = pairs(d, with_margins=score_last)  # (reward models read TRL's margins)
   cut = split(len(convs), d, "pair(s)")
   train, dropped_train = tokenize_pairs(convs[:cut], tokenizer, d, score_last)
   val, dropped_val = tokenize_pairs(convs[cut:], tokenizer, d, score_last)

@@ -113,17 +113,18 @@ def dpo(params, batch, *, model, config, rng=None):
   return with_aux(total, sums, aux, pairs)
 
 
-def bradley_terry_losses(chosen, rejected, center_coefficient: float = 0.0):
+def bradley_terry_losses(chosen, rejected, center_coefficient: float = 0.0, margin=0.0):
   """Per-pair reward-model losses (TRL's RewardTrainer): -log sigmoid(r_chosen -
-  r_rejected), plus center_coefficient x (r_chosen + r_rejected)^2 (TRL's
+  r_rejected - margin), plus center_coefficient x (r_chosen + r_rejected)^2 (TRL's
   center_rewards_coefficient; its mean over the pairs is the mean of these terms)."""
-  return (-jax.nn.log_sigmoid(chosen - rejected)
+  return (-jax.nn.log_sigmoid(chosen - rejected - margin)
           + center_coefficient * jnp.square(chosen + rejected))
 
 
 def reward(params, batch, *, model, config, rng=None):
   """A reward model (model.head="score") trained on preference pairs with the
-  Bradley-Terry loss. A sequence's reward is the score at its last token (the loss mask
+  Bradley-Terry loss (less the pair's "margin", TRL's optional column). A sequence's
+  reward is the score at its last token (the loss mask
   marks it: llm.data.preference, score_last). Weight: pairs. Metrics with TRL's names:
   accuracy (chosen scored above rejected; held out: eval_accuracy), margin (mean
   r_chosen - r_rejected), mean_reward (over both sides), min_reward and max_reward (per
@@ -133,7 +134,9 @@ def reward(params, batch, *, model, config, rng=None):
   marked = pair_sums(jnp.ones_like(scores_BT), batch)
   valid = (marked[..., 0] > 0) & (marked[..., 1] > 0)
   chosen, rejected = rewards[..., 1], rewards[..., 0]
-  losses = bradley_terry_losses(chosen, rejected, config.train.reward.center_coefficient)
+  margin = pair_sums(batch["margin"], batch)[..., 1]  # the pair's margin (0 if none given)
+  losses = bradley_terry_losses(chosen, rejected, config.train.reward.center_coefficient,
+                                margin)
   masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731
   pairs = jnp.sum(valid).astype(jnp.float32)
   total = masked(losses)
@@ -220,7 +223,7 @@ def reference_logps(params, batch, *, model):
 
 # what a batch holds besides inputs/targets/segment_ids/positions/loss_mask, per objective
 EXTRA_BATCH_FIELDS = {"dpo": {"pair_ids": "int32", "chosen": "int32", "ref_logp": "float32"},
-                      "reward": {"pair_ids": "int32", "chosen": "int32"},
+                      "reward": {"pair_ids": "int32", "chosen": "int32", "margin": "float32"},
                       "grpo": {"advantage": "float32", "old_logp": "float32",
                                "ref_logp": "float32"}}
 # config.train.dpo.loss_type -> per-pair loss (dpo_losses)
