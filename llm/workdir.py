@@ -10,7 +10,9 @@
     DIR/checkpoints/N/   training checkpoints: items state/, data/ (iterator), config/, and
                          manifest.json (sizes and CRC32s of every file, written last)
     DIR/.lock            held (flock) by the run training in DIR
+    DIR/rollouts/N.npz   a GRPO round's rows, kept for a checkpoint N taken inside the round
     DIR/metrics.jsonl    one JSON object per logged step; TensorBoard events beside it
+    DIR/curves.png       llm.plot's default output for the run
     DIR/eval.json        llm.evaluate's result
 
 Every module that reads or writes these asks this one. Loading for inference restores
@@ -43,6 +45,8 @@ PARAMS = "params"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
+ROLLOUTS = "rollouts"
+CURVES = "curves.png"
 LOCK = ".lock"
 MANIFEST = "manifest.json"
 # items of one training checkpoint
@@ -65,6 +69,8 @@ class Workdir:
   checkpoints = property(lambda self: self.path / CHECKPOINTS)
   metrics = property(lambda self: self.path / METRICS)
   eval_json = property(lambda self: self.path / EVAL)
+  rollouts = property(lambda self: self.path / ROLLOUTS)
+  curves = property(lambda self: self.path / CURVES)
 
   def tokenizer(self, config) -> Path:
     """The run's tokenizer: data.tokenizer_path, else DIR/tokenizer.json (a converted

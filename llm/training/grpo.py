@@ -30,8 +30,8 @@ from llm.inference.sampling import SamplingParams
 from llm.training import reference
 from llm.training.objectives import reference_logps
 from llm.training.rewards import REWARD_FUNCTIONS, group_advantages, weighted_rewards
+from llm.workdir import Workdir
 
-ROLLOUTS = "rollouts"
 ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "advantage",
             "old_logp", "ref_logp")
 
@@ -50,7 +50,7 @@ class Rollouts:
       raise ValueError("train.objective='grpo' runs in one process (its rollouts are generated "
                        "and scored on one host); use one process over the local devices")
     self.config, self.g = config, config.train.grpo
-    self.dir = Path(workdir) / ROLLOUTS
+    self.dir = Workdir(workdir).rollouts
     self.train_prompts, self.val_prompts = corpus.train.prompts, corpus.val.prompts
     self.tok = corpus.tokenizer
     self.stop = chat.stop_ids(self.tok)
