@@ -1,7 +1,8 @@
 """The base configuration and its validation.
 
 Every recipe in configs/ starts from `base_config()` and overrides a few
-fields; the command line overrides those (`--config.model.n_layers=4`).
+fields; the command line overrides those (`--config.model.n_layers=4`), and Python
+(notebooks, scripts) does the same with `load_config("tiny", {"model.n_layers": 4})`.
 `validate(config)` rejects bad values with a message naming the value and
 what is allowed, before anything expensive happens.
 
@@ -14,9 +15,12 @@ from __future__ import annotations
 
 import codecs
 import importlib
+import importlib.util
 import json
 import math
 import re
+import sys
+from pathlib import Path
 
 import ml_collections
 
@@ -429,3 +433,37 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   base = base_config()
   base.update(json.loads(text))  # unknown keys raise, like command-line overrides
   return base
+
+
+def load_config(recipe: str, overrides: dict | None = None,
+                check: bool = True) -> ml_collections.ConfigDict:
+  """A recipe's config with dotted-key overrides, validated: `recipe` is a config file's
+  path or the name of one in the repository's configs/ ("tiny"), and `overrides` maps
+  e.g. "train.steps" to a value, as `--config.train.steps=...` does on the command line."""
+  path = Path(recipe)
+  if path.suffix != ".py":
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.py"
+  if not path.is_file():
+    raise FileNotFoundError(f"no config file {str(path)!r} (give a path to a .py config or a "
+                            "recipe name from configs/)")
+  root = str(path.resolve().parents[1])  # recipes import each other as configs.NAME
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location(f"llm_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in (overrides or {}).items():
+    section, _, name = key.rpartition(".")
+    try:
+      node = _get(config, section) if section else config
+      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        raise KeyError(key)
+      node[name] = value
+    except KeyError:
+      raise ValueError(f"the config has no field {key!r}") from None
+    except TypeError as e:
+      raise ValueError(f"cannot set {key}={value!r}: {e}") from None
+  if check:
+    validate(config)
+  return config

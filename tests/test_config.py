@@ -65,3 +65,19 @@ def test_params_command_prints_total():
   result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   assert result.returncode == 0, result.stderr
   assert "7,241,732,096" in result.stdout.splitlines()[-1]
+
+
+def test_load_config_from_python_with_overrides(tmp_path):
+  cfg = config_lib.load_config("sft_tiny", {"train.steps": 70, "model.lora.rank": 4})
+  assert cfg.train.steps == 70 and cfg.model.lora.rank == 4 and cfg.train.objective == "sft"
+  assert config_lib.load_config(str(ROOT / "configs" / "tiny.py")).train.steps == 1200
+  with pytest.raises(ValueError, match="no field 'train.stepz'"):
+    config_lib.load_config("tiny", {"train.stepz": 1})
+  with pytest.raises(ValueError, match="no field 'nope.steps'"):
+    config_lib.load_config("tiny", {"nope.steps": 1})
+  with pytest.raises(ValueError, match="cannot set train.steps='many'"):
+    config_lib.load_config("tiny", {"train.steps": "many"})
+  with pytest.raises(ValueError, match="model.n_heads=3 does not divide"):
+    config_lib.load_config("tiny", {"model.n_heads": 3})
+  with pytest.raises(FileNotFoundError, match="no config file"):
+    config_lib.load_config("no_such_recipe")
