@@ -1,10 +1,10 @@
-"""What the benchmark scripts share: loading a config file, describing the machine, and
-appending a result with its exact command to BENCHMARKS.md."""
+"""What the benchmark scripts share: timing, describing the machine, and appending a
+result with its exact command to BENCHMARKS.md. (Config files load with
+llm.config.load_config.)"""
 
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import platform
 import shlex
 import statistics
@@ -15,13 +15,6 @@ from pathlib import Path
 import jax
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def median_seconds(fn, args, repeats: int) -> float:

@@ -25,7 +25,8 @@ import jax
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_result, load_config  # noqa: E402
+from benchmarks.common import append_result  # noqa: E402
+from llm.config import load_config  # noqa: E402
 from llm.plan import GIB, compile_step, failure, table, tpu_target  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def main():
   results, largest = [], {}
   for remat in args.remat.split(","):
     for b in [int(x) for x in args.batches.split(",")]:
-      c = load_config(args.config)
+      c = load_config(args.config, check=False)
       c.data.seq_len = args.seq_len
       c.model.update(remat=remat, dtype="bfloat16", param_dtype="float32",
                      attention=args.attention)
@@ -85,7 +86,7 @@ def main():
 
 
 def _finetune_config(args, mode: str, n: int, batch: int):
-  c = load_config(args.config)
+  c = load_config(args.config, check=False)
   c.data.seq_len = args.seq_len
   c.model.update(remat=args.remat.split(",")[0], dtype="bfloat16", attention=args.attention,
                  param_dtype="float32" if mode == "full" else "bfloat16")

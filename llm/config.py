@@ -216,6 +216,11 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def comma_list(value: str) -> list[str]:
+  """The non-empty, stripped items of a comma-separated config string."""
+  return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def head_dim(model_cfg) -> int:
   return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
 
@@ -275,7 +280,7 @@ def _check_grpo(config) -> None:
   check_range("train.grpo.epsilon_high", g.epsilon_high, lo=0, note="0 = epsilon")
   check_range("train.grpo.num_iterations", g.num_iterations, lo=1)
   check_range("train.grpo.eval_prompts", g.eval_prompts, lo=1)
-  names = [n.strip() for n in g.rewards.split(",") if n.strip()]
+  names = comma_list(g.rewards)
   allowed = registry(REWARD_FUNCTIONS_REGISTRY)
   if any(n not in allowed for n in names):
     raise ValueError(f"train.grpo.rewards={g.rewards!r}: allowed reward functions are "
@@ -284,7 +289,7 @@ def _check_grpo(config) -> None:
   if not n_rewards:
     raise ValueError("train.grpo needs a reward: name functions in train.grpo.rewards or a "
                      "reward-model workdir in train.grpo.reward_model")
-  weights = [w.strip() for w in g.reward_weights.split(",") if w.strip()]
+  weights = comma_list(g.reward_weights)
   if weights:
     try:
       [float(w) for w in weights]
@@ -349,7 +354,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_range("model.lora.rank", m.lora.rank, lo=1)
     check_range("model.lora.alpha", m.lora.alpha, lo=0, lo_open=True)
     check_range("model.lora.dropout", m.lora.dropout, lo=0, hi=1, hi_open=True)
-    targets = [t.strip() for t in m.lora.targets.split(",") if t.strip()]
+    targets = comma_list(m.lora.targets)
     allowed = registry(LORA_TARGETS_REGISTRY)
     if not targets or any(t not in allowed for t in targets):
       raise ValueError(f"model.lora.targets={m.lora.targets!r}: allowed targets are "

@@ -233,7 +233,6 @@ def load_params(workdir: str | os.PathLike, step: int | None = None, target=None
   LoRA run's adapters are joined to its base and, unless a target is given or
   `merge_lora` is False, folded into it (the config returned then has no LoRA)."""
   import jax
-  import orbax.checkpoint as ocp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from llm.model import unbox
@@ -254,16 +253,11 @@ def load_params(workdir: str | os.PathLike, step: int | None = None, target=None
   full_target = target
   if lora_run:  # the checkpoints hold the adapters; the base is train.init_params
     target = lora.split(full_target)[1]
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
 
   def restore(candidate: int):
     try:
-      with ocp.PyTreeCheckpointer() as ckptr:
-        return ckptr.restore(
-            (wd.checkpoints / str(candidate) / STATE_ITEM).absolute(),
-            args=ocp.args.PyTreeRestore(item={"params": target},
-                                        restore_args={"params": restore_args},
-                                        partial_restore=True))["params"]
+      return _restore_subtree((wd.checkpoints / str(candidate) / STATE_ITEM).absolute(),
+                              {"params": target})["params"]
     except Exception as e:  # noqa: BLE001 (any failure to read it is damage)
       raise Damaged(f"it could not be restored ({describe(e)})") from e
 
@@ -337,7 +331,6 @@ def restore_params(path: str | os.PathLike, target, partial: bool = False):
   checkpoint, onto the shapes and shardings of `target`; with `partial` the checkpoint
   may hold more than `target` asks for (e.g. a language model's unembedding when a
   reward model takes its backbone)."""
-  import jax
   import orbax.checkpoint as ocp
   path = Path(path).absolute()
   if not path.is_dir():
@@ -345,9 +338,17 @@ def restore_params(path: str | os.PathLike, target, partial: bool = False):
   if (path / CONFIG_JSON).is_file():  # a workdir
     return load_params(path, target=target)[1]
   if partial:
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
-    with ocp.PyTreeCheckpointer() as ckptr:
-      return ckptr.restore(path, args=ocp.args.PyTreeRestore(
-          item=target, restore_args=restore_args, partial_restore=True))
+    return _restore_subtree(path, target)
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(path, target)
+
+
+def _restore_subtree(path: Path, target):
+  """The parts of the PyTree checkpoint at `path` that `target` (sharded
+  ShapeDtypeStructs) names, placed as it says; the rest of the checkpoint is not read."""
+  import jax
+  import orbax.checkpoint as ocp
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))

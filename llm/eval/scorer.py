@@ -68,13 +68,15 @@ class RewardScorer:
     """`mesh`: place the params replicated on it (e.g. a training run's), else on the
     local devices."""
     from llm.inference import load
+    from llm.workdir import Workdir
+    head = Workdir(workdir).read_config().model.head  # refused before any weight is read
+    if head != "score":
+      raise ValueError(f"{workdir} is not a reward model (its model.head is {head!r}; train "
+                       "one with train.objective=reward)")
     self.config, self.params, self.tok = load(workdir)
     if mesh is not None:
       from jax.sharding import NamedSharding, PartitionSpec as P
       self.params = jax.device_put(self.params, NamedSharding(mesh, P()))
-    if self.config.model.head != "score":
-      raise ValueError(f"{workdir} is not a reward model (its model.head is "
-                       f"{self.config.model.head!r}; train one with train.objective=reward)")
     self.model, self.batch_size = make_model(self.config.model), batch_size
     self._scores = jax.jit(lambda p, t: self.model.apply({"params": p}, t))
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llm.config import comma_list
+
 # what a LoRA run trains: the adapters, and a reward model's "score" head (PEFT's
 # modules_to_save), which starts from scratch
 ADAPTER_KEYS = ("lora_a", "lora_b", "score")
@@ -22,7 +24,7 @@ TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def targets(model_cfg) -> tuple[str, ...]:
-  return tuple(t.strip() for t in model_cfg.lora.targets.split(",") if t.strip())
+  return tuple(comma_list(model_cfg.lora.targets))
 
 
 def projection_kwargs(model_cfg, target: str) -> dict:

@@ -24,16 +24,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from llm.config import comma_list
 from llm.data import chat
 from llm.inference.decoder import Decoder
 from llm.inference.sampling import SamplingParams
 from llm.training import reference
-from llm.training.objectives import reference_logps
 from llm.training.rewards import REWARD_FUNCTIONS, group_advantages, weighted_rewards
+from llm.training.step import batch_fields
 from llm.workdir import Workdir
-
-ROW_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask", "advantage",
-            "old_logp", "ref_logp")
 
 
 def _nan_stat(fn, x) -> float:
@@ -56,21 +54,24 @@ class Rollouts:
     self.stop = chat.stop_ids(self.tok)
     if not self.stop:
       raise ValueError("the tokenizer has no EOS or end-of-turn token to end a completion")
-    self.reward_names = [n.strip() for n in self.g.rewards.split(",") if n.strip()]
+    self.reward_names = comma_list(self.g.rewards)
     self.scorer = None
     if self.g.reward_model:
       from llm.eval.scorer import RewardScorer
       self.scorer = RewardScorer(self.g.reward_model, mesh=batch_sharding.mesh)
-    n = len(self.reward_names) + (self.scorer is not None)
-    weights = [float(w) for w in self.g.reward_weights.split(",") if w.strip()]
-    self.weights = np.asarray(weights or [1.0] * n, np.float64)
+    # what each column of _score's result is called in the logged metrics
+    self.reward_labels = self.reward_names + ["reward_model"] * (self.scorer is not None)
+    weights = [float(w) for w in comma_list(self.g.reward_weights)]
+    self.weights = np.asarray(weights or [1.0] * len(self.reward_labels), np.float64)
     self.decoder = Decoder(config.model, None)
     self.sampling = SamplingParams(temperature=self.g.temperature, top_k=self.g.top_k,
                                    top_p=self.g.top_p)
     self.batch_sharding = batch_sharding
-    self._logps = jax.jit(lambda p, b: reference_logps(p, b, model=model),
-                          in_shardings=(param_shardings, batch_sharding))
-    self.start_params = start_params  # no-LoRA runs with beta > 0: the reference's weights
+    self.fields = batch_fields(config)  # the rows' arrays, name -> dtype
+    # log-probabilities of the sampling policy (old_logp) and of the reference (ref_logp;
+    # start_params: a run without LoRA, with beta > 0)
+    self.logps = reference.LiveReference(model, batch_sharding, param_shardings, config,
+                                         start_params)
     self.round, self.rows, self.metrics = -1, None, {}
     self._check_rewards()
 
@@ -93,12 +94,8 @@ class Rollouts:
 
   def _score(self, prompts, completions: list[str]) -> np.ndarray:
     """[N, F] rewards per function (then the reward model), NaN where one returns None."""
-    columns: dict[str, list] = {}
-    for p in prompts:
-      for k in p.columns:
-        columns.setdefault(k, [])
-    for k in columns:
-      columns[k] = [p.columns.get(k) for p in prompts]
+    names = dict.fromkeys(k for p in prompts for k in p.columns)  # every field, in order
+    columns = {k: [p.columns.get(k) for p in prompts] for k in names}
     convs = [p.messages for p in prompts]
     out = []
     for name in self.reward_names:
@@ -129,9 +126,7 @@ class Rollouts:
     rewards = weighted_rewards(per_function, self.weights)
     advantages, std, _ = group_advantages(rewards, g.num_generations, g.scale_rewards)
     n = len(group)
-    rows = {k: np.zeros((n, seq_len), np.float32 if k in ("loss_mask", "advantage", "old_logp",
-                                                         "ref_logp") else np.int32)
-            for k in ROW_KEYS}
+    rows = {k: np.zeros((n, seq_len), dtype) for k, dtype in self.fields.items()}
     for i, (p, c) in enumerate(zip(group, completions)):
       ids = np.concatenate([p.ids, np.asarray(c, np.int32)])
       length = len(ids) - 1
@@ -144,10 +139,9 @@ class Rollouts:
     batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
              for k, v in rows.items()}
     if g.num_iterations > 1:
-      rows["old_logp"] = np.asarray(self._logps(params, batch))
+      rows["old_logp"] = np.asarray(self.logps.policy_logps(params, batch))
     if g.beta:
-      rows["ref_logp"] = np.asarray(self._logps(
-          reference.reference_params(self.config, params, self.start_params), batch))
+      rows["ref_logp"] = np.asarray(self.logps.logps(params, batch))
     lengths = np.asarray([len(c) for c in completions])
     stopped = np.asarray([bool(c) and c[-1] in self.stop for c in completions])
     metrics = {"reward": _nan_stat(np.nanmean, rewards),
@@ -157,7 +151,7 @@ class Rollouts:
                "completions/min_length": float(lengths.min()),
                "completions/max_length": float(lengths.max()),
                "completions/clipped_ratio": float(1.0 - stopped.mean())}
-    for j, name in enumerate(self.reward_names + ["reward_model"] * (self.scorer is not None)):
+    for j, name in enumerate(self.reward_labels):
       metrics[f"rewards/{name}/mean"] = _nan_stat(np.nanmean, per_function[:, j])
       metrics[f"rewards/{name}/std"] = _nan_stat(lambda x: np.nanstd(x, ddof=1),
                                                  per_function[:, j])
@@ -177,7 +171,7 @@ class Rollouts:
       texts += self._generate(params, padded, 0, SamplingParams(temperature=0.0))[1][:len(chunk)]
     per_function = self._score(prompts, texts)
     out = {"eval_reward": _nan_stat(np.nanmean, weighted_rewards(per_function, self.weights))}
-    for j, name in enumerate(self.reward_names + ["reward_model"] * (self.scorer is not None)):
+    for j, name in enumerate(self.reward_labels):
       out[f"eval_rewards/{name}/mean"] = _nan_stat(np.nanmean, per_function[:, j])
     return out
 
@@ -193,8 +187,8 @@ class Rollouts:
     np.savez(tmp, round=self.round, **self.rows,
              **{f"metric:{k}": v for k, v in self.metrics.items()})
     os.replace(tmp, self.dir / f"{step}.npz")
-    saved = sorted((int(p.name.split(".")[0]) for p in self.dir.glob("*.npz")
-                    if p.name.split(".")[0].isdigit() and p.name.count(".") == 1), reverse=True)
+    saved = sorted((int(p.stem) for p in self.dir.glob("*.npz") if p.stem.isdigit()),
+                   reverse=True)
     for old in saved[keep:]:
       (self.dir / f"{old}.npz").unlink(missing_ok=True)
 
@@ -210,5 +204,5 @@ class Rollouts:
                               "checkpoint")
     with np.load(path) as z:
       self.round = int(z["round"])
-      self.rows = {k: z[k] for k in ROW_KEYS}
+      self.rows = {k: z[k] for k in self.fields}
       self.metrics = {k[len("metric:"):]: float(z[k]) for k in z.files if k.startswith("metric:")}

@@ -238,5 +238,3 @@ NEEDS_REFERENCE = ("dpo",)
 # side: llm.data.pipeline.is_chat, llm.data.sft).
 OBJECTIVES: dict[str, Objective] = {"pretrain": next_token, "sft": next_token, "dpo": dpo,
                                     "reward": reward, "grpo": grpo}
-# objectives whose model has the scalar head (model.head="score") rather than logits
-SCORE_HEAD = ("reward",)

@@ -42,17 +42,18 @@ def reference_params(config, params, start_params):
 
 
 class LiveReference:
-  """Adds "ref_logp" to batches as they are used (train.dpo.reference="live")."""
+  """Adds "ref_logp" to batches as they are used (train.dpo.reference="live"; GRPO's
+  rollouts). `policy_logps` gives the same per-token log-probabilities for any params."""
 
   def __init__(self, model, batch_sharding, param_shardings, config, start_params=None):
     self.config, self.start_params = config, start_params
-    self._logps = jax.jit(lambda p, b: reference_logps(p, b, model=model),
-                          in_shardings=(param_shardings, batch_sharding),
-                          out_shardings=batch_sharding)
+    self.policy_logps = jax.jit(lambda p, b: reference_logps(p, b, model=model),
+                                in_shardings=(param_shardings, batch_sharding),
+                                out_shardings=batch_sharding)
 
   def logps(self, params, batch):
     """Per-token reference log-probabilities of a batch's targets, for policy `params`."""
-    return self._logps(reference_params(self.config, params, self.start_params), batch)
+    return self.policy_logps(reference_params(self.config, params, self.start_params), batch)
 
   def attach(self, batch: dict, params) -> dict:
     return {**batch, "ref_logp": self.logps(params, batch)}
