@@ -19,8 +19,9 @@ def message(err: BaseException) -> str:
   return f"{type(err).__name__}: {text}" if not isinstance(err, ValueError) else str(text)
 
 
-def run(main) -> None:
-  """app.run(main) with user errors turned into one line on stderr and exit status 1."""
+def run(main, flags_parser=None) -> None:
+  """app.run(main) with user errors turned into one line on stderr and exit status 1.
+  `flags_parser` as in app.run (e.g. one that leaves unknown flags to Beam)."""
 
   started = []
 
@@ -37,7 +38,7 @@ def run(main) -> None:
       sys.exit(1)
 
   try:
-    app.run(guarded)
+    app.run(guarded, **({'flags_parser': flags_parser} if flags_parser else {}))
   except (AttributeError, KeyError, ValueError, TypeError) as err:
     if started or "--verbosity=1" in sys.argv:
       raise

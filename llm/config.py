@@ -49,6 +49,7 @@ CHOICES = {
     "distributed.initialize": "llm.parallel.distributed:MODES",
 }
 MESH_AXES_REGISTRY = "llm.parallel.mesh:MESH_AXES"
+CURATION_REGISTRY = "llm.data.curate:STAGES"
 LORA_TARGETS_REGISTRY = "llm.model.lora:TARGETS"
 REWARD_FUNCTIONS_REGISTRY = "llm.training.rewards:REWARD_FUNCTIONS"
 
@@ -134,6 +135,35 @@ def base_config() -> ml_collections.ConfigDict:
       encoding="utf-8",  # text encoding of text/jsonl files (any Python codec name)
       encoding_errors="strict",  # strict: undecodable bytes are an error; replace: U+FFFD
       shuffle_seed=0,
+      # token stores (llm/data/store.py) written by `python -m llm.data.prepare`: training
+      # reads them lazily instead of data.source; several (comma-separated) are a mixture
+      store="",
+      store_weights="",  # comma-separated, one per store ("" = equal); normalised
+      store_shards=16,  # prepare: shards of whole files, the units of parallel work
+      # prepare: curation stages (llm/data/curate.py), run in the order quality, language,
+      # exact_dedup, near_dedup, pii whatever the order named
+      curate=ml_collections.ConfigDict(dict(
+          stages="",  # comma-separated subset of llm.data.curate.STAGES
+          near_dedup_threshold=0.8,  # estimated Jaccard similarity of word shingles
+          near_dedup_shingle=5,  # words per shingle
+          near_dedup_num_perm=128,  # MinHash permutations
+          near_dedup_bands=0,  # LSH bands x rows <= num_perm; 0, 0 = datasketch's choice
+          near_dedup_rows=0,
+          min_words=50,  # quality (Gopher): document length in words
+          max_words=100_000,
+          min_mean_word_length=3.0,
+          max_mean_word_length=10.0,
+          max_symbol_word_ratio=0.1,  # "#" and ellipses per word
+          min_alpha_word_fraction=0.8,  # words with a letter
+          min_stop_words=2,  # of: the, be, to, of, and, that, have, with
+          max_bullet_lines=0.9,
+          max_ellipsis_lines=0.3,
+          max_duplicate_lines=0.3,
+          max_duplicate_line_chars=0.2,
+          repetition_scale=1.0,  # multiplies Gopher's n-gram repetition limits
+          languages="en",  # language: ISO 639-1 codes to keep
+          language_min_confidence=0.5,
+      )),
       # train.objective="sft": JSONL chat examples from data.paths (llm/data/chat.py)
       chat=ml_collections.ConfigDict(dict(
           template="",  # chatml | llama3 | mistral; "" = the tokenizer's chat_template
@@ -302,6 +332,44 @@ def _check_grpo(config) -> None:
                        f"{' + reward_model' if g.reward_model else ''})")
 
 
+def _check_store(config) -> None:
+  d, cu = config.data, config.data.curate
+  if d.store and config.train.objective != "pretrain":
+    raise ValueError(f"data.store={d.store!r} holds pretraining rows; train.objective="
+                     f"{config.train.objective!r} reads data.paths: leave data.store empty")
+  if d.store_weights and not d.store:
+    raise ValueError(f"data.store_weights={d.store_weights!r} is set without data.store")
+  _positive("data.store_shards", d.store_shards)
+  stages = comma_list(cu.stages)
+  allowed = registry(CURATION_REGISTRY)
+  for stage in stages:
+    if stage not in allowed:
+      raise ValueError(f"data.curate.stages={cu.stages!r} names {stage!r}; the stages are "
+                       f"{list(allowed)} (comma-separated)")
+  check_range("data.curate.near_dedup_threshold", cu.near_dedup_threshold, lo=0, hi=1,
+              lo_open=True)
+  for name in ("near_dedup_shingle", "near_dedup_num_perm", "min_words", "max_words"):
+    _positive(f"data.curate.{name}", cu[name])
+  for name in ("near_dedup_bands", "near_dedup_rows", "min_stop_words"):
+    check_range(f"data.curate.{name}", cu[name], lo=0)
+  if bool(cu.near_dedup_bands) != bool(cu.near_dedup_rows):
+    raise ValueError("data.curate.near_dedup_bands and near_dedup_rows are set together "
+                     "(both 0: chosen for the threshold)")
+  if cu.near_dedup_bands * cu.near_dedup_rows > cu.near_dedup_num_perm:
+    raise ValueError(f"data.curate.near_dedup_bands x near_dedup_rows = "
+                     f"{cu.near_dedup_bands * cu.near_dedup_rows} exceeds near_dedup_num_perm="
+                     f"{cu.near_dedup_num_perm}")
+  for name in ("min_alpha_word_fraction", "max_bullet_lines", "max_ellipsis_lines",
+               "max_duplicate_lines", "max_duplicate_line_chars", "language_min_confidence"):
+    check_range(f"data.curate.{name}", cu[name], lo=0, hi=1)
+  check_range("data.curate.max_words", cu.max_words, lo=cu.min_words, note=">= min_words")
+  check_range("data.curate.max_mean_word_length", cu.max_mean_word_length,
+              lo=cu.min_mean_word_length, note=">= min_mean_word_length")
+  _positive("data.curate.repetition_scale", cu.repetition_scale)
+  if "language" in stages and not comma_list(cu.languages):
+    raise ValueError("data.curate.stages has 'language' but data.curate.languages is empty")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad value and what is allowed."""
   check_choices(config)
@@ -395,6 +463,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check_range("data.val_fraction", d.val_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
   _positive("data.tokenizer_max_chars", d.tokenizer_max_chars)
   check_range("data.shuffle_seed", d.shuffle_seed, lo=0)
+  _check_store(config)
   for name in ("batch_size", "grad_accum", "steps", "log_every", "eval_every",
                "eval_batches", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
     _positive(f"train.{name}", t[name])

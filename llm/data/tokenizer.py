@@ -11,10 +11,10 @@ strings of the text (e.g. "<|im_end|>", "<s>") become their ids as in transforme
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -98,11 +98,13 @@ class Tokenizer:
 
 
 def _user_defined_ids(sp) -> set[int]:
-  from sentencepiece import sentencepiece_model_pb2
-  proto = sentencepiece_model_pb2.ModelProto()
-  proto.ParseFromString(sp.serialized_model_proto())
-  user = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
-  return {i for i, p in enumerate(proto.pieces) if p.type == user}
+  """Ids of the USER_DEFINED pieces, read from the model's protobuf wire format
+  (ModelProto.pieces = 1, SentencePiece.type = 3, USER_DEFINED = 4) without the generated
+  protobuf module, which ties the protobuf runtime to one major version."""
+  from llm.data.sources import wire_fields
+  pieces = [v for f, w, v in wire_fields(sp.serialized_model_proto()) if f == 1 and w == 2]
+  return {i for i, piece in enumerate(pieces)
+          if any(f == 3 and w == 0 and v == 4 for f, w, v in wire_fields(piece))}
 
 
 def _char_index_of_bytes(text: str) -> list[int]:
@@ -219,32 +221,29 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int, out_path: str | os.Pat
   """
   out_path = Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory() as tmp:
-    corpus = Path(tmp) / "corpus.txt"
-    n_chars = 0
-    with open(corpus, "w", encoding="utf-8") as fh:
-      for doc in docs:
-        for line in doc.splitlines():
-          if line.strip():
-            fh.write(line[:4096] + "\n")
-            n_chars += len(line)
-        if n_chars >= max_chars:
-          break
-    prefix = Path(tmp) / "sp"
-    try:
-      spm.SentencePieceTrainer.train(
-          input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
-          model_type=model_type, character_coverage=0.9995, byte_fallback=True,
-          normalization_rule_name="identity", remove_extra_whitespaces=False,
-          allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=16384,
-          unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1, num_threads=os.cpu_count() or 1,
-          user_defined_symbols=list(user_defined_symbols), minloglevel=2)
-    except RuntimeError as e:
-      raise ValueError(f"sentencepiece could not train a vocabulary of {vocab_size} pieces on "
-                       f"{n_chars:,} characters (model.vocab_size): {e}") from None
-    tmp_out = out_path.with_suffix(".tmp")
-    tmp_out.write_bytes(prefix.with_suffix(".model").read_bytes())
-    os.replace(tmp_out, out_path)
+  lines, n_chars = [], 0
+  for doc in docs:
+    for line in doc.splitlines():
+      if line.strip():
+        lines.append(line[:4096])
+        n_chars += len(line)
+    if n_chars >= max_chars:
+      break
+  model = io.BytesIO()  # from an iterator into memory: no temporary path in the model
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+        model_type=model_type, character_coverage=0.9995, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=16384,
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1, num_threads=os.cpu_count() or 1,
+        user_defined_symbols=list(user_defined_symbols), minloglevel=2)
+  except RuntimeError as e:
+    raise ValueError(f"sentencepiece could not train a vocabulary of {vocab_size} pieces on "
+                     f"{n_chars:,} characters (model.vocab_size): {e}") from None
+  tmp_out = out_path.with_suffix(f".{os.getpid()}.tmp")
+  tmp_out.write_bytes(model.getvalue())
+  os.replace(tmp_out, out_path)
   return Tokenizer(out_path)
 
 
