@@ -1,5 +1,8 @@
 """From config to batches: corpus -> tokenizer -> token stream (cached) -> packed rows -> grain.
 
+With data.store the rows come from token stores built by llm.data.prepare instead, read
+lazily (llm.data.store), one store or a weighted mixture; the tokenizer is the store's.
+
 With train.objective="sft" the corpus is JSONL chat examples (llm.data.sft): rendered
 with the chat template, masked to the assistant's tokens, packed per example; with
 "dpo" or "reward" it is preference pairs (llm.data.preference), both sides of a pair in

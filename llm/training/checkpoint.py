@@ -184,7 +184,8 @@ def _changed(section: str, saved_cfg, cfg, keys=None) -> list[str]:
 # rows of the token stream, shuffled by the seed, split by val_fraction).
 DATA_POSITION_FIELDS = {"train": ("batch_size",),
                         "data": ("seq_len", "shuffle_seed", "val_fraction", "source", "paths",
-                                 "jsonl_key", "tfds_name", "tfds_key", "doc_separator")}
+                                 "jsonl_key", "tfds_name", "tfds_key", "doc_separator", "store",
+                                 "store_weights")}
 
 
 def check_resumable(saved: dict, config, workdir) -> None:
