@@ -46,6 +46,7 @@ CHOICES = {
     "train.grpo.loss_type": "llm.training.objectives:GRPO_LOSSES",
     "train.grpo.scale_rewards": "llm.training.rewards:SCALE_REWARDS",
     "optim.schedule": "llm.training.optim:SCHEDULES",
+    "train.progress": "llm.training.metrics:PROGRESS",
     "distributed.initialize": "llm.parallel.distributed:MODES",
 }
 MESH_AXES_REGISTRY = "llm.parallel.mesh:MESH_AXES"
@@ -186,6 +187,10 @@ def base_config() -> ml_collections.ConfigDict:
       async_checkpointing=True,
       peak_flops_per_device=0.0,  # 0: look up the device, or measure a matmul on CPU
       max_consecutive_skips=5,  # stop the run after this many non-finite steps in a row
+      progress="auto",  # console: lines | bar (live, tqdm) | auto (a bar in a notebook)
+      wandb_project="",  # log to Weights & Biases too ("" = off)
+      wandb_entity="",
+      wandb_mode="",  # online | offline | disabled; "" = WANDB_MODE or online
       init_params="",  # a workdir or params-only checkpoint (llm.convert output) to start from
       # train.objective="dpo": preference pairs in data.paths; the reference is init_params
       dpo=ml_collections.ConfigDict(dict(
@@ -468,6 +473,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "eval_batches", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
     _positive(f"train.{name}", t[name])
   check_range("train.z_loss", t.z_loss, lo=0, note="0 = off")
+  _choice("train.wandb_mode", t.wandb_mode, ("", "online", "offline", "disabled"))
   check_range("train.peak_flops_per_device", t.peak_flops_per_device, lo=0,
               note="0 = look it up or measure it")
   if t.batch_size % t.grad_accum:

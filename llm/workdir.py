@@ -13,6 +13,7 @@
     DIR/rollouts/N.npz   a GRPO round's rows, kept for a checkpoint N taken inside the round
     DIR/metrics.jsonl    one JSON object per logged step; TensorBoard events beside it
     DIR/curves.png       llm.plot's default output for the run
+    DIR/wandb/, DIR/wandb_run_id  with train.wandb_project: W&B's files and the run's id
     DIR/eval.json        llm.evaluate's result
 
 Every module that reads or writes these asks this one. Loading for inference restores
@@ -47,6 +48,7 @@ METRICS = "metrics.jsonl"
 EVAL = "eval.json"
 ROLLOUTS = "rollouts"
 CURVES = "curves.png"
+WANDB_ID = "wandb_run_id"
 LOCK = ".lock"
 MANIFEST = "manifest.json"
 # items of one training checkpoint
@@ -71,6 +73,7 @@ class Workdir:
   eval_json = property(lambda self: self.path / EVAL)
   rollouts = property(lambda self: self.path / ROLLOUTS)
   curves = property(lambda self: self.path / CURVES)
+  wandb_id = property(lambda self: self.path / WANDB_ID)
 
   def tokenizer(self, config) -> Path:
     """The run's tokenizer: data.tokenizer_path, else DIR/tokenizer.json (a converted

@@ -199,7 +199,8 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   flops_per_step = flops.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
   peak, peak_source = hardware.peak_flops(config.train.peak_flops_per_device,
                                           jnp.dtype(config.model.dtype))
-  writer = MetricsWriter(wd.path, total_steps, enabled=primary)
+  writer = MetricsWriter(wd.path, total_steps, enabled=primary, train_cfg=config.train,
+                         config_dict=config.to_dict(), first_step=int(jax.device_get(state.step)))
   cleanup.callback(writer.close)
   if primary:
     print(f"model: {n_params:,} params | {config.train.batch_size} x {config.data.seq_len} "
