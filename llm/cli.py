@@ -10,8 +10,8 @@ import sys
 from absl import app, flags, logging
 
 # What a user's input or environment can cause; anything else is a bug and keeps its
-# traceback.
-USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
+# traceback (ImportError: an optional extra that is not installed).
+USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError, ImportError)
 
 
 def message(err: BaseException) -> str:

@@ -115,7 +115,8 @@ def saved_part(config, state):
 
 
 def train(config, workdir: str, devices=None) -> dict:
-  """Trains (or resumes) per `config` in `workdir`; returns the last logged metrics.
+  """Trains (or resumes) per `config` in `workdir`; returns the last logged metrics
+  (floats).
 
   `devices` (default: all) are the devices the mesh is laid over. Raises ValueError for
   bad settings (before any work), RuntimeError if another run holds the workdir, and
@@ -129,7 +130,8 @@ def train(config, workdir: str, devices=None) -> dict:
   # Process 0 holds the workdir for the job (the others share it).
   lock = wd.lock() if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, use_mesh(mesh), contextlib.ExitStack() as cleanup:
-    return _train(config, wd, mesh, stop, cleanup)
+    last = _train(config, wd, mesh, stop, cleanup)
+  return {k: float(v) if np.ndim(v) == 0 else v for k, v in last.items()}
 
 
 def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.ExitStack) -> dict:
