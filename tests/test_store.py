@@ -5,6 +5,8 @@ re-run is a no-op, training from it resumes bitwise, and mixtures keep their pro
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,7 +16,7 @@ from llm.config import validate
 from llm.data import packing, pipeline, prepare, sources, store
 from llm.data.tokenizer import open_tokenizer
 from llm.train import train
-from tests.helpers import losses, tiny_config
+from tests.helpers import ROOT, losses, tiny_config
 
 IN_PROCESS = ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
 
@@ -184,3 +186,30 @@ def test_compressed_jsonl_sources(tmp_path):
   cfg = tiny_config().data
   cfg.update(source="jsonl", paths=str(tmp_path / "*.jsonl.*"))
   assert list(sources.documents(cfg)) == [f"doc {i}" for i in range(5)] * 2
+
+
+CONFIG_FILE = """
+from tests.helpers import tiny_config
+
+def get_config():
+  c = tiny_config()
+  c.data.update(tokenizer_path={tokenizer!r}, store_shards=2)
+  return c
+"""
+
+
+def test_prepare_command_line(tmp_path, tokenizer_path):
+  cfg = tmp_path / "config.py"
+  cfg.write_text(CONFIG_FILE.format(tokenizer=tokenizer_path))
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  base = [sys.executable, "-m", "llm.data.prepare", f"--config={cfg}"]
+  ok = subprocess.run(base + [f"--output={tmp_path / 'store'}", *IN_PROCESS], env=env, cwd=ROOT,
+                      capture_output=True, text=True)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "prepare: wrote" in ok.stdout
+  assert store.TokenStore(tmp_path / "store").index["rows"]["train"] > 0
+  bad = subprocess.run(base + [f"--output={tmp_path / 'bad'}", "--config.data.curate.stages=spam",
+                               *IN_PROCESS], env=env, cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: data.curate.stages='spam' names")
+  assert not (tmp_path / "bad").exists()

@@ -32,9 +32,9 @@ def _prefill(model, params, tokens_BP, valid_BP, cache):
   s = cache["k"].shape[2]
   kv_valid_BS = jnp.zeros((tokens_BP.shape[0], s), bool).at[:, :tokens_BP.shape[1]].set(valid_BP)
   decode = {"slot": jnp.int32(0), "kv_valid": kv_valid_BS}
-  logits_BPV, cache = model.apply({"params": params}, tokens_BP, None, positions_BP, cache,
-                                  decode)
-  return logits_BPV[:, -1], cache, kv_valid_BS, positions_BP[:, -1] + 1
+  logits_B1V, cache = model.apply({"params": params}, tokens_BP, None, positions_BP, cache,
+                                  decode, last_only=True)  # prompts are left-padded
+  return logits_B1V[:, 0], cache, kv_valid_BS, positions_BP[:, -1] + 1
 
 
 def _step(model, params, carry, *, sampling: SamplingParams):

@@ -108,12 +108,14 @@ class Transformer(nn.Module):
 
   For decoding, `cache` holds {"k", "v"} of shape [L, B, S, K, E] and `decode` holds
   {"slot": first cache slot of these tokens, "kv_valid": [B, S] bool}; the call then
-  returns (logits, updated cache).
+  returns (logits, updated cache). `last_only` computes the head at the last position
+  only (logits [B, 1, V]): a prefill needs no more, and skips a [B*T, D] x [D, V] matmul.
   """
   cfg: object
 
   @nn.compact
-  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None, decode=None):
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None, decode=None,
+               last_only: bool = False):
     c = self.cfg
     dtype, param_dtype = dtypes(c)
     if segment_ids_BT is None:
@@ -151,6 +153,8 @@ class Transformer(nn.Module):
       if cache is not None:
         cache = jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
 
+    if last_only:
+      x_BTD = x_BTD[:, -1:]
     x_BTD = RMSNorm(c.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x_BTD)
     if c.head == "score":
       score_D1 = param_with_axes(self, "score", nn.initializers.normal(c.init_std),
