@@ -32,13 +32,19 @@ def _mixed_moe_model():
   return cfg, model, jax.tree.map(lambda x: x * 3.0 if x.ndim > 2 else x, params)
 
 
-@pytest.mark.parametrize("which", ["dense", "every_other_layer_moe"])
-def test_greedy_cached_decoding_equals_argmax_of_full_forward(model_and_params, which):
+@pytest.mark.parametrize("which,unroll", [("dense", True), ("dense", False),
+                                          ("every_other_layer_moe", True),
+                                          ("every_other_layer_moe", False)])
+def test_greedy_cached_decoding_equals_argmax_of_full_forward(model_and_params, which, unroll):
+  """Both decoding layouts: scanned layers with one stacked cache, and unrolled layers
+  (params unstacked) with a cache buffer per layer (the default on CPU)."""
   cfg, model, params = model_and_params if which == "dense" else _mixed_moe_model()
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(3, 512, n)) for n in (5, 11, 1)]  # different lengths: padded
   steps = 12
-  got = Decoder(cfg.model, params).generate(prompts, steps, SamplingParams(temperature=0.0))
+  decoder = Decoder(cfg.model, params, unroll=unroll)
+  assert decoder.unrolled == unroll
+  got = decoder.generate(prompts, steps, SamplingParams(temperature=0.0))
   # Greedy: every generated token is the argmax of the full forward over what precedes it.
   # One causal forward over prompt + continuation checks them all (right padding cannot
   # reach earlier positions).

@@ -1,6 +1,11 @@
 """Batched KV-cache decoding with static shapes: a jitted prefill, then a jitted step per
 token, attending through the same attention dispatch as training.
 
+On CPU a scanned model decodes unrolled (its params unstacked once per Decoder) with one
+KV-cache buffer per layer: a scan would slice every layer's weights and cache out of the
+stacked arrays and stack the cache again at every token, copies that cost as much as the
+matmuls when decoding is memory-bound; per-layer buffers are donated and updated in place.
+
 `Decoder(model_cfg, params).generate(prompts_as_token_ids, max_tokens, sampling)`; the
 text API (`llm.inference.text`) wraps it with a tokenizer.
 """
@@ -19,6 +24,7 @@ import numpy as np
 from llm.config import head_dim
 from llm.inference.sampling import SamplingParams, sample
 from llm.model import make_model, require_lm_head
+from llm.model.transformer import unstack_layers
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -29,7 +35,7 @@ def round_up(n: int, multiple: int) -> int:
 def _prefill(model, params, tokens_BP, valid_BP, cache):
   """Runs the prompts through the model, filling the cache; returns the last logits."""
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
-  s = cache["k"].shape[2]
+  s = jax.tree.leaves(cache)[0].shape[-3]  # [(L,) B, S, K, E]
   kv_valid_BS = jnp.zeros((tokens_BP.shape[0], s), bool).at[:, :tokens_BP.shape[1]].set(valid_BP)
   decode = {"slot": jnp.int32(0), "kv_valid": kv_valid_BS}
   logits_B1V, cache = model.apply({"params": params}, tokens_BP, None, positions_BP, cache,
@@ -60,7 +66,7 @@ def _programs(model_cfg_json: str):
   """(model, jitted prefill, jitted step) of one model config, shared by every Decoder of
   it: a new Decoder (e.g. per batch of prompts, or over new params) compiles nothing new."""
   model = make_model(ml_collections.ConfigDict(json.loads(model_cfg_json)))
-  return (model, jax.jit(functools.partial(_prefill, model)),
+  return (model, jax.jit(functools.partial(_prefill, model), donate_argnums=(3,)),
           jax.jit(functools.partial(_step, model), static_argnames=("sampling",),
                   donate_argnums=(1,)))
 
@@ -70,12 +76,30 @@ class Decoder:
   per token. Prompts of different lengths are left-padded; pads are never attended to
   and positions start at 0 at each prompt's first real token."""
 
-  def __init__(self, model_cfg, params):
+  def __init__(self, model_cfg, params, unroll: bool | None = None):
+    """`unroll` (default: on CPU) decodes a scanned model layer by layer (see above)."""
     require_lm_head(model_cfg, "generation")
+    if unroll is None:
+      unroll = jax.default_backend() == "cpu"
+    self.unrolled = bool(unroll and model_cfg.scan_layers)
+    self._scanned_cfg = model_cfg
+    if self.unrolled:
+      model_cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
+      model_cfg.scan_layers = False
     self.cfg = model_cfg
     self.params = params
     key = json.dumps(ml_collections.ConfigDict(model_cfg).to_dict(), sort_keys=True)
     self.model, self._prefill, self._step = _programs(key)
+
+  @property
+  def params(self):
+    return self._params
+
+  @params.setter
+  def params(self, params):
+    """The model's params as trained (stacked layers); unstacked here when unrolled."""
+    self._params = (unstack_layers(params, self._scanned_cfg)
+                    if self.unrolled and params is not None else params)
 
   @staticmethod
   def shapes(prompt_len: int, max_tokens: int) -> tuple[int, int]:
@@ -84,10 +108,14 @@ class Decoder:
     return p_len, round_up(p_len + max_tokens, 64)
 
   def init_cache(self, batch: int, max_len: int):
+    """{"k", "v"} of [L, B, S, K, E], or (unrolled) a list of L {"k", "v"} of [B, S, K, E]."""
     c = self.cfg
-    shape = (c.n_layers, batch, max_len, c.n_kv_heads, head_dim(c))
+    shape = (batch, max_len, c.n_kv_heads, head_dim(c))
     dtype = jnp.dtype(c.dtype)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if not c.scan_layers:
+      return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+              for _ in range(c.n_layers)]
+    return {"k": jnp.zeros((c.n_layers, *shape), dtype), "v": jnp.zeros((c.n_layers, *shape), dtype)}
 
   def _check_cache_fits(self, batch: int, prompt_len: int, cache_len: int, max_tokens: int):
     """Refuses, before allocating, a KV cache larger than half the device's memory."""

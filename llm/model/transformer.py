@@ -141,17 +141,19 @@ class Transformer(nn.Module):
       x_BTD, cache = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT, cache, decode)
       if cache is not None and group > 1:
         cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), cache)
-    else:
+    else:  # the cache: stacked [L, ...], or a list of per-layer caches (updated in place)
+      per_layer = isinstance(cache, (list, tuple))
       layer_caches = []
       for i in range(c.n_layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
+        layer_cache = (None if cache is None else cache[i] if per_layer else
+                       jax.tree.map(lambda a: a[i], cache))
         block = Block if REMAT_POLICIES[c.remat] is None else nn.remat(
             Block, policy=REMAT_POLICIES[c.remat], prevent_cse=True)
         x_BTD, layer_cache = block(c, mlp_kind(c, i), name=f"layers_{i}")(
             x_BTD, segment_ids_BT, positions_BT, layer_cache, decode)
         layer_caches.append(layer_cache)
       if cache is not None:
-        cache = jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
+        cache = layer_caches if per_layer else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
 
     if last_only:
       x_BTD = x_BTD[:, -1:]
@@ -174,6 +176,19 @@ class Transformer(nn.Module):
 
 def make_model(model_cfg) -> Transformer:
   return Transformer(ml_collections.FrozenConfigDict(model_cfg))
+
+
+def unstack_layers(params, model_cfg) -> dict:
+  """Params of a scanned model (layers stacked on a leading axis, one entry per block of
+  the scanned unit) as those of the same model with scan_layers=False (layers_0, ...)."""
+  if not model_cfg.scan_layers:
+    return params
+  kinds = layer_kinds(model_cfg)
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(model_cfg.n_layers):
+    stacked = params["layers"] if len(kinds) == 1 else params["layers"][f"block_{i % len(kinds)}"]
+    out[f"layers_{i}"] = jax.tree.map(lambda a, g=i // len(kinds): a[g], stacked)
+  return out
 
 
 def init_params(model: Transformer, rng, seq_len: int = 8):
