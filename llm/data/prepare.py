@@ -402,7 +402,7 @@ def prepare_store(config, output, beam_args: list[str] = ()) -> dict:
       build_pipeline(p, job, groups)
   finally:
     stop.set()
-  index = _write_index(staging, job, fp, tok)
+  index = _write_index(staging, job, fp, tok, json.loads(config_lib.to_json(config)))
   (staging / store.BUILD).write_text(json.dumps(
       {"seconds": time.time() - t0, "beam_args": args, "built_at": time.time(),
        "python": sys.version.split()[0]}, indent=1))
@@ -414,7 +414,7 @@ def prepare_store(config, output, beam_args: list[str] = ()) -> dict:
   return index
 
 
-def _write_index(staging: Path, job: Job, fp: dict, tok) -> dict:
+def _write_index(staging: Path, job: Job, fp: dict, tok, config_dict: dict) -> dict:
   results = [json.loads((staging / "counts" / f"shard-{i:05d}.json").read_text())
              for i in range(job.n_shards)]
   counts = np.stack([sum(np.load(staging / "counts" / f"{split}-{i:05d}.npy")
@@ -457,7 +457,7 @@ def _write_index(staging: Path, job: Job, fp: dict, tok) -> dict:
       "tokens": {s: sum(x["tokens"] for x in shards[s]) for s in store.SPLITS},
       "documents": {"read": docs, **{s: sum(r["splits"][s]["documents"] for r in results)
                                      for s in store.SPLITS}},
-      "characters": chars, "curation": curation,
+      "characters": chars, "curation": curation, "config": config_dict,
   }
   shutil.rmtree(staging / "counts")
   (staging / store.INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
