@@ -205,12 +205,12 @@ def main():
 
   # one tokenizer for every build (trained by the first, from a sample of the small corpus)
   tok = d / "tokenizer.model"
-  cfg_small = write_config(d, "small", small, "", args.vocab, 4 * len(small))
+  cfg_small = write_config(d, "small", small, "", args.vocab, len(small))
   if not tok.is_file():
     r = run_measured(prepare_cmd(cfg_small, d / "store-tok", 2))
     (d / "store-tok" / "tokenizer.model").replace(tok)
-  cfg_small = write_config(d, "small", small, str(tok), args.vocab, 4 * len(small))
-  cfg_big = write_config(d, "full", big, str(tok), args.vocab, 4 * len(big))
+  cfg_small = write_config(d, "small", small, str(tok), args.vocab, len(small))
+  cfg_big = write_config(d, "full", big, str(tok), args.vocab, len(big))
 
   for workers in [int(w) for w in args.workers.split(",")]:
     out = d / f"store-full-{workers}"
@@ -263,7 +263,7 @@ def main():
         f"{os.cpu_count()} CPU cores. JSONL corpus generated from the Python standard library "
         f"and Shakespeare with perturbations ({size['full'] / 2**30:.2f} GB; its first "
         f"{len(small)} files make the {size['small'] / 2**30:.2f} GB one); sentencepiece BPE "
-        f"vocabulary {args.vocab}, rows of 256 tokens, 4 shards per 64 MB file, no curation "
+        f"vocabulary {args.vocab}, rows of 256 tokens, one shard per 64 MB file, no curation "
         "stages; Beam DirectRunner, multi_processing. Peak RSS sums the driver and its Beam "
         "worker processes. Training: the tiny recipe, 20 steps.", body)
 
