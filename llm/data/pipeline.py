@@ -43,9 +43,8 @@ class Corpus:
 
 def _source_key(data_cfg) -> dict:
   """What the token stream depends on: the source settings and its files' identity."""
-  keys = ("source", "paths", "jsonl_key", "tfds_name", "tfds_dir", "tfds_key", "doc_separator",
-          "encoding", "encoding_errors")
-  return {**{k: data_cfg[k] for k in keys}, "files": sources.fingerprint(data_cfg)}
+  return {**{k: data_cfg[k] for k in sources.SOURCE_KEYS},
+          "files": sources.fingerprint(data_cfg)}
 
 
 def _store_tokenizer(config, workdir) -> Tokenizer:

@@ -48,10 +48,8 @@ from llm.data import curate, sources, store
 from llm.data.tokenizer import check_vocab, open_tokenizer, train_tokenizer
 
 # data settings that decide the store's content (the rest of the config does not)
-DATA_KEYS = ("source", "paths", "jsonl_key", "tfds_name", "tfds_dir", "tfds_key",
-             "doc_separator", "encoding", "encoding_errors", "seq_len", "val_fraction",
-             "tokenizer_path", "tokenizer_model_type", "tokenizer_max_chars", "store_shards",
-             "shuffle_seed")
+DATA_KEYS = (*sources.SOURCE_KEYS, "seq_len", "val_fraction", "tokenizer_path",
+             "tokenizer_model_type", "tokenizer_max_chars", "store_shards", "shuffle_seed")
 
 
 def plan_shards(sizes: list[int], n_shards: int) -> list[list[int]]:
@@ -213,9 +211,9 @@ def _write_shard(shard: int, file_indices, removed: dict, job: Job) -> dict:
   def emit(split, rows):
     o = out[split]
     for tokens, segments in rows:
-      o["writer"].write(store.encode_row(tokens, segments))
-      row = store.decode_row(store.encode_row(tokens, segments), seq_len)
-      o["targets"] += store.row_target_counts(row, vocab)
+      record = store.encode_row(tokens, segments)
+      o["writer"].write(record)
+      o["targets"] += store.row_target_counts(store.decode_row(record, seq_len), vocab)
       o["rows"] += 1
 
   batch: list[tuple[str, str]] = []
@@ -308,7 +306,7 @@ def fingerprint(config, files: list[Path], tokenizer_sha: str | None) -> dict:
   return {"data": {k: d[k] for k in DATA_KEYS},
           "curate": d.curate.to_dict() if curate.selected(d.curate.stages) else {},
           "vocab_size": config.model.vocab_size,
-          "files": [[str(f.absolute()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+          "files": sources.files_fingerprint(files),
           "tokenizer_sha256": tokenizer_sha}
 
 

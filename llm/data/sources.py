@@ -328,14 +328,24 @@ def source(data_cfg) -> Source:
   return SOURCES[data_cfg.source](data_cfg)
 
 
-def fingerprint(data_cfg) -> list[list]:
-  """[path, size, mtime_ns] of every file the configured source reads: rewriting a file
-  changes it, so caches keyed on it are rebuilt."""
+# config.data fields that decide which documents a source yields
+SOURCE_KEYS = ("source", "paths", "jsonl_key", "tfds_name", "tfds_dir", "tfds_key",
+               "doc_separator", "encoding", "encoding_errors")
+
+
+def files_fingerprint(files: list[Path]) -> list[list]:
+  """[path, size, mtime_ns] of each file: rewriting a file changes it, so caches keyed on
+  it are rebuilt."""
   out = []
-  for f in source(data_cfg).files:
+  for f in files:
     st = f.stat()
     out.append([str(f.absolute()), st.st_size, st.st_mtime_ns])
   return out
+
+
+def fingerprint(data_cfg) -> list[list]:
+  """files_fingerprint of every file the configured source reads."""
+  return files_fingerprint(source(data_cfg).files)
 
 
 def documents(data_cfg) -> Iterator[str]:
