@@ -82,7 +82,7 @@ class Decoder:
     if unroll is None:
       unroll = jax.default_backend() == "cpu"
     self.unrolled = bool(unroll and model_cfg.scan_layers)
-    self._scanned_cfg = model_cfg
+    self._params_cfg = model_cfg  # the layout of the params callers pass
     if self.unrolled:
       model_cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
       model_cfg.scan_layers = False
@@ -98,7 +98,7 @@ class Decoder:
   @params.setter
   def params(self, params):
     """The model's params as trained (stacked layers); unstacked here when unrolled."""
-    self._params = (unstack_layers(params, self._scanned_cfg)
+    self._params = (unstack_layers(params, self._params_cfg)
                     if self.unrolled and params is not None else params)
 
   @staticmethod

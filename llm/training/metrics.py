@@ -62,7 +62,7 @@ class MetricsWriter:
         self._tb.add_scalar(k, float(v), step)
     self._tb.flush()
     if self._wandb is not None:
-      self._wandb.log({k: float(v) for k, v in metrics.items()}, step=step)
+      self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
     if self._bar is not None:
       self._show_on_bar(step, metrics)
       return
