@@ -1,16 +1,29 @@
-"""Training throughput: tokens/s, achieved GFLOP/s and MFU of the real train step.
+"""Training throughput: tokens/s, achieved GFLOP/s and MFU of the real train step, with
+the peers a user would pick instead, in the same run.
 
   python benchmarks/train_throughput.py [--steps 20 --d_model 256 --n_layers 2 --vocab 32000
-                                         --seq_len 256 --batch 4 --dtype float32 --remat none]
+                                         --seq_len 256 --batch 4 --dtype float32 --remat none
+                                         --loss_chunk 128 --peers materialised,torch,torch_compile
+                                         --rounds 3]
 
-MFU is measured against the best matmul throughput measured in the same run on
-the same device (on a CPU there is no datasheet peak). Prints a table and
-appends it, with the exact command, to BENCHMARKS.md.
+Systems, timed in interleaved rounds (medians over all timed steps):
+  - ours: the train step as `llm.train` runs it (fused, chunked head + cross-entropy);
+  - materialised: the same step with the loss computed from whole [B, T, V] logits by
+    autodiff (how this project computed it before the fused loss);
+  - torch / torch_compile: transformers' LlamaForCausalLM of the same shape, fp32, its
+    own cross-entropy, torch.optim.AdamW (foreach), eager or with `torch.compile` on the
+    forward + loss (torch threads = CPU cores). Needs the `test` extra (torch,
+    transformers); skipped on an accelerator.
+
+MFU is against the best matmul throughput measured in the same run on the same device
+(on a CPU there is no datasheet peak). Prints a table and appends it, with the exact
+command, to BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -26,19 +39,24 @@ from benchmarks.common import append_result, machine  # noqa: E402
 from llm.config import base_config, validate  # noqa: E402
 from llm.flops import flops_per_token  # noqa: E402
 from llm.hardware import measure_matmul_flops  # noqa: E402
-from llm.model import make_model  # noqa: E402
+from llm.model import forward, make_model  # noqa: E402
+from llm.ops.cross_entropy import token_nll  # noqa: E402
 from llm.model.layers import DTYPES  # noqa: E402
 from llm.model.transformer import REMAT_POLICIES  # noqa: E402
 from llm.parallel.mesh import make_mesh, use_mesh  # noqa: E402
 from llm.parallel.rules import batch_sharding as make_batch_sharding  # noqa: E402
-from llm.training.optim import make_optimizer  # noqa: E402
+from llm.training.optim import make_optimizer, schedule  # noqa: E402
 from llm.training.state import init_state, state_shardings  # noqa: E402
-from llm.training.step import BATCH_KEYS, jit_train_step  # noqa: E402
+from llm.training.step import BATCH_KEYS, jit_train_step, train_step  # noqa: E402
+
+
+PEERS = ("materialised", "torch", "torch_compile")
 
 
 def parse():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--steps", type=int, default=20, help="timed steps per system and round")
+  p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
   p.add_argument("--d_model", type=int, default=256)
   p.add_argument("--n_layers", type=int, default=2)
@@ -49,26 +67,34 @@ def parse():
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--dtype", default="float32", choices=list(DTYPES))
   p.add_argument("--remat", default="none", choices=list(REMAT_POLICIES))
+  p.add_argument("--loss_chunk", type=int, default=None,
+                 help="train.loss_chunk (default: the config's)")
+  p.add_argument("--peers", default=",".join(PEERS),
+                 help=f"comma-separated, any of {', '.join(PEERS)} ('' = none)")
   p.add_argument("--no_append", action="store_true", help="do not append to BENCHMARKS.md")
-  return p.parse_args()
+  args = p.parse_args()
+  args.peers = [x for x in args.peers.split(",") if x]
+  for peer in args.peers:
+    if peer not in PEERS:
+      p.error(f"--peers: {peer!r} is not one of {', '.join(PEERS)}")
+  return args
 
 
-def main():
-  args = parse()
-  cfg = base_config()
-  cfg.model.update(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
-                   n_heads=args.n_heads, n_kv_heads=args.n_heads, d_ff=args.d_ff,
-                   dtype=args.dtype, remat=args.remat)
-  cfg.data.seq_len = args.seq_len
-  cfg.train.update(batch_size=args.batch, steps=args.steps + args.warmup)
-  cfg.optim.warmup_steps = 1
-  cfg.mesh.update(data=-1)
-  validate(cfg)
+def materialised_objective(params, batch, *, model, config, rng=None):
+  """next_token's loss from whole [B, T, V] fp32 logits, differentiated by autodiff."""
+  logits_BTV, _ = forward(model, params, batch, rng)
+  nll_BT, logz_BT = token_nll(logits_BTV, batch["targets"])
+  mask_BT = batch["loss_mask"]
+  nll, z = jnp.sum(nll_BT * mask_BT), jnp.sum(jnp.square(logz_BT) * mask_BT)
+  return nll + config.train.z_loss * z, {"loss": nll, "z_loss": z, "weight": jnp.sum(mask_BT)}
 
+
+def jax_system(cfg, args, objective=None):
+  """(step(), compile seconds, memory analysis) of our train step on one device."""
   mesh = make_mesh(cfg.mesh, jax.devices()[:1])
   model = make_model(cfg.model)
   tx = make_optimizer(cfg.optim, cfg.train.steps)
-  abstract, shardings = state_shardings(model, tx, args.seq_len, mesh)
+  _, shardings = state_shardings(model, tx, args.seq_len, mesh)
   state = init_state(model, tx, args.seq_len, 0, shardings)
   batch_sharding = make_batch_sharding(mesh)
   rng = np.random.default_rng(0)
@@ -78,52 +104,119 @@ def main():
            "loss_mask": np.ones(shape)}
   batch = {k: jax.device_put(np.asarray(batch[k], np.float32 if k == "loss_mask" else np.int32),
                              batch_sharding) for k in BATCH_KEYS}
-
-  step_fn = jit_train_step(cfg, model, tx, shardings, batch_sharding)
+  if objective is None:
+    step_fn = jit_train_step(cfg, model, tx, shardings, batch_sharding)
+  else:
+    step_fn = jax.jit(functools.partial(
+        train_step, objective=functools.partial(objective, model=model, config=cfg), tx=tx,
+        lr_schedule=schedule(cfg.optim, cfg.train.steps), grad_accum=1), donate_argnums=0)
   t0 = time.perf_counter()
   with use_mesh(mesh):
     compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
+  holder = {"state": state}
 
-  for _ in range(args.warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
+  def step():
+    holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
-  step_s = float(np.median(times))
 
-  n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  return step, compile_s, compiled.memory_analysis()
+
+
+def torch_system(args, compiled: bool):
+  """step() of transformers' Llama of the same shape with torch.optim.AdamW."""
+  import os
+
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+  hf = transformers.LlamaConfig(
+      vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_ff,
+      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+      num_key_value_heads=args.n_heads, max_position_embeddings=args.seq_len,
+      tie_word_embeddings=False, attn_implementation="sdpa")
+  model = transformers.LlamaForCausalLM(hf).float().train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+  ids = torch.randint(0, args.vocab, (args.batch, args.seq_len))
+
+  def loss_fn(ids):
+    return model(input_ids=ids, labels=ids).loss
+
+  fn = torch.compile(loss_fn) if compiled else loss_fn
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = fn(ids)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+  t0 = time.perf_counter()
+  step()
+  return step, time.perf_counter() - t0
+
+
+def main():
+  args = parse()
+  cfg = base_config()
+  cfg.model.update(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
+                   n_heads=args.n_heads, n_kv_heads=args.n_heads, d_ff=args.d_ff,
+                   dtype=args.dtype, remat=args.remat)
+  cfg.data.seq_len = args.seq_len
+  cfg.train.update(batch_size=args.batch, steps=(args.steps + args.warmup) * args.rounds + 1)
+  if args.loss_chunk is not None:
+    cfg.train.loss_chunk = args.loss_chunk
+  cfg.optim.warmup_steps = 1
+  cfg.mesh.update(data=-1)
+  validate(cfg)
+  on_cpu = jax.devices()[0].platform == "cpu"
+
+  systems, compile_s, memory = {}, {}, {}
+  systems["ours"], compile_s["ours"], memory["ours"] = jax_system(cfg, args)
+  for peer in args.peers:
+    if peer == "materialised":
+      systems[peer], compile_s[peer], memory[peer] = jax_system(cfg, args, materialised_objective)
+    elif not on_cpu or args.dtype != "float32":
+      print(f"skipping {peer}: the torch peers run on CPU in float32 only")
+    else:
+      systems[peer], compile_s[peer] = torch_system(args, compiled=peer == "torch_compile")
+
+  times = {name: [] for name in systems}
+  for _ in range(args.rounds):
+    for name, step in systems.items():
+      for _ in range(args.warmup):
+        step()
+      for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times[name].append(time.perf_counter() - t0)
+  step_s = {name: float(np.median(t)) for name, t in times.items()}
+
   tokens = args.batch * args.seq_len
   flops = flops_per_token(cfg.model, args.seq_len) * tokens
   peak = measure_matmul_flops(dtype=jnp.dtype(args.dtype))
-  rows = [
-      ("params", f"{n_params:,}"),
-      ("tokens/step", f"{tokens:,}"),
-      ("step time (median)", f"{step_s * 1e3:.1f} ms"),
-      ("tokens/s", f"{tokens / step_s:,.0f}"),
-      ("model GFLOP/step", f"{flops / 1e9:.2f}"),
-      ("achieved GFLOP/s", f"{flops / step_s / 1e9:.1f}"),
-      ("measured matmul peak GFLOP/s", f"{peak / 1e9:.1f}"),
-      ("MFU", f"{100 * flops / step_s / peak:.1f}%"),
-      ("compile", f"{compile_s:.2f} s"),
-      ("memory: arguments", f"{mem.argument_size_in_bytes / 2**20:.1f} MiB"),
-      ("memory: outputs", f"{mem.output_size_in_bytes / 2**20:.1f} MiB"),
-      ("memory: temporaries", f"{mem.temp_size_in_bytes / 2**20:.1f} MiB"),
-      ("memory: aliased (donated)", f"{mem.alias_size_in_bytes / 2**20:.1f} MiB"),
-  ]
-  width = max(len(k) for k, _ in rows)
-  table = "\n".join([f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"] +
-                    [f"| {k:<{width}} | {v} |" for k, v in rows])
+  labels = {"ours": f"this project (loss_chunk {cfg.train.loss_chunk})",
+            "materialised": "this project, whole logits (autodiff loss)",
+            "torch": "PyTorch + transformers, eager",
+            "torch_compile": "PyTorch + transformers, torch.compile(forward + loss)"}
+  lines = ["| system | ms/step (median) | tokens/s | MFU | ours / system (speed) | compile s | "
+           "temporaries MiB |", "|---|--:|--:|--:|--:|--:|--:|"]
+  for name, s in step_s.items():
+    temp = f"{memory[name].temp_size_in_bytes / 2**20:.1f}" if name in memory else ""
+    lines.append(f"| {labels[name]} | {s * 1e3:.1f} | {tokens / s:,.0f} | "
+                 f"{100 * flops / s / peak:.1f}% | {s / step_s['ours']:.2f}x | "
+                 f"{compile_s[name]:.1f} | {temp} |")
+  table = "\n".join(lines)
+  notes = (f"Model GFLOP/step {flops / 1e9:.2f} (6 N per token + attention); in-run matmul peak "
+           f"{peak / 1e9:.1f} GFLOP/s; {args.rounds} interleaved rounds of {args.steps} timed "
+           f"steps after {args.warmup} untimed. 'ours / system' above 1 means ours is faster.")
   print(table)
+  print(notes)
   if not args.no_append:
     append_result("train_throughput", f"{machine()}; d_model {args.d_model}, {args.n_layers} "
                   f"layers, vocab {args.vocab}, seq {args.seq_len}, batch {args.batch}, "
-                  f"{args.dtype}, remat {args.remat}, {args.steps} timed steps", table)
+                  f"{args.dtype}, remat {args.remat}", table + "\n\n" + notes)
 
 
 if __name__ == "__main__":

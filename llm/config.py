@@ -179,6 +179,9 @@ def base_config() -> ml_collections.ConfigDict:
       grad_accum=1,
       steps=1000,
       z_loss=1e-4,
+      # the LM head and cross-entropy run fused, this many positions per row at a time, so
+      # the [B, T, V] logits never exist whole (llm.ops.cross_entropy); 0 = one chunk
+      loss_chunk=128,
       log_every=10,
       eval_every=100,
       eval_batches=8,
@@ -473,6 +476,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "eval_batches", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
     _positive(f"train.{name}", t[name])
   check_range("train.z_loss", t.z_loss, lo=0, note="0 = off")
+  check_range("train.loss_chunk", t.loss_chunk, lo=0,
+              note="positions per row in each chunk of the fused head + loss; 0 = one chunk")
   _choice("train.wandb_mode", t.wandb_mode, ("", "online", "offline", "disabled"))
   check_range("train.peak_flops_per_device", t.peak_flops_per_device, lo=0,
               note="0 = look it up or measure it")

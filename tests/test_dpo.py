@@ -121,7 +121,7 @@ def test_rpo_adds_the_chosen_nll_per_token():
   batch = {k: jnp.asarray(v) for k, v in preference.pack_pairs(tokenized, seq_len=32).items()}
   model = make_model(cfg.model)
   params = unbox(init_params(model, jax.random.key(0), 8))
-  logp = reference_logps(params, batch, model=model)
+  logp = reference_logps(params, batch, model=model, config=cfg)
   batch["ref_logp"] = jnp.zeros_like(logp)
   plain, sums = dpo(params, batch, model=model, config=cfg)
   cfg.train.dpo.rpo_alpha = 0.5

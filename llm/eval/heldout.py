@@ -16,14 +16,12 @@ import numpy as np
 from llm.data import pipeline
 from llm.data.tokenizer import Tokenizer
 from llm.model import make_model, require_lm_head
-from llm.ops.cross_entropy import token_nll
+from llm.training.objectives import token_nll
 
 
-def nll_sums(model, params, batch):
+def nll_sums(model, config, params, batch):
   """(sum of -log p(target) over the loss mask, number of masked-in targets)."""
-  logits_BTV = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                           batch["positions"])
-  nll_BT, _ = token_nll(logits_BTV, batch["targets"])
+  nll_BT, _ = token_nll(params, batch, model=model, config=config)
   return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 
@@ -38,7 +36,7 @@ def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: 
     raise ValueError(f"the validation split has {len(rows)} rows, fewer than batch_size={batch_size}")
   if max_batches:
     n_batches = min(n_batches, max_batches)
-  sums = jax.jit(functools.partial(nll_sums, make_model(config.model)))
+  sums = jax.jit(functools.partial(nll_sums, make_model(config.model), config))
   byte_len = tokenizer.token_byte_lengths()
   nll = tokens = n_bytes = 0.0
   for i in range(n_batches):

@@ -110,12 +110,14 @@ class Transformer(nn.Module):
   {"slot": first cache slot of these tokens, "kv_valid": [B, S] bool}; the call then
   returns (logits, updated cache). `last_only` computes the head at the last position
   only (logits [B, 1, V]): a prefill needs no more, and skips a [B*T, D] x [D, V] matmul.
+  `head=False` returns the final-normed hidden states [B, T, D] in the compute dtype
+  instead, for a loss that applies the head itself (`unembedding`; llm.ops.cross_entropy).
   """
   cfg: object
 
   @nn.compact
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None, decode=None,
-               last_only: bool = False):
+               last_only: bool = False, head: bool = True):
     c = self.cfg
     dtype, param_dtype = dtypes(c)
     if segment_ids_BT is None:
@@ -158,6 +160,8 @@ class Transformer(nn.Module):
     if last_only:
       x_BTD = x_BTD[:, -1:]
     x_BTD = RMSNorm(c.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x_BTD)
+    if not head:
+      return x_BTD if cache is None else (x_BTD, cache)
     if c.head == "score":
       score_D1 = param_with_axes(self, "score", nn.initializers.normal(c.init_std),
                                  (c.d_model, 1), ("embed", None), param_dtype)
@@ -172,6 +176,14 @@ class Transformer(nn.Module):
     logits_BTV = jnp.dot(x_BTD, unembed_DV.astype(dtype), preferred_element_type=jnp.float32)
     logits_BTV = constrain(logits_BTV, ("batch", "length", "act_vocab"))
     return logits_BTV if cache is None else (logits_BTV, cache)
+
+
+def unembedding(params, model_cfg) -> jax.Array:
+  """The LM head [D, V] in the compute dtype, as the model applies it (tied: the
+  embedding's transpose)."""
+  require_lm_head(model_cfg, "the language-model head")
+  w_DV = params["embedding"].T if model_cfg.tie_embeddings else params["unembed"]
+  return w_DV.astype(dtypes(model_cfg)[0])
 
 
 def make_model(model_cfg) -> Transformer:
@@ -219,11 +231,13 @@ def _by_name(sown, reduce) -> dict:
   return {name: reduce(jnp.concatenate(parts)) for name, parts in values.items()}
 
 
-def forward(model: Transformer, params, batch, rng=None) -> tuple[jax.Array, Aux]:
+def forward(model: Transformer, params, batch, rng=None, head: bool = True
+            ) -> tuple[jax.Array, Aux]:
   """(logits_BTV, Aux) for a packed batch: what the layers sowed, by name. `rng` (training
-  only) drives dropout where the model has any (LoRA dropout)."""
+  only) drives dropout where the model has any (LoRA dropout). `head=False`: the final
+  hidden states [B, T, D] instead of the logits."""
   logits_BTV, sown = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
                                  batch["positions"], mutable=[AUX_LOSSES, AUX_METRICS],
-                                 rngs=None if rng is None else {"dropout": rng})
+                                 rngs=None if rng is None else {"dropout": rng}, head=head)
   return logits_BTV, Aux(_by_name(sown.get(AUX_LOSSES, {}), jnp.sum),
                          _by_name(sown.get(AUX_METRICS, {}), jnp.mean))

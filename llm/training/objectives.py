@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from llm.model import forward
-from llm.model.transformer import Aux
-from llm.ops.cross_entropy import token_nll
+from llm.model.transformer import Aux, unembedding
+from llm.ops.cross_entropy import chunked_token_nll, fused_loss
 
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -37,17 +37,26 @@ def with_aux(total, sums: dict, aux: Aux, weight):
   return total, sums
 
 
+def token_nll(params, batch, *, model, config, rng=None):
+  """(-log p(target) per position [B, T] fp32, Aux): the model's hidden states through
+  the fused, chunked head + cross-entropy (llm.ops.cross_entropy.chunked_token_nll)."""
+  x_BTD, aux = forward(model, params, batch, rng, head=False)
+  nll_BT, _ = chunked_token_nll(x_BTD, unembedding(params, model.cfg), batch["targets"],
+                                chunk_len=config.train.loss_chunk)
+  return nll_BT, aux
+
+
 def next_token(params, batch, *, model, config, rng=None):
-  """Next-token cross-entropy over the loss mask, plus z-loss (train.z_loss x log^2 Z).
+  """Next-token cross-entropy over the loss mask, plus z-loss (train.z_loss x log^2 Z),
+  with the head fused into the loss (llm.ops.cross_entropy.fused_loss).
   Metrics: loss (cross-entropy per token), z_loss (mean log^2 Z), auxiliary losses."""
-  logits_BTV, aux = forward(model, params, batch, rng)
-  nll_BT, logz_BT = token_nll(logits_BTV, batch["targets"])
+  x_BTD, aux = forward(model, params, batch, rng, head=False)
   mask_BT = batch["loss_mask"]
+  total, nll, z = fused_loss(x_BTD, unembedding(params, model.cfg), batch["targets"], mask_BT,
+                             z_weight=config.train.z_loss, chunk_len=config.train.loss_chunk)
   tokens = jnp.sum(mask_BT)
-  nll = jnp.sum(nll_BT * mask_BT)
-  z = jnp.sum(jnp.square(logz_BT) * mask_BT)
   sums = {"loss": nll, "z_loss": z, "weight": tokens}
-  return with_aux(nll + config.train.z_loss * z, sums, aux, tokens)
+  return with_aux(total, sums, aux, tokens)
 
 
 def pair_sums(value_BT, batch):
@@ -83,8 +92,7 @@ def dpo(params, batch, *, model, config, rng=None):
   preference_accuracy, the fraction of pairs whose chosen completion the policy itself
   finds likelier."""
   d = config.train.dpo
-  logits_BTV, aux = forward(model, params, batch, rng)
-  nll_BT, _ = token_nll(logits_BTV, batch["targets"])
+  nll_BT, aux = token_nll(params, batch, model=model, config=config, rng=rng)
   policy = pair_sums(-nll_BT, batch)
   ref = pair_sums(batch["ref_logp"], batch)
   tokens = pair_sums(jnp.ones_like(nll_BT), batch)
@@ -194,8 +202,7 @@ def grpo(params, batch, *, model, config, rng=None):
   Metrics: kl, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean (token
   means)."""
   g = config.train.grpo
-  logits_BTV, aux = forward(model, params, batch, rng)
-  nll_BT, _ = token_nll(logits_BTV, batch["targets"])
+  nll_BT, aux = token_nll(params, batch, model=model, config=config, rng=rng)
   logp_BT = -nll_BT
   old_BT = batch["old_logp"] if g.num_iterations > 1 else jax.lax.stop_gradient(logp_BT)
   loss_BT, kl_BT, low_BT, high_BT = grpo_token_losses(
@@ -214,11 +221,9 @@ def grpo(params, batch, *, model, config, rng=None):
   return with_aux(total, sums, aux, weight)
 
 
-def reference_logps(params, batch, *, model):
+def reference_logps(params, batch, *, model, config):
   """Per-token log-probabilities of the targets (the reference for dpo)."""
-  logits_BTV, _ = forward(model, params, batch)
-  nll_BT, _ = token_nll(logits_BTV, batch["targets"])
-  return -nll_BT
+  return -token_nll(params, batch, model=model, config=config)[0]
 
 
 # what a batch holds besides inputs/targets/segment_ids/positions/loss_mask, per objective

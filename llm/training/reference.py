@@ -47,7 +47,7 @@ class LiveReference:
 
   def __init__(self, model, batch_sharding, param_shardings, config, start_params=None):
     self.config, self.start_params = config, start_params
-    self.policy_logps = jax.jit(lambda p, b: reference_logps(p, b, model=model),
+    self.policy_logps = jax.jit(lambda p, b: reference_logps(p, b, model=model, config=config),
                                 in_shardings=(param_shardings, batch_sharding),
                                 out_shardings=batch_sharding)
 
@@ -69,8 +69,9 @@ def _key(config, rows_list) -> str:
   return h.hexdigest()
 
 
-def _compute(rows, params, model, batch_size: int, mesh, batch_sharding, param_shardings):
-  fn = jax.jit(lambda p, b: reference_logps(p, b, model=model),
+def _compute(rows, params, model, config, mesh, batch_sharding, param_shardings):
+  batch_size = config.train.batch_size
+  fn = jax.jit(lambda p, b: reference_logps(p, b, model=model, config=config),
                in_shardings=(param_shardings, batch_sharding),
                out_shardings=NamedSharding(mesh, P()))
   n = len(rows["inputs"])
@@ -102,7 +103,7 @@ def attach(config, data_dir, corpus, model, initial_params, mesh, batch_sharding
   if jax.process_index() == 0:
     print("computing reference log-probabilities with the starting weights", flush=True)
   params = initial_params()
-  train, val = (_compute(rows, params, model, config.train.batch_size, mesh, batch_sharding,
+  train, val = (_compute(rows, params, model, config, mesh, batch_sharding,
                          param_shardings) for rows in rows_list)
   del params
   corpus.train.rows["ref_logp"], corpus.val.rows["ref_logp"] = train, val
