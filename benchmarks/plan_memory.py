@@ -2,7 +2,7 @@
 policy, from ahead-of-time compiles (llm.plan; needs libtpu: pip install -e ".[tpu]").
 
   JAX_PLATFORMS=cpu python benchmarks/plan_memory.py [--config configs/llama2_7b.py
-      --topology v5e-16 --seq_len 2048 --batches 1,2,4,8 --remat none,dots,dots_no_batch,full]
+      --topology v5e-16 --seq_len 2048 --batches 1,2,4,8 --remat none,dots,dots_no_batch,full,offload]
 
 Mesh: fsdp over every chip; compute bf16, params and Adam state fp32. Prints a table,
 the largest per-chip batch that fits per remat policy, and appends both, with the
@@ -36,7 +36,7 @@ def main():
   p.add_argument("--topology", default="v5e-16")
   p.add_argument("--seq_len", type=int, default=2048)
   p.add_argument("--batches", default="1,2,4,8")
-  p.add_argument("--remat", default="none,dots,dots_no_batch,full")
+  p.add_argument("--remat", default="none,dots,dots_no_batch,full,offload")
   p.add_argument("--attention", default="xla", help="xla | flash (the Pallas TPU kernel)")
   p.add_argument("--finetune", default="", help="e.g. full,lora,qlora-int8,qlora-nf4")
   p.add_argument("--lora_rank", type=int, default=16)

@@ -30,5 +30,6 @@ def recomputed_flops_per_token(model_cfg, seq_len: int) -> float:
   score/value matmuls it does not save, "dots" and "none" nothing but elementwise ops."""
   per_token = flops_per_token(model_cfg, seq_len)
   attention = attention_flops_per_token(model_cfg, seq_len)
-  extra = {"none": 0.0, "dots": 0.0, "dots_no_batch": attention / 3, "full": per_token / 3}
+  extra = {"none": 0.0, "dots": 0.0, "dots_no_batch": attention / 3, "full": per_token / 3,
+           "offload": per_token / 3}
   return per_token + extra[model_cfg.remat]

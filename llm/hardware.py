@@ -22,15 +22,21 @@ class TpuGeneration:
   runtime: str  # Cloud TPU VM runtime image
   peak_bf16_flops: float  # dense, per chip
   device_kinds: tuple[str, ...]  # jax device_kind strings of this generation
+  hbm_bandwidth: float  # bytes/s per chip
+  ici_bandwidth: float  # bytes/s per chip, all inter-chip links together
 
 
+# Cloud TPU's published per-chip figures (cloud.google.com/tpu/docs/system-architecture-*):
+# HBM GB/s and ICI Gbps (v4 2,400, v5e 1,600, v5p 4,800, v6e 3,584) as bytes/s.
 TPU_GENERATIONS = {
-    "v4": TpuGeneration("v4", 32 * GIB, 2, "v4", "tpu-ubuntu2204-base", 275e12, ("TPU v4",)),
+    "v4": TpuGeneration("v4", 32 * GIB, 2, "v4", "tpu-ubuntu2204-base", 275e12, ("TPU v4",),
+                        1228e9, 2400e9 / 8),
     "v5e": TpuGeneration("v5e", 16 * GIB, 1, "v5litepod", "v2-alpha-tpuv5-lite", 197e12,
-                         ("TPU v5 lite", "TPU v5e")),
-    "v5p": TpuGeneration("v5p", 95 * GIB, 2, "v5p", "v2-alpha-tpuv5", 459e12, ("TPU v5p", "TPU v5")),
+                         ("TPU v5 lite", "TPU v5e"), 819e9, 1600e9 / 8),
+    "v5p": TpuGeneration("v5p", 95 * GIB, 2, "v5p", "v2-alpha-tpuv5", 459e12, ("TPU v5p", "TPU v5"),
+                         2765e9, 4800e9 / 8),
     "v6e": TpuGeneration("v6e", 32 * GIB, 1, "v6e", "v2-alpha-tpuv6e", 918e12,
-                         ("TPU v6 lite", "TPU v6e")),
+                         ("TPU v6 lite", "TPU v6e"), 1640e9, 3584e9 / 8),
 }
 
 # Dense bf16 peak FLOP/s per GPU, by jax device_kind substring.

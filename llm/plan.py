@@ -6,13 +6,14 @@
 libtpu (pip install -e ".[tpu]") compiles for a topology without any TPU attached
 (jax.experimental.topologies). Prints per-chip memory (arguments = params + optimizer
 state + batch, temporaries, total against the chip's HBM), FLOPs per step and whether it
-fits. --search compiles every mesh layout x remat policy candidate and ranks those that
-fit: least recomputation first (remat none < dots < dots_no_batch < full), then least
-tensor parallelism (its collectives sit on the critical path), then most HBM headroom.
+fits, and a predicted step time, tokens/s per chip and MFU with what bounds it (compute,
+HBM or collectives; llm.cost_model reads the compiled HLO). --search compiles every mesh
+layout x remat policy candidate and ranks those that fit by predicted throughput.
 
 FLOPs are the model's (6 x params + attention per token, as in the training MFU), plus
 the forward recomputed under remat; XLA's own cost analysis counts a scanned layer once,
-so it is not used.
+so it is not used. Host memory (remat="offload" keeps each layer's input there) is
+reported beside HBM.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from absl import app, flags
 import pallas_kernels.flash_attention as flash
 from llm import cli
 from llm import config as config_lib
-from llm.flops import recomputed_flops_per_token
-from llm.hardware import GIB, TPU_GENERATIONS
+from llm import cost_model
+from llm.flops import flops_per_token, recomputed_flops_per_token
+from llm.hardware import GIB, TPU_GENERATIONS, TpuGeneration
 from llm.model import make_model
 from llm.model.transformer import REMAT_POLICIES
 from llm.parallel.mesh import make_mesh, use_mesh
@@ -50,6 +52,7 @@ class Target:
   name: str
   devices: list
   hbm_bytes: int
+  generation: TpuGeneration | None = None
 
 
 def tpu_target(name: str, num_slices: int = 1) -> Target:
@@ -90,7 +93,7 @@ def tpu_target(name: str, num_slices: int = 1) -> Target:
                      f"({first}); use a slice name like {gen}-16 or a grid of a real "
                      f"{gen} slice") from err
   label = name if num_slices == 1 else f"{num_slices} x {name}"
-  return Target(label, list(topo.devices), hbm)
+  return Target(label, list(topo.devices), hbm, generation)
 
 
 @dataclasses.dataclass
@@ -108,6 +111,11 @@ class Plan:
   compile_seconds: float
   compiler_oom: bool = False  # the compiler refused: temporaries alone exceed HBM
   pallas_kernels: int = 0  # Mosaic (Pallas TPU) kernels in the compiled step
+  host_temp_bytes: int = 0  # host memory per chip's share (remat="offload")
+  model_flops_per_chip: float = 0.0  # without recomputation (what MFU counts)
+  tokens_per_chip: float = 0.0
+  traffic: cost_model.Traffic | None = None
+  prediction: cost_model.Prediction | None = None
 
   @property
   def total_bytes(self) -> int:
@@ -130,11 +138,14 @@ def compile_step(config, target: Target) -> Plan:
   tokens = config.train.batch_size * config.data.seq_len
   # the expert axis is listed only when used (dense models never split it)
   shown = {a: n for a, n in mesh.shape.items() if a != "expert" or n > 1}
+  n = len(target.devices)
   common = dict(mesh=shown, remat=config.model.remat,
                 batch_size=config.train.batch_size,
-                per_chip_batch=config.train.batch_size / len(target.devices),
-                flops_per_chip=recomputed_flops_per_token(config.model, config.data.seq_len) * tokens / len(
-                    target.devices))
+                per_chip_batch=config.train.batch_size / n,
+                flops_per_chip=recomputed_flops_per_token(config.model, config.data.seq_len) *
+                tokens / n,
+                model_flops_per_chip=flops_per_token(config.model, config.data.seq_len) * tokens / n,
+                tokens_per_chip=tokens / n)
   t0 = time.perf_counter()
   try:
     with flash.force_backend("tpu"), use_mesh(mesh):
@@ -148,11 +159,22 @@ def compile_step(config, target: Target) -> Plan:
                 output_bytes=0, alias_bytes=0, temp_bytes=int(float(needed.group(1)) * GIB),
                 code_bytes=0, compile_seconds=time.perf_counter() - t0, compiler_oom=True)
   mem = compiled.memory_analysis()
-  return Plan(**common, argument_bytes=mem.argument_size_in_bytes,
-              output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-              temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
-              compile_seconds=time.perf_counter() - t0,
-              pallas_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
+  hlo = compiled.as_text()
+  result = Plan(**common, argument_bytes=mem.argument_size_in_bytes,
+                output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+                temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
+                compile_seconds=time.perf_counter() - t0,
+                pallas_kernels=hlo.count('custom_call_target="tpu_custom_call"'),
+                host_temp_bytes=getattr(mem, "host_temp_size_in_bytes", 0),
+                traffic=cost_model.analyse(hlo, n))
+  if target.generation is not None:
+    g = target.generation
+    result.prediction = cost_model.predict(
+        result.traffic, model_flops_per_chip=result.model_flops_per_chip,
+        executed_flops_per_chip=result.flops_per_chip, tokens_per_chip=result.tokens_per_chip,
+        peak_flops=g.peak_bf16_flops, hbm_bandwidth=g.hbm_bandwidth,
+        ici_bandwidth=g.ici_bandwidth)
+  return result
 
 
 def _shard_bytes(tree) -> int:
@@ -187,19 +209,25 @@ def failure(mesh: dict, remat: str, batch_size: int, err: Exception) -> tuple:
 
 def table(plans: list[Plan | tuple], hbm: int) -> str:
   rows = ["| mesh | remat | batch (per chip) | args GiB | temps GiB | total GiB | HBM GiB | fits "
-          "| TFLOP/step/chip |",
+          "| host GiB | TFLOP/step/chip | step s (pred.) | tokens/s/chip (pred.) | MFU (pred.) "
+          "| bound |",
           "|------|-------|-----------------:|---------:|----------:|----------:|--------:|:----:"
-          "|----------------:|"]
+          "|---------:|----------------:|------:|------:|------:|:----|"]
   for p in plans:
     if isinstance(p, tuple):  # (mesh, remat, batch, error)
       mesh, remat, batch, err = p
       rows.append(f"| {_fmt_mesh(mesh)} | {remat} | {batch} | – | – | – | {hbm / GIB:.0f} | no "
-                  f"| {err} |")
+                  f"| – | – | – | – | – | {err} |")
       continue
     fits = "yes" if p.total_bytes <= hbm else "no (compiler)" if p.compiler_oom else "no"
+    pred = p.prediction
+    speed = ("– | – | – | –" if pred is None else
+             f"{pred.step_seconds:.2f} | {pred.tokens_per_second_per_chip:,.0f} | "
+             f"{100 * pred.mfu:.1f}% | {pred.bound}")
     rows.append(f"| {_fmt_mesh(p.mesh)} | {p.remat} | {p.batch_size} ({p.per_chip_batch:g}) | "
                 f"{p.argument_bytes / GIB:.2f} | {p.temp_bytes / GIB:.2f} | "
-                f"{p.total_bytes / GIB:.2f} | {hbm / GIB:.0f} | {fits} | {p.flops_per_chip / 1e12:.1f} |")
+                f"{p.total_bytes / GIB:.2f} | {hbm / GIB:.0f} | {fits} | "
+                f"{p.host_temp_bytes / GIB:.2f} | {p.flops_per_chip / 1e12:.1f} | {speed} |")
   return "\n".join(rows)
 
 
@@ -223,10 +251,20 @@ def plan(config, target: Target, search: bool = False, meshes: list[dict] | None
 
 
 def rank(results: list, hbm: int) -> list[Plan]:
-  """Plans that fit: least recomputation, then least tensor parallelism, then least memory."""
+  """Plans that fit, by predicted tokens/s per chip (highest first; without a prediction:
+  least recomputation), then least memory."""
   fits = [p for p in results if isinstance(p, Plan) and p.total_bytes <= hbm]
-  return sorted(fits, key=lambda p: (list(REMAT_POLICIES).index(p.remat), p.mesh["tensor"],
-                                     p.total_bytes))
+  return sorted(fits, key=lambda p: (
+      -p.prediction.tokens_per_second_per_chip if p.prediction else 0.0,
+      list(REMAT_POLICIES).index(p.remat), p.mesh["tensor"], p.total_bytes))
+
+
+def _speed(p: Plan) -> str:
+  pred = p.prediction
+  if pred is None:
+    return ""
+  return (f"; predicted {pred.step_seconds:.2f} s/step, {pred.tokens_per_second_per_chip:,.0f} "
+          f"tokens/s/chip, MFU {100 * pred.mfu:.1f}% ({pred.bound}-bound)")
 
 
 FLAGS = flags.FLAGS
@@ -252,12 +290,19 @@ def main(argv):
     print("\nfits, best first:" if best else "\nnothing fits: lower the batch, or a bigger slice")
     for i, p in enumerate(best, 1):
       print(f"  {i}. mesh {_fmt_mesh(p.mesh)}, remat={p.remat}: {p.total_bytes / GIB:.2f} GiB, "
-            f"{p.flops_per_chip / 1e12:.1f} TFLOP/step/chip")
+            f"{p.flops_per_chip / 1e12:.1f} TFLOP/step/chip{_speed(p)}")
   else:
     p = results[0]
     verdict = "fits" if p.total_bytes <= target.hbm_bytes else "does NOT fit"
     print(f"\n{verdict}: {p.total_bytes / GIB:.2f} GiB of {target.hbm_bytes / GIB:.0f} GiB per "
-          f"chip (compiled in {p.compile_seconds:.0f}s)")
+          f"chip (compiled in {p.compile_seconds:.0f}s){_speed(p)}")
+    if p.prediction is not None:
+      pred, t = p.prediction, p.traffic
+      print(f"predicted step: compute {pred.compute_seconds:.3f} s, HBM traffic "
+            f"{t.hbm_bytes / 1e9:,.0f} GB -> {pred.hbm_seconds:.3f} s, collectives "
+            f"{(t.async_collective_bytes + t.sync_collective_bytes) / 1e9:,.1f} GB per chip -> "
+            f"{pred.async_collective_seconds:.3f} s overlappable + "
+            f"{pred.sync_collective_seconds:.3f} s exposed (a roofline: an optimistic bound)")
 
 
 if __name__ == "__main__":

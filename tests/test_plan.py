@@ -58,15 +58,41 @@ def test_search_ranks_layouts_and_flags_what_does_not_fit(config):
   assert all(m in plan.mesh_candidates(4) for m in meshes)
   results = plan.plan(config, target, search=True, meshes=meshes)
   plans = [r for r in results if isinstance(r, plan.Plan)]
-  assert {p.remat for p in plans} == {"none", "full", "dots", "dots_no_batch"}
+  assert {p.remat for p in plans} == {"none", "full", "dots", "dots_no_batch", "offload"}
   assert any(p.mesh["tensor"] == 2 for p in plans) and any(p.mesh["data"] == 2 for p in plans)
   best = plan.rank(results, target.hbm_bytes)
-  assert best[0].remat == "none" and best[0].mesh["tensor"] == 1
+  # ranked by predicted throughput; recomputing the forward is predicted slower
+  speeds = [p.prediction.tokens_per_second_per_chip for p in best]
+  assert speeds == sorted(speeds, reverse=True) and len(best) == len(plans)
+  by_remat = {(p.remat, p.mesh["tensor"]): p.prediction for p in plans}
+  assert by_remat[("none", 1)].compute_seconds < by_remat[("full", 1)].compute_seconds
+  for p in plans:  # compute time is the step's FLOPs at the v5e's peak
+    assert p.prediction.compute_seconds == pytest.approx(p.flops_per_chip / 197e12)
+    assert p.prediction.step_seconds >= p.prediction.compute_seconds
+  assert "tokens/s/chip (pred.)" in plan.table(results, target.hbm_bytes)
   # a budget between the smallest and largest plan keeps only those below it
   sizes = sorted(p.total_bytes for p in plans)
   budget = sizes[len(sizes) // 2]
   assert all(p.total_bytes <= budget for p in plan.rank(results, budget))
   assert len(plan.rank(results, budget)) < len(plans)
+
+
+@needs_libtpu
+def test_offload_moves_layer_inputs_to_host_memory(config):
+  target = plan.tpu_target("v5e-4")
+  config.model.update(d_model=256, n_heads=4, n_kv_heads=4, d_ff=512, n_layers=16,
+                      dtype="bfloat16")
+  config.data.seq_len = 1024
+  config.mesh.update(data=1, fsdp=4)
+  config.train.batch_size = 16
+  config.model.remat = "full"
+  full = plan.compile_step(config, target)
+  config.model.remat = "offload"
+  offload = plan.compile_step(config, target)
+  # the 16 layer inputs [4, 1024, 256] bf16 per chip go to the host instead of HBM
+  layer_inputs = 16 * 4 * 1024 * 256 * 2
+  assert offload.host_temp_bytes >= layer_inputs and full.host_temp_bytes == 0
+  assert offload.temp_bytes <= full.temp_bytes - layer_inputs // 2
 
 
 @needs_libtpu

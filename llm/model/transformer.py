@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.ad_checkpoint import checkpoint_name
 
 from llm.config import head_dim
 from llm.model.attention import Attention
@@ -39,12 +40,18 @@ def require_lm_head(model_cfg, what: str) -> None:
                      "llm.eval.scorer.RewardScorer")
 
 # config.model.remat -> what the backward pass may keep from the forward (None: all of it),
-# in order of increasing recomputation.
+# in order of increasing recomputation; "offload" recomputes like "full" and moves each
+# layer's input (the one activation "full" keeps per layer) to host memory until the
+# backward pass needs it again.
+LAYER_INPUT = "layer_input"
 REMAT_POLICIES = {
     "none": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -73,6 +80,7 @@ class Block(nn.Module):
     dtype, param_dtype = dtypes(c)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     out_std = c.init_std / math.sqrt(2 * c.n_layers)
+    x_BTD = checkpoint_name(x_BTD, LAYER_INPUT)
     h_BTD = RMSNorm(c.norm_eps, name="attn_norm", **kw)(x_BTD)
     attn_BTD, cache = Attention(c, head_dim(c), out_init_std=out_std, name="attn", **kw)(
         h_BTD, segment_ids_BT, positions_BT, cache, decode)
