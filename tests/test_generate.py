@@ -86,6 +86,31 @@ def test_eos_stops_a_row(model_and_params):
   assert stopped == free[:free.index(free[2])]
 
 
+def test_chunked_decoding_equals_one_token_at_a_time(model_and_params):
+  """Tokens come `chunk` per jitted loop; what is generated, streamed and where a row
+  stops are the same as one step per call, whatever the chunk."""
+  cfg, _, params = model_and_params
+  p = SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.3)
+  prompts = [[5, 6, 7], [9, 3], [4, 4, 4, 4]]
+
+  def run(chunk, eos=None):
+    calls = []
+    out = Decoder(cfg.model, params, chunk=chunk).generate(
+        prompts, 11, p, seed=3, eos_id=eos,
+        on_token=lambda step, tokens, done: calls.append((step, tokens.tolist(), done.tolist())))
+    return out, calls
+
+  one, one_calls = run(1)
+  assert [len(r) for r in one] == [11, 11, 11] and len(one_calls) == 11
+  for chunk in (4, 8, 16):
+    assert run(chunk) == (one, one_calls)
+  eos = one[1][4]  # stops row 1 (at least) in the middle of a chunk
+  stopped, calls = run(4, eos)
+  assert stopped == run(1, eos)[0] and stopped[1] == one[1][:one[1].index(eos)]
+  with pytest.raises(ValueError, match="chunk=0 must be >= 1"):
+    Decoder(cfg.model, params, chunk=0)
+
+
 def test_sampling_is_seeded(model_and_params):
   cfg, _, params = model_and_params
   decoder = Decoder(cfg.model, params)

@@ -1,6 +1,9 @@
 """Batched KV-cache decoding with static shapes: a jitted prefill, then a jitted step per
 token, attending through the same attention dispatch as training.
 
+Tokens are generated `chunk` at a time by one jitted loop (no host round trip per token);
+the host then streams them and stops at the first chunk where every row has stopped.
+
 On CPU a scanned model decodes unrolled (its params unstacked once per Decoder) with one
 KV-cache buffer per layer: a scan would slice every layer's weights and cache out of the
 stacked arrays and stack the cache again at every token, copies that cost as much as the
@@ -35,7 +38,7 @@ def round_up(n: int, multiple: int) -> int:
 def _prefill(model, params, tokens_BP, valid_BP, cache):
   """Runs the prompts through the model, filling the cache; returns the last logits."""
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
-  s = jax.tree.leaves(cache)[0].shape[-3]  # [(L,) B, S, K, E]
+  s = jax.tree.leaves(cache)[0].shape[-2]  # [(L,) B, K, S, E]
   kv_valid_BS = jnp.zeros((tokens_BP.shape[0], s), bool).at[:, :tokens_BP.shape[1]].set(valid_BP)
   decode = {"slot": jnp.int32(0), "kv_valid": kv_valid_BS}
   logits_B1V, cache = model.apply({"params": params}, tokens_BP, None, positions_BP, cache,
@@ -61,13 +64,20 @@ def _step(model, params, carry, *, sampling: SamplingParams):
   return carry, token_B
 
 
+def _steps(model, params, carry, *, sampling: SamplingParams, n: int):
+  """`n` decode steps in one loop: (carry, tokens [n, B])."""
+  return jax.lax.scan(lambda c, _: _step(model, params, c, sampling=sampling), carry, None,
+                      length=n)
+
+
 @functools.lru_cache(maxsize=8)
 def _programs(model_cfg_json: str):
-  """(model, jitted prefill, jitted step) of one model config, shared by every Decoder of
-  it: a new Decoder (e.g. per batch of prompts, or over new params) compiles nothing new."""
+  """(model, jitted prefill, jitted n-step decode) of one model config, shared by every
+  Decoder of it: a new Decoder (e.g. per batch of prompts, or over new params) compiles
+  nothing new."""
   model = make_model(ml_collections.ConfigDict(json.loads(model_cfg_json)))
   return (model, jax.jit(functools.partial(_prefill, model), donate_argnums=(3,)),
-          jax.jit(functools.partial(_step, model), static_argnames=("sampling",),
+          jax.jit(functools.partial(_steps, model), static_argnames=("sampling", "n"),
                   donate_argnums=(1,)))
 
 
@@ -76,9 +86,13 @@ class Decoder:
   per token. Prompts of different lengths are left-padded; pads are never attended to
   and positions start at 0 at each prompt's first real token."""
 
-  def __init__(self, model_cfg, params, unroll: bool | None = None):
-    """`unroll` (default: on CPU) decodes a scanned model layer by layer (see above)."""
+  def __init__(self, model_cfg, params, unroll: bool | None = None, chunk: int = 8):
+    """`unroll` (default: on CPU) decodes a scanned model layer by layer (see above);
+    `chunk` tokens are generated per jitted loop."""
     require_lm_head(model_cfg, "generation")
+    if chunk < 1:
+      raise ValueError(f"chunk={chunk} must be >= 1 (tokens per jitted decode loop)")
+    self.chunk = chunk
     if unroll is None:
       unroll = jax.default_backend() == "cpu"
     self.unrolled = bool(unroll and model_cfg.scan_layers)
@@ -89,7 +103,7 @@ class Decoder:
     self.cfg = model_cfg
     self.params = params
     key = json.dumps(ml_collections.ConfigDict(model_cfg).to_dict(), sort_keys=True)
-    self.model, self._prefill, self._step = _programs(key)
+    self.model, self._prefill, self._steps = _programs(key)
 
   @property
   def params(self):
@@ -108,9 +122,10 @@ class Decoder:
     return p_len, round_up(p_len + max_tokens, 64)
 
   def init_cache(self, batch: int, max_len: int):
-    """{"k", "v"} of [L, B, S, K, E], or (unrolled) a list of L {"k", "v"} of [B, S, K, E]."""
+    """{"k", "v"} of [L, B, K, S, E], or (unrolled) a list of L {"k", "v"} of [B, K, S, E]
+    (heads-major: a decode step reads each head's keys and values contiguously)."""
     c = self.cfg
-    shape = (batch, max_len, c.n_kv_heads, head_dim(c))
+    shape = (batch, c.n_kv_heads, max_len, head_dim(c))
     dtype = jnp.dtype(c.dtype)
     if not c.scan_layers:
       return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -143,7 +158,9 @@ class Decoder:
     if max_tokens < 1:
       raise ValueError(f"max_tokens={max_tokens} must be >= 1")
     b = len(prompts)
-    p_len, s = self.shapes(max(len(p) for p in prompts), max_tokens)
+    n = min(self.chunk, max_tokens)
+    # the cache holds whole chunks: steps past max_tokens in the last one are discarded
+    p_len, s = self.shapes(max(len(p) for p in prompts), round_up(max_tokens, n))
     self._check_cache_fits(b, p_len, s, max_tokens)
     tokens = np.zeros((b, p_len), np.int32)
     valid = np.zeros((b, p_len), bool)
@@ -163,19 +180,26 @@ class Decoder:
     out: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
     stop = set() if eos_id is None else {int(eos_id)} if np.ndim(eos_id) == 0 else set(eos_id)
-    for step in range(max_tokens):
-      carry, token_B = self._step(self.params, carry, sampling=sampling)
-      token_B = np.asarray(token_B)
-      for i in range(b):
-        if not done[i]:
-          if int(token_B[i]) in stop:
-            done[i] = True
-            if keep_stop:
-              out[i].append(int(token_B[i]))
-          else:
-            out[i].append(int(token_B[i]))
-      if on_token is not None:
-        on_token(step, token_B, done.copy())
-      if done.all():
-        break
+    step = 0
+    while step < max_tokens and not done.all():
+      carry, tokens_NB = self._steps(self.params, carry, sampling=sampling, n=n)
+      for token_B in np.asarray(tokens_NB)[:max_tokens - step]:
+        self._take(token_B, step, out, done, stop, keep_stop, on_token)
+        step += 1
+        if done.all():
+          break
     return out
+
+  @staticmethod
+  def _take(token_B, step, out, done, stop, keep_stop, on_token):
+    """Appends one step's tokens to the rows still running; marks rows that stopped."""
+    for i, token in enumerate(token_B.tolist()):
+      if not done[i]:
+        if token in stop:
+          done[i] = True
+          if keep_stop:
+            out[i].append(token)
+        else:
+          out[i].append(token)
+    if on_token is not None:
+      on_token(step, token_B, done.copy())

@@ -26,8 +26,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, decode=None):
-    """With `cache` ({"k", "v"}: [B, S, K, E]) and `decode` ({"slot", "kv_valid"}), writes
-    this step's keys/values at `slot` and attends over the cache; returns (out, cache)."""
+    """With `cache` ({"k", "v"}: [B, K, S, E], heads-major) and `decode` ({"slot",
+    "kv_valid"}), writes this step's keys/values at `slot` and attends over the cache;
+    returns (out, cache)."""
     c = self.cfg
     h, k, e, d = c.n_heads, c.n_kv_heads, self.head_dim, c.d_model
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -51,9 +52,10 @@ class Attention(nn.Module):
     if cache is None:
       out_BTHE = attend(c.attention, q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, **options)
     else:  # queries at cache slots slot.., over the cache's filled (kv_valid) slots
-      start = (0, decode["slot"], 0, 0)
-      cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_BTKE.astype(cache["k"].dtype), start),
-               "v": jax.lax.dynamic_update_slice(cache["v"], v_BTKE.astype(cache["v"].dtype), start)}
+      start = (0, 0, decode["slot"], 0)
+      cache = {name: jax.lax.dynamic_update_slice(
+          cache[name], jnp.swapaxes(new_BTKE, 1, 2).astype(cache[name].dtype), start)
+               for name, new_BTKE in (("k", k_BTKE), ("v", v_BTKE))}
       out_BTHE = attend(c.attention, q_BTHE, cache["k"], cache["v"],
                         jnp.ones(q_BTHE.shape[:2], jnp.int32),
                         kv_segment_ids_BS=decode["kv_valid"].astype(jnp.int32),

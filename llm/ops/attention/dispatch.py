@@ -10,7 +10,8 @@ decide how q/k/v are split:
   - mesh.sequence > 1 (training): ring attention with the implementation's chunk
     functions.
 Cached decoding comes through here too: queries at `q_offset` over a KV cache whose
-empty slots have kv segment id 0.
+empty slots have kv segment id 0, laid out heads-major ([B, K, S, E]), so that a decode
+step reads each head's keys and values where they lie instead of transposing the cache.
 """
 
 from __future__ import annotations
@@ -70,13 +71,14 @@ def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, kv_segment_ids_
   """Causal attention within segments by the named implementation, on the ambient mesh.
 
   Self-attention by default; with `kv_segment_ids_BS` (a KV cache) the keys are their own
-  sequence and queries sit at positions q_offset + t."""
+  sequence, given heads-major as [B, K, S, E], and queries sit at positions q_offset + t."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
   mesh = _current_mesh()
   cached = kv_segment_ids_BS is not None
   kv_seg_BS = segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
-  t, e, s = q_BTHE.shape[1], q_BTHE.shape[3], k_BSKE.shape[1]
+  t, e = q_BTHE.shape[1], q_BTHE.shape[3]
+  s = k_BSKE.shape[2 if cached else 1]
   length = None if cached else "length"  # a cache is never split along its slots
   q_spec = None if mesh is None else logical_to_spec(("batch", length, "act_heads", "head_dim"),
                                                      q_BTHE.shape, mesh)
@@ -84,7 +86,10 @@ def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, kv_segment_ids_
   n_chunks = mesh.shape[SEQUENCE_AXIS] if ring else 1
   chosen = IMPLEMENTATIONS[impl](t // n_chunks, s // n_chunks, e, window, block_q, block_k)
   if chosen.whole is None and not ring:
-    return xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window, kv_seg_BS, q_offset)
+    return xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window, kv_seg_BS, q_offset,
+                         kv="bkse" if cached else "bske")
+  if cached:  # the kernels take [B, S, K, E]
+    k_BSKE, v_BSKE = (jnp.swapaxes(x, 1, 2) for x in (k_BSKE, v_BSKE))
 
   def local(q, k, v, seg, kv_seg, offset):
     if ring:

@@ -29,27 +29,30 @@ def _chunk_mask(qseg_BT, kvseg_BS, q_offset, kv_offset, window):
                               causal=True, window=window)
 
 
-def _grouped_logits(q_BTHE, k_BSKE, scale):
+def _grouped_logits(q_BTHE, k_BSKE, scale, kv="bske"):
+  """[B, K, G, T, S] logits; `kv` names the key layout ("bkse": a heads-major KV cache)."""
   b, t, h, e = q_BTHE.shape
-  kh = k_BSKE.shape[2]
+  kh = k_BSKE.shape[kv.index("k")]
   q_BTKGE = q_BTHE.reshape(b, t, kh, h // kh, e)
-  return jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE,
+  return jnp.einsum(f"btkge,{kv}->bkgts", q_BTKGE, k_BSKE,
                     preferred_element_type=jnp.float32) * scale
 
 
-def xla_blocks(window: int | None) -> Blocks:
+def xla_blocks(window: int | None, kv: str = "bske") -> Blocks:
   """Chunk functions in plain XLA, causal with segment ids and an optional window;
-  GQA without repeating K/V."""
+  GQA without repeating K/V. `kv="bkse"`: the forward takes keys and values heads-major
+  ([B, K, S, E], a KV cache laid out so a decode step reads each head contiguously)."""
 
   def fwd(q_BTHE, k_BSKE, v_BSKE, qseg_BT, kvseg_BS, q_offset, kv_offset):
     b, t, h, e = q_BTHE.shape
     mask_B11TS = _chunk_mask(qseg_BT, kvseg_BS, q_offset, kv_offset, window)[:, None, None]
-    s_BKGTS = jnp.where(mask_B11TS, _grouped_logits(q_BTHE, k_BSKE, e ** -0.5), flash.EMPTY_LSE)
+    s_BKGTS = jnp.where(mask_B11TS, _grouped_logits(q_BTHE, k_BSKE, e ** -0.5, kv),
+                        flash.EMPTY_LSE)
     m_BKGT = jnp.max(s_BKGTS, axis=-1)
     p_BKGTS = jnp.where(mask_B11TS, jnp.exp(s_BKGTS - m_BKGT[..., None]), 0.0)
     l_BKGT = jnp.sum(p_BKGTS, axis=-1)
     safe_l = jnp.where(l_BKGT == 0, 1.0, l_BKGT)
-    o_BTKGE = jnp.einsum("bkgts,bske->btkge", p_BKGTS.astype(v_BSKE.dtype), v_BSKE,
+    o_BTKGE = jnp.einsum(f"bkgts,{kv}->btkge", p_BKGTS.astype(v_BSKE.dtype), v_BSKE,
                          preferred_element_type=jnp.float32)
     o_BTKGE = o_BTKGE / safe_l.transpose(0, 3, 1, 2)[..., None]
     lse_BKGT = jnp.where(l_BKGT == 0, flash.EMPTY_LSE, m_BKGT + jnp.log(safe_l))
@@ -83,9 +86,10 @@ def xla_blocks(window: int | None) -> Blocks:
 
 
 def xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window: int | None = None,
-                  kv_segment_ids_BS=None, q_offset=0):
+                  kv_segment_ids_BS=None, q_offset=0, kv: str = "bske"):
   """Softmax in fp32, causal within each segment, optional window. Queries sit at
-  positions q_offset + t, keys at s (cached decoding: kv segment 0 marks empty slots)."""
+  positions q_offset + t, keys at s (cached decoding: kv segment 0 marks empty slots;
+  kv="bkse": keys and values are [B, K, S, E])."""
   kvseg = segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
-  out, _ = xla_blocks(window).fwd(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kvseg, q_offset, 0)
+  out, _ = xla_blocks(window, kv).fwd(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kvseg, q_offset, 0)
   return out
