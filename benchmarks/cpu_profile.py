@@ -4,8 +4,8 @@
 
 On the issue's 18M model (vocab 32000 untied, d_model 256, 2 layers, 4 heads, d_ff 768,
 seq 256, batch 4, fp32, no remat) it times: the forward + loss and value_and_grad of
-the objective; the unembedding + cross-entropy alone, whole and with a token-chunked
-custom VJP (which never holds all the logits); our attention against
+the objective; the unembedding + cross-entropy alone, whole (autodiff) and fused in chunks
+(llm.ops.cross_entropy.fused_loss, which never holds all the logits); our attention against
 jax.nn.dot_product_attention; one layer (from 2- vs 6-layer models); and matmuls of the
 step's shapes in XLA against torch (2 threads), if torch is installed. Prints a table
 and appends it, with the exact command, to BENCHMARKS.md.
@@ -29,7 +29,7 @@ from benchmarks.common import append_result, machine, median_seconds  # noqa: E4
 from llm.config import base_config  # noqa: E402
 from llm.model import init_params, make_model, unbox  # noqa: E402
 from llm.ops.attention.xla import xla_attention  # noqa: E402
-from llm.ops.cross_entropy import token_nll  # noqa: E402
+from llm.ops.cross_entropy import fused_loss, token_nll  # noqa: E402
 from llm.training.objectives import next_token  # noqa: E402
 
 
@@ -51,39 +51,6 @@ def model_and_batch(n_layers: int, vocab: int):
   return (lambda p, b: next_token(p, b, model=model, config=frozen)[0]), params, batch
 
 
-def chunked_nll_sum(chunk: int):
-  """sum of -log p(target) over rows of x @ w, a custom VJP recomputing each chunk's logits."""
-
-  def chunk_fwd(w, xt):
-    x, t = xt
-    logits = x @ w
-    lse = jax.nn.logsumexp(logits, -1)
-    return lse - jnp.take_along_axis(logits, t[:, None], -1)[:, 0], lse
-
-  def fwd(x, w, t):
-    n = x.shape[0] // chunk
-    nll, lse = jax.lax.map(lambda xt: chunk_fwd(w, xt), (x.reshape(n, chunk, -1),
-                                                          t.reshape(n, chunk)))
-    return jnp.sum(nll), (x, w, t, lse)
-
-  def bwd(res, g):
-    x, w, t, lse = res
-    n = x.shape[0] // chunk
-
-    def step(dw, xtl):
-      xc, tc, lc = xtl
-      d = (jnp.exp(xc @ w - lc[:, None]) - jax.nn.one_hot(tc, w.shape[1])) * g
-      return dw + xc.T @ d, d @ w.T
-
-    dw, dx = jax.lax.scan(step, jnp.zeros_like(w), (x.reshape(n, chunk, -1),
-                                                     t.reshape(n, chunk), lse))
-    return dx.reshape(x.shape), dw, None
-
-  f = jax.custom_vjp(lambda x, w, t: fwd(x, w, t)[0])
-  f.defvjp(fwd, bwd)
-  return f
-
-
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--repeats", type=int, default=7)
@@ -102,9 +69,11 @@ def main():
   whole = lambda x, w, t: jnp.sum(token_nll(x @ w, t)[0])  # noqa: E731
   rows.append(("unembed + CE fwd+bwd, whole logits",
                ms(jax.jit(jax.grad(whole, argnums=(0, 1))), x, w, t)))
-  for chunk in (128, 256, 1024):
-    rows.append((f"unembed + CE fwd+bwd, {chunk}-token chunks",
-                 ms(jax.jit(jax.grad(chunked_nll_sum(chunk), argnums=(0, 1))), x, w, t)))
+  x_BTD, t_BT, mask_BT = x.reshape(4, 256, 256), t.reshape(4, 256), jnp.ones((4, 256))
+  for chunk in (32, 128, 0):
+    fused = lambda x, w, c=chunk: fused_loss(x, w, t_BT, mask_BT, chunk_len=c)[0]  # noqa: E731
+    rows.append((f"unembed + CE fwd+bwd, fused, {chunk or 256} positions x 4 rows per chunk",
+                 ms(jax.jit(jax.grad(fused, argnums=(0, 1))), x_BTD, w)))
 
   q, k, v = (jax.random.normal(jax.random.key(i), (4, 256, 4, 64)) for i in range(3))
   seg = jnp.ones((4, 256), jnp.int32)

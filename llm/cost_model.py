@@ -239,9 +239,12 @@ def analyse(hlo_text: str, n_devices: int) -> Traffic:
                  "all-reduce": 2 * operand_bytes * frac, "all-to-all": operand_bytes * frac,
                  "ragged-all-to-all": operand_bytes * frac,
                  "collective-permute": operand_bytes}[base]
-        if base == "all-gather" and op.endswith("-start"):
-          moved = _array_bytes(ins.type_text.split("),", 1)[-1], hbm_only=False) * frac \
-              if ins.type_text.startswith("((") else moved
+        if op.endswith("-start") and ins.type_text.startswith("("):
+          # an async start's type is (operands, result[, context]): count the result
+          arrays = _ARRAY.findall(ins.type_text)
+          if base == "all-gather" and len(arrays) >= 2:
+            dtype, dims, _ = arrays[len(ins.operands)]
+            moved = _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) * frac
         moved *= times
         overlapped = (op.endswith("-start") or in_async or windowed or
                       "async_collective_name" in ins.attrs)

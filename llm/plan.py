@@ -209,7 +209,7 @@ def failure(mesh: dict, remat: str, batch_size: int, err: Exception) -> tuple:
 
 def table(plans: list[Plan | tuple], hbm: int) -> str:
   rows = ["| mesh | remat | batch (per chip) | args GiB | temps GiB | total GiB | HBM GiB | fits "
-          "| host GiB | TFLOP/step/chip | step s (pred.) | tokens/s/chip (pred.) | MFU (pred.) "
+          "| host GiB | TFLOP/step/chip | step (pred.) | tokens/s/chip (pred.) | MFU (pred.) "
           "| bound |",
           "|------|-------|-----------------:|---------:|----------:|----------:|--------:|:----:"
           "|---------:|----------------:|------:|------:|------:|:----|"]
@@ -222,7 +222,7 @@ def table(plans: list[Plan | tuple], hbm: int) -> str:
     fits = "yes" if p.total_bytes <= hbm else "no (compiler)" if p.compiler_oom else "no"
     pred = p.prediction
     speed = ("– | – | – | –" if pred is None else
-             f"{pred.step_seconds:.2f} | {pred.tokens_per_second_per_chip:,.0f} | "
+             f"{_seconds(pred.step_seconds)} | {pred.tokens_per_second_per_chip:,.0f} | "
              f"{100 * pred.mfu:.1f}% | {pred.bound}")
     rows.append(f"| {_fmt_mesh(p.mesh)} | {p.remat} | {p.batch_size} ({p.per_chip_batch:g}) | "
                 f"{p.argument_bytes / GIB:.2f} | {p.temp_bytes / GIB:.2f} | "
@@ -259,11 +259,15 @@ def rank(results: list, hbm: int) -> list[Plan]:
       list(REMAT_POLICIES).index(p.remat), p.mesh["tensor"], p.total_bytes))
 
 
+def _seconds(t: float) -> str:
+  return f"{t:.2f} s" if t >= 1 else f"{t * 1e3:.3g} ms"
+
+
 def _speed(p: Plan) -> str:
   pred = p.prediction
   if pred is None:
     return ""
-  return (f"; predicted {pred.step_seconds:.2f} s/step, {pred.tokens_per_second_per_chip:,.0f} "
+  return (f"; predicted {_seconds(pred.step_seconds)}/step, {pred.tokens_per_second_per_chip:,.0f} "
           f"tokens/s/chip, MFU {100 * pred.mfu:.1f}% ({pred.bound}-bound)")
 
 
@@ -298,11 +302,11 @@ def main(argv):
           f"chip (compiled in {p.compile_seconds:.0f}s){_speed(p)}")
     if p.prediction is not None:
       pred, t = p.prediction, p.traffic
-      print(f"predicted step: compute {pred.compute_seconds:.3f} s, HBM traffic "
-            f"{t.hbm_bytes / 1e9:,.0f} GB -> {pred.hbm_seconds:.3f} s, collectives "
-            f"{(t.async_collective_bytes + t.sync_collective_bytes) / 1e9:,.1f} GB per chip -> "
-            f"{pred.async_collective_seconds:.3f} s overlappable + "
-            f"{pred.sync_collective_seconds:.3f} s exposed (a roofline: an optimistic bound)")
+      print(f"predicted step: compute {_seconds(pred.compute_seconds)}, HBM traffic "
+            f"{t.hbm_bytes / 1e9:,.3g} GB -> {_seconds(pred.hbm_seconds)}, collectives "
+            f"{(t.async_collective_bytes + t.sync_collective_bytes) / 1e9:,.3g} GB per chip -> "
+            f"{_seconds(pred.async_collective_seconds)} overlappable + "
+            f"{_seconds(pred.sync_collective_seconds)} exposed (a roofline: an optimistic bound)")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,17 @@ def test_roofline_takes_the_slowest_resource_plus_exposed_collectives():
   assert p.step_seconds == pytest.approx(0.05 + 0.01) and p.bound == "collectives"
   assert p.mfu == pytest.approx(3e12 / (0.06 * 1e14))
   assert p.tokens_per_second_per_chip == pytest.approx(8192 / 0.06)
+
+
+def test_async_all_gather_counts_its_result_and_can_overlap():
+  hlo = """HloModule m
+
+ENTRY %main (x: f32[8,128]) -> f32[32,128] {
+  %x = f32[8,128]{1,0} parameter(0)
+  %ags = (f32[8,128]{1,0}, f32[32,128]{1,0}) all-gather-start(%x), replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %agd = f32[32,128]{1,0} all-gather-done(%ags)
+}
+"""
+  traffic = cost_model.analyse(hlo, 4)
+  assert traffic.async_collective_bytes == pytest.approx(32 * 128 * 4 * 3 / 4)
+  assert traffic.sync_collective_bytes == 0

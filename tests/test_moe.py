@@ -222,3 +222,30 @@ def test_every_nth_layer_moe_has_dense_layers_between():
   bad.model.moe.every = 3
   with pytest.raises(ValueError, match="model.n_layers=4 must be divisible by model.moe.every=3"):
     config_lib.validate(bad)
+
+
+def test_megablox_on_an_fsdp_mesh_runs_per_device_and_matches_one_device():
+  """The Pallas grouped matmul is not partitioned by GSPMD: on a data x FSDP mesh without
+  an expert axis each device runs it on its own tokens with the experts gathered."""
+  import ml_collections
+
+  from llm.ops.moe import routed_experts
+  from llm.parallel.mesh import make_mesh, use_mesh
+  x, router, gate, up, down = _weights()
+  x_BTD = x.reshape(4, -1, x.shape[-1])
+  _, _, weights, experts = route(x, router, 2, True)
+  args = (x_BTD, weights.reshape(4, -1, 2), experts.reshape(4, -1, 2), gate, up, down)
+
+  def loss(*a):
+    out, _ = routed_experts("megablox", *a, jnp.float32, 1.0)
+    return jnp.sum(jnp.sin(out)), out
+
+  (_, want), want_grads = jax.value_and_grad(loss, argnums=(0, 3, 4, 5), has_aux=True)(*args)
+  mesh = make_mesh(ml_collections.ConfigDict(dict(data=2, expert=1, fsdp=2, tensor=1,
+                                                  sequence=1)), jax.devices()[:4])
+  with use_mesh(mesh):
+    (_, got), got_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 3, 4, 5),
+                                                     has_aux=True))(*args)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  for a, b in zip(got_grads, want_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

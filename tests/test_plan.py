@@ -125,3 +125,9 @@ def test_moe_with_megablox_compiles_for_tpu_with_expert_parallelism(config):
   p = plan.compile_step(config, plan.tpu_target("v5e-4"))
   assert p.mesh == {"data": 1, "expert": 4, "fsdp": 1, "tensor": 1, "sequence": 1}
   assert p.pallas_kernels >= 3 * 3  # gate, up, down: forward gmm, backward gmm and tgmm
+  # without an expert axis (FSDP, as MaxText runs Mixtral) each chip runs the kernel on
+  # its own tokens with the experts gathered
+  config.mesh.update(expert=1, fsdp=4)
+  p = plan.compile_step(config, plan.tpu_target("v5e-4"))
+  assert p.mesh == {"data": 1, "fsdp": 4, "tensor": 1, "sequence": 1}
+  assert p.pallas_kernels >= 3 * 3

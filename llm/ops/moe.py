@@ -213,10 +213,22 @@ def routed_experts(compute: str, x_BTD, weights_BTK, experts_BTK, gate_EDF, up_E
                                        down_EFD, dtype, capacity_factor, mesh)
     return (_expert_parallel(x_BTD, weights_BTK, experts_BTK, gate_EDF, up_EDF, down_EFD,
                              dtype, mesh, GROUPED_MATMULS[compute]), jnp.float32(0.0))
-  b, t, d = x_BTD.shape
-  k = experts_BTK.shape[-1]
   kwargs = {"capacity_factor": capacity_factor} if compute == "capacity" else {}
-  out_ND, dropped = COMPUTE[compute](x_BTD.reshape(b * t, d), weights_BTK.reshape(b * t, k),
-                                     experts_BTK.reshape(b * t, k), gate_EDF, up_EDF,
-                                     down_EFD, dtype, **kwargs)
-  return out_ND.reshape(b, t, d), dropped
+
+  def whole(x_BTD, weights_BTK, experts_BTK, gate_EDF, up_EDF, down_EFD):
+    b, t, d = x_BTD.shape
+    k = experts_BTK.shape[-1]
+    out_ND, dropped = COMPUTE[compute](x_BTD.reshape(b * t, d), weights_BTK.reshape(b * t, k),
+                                       experts_BTK.reshape(b * t, k), gate_EDF, up_EDF,
+                                       down_EFD, dtype, **kwargs)
+    return out_ND.reshape(b, t, d), dropped
+
+  if compute != "megablox" or mesh.empty or mesh.size == 1:
+    return whole(x_BTD, weights_BTK, experts_BTK, gate_EDF, up_EDF, down_EFD)
+  # A Pallas kernel is not partitioned by GSPMD: each device runs it on its own tokens,
+  # with every expert's weights gathered (in the compute dtype, as FSDP gathers them).
+  token_spec = logical_to_spec(("batch", "length", None), x_BTD.shape, mesh)
+  return jax.shard_map(whole, mesh=mesh, in_specs=(token_spec,) * 3 + (P(),) * 3,
+                       out_specs=(token_spec, P()), check_vma=False)(
+                           x_BTD, weights_BTK, experts_BTK, *(w.astype(dtype) for w in
+                                                              (gate_EDF, up_EDF, down_EFD)))
