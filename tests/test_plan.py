@@ -56,9 +56,9 @@ def test_search_ranks_layouts_and_flags_what_does_not_fit(config):
   config.train.batch_size = 8
   meshes = [dict(data=1, fsdp=4, tensor=1, sequence=1), dict(data=2, fsdp=1, tensor=2, sequence=1)]
   assert all(m in plan.mesh_candidates(4) for m in meshes)
-  results = plan.plan(config, target, search=True, meshes=meshes)
+  results = plan.plan(config, target, search=True, meshes=meshes, remats=("none", "dots", "full"))
   plans = [r for r in results if isinstance(r, plan.Plan)]
-  assert {p.remat for p in plans} == {"none", "full", "dots", "dots_no_batch", "offload"}
+  assert {p.remat for p in plans} == {"none", "full", "dots"}
   assert any(p.mesh["tensor"] == 2 for p in plans) and any(p.mesh["data"] == 2 for p in plans)
   best = plan.rank(results, target.hbm_bytes)
   # ranked by predicted throughput; recomputing the forward is predicted slower
@@ -80,7 +80,7 @@ def test_search_ranks_layouts_and_flags_what_does_not_fit(config):
 @needs_libtpu
 def test_offload_moves_layer_inputs_to_host_memory(config):
   target = plan.tpu_target("v5e-4")
-  config.model.update(d_model=256, n_heads=4, n_kv_heads=4, d_ff=512, n_layers=16,
+  config.model.update(d_model=256, n_heads=4, n_kv_heads=4, d_ff=512, n_layers=8,
                       dtype="bfloat16")
   config.data.seq_len = 1024
   config.mesh.update(data=1, fsdp=4)
@@ -89,8 +89,8 @@ def test_offload_moves_layer_inputs_to_host_memory(config):
   full = plan.compile_step(config, target)
   config.model.remat = "offload"
   offload = plan.compile_step(config, target)
-  # the 16 layer inputs [4, 1024, 256] bf16 per chip go to the host instead of HBM
-  layer_inputs = 16 * 4 * 1024 * 256 * 2
+  # the 8 layer inputs [4, 1024, 256] bf16 per chip go to the host instead of HBM
+  layer_inputs = 8 * 4 * 1024 * 256 * 2
   assert offload.host_temp_bytes >= layer_inputs and full.host_temp_bytes == 0
   assert offload.temp_bytes <= full.temp_bytes - layer_inputs // 2
 

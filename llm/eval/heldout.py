@@ -16,12 +16,12 @@ import numpy as np
 from llm.data import pipeline
 from llm.data.tokenizer import Tokenizer
 from llm.model import make_model, require_lm_head
-from llm.training.objectives import token_nll
+from llm.model.transformer import target_nll
 
 
 def nll_sums(model, config, params, batch):
   """(sum of -log p(target) over the loss mask, number of masked-in targets)."""
-  nll_BT, _ = token_nll(params, batch, model=model, config=config)
+  nll_BT, _ = target_nll(model, params, batch, chunk_len=config.train.loss_chunk)
   return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 

@@ -25,6 +25,7 @@ from llm.config import head_dim
 from llm.model.attention import Attention
 from llm.model.layers import AUX_LOSSES, AUX_METRICS, RMSNorm, constrain, param_with_axes
 from llm.model.mlp import MLPS
+from llm.ops.cross_entropy import chunked_token_nll
 
 # config.model.head -> what the model maps the final hidden states to: "lm", next-token
 # logits [B, T, V]; "score", one scalar per position [B, T] (a reward model: the score of a
@@ -237,6 +238,16 @@ def _by_name(sown, reduce) -> dict:
     name = next(p.key for p in reversed(path) if isinstance(p, jax.tree_util.DictKey))
     values.setdefault(name, []).append(jnp.ravel(value))
   return {name: reduce(jnp.concatenate(parts)) for name, parts in values.items()}
+
+
+def target_nll(model: Transformer, params, batch, *, chunk_len: int, rng=None
+               ) -> tuple[jax.Array, Aux]:
+  """(-log p(target) per position [B, T] fp32, Aux) of a packed batch: the hidden states
+  through the fused, chunked head + cross-entropy (llm.ops.cross_entropy)."""
+  x_BTD, aux = forward(model, params, batch, rng, head=False)
+  nll_BT, _ = chunked_token_nll(x_BTD, unembedding(params, model.cfg), batch["targets"],
+                                chunk_len=chunk_len)
+  return nll_BT, aux
 
 
 def forward(model: Transformer, params, batch, rng=None, head: bool = True

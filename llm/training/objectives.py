@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from llm.model import forward
-from llm.model.transformer import Aux, unembedding
-from llm.ops.cross_entropy import chunked_token_nll, fused_loss
+from llm.model.transformer import Aux, target_nll, unembedding
+from llm.ops.cross_entropy import fused_loss
 
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -38,12 +38,8 @@ def with_aux(total, sums: dict, aux: Aux, weight):
 
 
 def token_nll(params, batch, *, model, config, rng=None):
-  """(-log p(target) per position [B, T] fp32, Aux): the model's hidden states through
-  the fused, chunked head + cross-entropy (llm.ops.cross_entropy.chunked_token_nll)."""
-  x_BTD, aux = forward(model, params, batch, rng, head=False)
-  nll_BT, _ = chunked_token_nll(x_BTD, unembedding(params, model.cfg), batch["targets"],
-                                chunk_len=config.train.loss_chunk)
-  return nll_BT, aux
+  """(-log p(target) per position [B, T] fp32, Aux), in train.loss_chunk chunks."""
+  return target_nll(model, params, batch, chunk_len=config.train.loss_chunk, rng=rng)
 
 
 def next_token(params, batch, *, model, config, rng=None):
