@@ -19,9 +19,10 @@ from llm.model import make_model, require_lm_head
 from llm.model.transformer import target_nll
 
 
-def nll_sums(model, config, params, batch):
-  """(sum of -log p(target) over the loss mask, number of masked-in targets)."""
-  nll_BT, _ = target_nll(model, params, batch, chunk_len=config.train.loss_chunk)
+def nll_sums(model, params, batch, chunk_len: int = 0):
+  """(sum of -log p(target) over the loss mask, number of masked-in targets); the head
+  and loss in chunks of `chunk_len` positions (0: all at once)."""
+  nll_BT, _ = target_nll(model, params, batch, chunk_len=chunk_len)
   return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 
@@ -36,7 +37,8 @@ def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: 
     raise ValueError(f"the validation split has {len(rows)} rows, fewer than batch_size={batch_size}")
   if max_batches:
     n_batches = min(n_batches, max_batches)
-  sums = jax.jit(functools.partial(nll_sums, make_model(config.model), config))
+  sums = jax.jit(functools.partial(nll_sums, make_model(config.model),
+                                   chunk_len=config.train.loss_chunk))
   byte_len = tokenizer.token_byte_lengths()
   nll = tokens = n_bytes = 0.0
   for i in range(n_batches):

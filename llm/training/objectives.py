@@ -217,9 +217,11 @@ def grpo(params, batch, *, model, config, rng=None):
   return with_aux(total, sums, aux, weight)
 
 
-def reference_logps(params, batch, *, model, config):
-  """Per-token log-probabilities of the targets (the reference for dpo)."""
-  return -token_nll(params, batch, model=model, config=config)[0]
+def reference_logps(params, batch, *, model, config=None):
+  """Per-token log-probabilities of the targets (the reference for dpo), in the config's
+  train.loss_chunk chunks (without a config: the whole sequence at once)."""
+  chunk = 0 if config is None else config.train.loss_chunk
+  return -target_nll(model, params, batch, chunk_len=chunk)[0]
 
 
 # what a batch holds besides inputs/targets/segment_ids/positions/loss_mask, per objective
