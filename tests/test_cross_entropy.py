@@ -1,7 +1,6 @@
 """The fused, chunked head + cross-entropy against NumPy (float64) and against plain
 autodiff through materialised logits, alone, sharded, and inside the train step."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
