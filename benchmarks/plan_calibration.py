@@ -59,15 +59,9 @@ CASES = {
 def run(case: Case, remat: str):
   target = tpu_target(case.topology)
   n = len(target.devices)
-  c = load_config(str(ROOT / "configs" / f"{case.config}.py"), check=False)
+  c = load_config(case.config, case.overrides, check=False)
   c.data.seq_len = case.seq_len
   c.model.update(remat=remat, dtype="bfloat16", param_dtype="float32", attention="flash")
-  for key, value in case.overrides.items():
-    section, field = key.rsplit(".", 1)
-    node = c
-    for part in section.split("."):
-      node = node[part]
-    node[field] = value
   c.mesh.update(data=1, fsdp=n, tensor=1, sequence=1, expert=1)
   c.train.batch_size = case.per_chip_batch * n
   return target, compile_step(c, target)

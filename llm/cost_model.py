@@ -51,12 +51,16 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "whil
          "add-dependency", "async-start", "async-update", "async-done"}
 
 
+def _bytes_of(dtype: str, dims: str) -> float:
+  return _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+
+
 def _array_bytes(type_text: str, hbm_only: bool = True) -> float:
   total = 0.0
   for dtype, dims, layout in _ARRAY.findall(type_text):
     if hbm_only and layout and re.search(r"S\([1-9]\d*\)", layout):
       continue  # an on-chip memory space (VMEM, SMEM, ...)
-    total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    total += _bytes_of(dtype, dims)
   return total
 
 
@@ -226,7 +230,7 @@ def analyse(hlo_text: str, n_devices: int) -> Traffic:
         branches = _BRANCHES.search(ins.attrs)
         names = re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else [
             called.get("true_computation", ""), called.get("false_computation", "")]
-        for branch in names:  # each branch at most once per execution: count the costliest
+        for branch in names:  # one branch runs per execution: counted as their average
           visit(branch, times / max(len(names), 1), in_async, windowed)
         continue
       base = op.removesuffix("-start")
@@ -244,7 +248,7 @@ def analyse(hlo_text: str, n_devices: int) -> Traffic:
           arrays = _ARRAY.findall(ins.type_text)
           if base == "all-gather" and len(arrays) >= 2:
             dtype, dims, _ = arrays[len(ins.operands)]
-            moved = _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) * frac
+            moved = _bytes_of(dtype, dims) * frac
         moved *= times
         overlapped = (op.endswith("-start") or in_async or windowed or
                       "async_collective_name" in ins.attrs)

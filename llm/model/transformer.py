@@ -115,7 +115,8 @@ class Transformer(nn.Module):
   """Maps tokens [B, T] (with segment ids and positions) to fp32 logits [B, T, V] (with
   model.head="score": fp32 scores [B, T] from a bias-free [D, 1] "score" projection).
 
-  For decoding, `cache` holds {"k", "v"} of shape [L, B, S, K, E] and `decode` holds
+  For decoding, `cache` holds {"k", "v"} of shape [L, B, K, S, E] (or, unrolled, a list
+  of per-layer {"k", "v"} of [B, K, S, E]) and `decode` holds
   {"slot": first cache slot of these tokens, "kv_valid": [B, S] bool}; the call then
   returns (logits, updated cache). `last_only` computes the head at the last position
   only (logits [B, 1, V]): a prefill needs no more, and skips a [B*T, D] x [D, V] matmul.

@@ -18,7 +18,7 @@ at a time, in both passes:
 Chunks take every n-th position (chunk j holds positions j, j + n, ...), so a sequence
 axis sharded into contiguous blocks stays sharded the same way inside every chunk.
 `token_nll` is the same quantity from materialised logits (the reference the tests and
-`train.loss_chunk=0` use).
+benchmarks compare against; `train.loss_chunk=0` is one chunk of the fused path).
 """
 
 from __future__ import annotations
@@ -125,8 +125,7 @@ def _fused_loss(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len):
 
 
 def _fused_loss_fwd(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len):
-  out, grads = _loss_pass(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len, True)
-  return out, grads
+  return _loss_pass(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len, True)
 
 
 def _fused_loss_bwd(z_weight, chunk_len, grads, cotangents):

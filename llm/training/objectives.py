@@ -37,11 +37,6 @@ def with_aux(total, sums: dict, aux: Aux, weight):
   return total, sums
 
 
-def token_nll(params, batch, *, model, config, rng=None):
-  """(-log p(target) per position [B, T] fp32, Aux), in train.loss_chunk chunks."""
-  return target_nll(model, params, batch, chunk_len=config.train.loss_chunk, rng=rng)
-
-
 def next_token(params, batch, *, model, config, rng=None):
   """Next-token cross-entropy over the loss mask, plus z-loss (train.z_loss x log^2 Z),
   with the head fused into the loss (llm.ops.cross_entropy.fused_loss).
@@ -88,7 +83,7 @@ def dpo(params, batch, *, model, config, rng=None):
   preference_accuracy, the fraction of pairs whose chosen completion the policy itself
   finds likelier."""
   d = config.train.dpo
-  nll_BT, aux = token_nll(params, batch, model=model, config=config, rng=rng)
+  nll_BT, aux = target_nll(model, params, batch, chunk_len=config.train.loss_chunk, rng=rng)
   policy = pair_sums(-nll_BT, batch)
   ref = pair_sums(batch["ref_logp"], batch)
   tokens = pair_sums(jnp.ones_like(nll_BT), batch)
@@ -198,7 +193,7 @@ def grpo(params, batch, *, model, config, rng=None):
   Metrics: kl, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean (token
   means)."""
   g = config.train.grpo
-  nll_BT, aux = token_nll(params, batch, model=model, config=config, rng=rng)
+  nll_BT, aux = target_nll(model, params, batch, chunk_len=config.train.loss_chunk, rng=rng)
   logp_BT = -nll_BT
   old_BT = batch["old_logp"] if g.num_iterations > 1 else jax.lax.stop_gradient(logp_BT)
   loss_BT, kl_BT, low_BT, high_BT = grpo_token_losses(
