@@ -110,7 +110,7 @@ def main():
     append_result("plan calibration: predicted vs MaxText's published speed",
                   "AOT compiles with libtpu on a CPU host; bf16 compute, fp32 params + AdamW, "
                   "flash attention, FSDP over every chip. Prediction: llm.cost_model's roofline "
-                  "(no fitted constants).", out)
+                  "(no fitted constants).", out, env_prefix="JAX_PLATFORMS=cpu ")
 
 
 if __name__ == "__main__":
