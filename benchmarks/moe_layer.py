@@ -2,7 +2,7 @@
 einsum dispatch vs a dense SwiGLU of the same active FLOPs (top_k x expert width), in one run.
 
   python benchmarks/moe_layer.py [--tokens 4096 --d_model 512 --d_ff 1024 --experts 8 --top_k 2
-                                  --capacity_factor 1.25 --steps 10]
+                                  --capacity_factor 1.25 --steps 10 --dtype float32]
 
 Prints tokens/s and the ratio to the dense layer, and appends the table with the command to
 BENCHMARKS.md.
@@ -34,6 +34,8 @@ def parse():
   p.add_argument("--top_k", type=int, default=2)
   p.add_argument("--capacity_factor", type=float, default=1.25)
   p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="compute dtype (weights stay float32, as in training)")
   p.add_argument("--no_append", action="store_true")
   return p.parse_args()
 
@@ -42,6 +44,7 @@ def main():
   a = parse()
   ks = jax.random.split(jax.random.key(0), 6)
   n, d, f, e, k = a.tokens, a.d_model, a.d_ff, a.experts, a.top_k
+  dtype = jnp.dtype(a.dtype)
   x = jax.random.normal(ks[0], (n, d))
   router = 0.1 * jax.random.normal(ks[1], (d, e))
   gate, up = (0.05 * jax.random.normal(kk, (e, d, f)) for kk in ks[2:4])
@@ -52,11 +55,12 @@ def main():
   def moe_loss(compute, **kw):
     def loss(x, gate, up, down):
       _, _, w, ex = route(x, router, k, True)
-      return jnp.sum(compute(x, w, ex, gate, up, down, jnp.float32, **kw)[0] ** 2)
+      return jnp.sum(compute(x, w, ex, gate, up, down, dtype, **kw)[0].astype(jnp.float32) ** 2)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
 
   def dense_loss(x, g, u, dn):
-    return jnp.sum((jax.nn.silu(x @ g) * (x @ u) @ dn) ** 2)
+    x, g, u, dn = (v.astype(dtype) for v in (x, g, u, dn))
+    return jnp.sum(((jax.nn.silu(x @ g) * (x @ u) @ dn).astype(jnp.float32)) ** 2)
 
   dense_fn = jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1, 2, 3)))
   rows = [("dense SwiGLU, width top_k x d_ff", median_seconds(dense_fn, (x, *dense), a.steps)),
@@ -66,14 +70,15 @@ def main():
            median_seconds(moe_loss(capacity, capacity_factor=a.capacity_factor),
                           (x, gate, up, down), a.steps))]
   base = rows[0][1]
-  table = "\n".join(["| layer (forward + backward) | ms | tokens/s | vs dense |",
-                     "|---|---:|---:|---:|"] +
-                    [f"| {name} | {t * 1e3:.1f} | {n / t:,.0f} | {base / t:.2f}x |"
-                     for name, t in rows])
+  flops = 3 * 2 * n * k * 3 * d * f  # active expert FLOPs, forward + backward
+  table = "\n".join(["| layer (forward + backward) | ms | tokens/s | active TFLOP/s | vs dense |",
+                     "|---|---:|---:|---:|---:|"] +
+                    [f"| {name} | {t * 1e3:.2f} | {n / t:,.0f} | {flops / t / 1e12:.2f} | "
+                     f"{base / t:.2f}x |" for name, t in rows])
   print(table)
   if not a.no_append:
     append_result("moe_layer", f"{machine()}; {n} tokens, d_model {d}, {e} experts of width {f}, "
-                  f"top {k}, fp32, median of {a.steps}", table)
+                  f"top {k}, {a.dtype} compute, median of {a.steps}", table)
 
 
 if __name__ == "__main__":

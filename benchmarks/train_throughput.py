@@ -4,7 +4,7 @@ the peers a user would pick instead, in the same run.
   python benchmarks/train_throughput.py [--steps 20 --d_model 256 --n_layers 2 --vocab 32000
                                          --seq_len 256 --batch 4 --dtype float32 --remat none
                                          --loss_chunk 128 --peers materialised,torch,torch_compile
-                                         --rounds 3]
+                                         --rounds 3 --attention xla]
 
 Systems, timed in interleaved rounds (medians over all timed steps):
   - ours: the train step as `llm.train` runs it (fused, chunked head + cross-entropy);
@@ -13,11 +13,12 @@ Systems, timed in interleaved rounds (medians over all timed steps):
   - torch / torch_compile: transformers' LlamaForCausalLM of the same shape, fp32, its
     own cross-entropy, torch.optim.AdamW (foreach), eager or with `torch.compile` on the
     forward + loss (torch threads = CPU cores). Needs the `test` extra (torch,
-    transformers); skipped on an accelerator.
+    transformers). On a CUDA GPU they run there, with bf16 autocast when --dtype is
+    bfloat16 (fp32 parameters, as ours) and SDPA attention; skipped on a TPU.
 
 MFU is against the best matmul throughput measured in the same run on the same device
-(on a CPU there is no datasheet peak). Prints a table and appends it, with the exact
-command, to BENCHMARKS.md.
+(random operands, bf16 or fp32 as --dtype), and on a GPU or TPU also against the
+datasheet peak. Prints a table and appends it, with the exact command, to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import append_result, machine  # noqa: E402
 from llm.config import base_config, validate  # noqa: E402
 from llm.flops import flops_per_token  # noqa: E402
-from llm.hardware import measure_matmul_flops  # noqa: E402
+from llm.hardware import datasheet_peak_flops, measure_matmul_flops  # noqa: E402
 from llm.model import forward, make_model  # noqa: E402
 from llm.ops.cross_entropy import token_nll  # noqa: E402
 from llm.model.layers import DTYPES  # noqa: E402
 from llm.model.transformer import REMAT_POLICIES  # noqa: E402
+from llm.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS  # noqa: E402
 from llm.parallel.mesh import make_mesh, use_mesh  # noqa: E402
 from llm.parallel.rules import batch_sharding as make_batch_sharding  # noqa: E402
 from llm.training.optim import make_optimizer, schedule  # noqa: E402
@@ -61,12 +63,14 @@ def parse():
   p.add_argument("--d_model", type=int, default=256)
   p.add_argument("--n_layers", type=int, default=2)
   p.add_argument("--n_heads", type=int, default=4)
+  p.add_argument("--n_kv_heads", type=int, default=None, help="default: n_heads")
   p.add_argument("--d_ff", type=int, default=768)
   p.add_argument("--vocab", type=int, default=32000)
   p.add_argument("--seq_len", type=int, default=256)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--dtype", default="float32", choices=list(DTYPES))
   p.add_argument("--remat", default="none", choices=list(REMAT_POLICIES))
+  p.add_argument("--attention", default="xla", choices=list(ATTENTION_IMPLEMENTATIONS))
   p.add_argument("--loss_chunk", type=int, default=None,
                  help="train.loss_chunk (default: the config's)")
   p.add_argument("--peers", default=",".join(PEERS),
@@ -74,6 +78,7 @@ def parse():
   p.add_argument("--no_append", action="store_true", help="do not append to BENCHMARKS.md")
   args = p.parse_args()
   args.peers = [x for x in args.peers.split(",") if x]
+  args.n_kv_heads = args.n_kv_heads or args.n_heads
   for peer in args.peers:
     if peer not in PEERS:
       p.error(f"--peers: {peer!r} is not one of {', '.join(PEERS)}")
@@ -123,8 +128,9 @@ def jax_system(cfg, args, objective=None):
   return step, compile_s, compiled.memory_analysis()
 
 
-def torch_system(args, compiled: bool):
+def torch_system(args, compiled: bool, device: str):
   """step() of transformers' Llama of the same shape with torch.optim.AdamW."""
+  import contextlib
   import os
 
   import torch
@@ -134,14 +140,17 @@ def torch_system(args, compiled: bool):
   hf = transformers.LlamaConfig(
       vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.d_ff,
       num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-      num_key_value_heads=args.n_heads, max_position_embeddings=args.seq_len,
+      num_key_value_heads=args.n_kv_heads, max_position_embeddings=args.seq_len,
       tie_word_embeddings=False, attn_implementation="sdpa")
-  model = transformers.LlamaForCausalLM(hf).float().train()
+  model = transformers.LlamaForCausalLM(hf).float().train().to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
-  ids = torch.randint(0, args.vocab, (args.batch, args.seq_len))
+  ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
+  autocast = (torch.autocast(device, torch.bfloat16) if args.dtype == "bfloat16"
+              else contextlib.nullcontext())
 
   def loss_fn(ids):
-    return model(input_ids=ids, labels=ids).loss
+    with autocast:
+      return model(input_ids=ids, labels=ids).loss
 
   fn = torch.compile(loss_fn) if compiled else loss_fn
 
@@ -151,6 +160,8 @@ def torch_system(args, compiled: bool):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
 
   t0 = time.perf_counter()
   step()
@@ -161,8 +172,8 @@ def main():
   args = parse()
   cfg = base_config()
   cfg.model.update(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
-                   n_heads=args.n_heads, n_kv_heads=args.n_heads, d_ff=args.d_ff,
-                   dtype=args.dtype, remat=args.remat)
+                   n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, d_ff=args.d_ff,
+                   dtype=args.dtype, remat=args.remat, attention=args.attention)
   cfg.data.seq_len = args.seq_len
   cfg.train.update(batch_size=args.batch, steps=(args.steps + args.warmup) * args.rounds + 1)
   if args.loss_chunk is not None:
@@ -170,17 +181,18 @@ def main():
   cfg.optim.warmup_steps = 1
   cfg.mesh.update(data=-1)
   validate(cfg)
-  on_cpu = jax.devices()[0].platform == "cpu"
+  platform_name = jax.devices()[0].platform
 
   systems, compile_s, memory = {}, {}, {}
   systems["ours"], compile_s["ours"], memory["ours"] = jax_system(cfg, args)
   for peer in args.peers:
     if peer == "materialised":
       systems[peer], compile_s[peer], memory[peer] = jax_system(cfg, args, materialised_objective)
-    elif not on_cpu or args.dtype != "float32":
-      print(f"skipping {peer}: the torch peers run on CPU in float32 only")
+    elif platform_name == "tpu":
+      print(f"skipping {peer}: the torch peers run on a CPU or a CUDA GPU")
     else:
-      systems[peer], compile_s[peer] = torch_system(args, compiled=peer == "torch_compile")
+      systems[peer], compile_s[peer] = torch_system(
+          args, compiled=peer == "torch_compile", device="cpu" if platform_name == "cpu" else "cuda")
 
   times = {name: [] for name in systems}
   for _ in range(args.rounds):
@@ -195,17 +207,21 @@ def main():
 
   tokens = args.batch * args.seq_len
   flops = flops_per_token(cfg.model, args.seq_len) * tokens
-  peak = measure_matmul_flops(dtype=jnp.dtype(args.dtype))
-  labels = {"ours": f"this project (loss_chunk {cfg.train.loss_chunk})",
+  peak = measure_matmul_flops(n=2048 if platform_name == "cpu" else 8192, dtype=jnp.dtype(args.dtype))
+  datasheet = None if platform_name == "cpu" else datasheet_peak_flops(jax.devices()[0].device_kind)
+  labels = {"ours": f"this project ({args.attention} attention, loss_chunk {cfg.train.loss_chunk})",
             "materialised": "this project, whole logits (autodiff loss)",
             "torch": "PyTorch + transformers, eager",
             "torch_compile": "PyTorch + transformers, torch.compile(forward + loss)"}
-  lines = ["| system | ms/step (median) | tokens/s | MFU | ours / system (speed) | compile s | "
-           "temporaries MiB |", "|---|--:|--:|--:|--:|--:|--:|"]
+  sheet_col = f" MFU ({datasheet[1]} datasheet) |" if datasheet else ""
+  lines = [f"| system | ms/step (median) | tokens/s | MFU (in-run matmul) |{sheet_col} "
+           "ours / system (speed) | compile s | temporaries MiB |",
+           "|---|--:|--:|--:|" + ("--:|" if datasheet else "") + "--:|--:|--:|"]
   for name, s in step_s.items():
     temp = f"{memory[name].temp_size_in_bytes / 2**20:.1f}" if name in memory else ""
+    sheet = f" {100 * flops / s / datasheet[0]:.1f}% |" if datasheet else ""
     lines.append(f"| {labels[name]} | {s * 1e3:.1f} | {tokens / s:,.0f} | "
-                 f"{100 * flops / s / peak:.1f}% | {s / step_s['ours']:.2f}x | "
+                 f"{100 * flops / s / peak:.1f}% |{sheet} {s / step_s['ours']:.2f}x | "
                  f"{compile_s[name]:.1f} | {temp} |")
   table = "\n".join(lines)
   notes = (f"Model GFLOP/step {flops / 1e9:.2f} (6 N per token + attention); in-run matmul peak "
@@ -215,8 +231,9 @@ def main():
   print(notes)
   if not args.no_append:
     append_result("train_throughput", f"{machine()}; d_model {args.d_model}, {args.n_layers} "
-                  f"layers, vocab {args.vocab}, seq {args.seq_len}, batch {args.batch}, "
-                  f"{args.dtype}, remat {args.remat}", table + "\n\n" + notes)
+                  f"layers, {args.n_heads} heads ({args.n_kv_heads} KV), d_ff {args.d_ff}, vocab "
+                  f"{args.vocab}, seq {args.seq_len}, batch {args.batch}, {args.dtype}, remat "
+                  f"{args.remat}", table + "\n\n" + notes)
 
 
 if __name__ == "__main__":

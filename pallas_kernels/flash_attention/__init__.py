@@ -75,8 +75,10 @@ def default_backend() -> tuple[str, bool]:
 def make_options(q_len: int, kv_len: int, head_dim: int, *, causal: bool = True,
                  window: int | None = None, scale: float | None = None,
                  block_q: int | None = None, block_k: int | None = None,
-                 backend: str | None = None, interpret: bool | None = None) -> Options:
-  """Validated static options; block sizes default per backend, capped to the lengths."""
+                 backend: str | None = None, interpret: bool | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None) -> Options:
+  """Validated static options; block sizes default per backend, capped to the lengths.
+  num_warps / num_stages tune the Triton (GPU) launch; None picks by head dim."""
   auto_backend, auto_interpret = default_backend()
   backend = auto_backend if backend is None else backend
   _check_backend(backend)
@@ -101,9 +103,13 @@ def make_options(q_len: int, kv_len: int, head_dim: int, *, causal: bool = True,
                        "kernel's tiles require")
     if backend == "gpu" and not interpret and value & (value - 1):
       raise ValueError(f"{name}={value}: Triton blocks must be powers of two")
+  for name, value in (("num_warps", num_warps), ("num_stages", num_stages)):
+    if value is not None and (not isinstance(value, int) or value < 1):
+      raise ValueError(f"{name}={value!r}: must be a positive int or None")
   scale = head_dim ** -0.5 if scale is None else float(scale)
   return Options(causal=bool(causal), window=window, scale=scale, block_q=block_q,
-                 block_k=block_k, backend=backend, interpret=bool(interpret))
+                 block_k=block_k, backend=backend, interpret=bool(interpret),
+                 num_warps=num_warps, num_stages=num_stages)
 
 
 def _check_inputs(q, k, v, segment_ids, kv_segment_ids):
@@ -199,7 +205,8 @@ def flash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, kv_segment_ids_
                     causal: bool = True, window: int | None = None, scale: float | None = None,
                     block_q: int | None = None, block_k: int | None = None,
                     backend: str | None = None, interpret: bool | None = None,
-                    q_offset=0, kv_offset=0):
+                    q_offset=0, kv_offset=0, num_warps: int | None = None,
+                    num_stages: int | None = None):
   """Softmax(q k^T * scale) v under the causal / segment / window mask; differentiable.
 
   backend: "tpu" or "gpu"; default is the current device's, and on a CPU the GPU kernel
@@ -207,7 +214,8 @@ def flash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, kv_segment_ids_
   _check_inputs(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kv_segment_ids_BS)
   opts = make_options(q_BTHE.shape[1], k_BSKE.shape[1], q_BTHE.shape[3], causal=causal,
                       window=window, scale=scale, block_q=block_q, block_k=block_k,
-                      backend=backend, interpret=interpret)
+                      backend=backend, interpret=interpret, num_warps=num_warps,
+                      num_stages=num_stages)
   padded = _prepare(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kv_segment_ids_BS, q_offset,
                     kv_offset, opts)
   return _flash(*padded, opts)[:, :q_BTHE.shape[1]]

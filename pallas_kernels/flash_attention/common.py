@@ -31,6 +31,8 @@ class Options:
   block_k: int
   backend: str  # "tpu" (Mosaic) or "gpu" (Triton)
   interpret: bool
+  num_warps: int | None = None  # Triton launch options (GPU); None: chosen by head dim
+  num_stages: int | None = None
 
 
 def block_visible(q_start, kv_start, block_q: int, block_k: int, opts: Options):

@@ -24,8 +24,11 @@ NT = (((1,), (1,)), ((), ()))  # a @ b.T
 TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
-def _params(e: int):
-  return plgpu.CompilerParams(num_warps=4 if e <= 64 else 8, num_stages=2)
+def _params(e: int, opts: Options):
+  # Defaults from `benchmarks/attention.py --sweep 4096` on an H100 (BENCHMARKS.md): with
+  # 64 x 64 blocks, 4 warps ran forward + backward 1.9x faster than 8 at head dim 128.
+  return plgpu.CompilerParams(num_warps=opts.num_warps or (4 if e <= 128 else 8),
+                              num_stages=opts.num_stages or 2)
 
 
 def _tile(q, k, qseg, kvseg, q_start, kv_start, opts: Options):
@@ -88,7 +91,7 @@ def fwd(q, k, v, qseg, kvseg, offsets, opts: Options):
                  pl.BlockSpec((None, None, bq), lambda b_, h_, i: (b_, h_, i))],
       out_shape=[out_struct(q.shape, q.dtype, q),
                  out_struct((b, h, t), jnp.float32, q)],
-      compiler_params=_params(e),
+      compiler_params=_params(e, opts),
       interpret=opts.interpret,
       name="flash_attention_fwd",
   )(offsets, q, k, v, qseg, kvseg)
@@ -162,7 +165,7 @@ def bwd(q, k, v, qseg, kvseg, offsets, lse, delta, do, opts: Options):
                 row_block, row_block, q_block],
       out_specs=q_block,
       out_shape=out_struct(q.shape, q.dtype, q),
-      compiler_params=_params(e),
+      compiler_params=_params(e, opts),
       interpret=opts.interpret,
       name="flash_attention_dq",
   )(offsets, q, k, v, qseg, kvseg, lse, delta, do)
@@ -179,7 +182,7 @@ def bwd(q, k, v, qseg, kvseg, offsets, lse, delta, do, opts: Options):
                 rows_group, rows_group, q_group],
       out_specs=[kv_block, kv_block],
       out_shape=[out_struct(k.shape, k.dtype, q), out_struct(v.shape, v.dtype, q)],
-      compiler_params=_params(e),
+      compiler_params=_params(e, opts),
       interpret=opts.interpret,
       name="flash_attention_dkv",
   )(offsets, q, k, v, qseg, kvseg, lse, delta, do)
