@@ -9,10 +9,9 @@ the Pallas "flash" kernel; ring attention when the sequence is sharded).
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from llm.ops.attention import attend
+from llm.ops.attention import attend, attend_cached
 from llm.model.layers import Projection, RMSNorm, apply_rope, constrain, rope_inv_freq
 from llm.model.lora import projection_kwargs
 
@@ -52,14 +51,8 @@ class Attention(nn.Module):
     if cache is None:
       out_BTHE = attend(c.attention, q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, **options)
     else:  # queries at cache slots slot.., over the cache's filled (kv_valid) slots
-      start = (0, 0, decode["slot"], 0)
-      cache = {name: jax.lax.dynamic_update_slice(
-          cache[name], jnp.swapaxes(new_BTKE, 1, 2).astype(cache[name].dtype), start)
-               for name, new_BTKE in (("k", k_BTKE), ("v", v_BTKE))}
-      out_BTHE = attend(c.attention, q_BTHE, cache["k"], cache["v"],
-                        jnp.ones(q_BTHE.shape[:2], jnp.int32),
-                        kv_segment_ids_BS=decode["kv_valid"].astype(jnp.int32),
-                        q_offset=decode["slot"], **options)
+      out_BTHE, cache = attend_cached(c.attention, q_BTHE, k_BTKE, v_BTKE, cache,
+                                      decode["kv_valid"], decode["slot"], **options)
     out_BTHE = constrain(out_BTHE, ("batch", "length", "act_heads", "head_dim"))
     out_BTD = Projection((h, e), (d,), ("heads", "head_dim", "embed"),
                          init_std=self.out_init_std, name="o", **kw,

@@ -9,9 +9,12 @@ decide how q/k/v are split:
     cannot be partitioned by GSPMD).
   - mesh.sequence > 1 (training): ring attention with the implementation's chunk
     functions.
-Cached decoding comes through here too: queries at `q_offset` over a KV cache whose
-empty slots have kv segment id 0, laid out heads-major ([B, K, S, E]), so that a decode
-step reads each head's keys and values where they lie instead of transposing the cache.
+Cached decoding comes through `attend_cached`: queries at cache slots slot.. over a KV
+cache laid out heads-major ([B, K, S, E]), so that a decode step reads each head's keys
+and values where they lie instead of transposing the cache. With plain XLA it attends over
+the cache as it was and over this step's own keys/values as two chunks merged by their
+logsumexp, so the cache update's only reader is the next step: XLA then writes the new
+slots in place instead of copying every layer's cache at every token.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels.flash_attention as flash
-from llm.ops.attention.ring import flash_blocks, ring_attention
+from llm.ops.attention.ring import flash_blocks, merge, ring_attention
 from llm.ops.attention.xla import Blocks, xla_attention, xla_blocks
 from llm.parallel.rules import logical_to_spec
 
@@ -63,6 +66,48 @@ IMPLEMENTATIONS: dict[str, Callable[..., Implementation]] = {"xla": _xla, "flash
 def _current_mesh():
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def attend_cached(impl: str, q_BTHE, k_BTKE, v_BTKE, cache, kv_valid_BS, slot, *,
+                  window: int | None = None, block_q: int | None = None,
+                  block_k: int | None = None):
+  """Queries at cache slots slot..slot+T-1 attending, causally, to the cache's filled slots
+  and to this step's keys/values [B, T, K, E], which are written into the cache at `slot`.
+
+  cache: {"k", "v"} of [B, K, S, E]; kv_valid_BS: the filled slots, this step's included
+  (left-padded prompt slots are not). Returns (out_BTHE, updated cache)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
+  b, t = q_BTHE.shape[:2]
+
+  def update(cache, k_BTKE, v_BTKE):
+    return {name: jax.lax.dynamic_update_slice(
+        cache[name], jnp.swapaxes(new_BTKE, 1, 2).astype(cache[name].dtype), (0, 0, slot, 0))
+            for name, new_BTKE in (("k", k_BTKE), ("v", v_BTKE))}
+
+  s = cache["k"].shape[2]
+  chosen = IMPLEMENTATIONS[impl](t, s, q_BTHE.shape[3], window, block_q, block_k)
+  if chosen.whole is not None:  # a kernel: one pass over the updated cache
+    updated = update(cache, k_BTKE, v_BTKE)
+    out = attend(impl, q_BTHE, updated["k"], updated["v"], jnp.ones((b, t), jnp.int32),
+                 kv_segment_ids_BS=kv_valid_BS.astype(jnp.int32), q_offset=slot, window=window,
+                 block_q=block_q, block_k=block_k)
+    return out, updated
+  ones_BT = jnp.ones((b, t), jnp.int32)
+  before_BS = kv_valid_BS & (jnp.arange(s)[None, :] < slot)  # the slots filled earlier
+  o_cache, lse_cache = xla_blocks(window, kv="bkse").fwd(
+      q_BTHE, cache["k"], cache["v"], ones_BT, before_BS.astype(jnp.int32), slot, 0)
+  new_valid_BT = jax.lax.dynamic_slice(kv_valid_BS, (0, slot), (b, t)).astype(jnp.int32)
+  o_new, lse_new = xla_blocks(window).fwd(q_BTHE, k_BTKE, v_BTKE, ones_BT, new_valid_BT,
+                                          slot, slot)
+  out, _ = merge(o_cache.astype(jnp.float32), lse_cache, o_new, lse_new)
+  # The write must follow the reads of the old cache, and XLA orders them only by data
+  # dependence (an optimization barrier does not do it): without one it copies every
+  # layer's cache at every token. Adding 0 x (this row's output) ties each row's write to
+  # its reads without changing it.
+  tie_BT11 = 0.0 * out[:, :, :1, :1]
+  return out.astype(q_BTHE.dtype), update(cache, k_BTKE + tie_BT11.astype(k_BTKE.dtype),
+                                          v_BTKE + tie_BT11.astype(v_BTKE.dtype))
 
 
 def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, kv_segment_ids_BS=None,

@@ -27,7 +27,7 @@ def flash_blocks(opts: flash.Options) -> Blocks:
                 functools.partial(flash.block_bwd, opts=opts))
 
 
-def _merge(o_BTHE, lse_BHT, o_step_BTHE, lse_step_BHT):
+def merge(o_BTHE, lse_BHT, o_step_BTHE, lse_step_BHT):
   """Online-softmax merge of two partial results over disjoint key sets."""
   lse_new = jnp.logaddexp(lse_BHT, lse_step_BHT)
   w_old = jnp.exp(lse_BHT - lse_new).transpose(0, 2, 1)[..., None]
@@ -71,7 +71,7 @@ def _ring_fwd(q, k, v, seg, blocks: Blocks, axis_name):
               _filled((b, h, t), _EMPTY_LSE, jnp.float32, *like))
 
     o_step, lse_step = compute() if step == 0 else lax.cond(src < me, compute, skip)
-    o, lse = _merge(o, lse, o_step, lse_step)
+    o, lse = merge(o, lse, o_step, lse_step)
     if step < n - 1:
       k_cur, v_cur, seg_cur = _ring_shift([k_cur, v_cur, seg_cur], axis_name, n)
   out = o.astype(q.dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 import pallas_kernels.flash_attention as flash
@@ -38,6 +39,19 @@ def _grouped_logits(q_BTHE, k_BSKE, scale, kv="bske"):
                     preferred_element_type=jnp.float32) * scale
 
 
+def _weighted_values(p_BKGTS, v_BSKE, kv="bske"):
+  """[B, T, K, G, E] float32 sum over s of p x v. With a heads-major cache the product is
+  written as p [.., S] @ v [S, E] per (b, k) (jnp.einsum lets XLA put v first, and XLA then
+  transposes the whole cache at every decode step to contract its last axis)."""
+  if kv == "bske":
+    return jnp.einsum("bkgts,bske->btkge", p_BKGTS, v_BSKE, preferred_element_type=jnp.float32)
+  b, k, g, t, s = p_BKGTS.shape
+  o_BKGTE = jax.lax.dot_general(p_BKGTS.reshape(b, k, g * t, s), v_BSKE,
+                                (((3,), (2,)), ((0, 1), (0, 1))),
+                                preferred_element_type=jnp.float32)
+  return o_BKGTE.reshape(b, k, g, t, -1).transpose(0, 3, 1, 2, 4)
+
+
 def xla_blocks(window: int | None, kv: str = "bske") -> Blocks:
   """Chunk functions in plain XLA, causal with segment ids and an optional window;
   GQA without repeating K/V. `kv="bkse"`: the forward takes keys and values heads-major
@@ -52,8 +66,7 @@ def xla_blocks(window: int | None, kv: str = "bske") -> Blocks:
     p_BKGTS = jnp.where(mask_B11TS, jnp.exp(s_BKGTS - m_BKGT[..., None]), 0.0)
     l_BKGT = jnp.sum(p_BKGTS, axis=-1)
     safe_l = jnp.where(l_BKGT == 0, 1.0, l_BKGT)
-    o_BTKGE = jnp.einsum(f"bkgts,{kv}->btkge", p_BKGTS.astype(v_BSKE.dtype), v_BSKE,
-                         preferred_element_type=jnp.float32)
+    o_BTKGE = _weighted_values(p_BKGTS.astype(v_BSKE.dtype), v_BSKE, kv)
     o_BTKGE = o_BTKGE / safe_l.transpose(0, 3, 1, 2)[..., None]
     lse_BKGT = jnp.where(l_BKGT == 0, flash.EMPTY_LSE, m_BKGT + jnp.log(safe_l))
     return (o_BTKGE.reshape(b, t, h, e).astype(q_BTHE.dtype),
