@@ -58,6 +58,40 @@ def test_greedy_cached_decoding_equals_argmax_of_full_forward(model_and_params, 
     assert continuation == chosen.tolist()
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_out_major_kernels_compute_the_same_model(model_and_params, scan_layers):
+  """model.out_major_kernels (the CPU decoding layout): every projection kernel moved to
+  [out..., in...] by to_out_major gives the same logits, stacked layers or not; the
+  decoder uses it when unrolled, and a LoRA config refuses it."""
+  from llm.config import base_config, validate
+  from llm.model.transformer import to_out_major, unstack_layers
+  cfg, model, params = model_and_params
+  if not scan_layers:
+    params = unstack_layers(params, cfg.model)
+  src = cfg.model.copy_and_resolve_references()
+  src.scan_layers = scan_layers
+  dst = src.copy_and_resolve_references()
+  dst.out_major_kernels = True
+  moved = to_out_major(params, src)
+  layer = "layers" if scan_layers else "layers_0"
+  q_in, q_out = (p[layer]["attn"]["q"]["kernel"] for p in (params, moved))  # [(L,) D, H, E]
+  np.testing.assert_array_equal(np.moveaxis(np.asarray(q_in), -3, -1), q_out)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(3, 512, (2, 9)))
+  want = make_model(src).apply({"params": params}, tokens)
+  got = make_model(dst).apply({"params": moved}, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert Decoder(cfg.model, None, unroll=True).out_major
+  assert not Decoder(cfg.model, None, unroll=False).out_major
+  lora = cfg.model.copy_and_resolve_references()
+  lora.lora.rank = 4
+  assert not Decoder(lora, None, unroll=True).out_major  # adapters keep [in, out] kernels
+  bad = base_config()
+  bad.model.update(out_major_kernels=True)
+  bad.model.lora.rank = 4
+  with pytest.raises(ValueError, match="out_major_kernels with model.lora.rank"):
+    validate(bad)
+
+
 def test_sliding_window_decoding_equals_windowed_full_forward(model_and_params):
   """With model.sliding_window, the KV-cache path masks the same keys as the forward."""
   _, full_model, params = model_and_params

@@ -8,6 +8,9 @@ On CPU a scanned model decodes unrolled (its params unstacked once per Decoder) 
 KV-cache buffer per layer: a scan would slice every layer's weights and cache out of the
 stacked arrays and stack the cache again at every token, copies that cost as much as the
 matmuls when decoding is memory-bound; per-layer buffers are donated and updated in place.
+There the projection kernels are also stored out-major ([out, in], model.out_major_kernels):
+a decode step is a chain of matrix-vector products, which XLA:CPU runs up to 1.3x faster
+over that layout.
 
 `Decoder(model_cfg, params).generate(prompts_as_token_ids, max_tokens, sampling)`; the
 text API (`llm.inference.text`) wraps it with a tokenizer.
@@ -27,7 +30,7 @@ import numpy as np
 from llm.config import head_dim
 from llm.inference.sampling import SamplingParams, sample
 from llm.model import make_model, require_lm_head
-from llm.model.transformer import unstack_layers
+from llm.model.transformer import to_out_major, unstack_layers
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -40,7 +43,7 @@ def _prefill(model, params, tokens_BP, valid_BP, cache):
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
   s = jax.tree.leaves(cache)[0].shape[-2]  # [(L,) B, K, S, E]
   kv_valid_BS = jnp.zeros((tokens_BP.shape[0], s), bool).at[:, :tokens_BP.shape[1]].set(valid_BP)
-  decode = {"slot": jnp.int32(0), "kv_valid": kv_valid_BS}
+  decode = {"slot": 0, "kv_valid": kv_valid_BS}  # a static 0: the cache starts empty
   logits_B1V, cache = model.apply({"params": params}, tokens_BP, None, positions_BP, cache,
                                   decode, last_only=True)  # prompts are left-padded
   return logits_B1V[:, 0], cache, kv_valid_BS, positions_BP[:, -1] + 1
@@ -96,10 +99,15 @@ class Decoder:
     if unroll is None:
       unroll = jax.default_backend() == "cpu"
     self.unrolled = bool(unroll and model_cfg.scan_layers)
+    # LoRA keeps [in, out] kernels: an unmerged LoRA model decodes in its own layout
+    self.out_major = (self.unrolled and not model_cfg.lora.rank
+                      and not model_cfg.out_major_kernels)
     self._params_cfg = model_cfg  # the layout of the params callers pass
     if self.unrolled:
       model_cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
       model_cfg.scan_layers = False
+      self._unstacked_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+      model_cfg.out_major_kernels = model_cfg.out_major_kernels or self.out_major
     self.cfg = model_cfg
     self.params = params
     key = json.dumps(ml_collections.ConfigDict(model_cfg).to_dict(), sort_keys=True)
@@ -111,9 +119,12 @@ class Decoder:
 
   @params.setter
   def params(self, params):
-    """The model's params as trained (stacked layers); unstacked here when unrolled."""
-    self._params = (unstack_layers(params, self._params_cfg)
-                    if self.unrolled and params is not None else params)
+    """The model's params as trained (stacked layers); unstacked (and out-major) here
+    when unrolled."""
+    if self.unrolled and params is not None:
+      params = unstack_layers(params, self._params_cfg)
+      params = to_out_major(params, self._unstacked_cfg) if self.out_major else params
+    self._params = params
 
   @staticmethod
   def shapes(prompt_len: int, max_tokens: int) -> tuple[int, int]:

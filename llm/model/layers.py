@@ -53,7 +53,8 @@ class Projection(nn.Module):
   With `lora_rank` > 0 a low-rank adapter is added (LoRA): x -> x @ A @ B x alpha/rank,
   A [in..., rank] (normal, std 1/rank) and B [rank, out...] zero-initialised (both fp32), so the
   adapted map starts equal to the base one. A and B carry the kernel's input and output
-  axes, so they shard like it; the rank axis is never split."""
+  axes, so they shard like it; the rank axis is never split. `out_major` stores the kernel
+  as [out..., in...] (model.out_major_kernels: faster matrix-vector products on a CPU)."""
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
   axes: tuple[str, ...]
@@ -64,11 +65,26 @@ class Projection(nn.Module):
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0  # on the adapter's input, when a "dropout" rng is given
   base_quant: str = "none"  # QLoRA: the kernel stored quantized (llm.model.quant)
+  out_major: bool = False  # the kernel stored [out..., in...]
 
   @nn.compact
   def __call__(self, x):
     n_in = len(self.in_shape)
     shape = self.in_shape + self.out_shape
+    if self.out_major:
+      if self.base_quant != "none" or self.lora_rank:
+        raise ValueError("out_major kernels take no adapter and are not quantized (LoRA and "
+                         "QLoRA keep [in..., out...] kernels)")
+      kernel = param_with_axes(self, "kernel", nn.initializers.normal(self.init_std),
+                               self.out_shape + self.in_shape,
+                               self.axes[n_in:] + self.axes[:n_in], self.param_dtype)
+      # as one [out, in] matrix (a free reshape): with several out or in axes XLA:CPU would
+      # otherwise copy the kernel into its matmul layout at every call
+      n_out_flat, n_in_flat = math.prod(self.out_shape), math.prod(self.in_shape)
+      x_flat = x.reshape(x.shape[:x.ndim - n_in] + (n_in_flat,)).astype(self.dtype)
+      out = jax.lax.dot_general(x_flat, kernel.reshape(n_out_flat, n_in_flat).astype(self.dtype),
+                                (((x_flat.ndim - 1,), (1,)), ((), ())))
+      return out.reshape(out.shape[:-1] + self.out_shape)
     if self.base_quant == "none":
       kernel = param_with_axes(self, "kernel", nn.initializers.normal(self.init_std), shape,
                                self.axes, self.param_dtype)

@@ -29,10 +29,10 @@ def targets(model_cfg) -> tuple[str, ...]:
 
 def projection_kwargs(model_cfg, target: str) -> dict:
   """Projection arguments for the projection named `target`: an adapter if it is a
-  target, a quantized kernel for every projection under QLoRA."""
+  target, a quantized kernel for every projection under QLoRA; the kernel layout."""
   lora = model_cfg.lora
   if not lora.rank:
-    return {}
+    return {"out_major": True} if model_cfg.out_major_kernels else {}
   kwargs = {} if lora.base_quant == "none" else {"base_quant": lora.base_quant}
   if target in targets(model_cfg):
     kwargs.update(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout)

@@ -12,6 +12,8 @@ metrics its layers sowed.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from typing import NamedTuple
 
@@ -211,6 +213,41 @@ def unstack_layers(params, model_cfg) -> dict:
     stacked = params["layers"] if len(kinds) == 1 else params["layers"][f"block_{i % len(kinds)}"]
     out[f"layers_{i}"] = jax.tree.map(lambda a, g=i // len(kinds): a[g], stacked)
   return out
+
+
+def to_out_major(params, model_cfg) -> dict:
+  """Params of a model as those of the same model with model.out_major_kernels: every
+  projection kernel moved from [in..., out...] to [out..., in...]. Each kernel's
+  permutation comes from the two layouts' logical axes (abstract inits, nothing computed)."""
+  if model_cfg.out_major_kernels:
+    return params
+  target = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
+  target.out_major_kernels = True
+  axes_in, axes_out = (_logical_axes(c) for c in (model_cfg, target))
+
+  def move(x, a, b):
+    if a == b:
+      return x
+    if len(set(a)) != len(a):
+      raise ValueError(f"cannot place a kernel with repeated logical axes {a} out-major")
+    return jnp.transpose(x, [a.index(name) for name in b])
+
+  return jax.tree.map(move, params, axes_in, axes_out)
+
+
+def _logical_axes(model_cfg):
+  """The logical axis names of every param of a model (None where it has none)."""
+  return _logical_axes_of(json.dumps(ml_collections.ConfigDict(model_cfg).to_dict(),
+                                     sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _logical_axes_of(model_cfg_json: str):
+  model_cfg = ml_collections.ConfigDict(json.loads(model_cfg_json))
+  boxed = jax.eval_shape(lambda: init_params(make_model(model_cfg), jax.random.key(0)))
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  return jax.tree.map(lambda x: tuple(x.names) if isinstance(x, nn.LogicallyPartitioned)
+                      else None, boxed, is_leaf=is_box)
 
 
 def init_params(model: Transformer, rng, seq_len: int = 8):

@@ -75,7 +75,8 @@ def attend_cached(impl: str, q_BTHE, k_BTKE, v_BTKE, cache, kv_valid_BS, slot, *
   and to this step's keys/values [B, T, K, E], which are written into the cache at `slot`.
 
   cache: {"k", "v"} of [B, K, S, E]; kv_valid_BS: the filled slots, this step's included
-  (left-padded prompt slots are not). Returns (out_BTHE, updated cache)."""
+  (left-padded prompt slots are not); slot: an int32 scalar, or the Python int 0 for a
+  prefill into an empty cache (then the cache is not read). Returns (out_BTHE, cache)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
   b, t = q_BTHE.shape[:2]
@@ -94,12 +95,14 @@ def attend_cached(impl: str, q_BTHE, k_BTKE, v_BTKE, cache, kv_valid_BS, slot, *
                  block_q=block_q, block_k=block_k)
     return out, updated
   ones_BT = jnp.ones((b, t), jnp.int32)
-  before_BS = kv_valid_BS & (jnp.arange(s)[None, :] < slot)  # the slots filled earlier
-  o_cache, lse_cache = xla_blocks(window, kv="bkse").fwd(
-      q_BTHE, cache["k"], cache["v"], ones_BT, before_BS.astype(jnp.int32), slot, 0)
   new_valid_BT = jax.lax.dynamic_slice(kv_valid_BS, (0, slot), (b, t)).astype(jnp.int32)
   o_new, lse_new = xla_blocks(window).fwd(q_BTHE, k_BTKE, v_BTKE, ones_BT, new_valid_BT,
                                           slot, slot)
+  if isinstance(slot, int) and slot == 0:  # a prefill into an empty cache: nothing before
+    return o_new, update(cache, k_BTKE, v_BTKE)
+  before_BS = kv_valid_BS & (jnp.arange(s)[None, :] < slot)  # the slots filled earlier
+  o_cache, lse_cache = xla_blocks(window, kv="bkse").fwd(
+      q_BTHE, cache["k"], cache["v"], ones_BT, before_BS.astype(jnp.int32), slot, 0)
   out, _ = merge(o_cache.astype(jnp.float32), lse_cache, o_new, lse_new)
   # The write must follow the reads of the old cache, and XLA orders them only by data
   # dependence (an optimization barrier does not do it): without one it copies every
