@@ -88,9 +88,10 @@ def attend_cached(impl: str, q_BTHE, k_BTKE, v_BTKE, cache, kv_valid_BS, slot, *
 
   s = cache["k"].shape[2]
   chosen = IMPLEMENTATIONS[impl](t, s, q_BTHE.shape[3], window, block_q, block_k)
-  if chosen.whole is not None:  # a kernel: one pass over the updated cache
+  if chosen.whole is not None:  # a kernel ([B, S, K, E]): one pass over the updated cache
     updated = update(cache, k_BTKE, v_BTKE)
-    out = attend(impl, q_BTHE, updated["k"], updated["v"], jnp.ones((b, t), jnp.int32),
+    k_BSKE, v_BSKE = (jnp.swapaxes(updated[name], 1, 2) for name in ("k", "v"))
+    out = attend(impl, q_BTHE, k_BSKE, v_BSKE, jnp.ones((b, t), jnp.int32),
                  kv_segment_ids_BS=kv_valid_BS.astype(jnp.int32), q_offset=slot, window=window,
                  block_q=block_q, block_k=block_k)
     return out, updated
@@ -119,14 +120,13 @@ def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, kv_segment_ids_
   """Causal attention within segments by the named implementation, on the ambient mesh.
 
   Self-attention by default; with `kv_segment_ids_BS` (a KV cache) the keys are their own
-  sequence, given heads-major as [B, K, S, E], and queries sit at positions q_offset + t."""
+  sequence and queries sit at positions q_offset + t."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
   mesh = _current_mesh()
   cached = kv_segment_ids_BS is not None
   kv_seg_BS = segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
-  t, e = q_BTHE.shape[1], q_BTHE.shape[3]
-  s = k_BSKE.shape[2 if cached else 1]
+  t, e, s = q_BTHE.shape[1], q_BTHE.shape[3], k_BSKE.shape[1]
   length = None if cached else "length"  # a cache is never split along its slots
   q_spec = None if mesh is None else logical_to_spec(("batch", length, "act_heads", "head_dim"),
                                                      q_BTHE.shape, mesh)
@@ -134,10 +134,7 @@ def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, kv_segment_ids_
   n_chunks = mesh.shape[SEQUENCE_AXIS] if ring else 1
   chosen = IMPLEMENTATIONS[impl](t // n_chunks, s // n_chunks, e, window, block_q, block_k)
   if chosen.whole is None and not ring:
-    return xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window, kv_seg_BS, q_offset,
-                         kv="bkse" if cached else "bske")
-  if cached:  # the kernels take [B, S, K, E]
-    k_BSKE, v_BSKE = (jnp.swapaxes(x, 1, 2) for x in (k_BSKE, v_BSKE))
+    return xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window, kv_seg_BS, q_offset)
 
   def local(q, k, v, seg, kv_seg, offset):
     if ring:

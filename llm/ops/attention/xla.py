@@ -99,10 +99,9 @@ def xla_blocks(window: int | None, kv: str = "bske") -> Blocks:
 
 
 def xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window: int | None = None,
-                  kv_segment_ids_BS=None, q_offset=0, kv: str = "bske"):
+                  kv_segment_ids_BS=None, q_offset=0):
   """Softmax in fp32, causal within each segment, optional window. Queries sit at
-  positions q_offset + t, keys at s (cached decoding: kv segment 0 marks empty slots;
-  kv="bkse": keys and values are [B, K, S, E])."""
+  positions q_offset + t, keys at s (cached decoding: kv segment 0 marks empty slots)."""
   kvseg = segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
-  out, _ = xla_blocks(window, kv).fwd(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kvseg, q_offset, 0)
+  out, _ = xla_blocks(window).fwd(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kvseg, q_offset, 0)
   return out
