@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,12 +69,17 @@ def parse(argv=None):
   p.add_argument("--module", default="llm.train")
   p.add_argument("--dry_run", "--dry-run", dest="dry_run", action="store_true",
                  help="print the script and command only")
-  p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then llm.train's arguments")
-  a = p.parse_args(argv)
+  p.epilog = "Training arguments follow --, after all of this launcher's options."
+  argv = sys.argv[1:] if argv is None else list(argv)
+  cut = argv.index("--") if "--" in argv else len(argv)
+  a = p.parse_args(argv[:cut])  # options may come before or after the action
+  a.train_args = argv[cut + 1:]
   for name in ("nodes", "gpus_per_node", "cpus_per_task"):
     if getattr(a, name) < 1:
       p.error(f"--{name}={getattr(a, name)} must be >= 1")
-  args = a.train_args[1:] if a.train_args[:1] == ["--"] else a.train_args
+  if not 1 <= a.port <= 65535:
+    p.error(f"--port={a.port} must be a TCP port in [1, 65535]")
+  args = a.train_args
   if not args:
     p.error("give the training arguments after --, e.g. -- --config=... --workdir=...")
   return a, args
@@ -87,6 +93,10 @@ def main(argv=None) -> int:
   if a.dry_run:
     print(f"# {path}\n{script}\n{shlex.join(cmd)}")
     return 0
+  if shutil.which("sbatch") is None:
+    print("error: sbatch is not on PATH: run this on a SLURM login node, or pass --dry_run to "
+          "print the script and command", file=sys.stderr)
+    return 2
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(script)
   print(f"wrote {path}", flush=True)

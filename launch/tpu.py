@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from llm.hardware import TPU_GENERATIONS  # noqa: E402 (tables only; no JAX needed)
+from llm.hardware import TPU_GENERATIONS, slice_grid  # noqa: E402 (tables only; no JAX needed)
 
 ACTIONS = ("create", "setup", "run", "logs", "delete", "all")
 TARBALL = "/tmp/llm-src.tar.gz"
@@ -41,6 +41,7 @@ def accelerator_type(name: str) -> tuple[str, str]:
   if gen not in TPU_GENERATIONS or not size.isdigit():
     raise ValueError(f"--accelerator={name!r}: expected GEN-SIZE with GEN in "
                      f"{sorted(TPU_GENERATIONS)}, e.g. v5e-16, v6e-64, v5p-128, v4-32")
+  slice_grid(gen, int(size), f"--accelerator={name!r}")  # a size Cloud TPU has (as llm.plan)
   return f"{TPU_GENERATIONS[gen].accelerator}-{size}", gen
 
 
@@ -132,15 +133,18 @@ def parse(argv=None):
   p.add_argument("--module", default="llm.train")
   p.add_argument("--dry_run", "--dry-run", dest="dry_run", action="store_true",
                  help="print the commands, run nothing")
-  p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then llm.train's arguments")
-  a = p.parse_args(argv)
+  p.epilog = "Training arguments follow --, after all of this launcher's options."
+  argv = sys.argv[1:] if argv is None else list(argv)
+  cut = argv.index("--") if "--" in argv else len(argv)
+  a = p.parse_args(argv[:cut])  # options may come before or after the action
+  a.train_args = argv[cut + 1:]
   if a.num_slices < 1:
     p.error(f"--num_slices={a.num_slices} must be >= 1")
   try:
     accelerator_type(a.accelerator)
   except ValueError as err:
     p.error(str(err))
-  args = a.train_args[1:] if a.train_args[:1] == ["--"] else a.train_args
+  args = a.train_args
   if a.action in ("run", "all") and not args:
     p.error(f"{a.action} needs the training arguments after --, e.g. -- --config=... "
             "--workdir=gs://...")

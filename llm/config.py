@@ -265,6 +265,17 @@ def comma_list(value: str) -> list[str]:
   return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def flatten(section) -> dict:
+  """A config section as {"dotted.name": value} of its leaves."""
+  out = {}
+  for k, v in (section.to_dict() if hasattr(section, "to_dict") else section).items():
+    if isinstance(v, dict):
+      out.update({f"{k}.{name}": x for name, x in flatten(v).items()})
+    else:
+      out[k] = v
+  return out
+
+
 def head_dim(model_cfg) -> int:
   return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
 
@@ -336,14 +347,40 @@ def _check_grpo(config) -> None:
   weights = comma_list(g.reward_weights)
   if weights:
     try:
-      [float(w) for w in weights]
+      values = [float(w) for w in weights]
     except ValueError:
       raise ValueError(f"train.grpo.reward_weights={g.reward_weights!r} must be numbers "
                        "(comma-separated)") from None
+    if not all(math.isfinite(v) for v in values) or not any(values):
+      raise ValueError(f"train.grpo.reward_weights={g.reward_weights!r} must be finite numbers, "
+                       "not all 0 (the reward would be constant, so every advantage 0)")
     if len(weights) != n_rewards:
       raise ValueError(f"train.grpo.reward_weights={g.reward_weights!r} has {len(weights)} "
                        f"weight(s) for {n_rewards} reward(s) ({names}"
                        f"{' + reward_model' if g.reward_model else ''})")
+
+
+def _non_default(section: ml_collections.ConfigDict, default: ml_collections.ConfigDict,
+                 prefix: str, skip=()) -> list[str]:
+  given, base = section.to_dict(), default.to_dict()
+  return [f"{prefix}.{k}={given[k]!r}" for k in sorted(given)
+          if k not in skip and given[k] != base.get(k)]
+
+
+def _check_unused_sections(config) -> None:
+  """Settings of a part that is switched off would do nothing: refuse them, so a run is
+  never silently other than the one asked for."""
+  m, base = config.model, base_config().model
+  if m.mlp != "moe":
+    unused = _non_default(m.moe, base.moe, "model.moe")
+    if unused:
+      raise ValueError(f"{', '.join(unused)} set but model.mlp={m.mlp!r}: the model has no "
+                       "experts; set model.mlp='moe' or leave model.moe.* at its defaults")
+  if not m.lora.rank:
+    unused = _non_default(m.lora, base.lora, "model.lora", skip=("rank", "base_quant"))
+    if unused:
+      raise ValueError(f"{', '.join(unused)} set but model.lora.rank=0 (LoRA off: the whole "
+                       "model would train); set model.lora.rank > 0 to train adapters")
 
 
 def _check_store(config) -> None:
@@ -382,6 +419,10 @@ def _check_store(config) -> None:
   _positive("data.curate.repetition_scale", cu.repetition_scale)
   if "language" in stages and not comma_list(cu.languages):
     raise ValueError("data.curate.stages has 'language' but data.curate.languages is empty")
+  for code in comma_list(cu.languages):
+    if not re.fullmatch(r"[a-z]{2}", code.lower()):
+      raise ValueError(f"data.curate.languages={cu.languages!r}: {code!r} is not an ISO 639-1 "
+                       "code (two letters, e.g. 'en', 'de', 'fr'; comma-separated)")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -428,10 +469,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if t.objective == "dpo":
     check_range("train.dpo.beta", t.dpo.beta, lo=0, lo_open=True)
     check_range("train.dpo.label_smoothing", t.dpo.label_smoothing, lo=0, hi=0.5, hi_open=True)
+    if t.dpo.loss_type == "ipo" and t.dpo.label_smoothing:
+      raise ValueError(f"train.dpo.label_smoothing={t.dpo.label_smoothing} applies to the "
+                       "sigmoid loss (conservative DPO); train.dpo.loss_type='ipo' has no label "
+                       "smoothing: set it to 0 or use loss_type 'sigmoid'")
     check_range("train.dpo.rpo_alpha", t.dpo.rpo_alpha, lo=0)
   if m.out_major_kernels and m.lora.rank:
     raise ValueError("model.out_major_kernels with model.lora.rank > 0: LoRA and QLoRA keep "
                      "[in, out] kernels; merge the adapters first (llm.model.lora)")
+  _check_unused_sections(config)
   if m.lora.base_quant != "none" and not m.lora.rank:
     raise ValueError(f"model.lora.base_quant={m.lora.base_quant!r} quantizes the frozen base "
                      "of a LoRA run: set model.lora.rank > 0")

@@ -13,7 +13,7 @@ from absl import flags
 
 from llm import cli
 from llm.config import check_range
-from llm.eval.heldout import evaluate_heldout
+from llm.eval.heldout import check_heldout_objective, evaluate_heldout
 from llm.inference import load
 from llm.workdir import Workdir
 
@@ -24,11 +24,14 @@ def main(argv):
   del argv
   check_range("--batch_size", FLAGS.batch_size, lo=1)
   check_range("--max_batches", FLAGS.max_batches, lo=0, note="0 = all")
+  check_heldout_objective(Workdir(FLAGS.workdir).read_config(), FLAGS.workdir)  # before loading
   config, params, tok = load(FLAGS.workdir)
   result = evaluate_heldout(config, params, tok, FLAGS.workdir, FLAGS.batch_size,
                             FLAGS.max_batches)
   for k, v in result.items():
     print(f"{k:>14s}: {v:.4f}" if isinstance(v, float) else f"{k:>14s}: {v:,}")
+  print(f"(over the first {result['rows']:,} of the {result['val_rows']:,} validation rows; "
+        "training's eval_loss reads the first train.eval_batches x train.batch_size of them)")
   Workdir(FLAGS.workdir).eval_json.write_text(json.dumps(result, indent=2))
 
 

@@ -1,6 +1,6 @@
 """Generate text from a trained (or converted) workdir with a KV cache.
 
-  python -m llm.generate --workdir=DIR --prompt="ROMEO:" [--max_tokens=200 --temperature=0.8
+  python -m llm.generate --workdir=DIR --prompt="Romeo." [--max_tokens=200 --temperature=0.8
       --top_k=40 --top_p=0.95 --min_p=0.05 --repetition_penalty=1.1 --seed=0]
   python -m llm.generate --workdir=DIR --chat --prompt="Reverse the letters: abc"
 
@@ -31,6 +31,9 @@ def main(argv):
                             repetition_penalty=FLAGS.repetition_penalty)
   check_range("--max_tokens", FLAGS.max_tokens, lo=1)
   check_range("--seed", FLAGS.seed, lo=0)
+  if FLAGS.system and not FLAGS.chat:
+    raise ValueError("--system is a system message of the chat template: add --chat (without "
+                     "it --prompt is plain text to continue)")
   config, params, tokenizer = load(FLAGS.workdir)
   if FLAGS.chat:
     system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []

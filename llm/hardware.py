@@ -39,6 +39,25 @@ TPU_GENERATIONS = {
                          ("TPU v6 lite", "TPU v6e"), 1640e9, 3584e9 / 8),
 }
 
+# Cloud TPU slice sizes (chips) -> the chip grid: 2D tori (v5e, v6e) and 3D (v4, v5p)
+SLICE_GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+                  256: "16x16"}
+SLICE_GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+                  256: "4x8x8", 512: "8x8x8"}
+
+
+def slice_grid(gen: str, size: int, what: str) -> str:
+  """The chip grid of the Cloud TPU slice `gen`-`size` (size counts TensorCores on v4 and
+  v5p, chips on v5e and v6e); ValueError naming `what` for a size no such slice has."""
+  per_chip = TPU_GENERATIONS[gen].cores_per_chip
+  table = SLICE_GRIDS_2D if gen in ("v5e", "v6e") else SLICE_GRIDS_3D
+  if size % per_chip or size // per_chip not in table:
+    unit = "chips" if per_chip == 1 else "TensorCores"
+    raise ValueError(f"{what}: {size} {unit} is not a {gen} slice size; known: "
+                     f"{', '.join(f'{gen}-{c * per_chip}' for c in table)}")
+  return table[size // per_chip]
+
+
 # Dense bf16 peak FLOP/s per GPU, by jax device_kind substring.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 

@@ -33,7 +33,7 @@ from llm import cli
 from llm import config as config_lib
 from llm import cost_model
 from llm.flops import flops_per_token, recomputed_flops_per_token
-from llm.hardware import GIB, TPU_GENERATIONS, TpuGeneration
+from llm.hardware import GIB, TPU_GENERATIONS, TpuGeneration, slice_grid
 from llm.model import make_model
 from llm.model.transformer import REMAT_POLICIES
 from llm.parallel.mesh import make_mesh, use_mesh
@@ -41,11 +41,6 @@ from llm.parallel.rules import batch_sharding as make_batch_sharding
 from llm.training.optim import make_optimizer
 from llm.training.state import state_shardings
 from llm.training.step import abstract_batch, check_batch, jit_train_step
-
-_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-       256: "4x8x8", 512: "8x8x8"}
-
 
 @dataclasses.dataclass
 class Target:
@@ -69,16 +64,8 @@ def tpu_target(name: str, num_slices: int = 1) -> Target:
                      f"v4-32 or a grid like v5e:4x4; generations: {sorted(TPU_GENERATIONS)}")
   gen, size = m.groups()
   generation = TPU_GENERATIONS[gen]
-  prefix, hbm, per_chip = generation.topology, generation.hbm_bytes, generation.cores_per_chip
-  if ":" in name:
-    grid = size
-  else:
-    chips = int(size) // per_chip
-    table = _2D if gen in ("v5e", "v6e") else _3D
-    if chips not in table:
-      raise ValueError(f"--topology={name!r}: {chips} chips is not a {gen} slice size; known: "
-                       f"{', '.join(f'{gen}-{c * per_chip}' for c in table)}")
-    grid = table[chips]
+  prefix, hbm = generation.topology, generation.hbm_bytes
+  grid = size if ":" in name else slice_grid(gen, int(size), f"--topology={name!r}")
   # Several processes may compile for TPUs on one host (none of them owns a chip).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   import importlib.util

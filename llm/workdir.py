@@ -8,7 +8,8 @@
     DIR/data/            the tokenized corpus cache
     DIR/params/          a params-only Orbax checkpoint (llm.convert output)
     DIR/checkpoints/N/   training checkpoints: items state/, data/ (iterator), config/, and
-                         manifest.json (sizes and CRC32s of every file, written last)
+                         manifest.json (sizes and CRC32s of every file, written last: a
+                         checkpoint without one was never committed and is passed over)
     DIR/.lock            held (flock) by the run training in DIR
     DIR/rollouts/N.npz   a GRPO round's rows, kept for a checkpoint N taken inside the round
     DIR/metrics.jsonl    one JSON object per logged step; TensorBoard events beside it
@@ -162,15 +163,24 @@ def write_manifest(step_dir: Path) -> None:
   os.replace(tmp, step_dir / MANIFEST)
 
 
+def is_sealed(step_dir: Path) -> bool:
+  """Whether a checkpoint was committed: its manifest is written."""
+  return (step_dir / MANIFEST).is_file()
+
+
 def verify_checkpoint(step_dir: Path) -> str | None:
   """None when every file matches the manifest; else what is wrong, naming the file.
-  A checkpoint without a manifest (its writer was killed in the instant between
-  finishing and recording it) is "unverified": usable only if it restores."""
+  A checkpoint without a manifest was never committed (its writer was killed between
+  finishing the files and sealing them), so nothing vouches for its files: it is
+  passed over like a damaged one (the one before it is sealed: llm.training.checkpoint)."""
   manifest_path = step_dir / MANIFEST
   if not step_dir.is_dir():
     return f"{step_dir} does not exist"
   if not manifest_path.is_file():
-    return None if _checkpoint_files(step_dir) else f"{step_dir} is empty"
+    if not _checkpoint_files(step_dir):
+      return f"{step_dir} is empty"
+    return (f"it has no {MANIFEST} (its writer stopped before sealing it), so its files "
+            "cannot be verified")
   try:
     expected = json.loads(manifest_path.read_text())["files"]
   except (ValueError, KeyError) as e:
@@ -228,13 +238,40 @@ def load_tokenizer(workdir: str | os.PathLike, config):
   return tok
 
 
+def check_fits(config, target, where, model_cfg=None) -> None:
+  """Raises ValueError, naming the params whose shapes differ (and, given the model config
+  `model_cfg` that asks, the model fields that differ), unless the run saved with
+  `config` holds every param of `target` at its shape."""
+  import jax
+
+  from llm.model import unbox
+  from llm.params import abstract_params
+  flat = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)  # noqa: E731
+                       for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = flat(unbox(abstract_params(config.model))), flat(target)
+  bad = [f"{k}: {'absent' if k not in have else list(have[k])} there, {list(v)} here"
+         for k, v in want.items() if have.get(k) != v]
+  if not bad:
+    return
+  fields = ""
+  if model_cfg is not None:
+    then, now = config_lib.flatten(config.model), config_lib.flatten(model_cfg)
+    diff = [f"model.{k} {then.get(k)!r} vs {now[k]!r}" for k in sorted(now)
+            if then.get(k) != now[k] and k != "lora.rank" and not k.startswith("lora.")]
+    fields = f" ({', '.join(diff)} there vs here)" if diff else ""
+  raise ValueError(f"{where} holds a model of another shape than this one{fields}: "
+                   f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+
+
 def load_params(workdir: str | os.PathLike, step: int | None = None, target=None,
-                merge_lora: bool = True):
+                merge_lora: bool = True, model_cfg=None):
   """(config, params) of `workdir`: the params of its newest training checkpoint (or of
   `step`), else its params-only checkpoint (llm.convert output); replicated over the
   local devices, or placed as `target` (a tree of sharded ShapeDtypeStructs) says. A
   LoRA run's adapters are joined to its base and, unless a target is given or
-  `merge_lora` is False, folded into it (the config returned then has no LoRA)."""
+  `merge_lora` is False, folded into it (the config returned then has no LoRA). With a
+  target, a run of another model shape is refused naming what differs (`model_cfg`, the
+  model config that asks, lets the message name the config fields)."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -248,6 +285,8 @@ def load_params(workdir: str | os.PathLike, step: int | None = None, target=None
     replicated = NamedSharding(jax.sharding.Mesh(jax.local_devices(), ("all",)), P())
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                           unbox(abstract_params(config.model)))
+  if placed:
+    check_fits(config, target, wd.path, model_cfg)
   steps = wd.checkpoint_steps()
   if step is not None and step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {wd.checkpoints}; have {steps}")
@@ -296,7 +335,7 @@ def lora_base(config, base_target):
   if kind == "none":
     if config.train.init_params:
       return restore_params(config.train.init_params, base_target,
-                            partial=config.model.head != "lm")
+                            partial=config.model.head != "lm", model_cfg=config.model)
     shardings = jax.tree.map(lambda a: a.sharding, base_target)
     init = lambda: lora.split(unbox(init_params(make_model(config.model),  # noqa: E731
                                                 jax.random.key(config.seed),
@@ -316,7 +355,7 @@ def lora_base(config, base_target):
         mesh, jax.sharding.PartitionSpec()), unbox(boxed))
   float_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               unbox(boxed), float_shardings)
-  base = restore_params(config.train.init_params, float_target)
+  base = restore_params(config.train.init_params, float_target, model_cfg=float_cfg)
   shardings = jax.tree.map(lambda a: a.sharding, base_target)
   return jax.jit(lambda b: quant.quantize_base(b, kind), out_shardings=shardings)(base)
 
@@ -329,7 +368,7 @@ def save_params(path: str | os.PathLike, params) -> None:
     ckptr.wait_until_finished()
 
 
-def restore_params(path: str | os.PathLike, target, partial: bool = False):
+def restore_params(path: str | os.PathLike, target, partial: bool = False, model_cfg=None):
   """Restores a params-only checkpoint, or the params of a run directory's newest good
   checkpoint, onto the shapes and shardings of `target`; with `partial` the checkpoint
   may hold more than `target` asks for (e.g. a language model's unembedding when a
@@ -339,11 +378,15 @@ def restore_params(path: str | os.PathLike, target, partial: bool = False):
   if not path.is_dir():
     raise FileNotFoundError(f"params checkpoint {str(path)!r} does not exist")
   if (path / CONFIG_JSON).is_file():  # a workdir
-    return load_params(path, target=target)[1]
-  if partial:
-    return _restore_subtree(path, target)
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path, target)
+    return load_params(path, target=target, model_cfg=model_cfg)[1]
+  try:
+    if partial:
+      return _restore_subtree(path, target)
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(path, target)
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    raise ValueError(f"params checkpoint {str(path)!r} does not restore onto this model "
+                     f"({describe(e)})") from e
 
 
 def _restore_subtree(path: Path, target):

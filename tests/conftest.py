@@ -33,3 +33,12 @@ def config(tokenizer_path):
   c = tiny_config()
   c.data.tokenizer_path = tokenizer_path
   return c
+
+
+def pytest_sessionfinish(session):
+  """An xdist worker whose tests are done may be interrupted by the controller as it shuts
+  down; that SIGINT would land in whatever runs then (often jax's GC callback) and print a
+  KeyboardInterrupt traceback attributed to nothing. Once the session is over it is moot."""
+  import signal
+  if hasattr(session.config, "workerinput"):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -38,6 +38,17 @@ def test_every_config_validates(name):
     (dict(train=dict(batch_size=6, grad_accum=4)), "train.batch_size=6 is not divisible"),
     (dict(mesh=dict(data=-1, fsdp=-1)), "at most one mesh axis may be -1"),
     (dict(data=dict(source="csv")), "data.source='csv' is not allowed"),
+    # settings of a part that is off
+    (dict(model=dict(moe=dict(top_k=1))), "model.moe.top_k=1 set but model.mlp='dense'"),
+    (dict(model=dict(lora=dict(targets="q,k,v"))),
+     "model.lora.targets='q,k,v' set but model.lora.rank=0"),
+    (dict(data=dict(paths="p.jsonl"), train=dict(objective="dpo", dpo=dict(
+        loss_type="ipo", label_smoothing=0.1))), "label_smoothing=0.1 applies to the sigmoid"),
+    (dict(data=dict(curate=dict(languages="en,deu"))), "'deu' is not an ISO 639-1 code"),
+    *[(dict(data=dict(paths="p.jsonl"), train=dict(objective="grpo", grpo=dict(
+        max_new_tokens=8, rewards="exact_match,one_line", reward_weights=w))),
+       f"train.grpo.reward_weights='{w}' must be finite numbers, not all 0")
+      for w in ("0,0", "nan,1", "1,inf")],
 ])
 def test_bad_values_are_named(override, message):
   cfg = tiny_config()

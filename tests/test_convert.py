@@ -118,6 +118,45 @@ def test_bad_inputs_are_named(tmp_path):
     hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "o2"))
   with pytest.raises(FileNotFoundError, match="config.json does not exist"):
     hf_to_llm(str(tmp_path / "nowhere"), str(tmp_path / "o3"))
+  cfg_path.write_text(json.dumps(good))
+  run = tmp_path / "a_run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"a_run' is a training run; hf-to-llm writes a new workdir"):
+    hf_to_llm(str(tmp_path / "hf"), str(run))
+  assert (run / "config.json").read_text() == "{}"
+  weights = tmp_path / "hf" / "model.safetensors"
+  whole = weights.read_bytes()
+  for damaged in (whole[:len(whole) // 2], b"\x00garbage" * 10):
+    weights.write_bytes(damaged)
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file "
+                                         r"\(.*\): it is truncated or damaged"):
+      hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "o4"))
+    assert not (tmp_path / "o4").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(r=0), r"'r'=0 must be an integer >= 1"),
+    (dict(layer=5), r"adapts layer 5, but the base model has 2 layers \(0..1\)"),
+    (dict(n_in=48), r"has lora_A \[4, 48\] and lora_B \[64, 4\]; this base model and r=4 need "
+                    r"\[4, 64\] and \[64, 4\]"),
+])
+def test_bad_peft_adapters_are_named(tmp_path, change, message):
+  from safetensors.numpy import save_file
+  c = config_lib.base_config().model
+  c.update(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=96)
+  from llm.model import unbox
+  from llm.params import abstract_params
+  params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), unbox(abstract_params(c)))
+  layer, n_in = change.get("layer", 0), change.get("n_in", 64)
+  stem = f"{hf.PEFT_PREFIX}.{layer}.self_attn.q_proj"
+  save_file({f"{stem}.lora_A.weight": np.ones((4, n_in), np.float32),
+             f"{stem}.lora_B.weight": np.ones((64, 4), np.float32)},
+            str(tmp_path / "adapter_model.safetensors"))
+  (tmp_path / "adapter_config.json").write_text(json.dumps(
+      {"peft_type": "LORA", "r": change.get("r", 4), "lora_alpha": 8}))
+  with pytest.raises(ValueError, match=message):
+    hf.merge_peft(params, c, tmp_path)
 
 
 def test_fine_tuning_starts_from_converted_params(tmp_path, config):

@@ -76,6 +76,34 @@ def test_formats_become_pairs():
     preference.to_pair({"prompt": "x", "chosen": "y"})
 
 
+def test_pairs_that_teach_nothing_are_refused_or_dropped_with_reasons(tmp_path, capsys,
+                                                                       tokenizer_path):
+  from llm.data.tokenizer import open_tokenizer
+  from tests.helpers import tiny_config
+  conv = lambda *turns: [{"role": r, "content": c} for r, c in turns]  # noqa: E731
+  with pytest.raises(ValueError, match=r"ex: 'chosen' and 'rejected' are whole conversations "
+                                       r"\(no 'prompt'\) whose prompts differ at message 0"):
+    preference.to_pair({"chosen": conv(("user", "a?"), ("assistant", "x")),
+                        "rejected": conv(("user", "b?"), ("assistant", "y"))}, "ex")
+  with pytest.raises(ValueError, match="'margin' must be a finite number, got NaN"):
+    preference._margin({"margin": float("nan")}, "ex")
+  rows = [{"prompt": "q1", "chosen": "yes", "rejected": "yes"},  # identical
+          {"prompt": "q2", "chosen": "  ", "rejected": "no"},  # empty completion
+          {"prompt": "q3", "chosen": "yes", "rejected": ""},
+          {"chosen": conv(("user", "q4"), ("assistant", "yes")),  # implicit prompt, fine
+           "rejected": conv(("user", "q4"), ("assistant", "no"))}]
+  (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 5))
+  c = tiny_config()
+  c.data.update(paths=str(tmp_path / "p.jsonl"), tokenizer_path=tokenizer_path, val_fraction=0.2,
+                seq_len=256)
+  c.data.chat.template = "chatml"
+  c.train.update(objective="dpo")
+  train_rows, _ = preference.prepare_pairs(c, open_tokenizer(tokenizer_path))
+  out = capsys.readouterr().out
+  assert "dropped 15; 10 an empty completion; 5 chosen identical to rejected" in out, out
+  assert int(train_rows.rows["pair_ids"].max(axis=1).sum()) == 4  # the 4 good pairs
+
+
 def _write_pairs(path, n, seed=0):
   rng = np.random.default_rng(seed)
   with open(path, "w") as f:

@@ -12,6 +12,7 @@ from llm.data import prompts
 from llm.train import train
 from llm.training import rewards
 from llm.training.objectives import grpo_aggregate, grpo_token_losses
+from llm.training.step import batch_fields
 from tests.helpers import losses
 
 torch = pytest.importorskip("torch")
@@ -172,6 +173,43 @@ def test_grpo_config_errors(config):
   config.train.grpo.update(reward_weights="", max_new_tokens=config.data.seq_len)
   with pytest.raises(ValueError, match="train.grpo.max_new_tokens"):
     config_lib.validate(config)
+
+
+def test_rewards_need_every_answer_and_damaged_rollouts_are_named(config, tmp_path):
+  from llm.training.grpo import rollouts_problem
+  assert rewards.exact_match(["4", "5"], answer=["4", "4"]) == [1.0, 0.0]
+  with pytest.raises(ValueError, match=r"'answer' field, which completion\(s\) \[1\] lack"):
+    rewards.exact_match(["None", "None"], answer=["x", None])  # not scored against "None"
+  config.train.update(objective="grpo")
+  config.train.grpo.update(num_iterations=2)
+  assert rollouts_problem(tmp_path, config, 4) is None  # a round boundary needs none
+  assert "rollouts" in rollouts_problem(tmp_path, config, 3) and "missing" in \
+      rollouts_problem(tmp_path, config, 3)
+  (tmp_path / "rollouts").mkdir()
+  path = tmp_path / "rollouts" / "3.npz"
+  fields = {k: np.zeros((4, 8), np.float32) for k in batch_fields(config)}
+  np.savez(path, round=1, **fields)
+  assert rollouts_problem(tmp_path, config, 3) is None
+  data = bytearray(path.read_bytes())
+  data[200:260] = bytes(b ^ 0xFF for b in data[200:260])
+  path.write_bytes(bytes(data))
+  assert "3.npz are damaged" in rollouts_problem(tmp_path, config, 3)
+  path.write_bytes(bytes(data[:len(data) // 2]))  # truncated (e.g. a full disk)
+  assert "3.npz are damaged (BadZipFile" in rollouts_problem(tmp_path, config, 3)
+
+
+def test_prompts_without_answers_are_refused_before_training(config, tmp_path):
+  with open(tmp_path / "prompts.jsonl", "w") as f:
+    for i in range(40):
+      f.write(json.dumps({"prompt": f"Say {i}", **({"answer": str(i)} if i != 7 else {})}) + "\n")
+  config.train.update(objective="grpo", steps=2, batch_size=8)
+  config.train.grpo.update(num_generations=4, max_new_tokens=8, rewards="exact_match", beta=0.0)
+  config.data.update(source="jsonl", paths=str(tmp_path / "prompts.jsonl"), seq_len=32)
+  config.data.chat.template = "mistral"
+  with pytest.raises(ValueError, match=r"prompts.jsonl:8: the prompt has no 'answer', which the "
+                                       r"reward 'exact_match' .* \(1 prompt\(s\) lack it\)"):
+    train(config, tmp_path / "w", devices=jax.devices()[:1])
+  assert not (tmp_path / "w" / "metrics.jsonl").exists()
 
 
 def test_lora_grpo_keeps_no_reference_copy_its_base_is_the_reference(config, tmp_path):

@@ -57,11 +57,34 @@ def test_tpu_multislice_uses_queued_resources_and_megascale():
 @pytest.mark.parametrize("args,message", [
     (["--name=x", "--zone=z", "--accelerator=v9-8", "create"], "--accelerator='v9-8'"),
     (["--name=x", "--zone=z", "run"], "run needs the training arguments"),
+    (["--name=x", "--zone=z", "--accelerator=v5e-3", "create"],
+     "--accelerator='v5e-3': 3 chips is not a v5e slice size; known: v5e-1, v5e-4"),
+    (["--name=x", "--zone=z", "--accelerator=v5p-12", "create"],
+     "12 TensorCores is not a v5p slice size"),
 ])
 def test_tpu_bad_arguments(args, message):
   out = subprocess.run([sys.executable, str(ROOT / "launch" / "tpu.py"), "--dry_run", *args],
                        capture_output=True, text=True)
   assert out.returncode == 2 and message in out.stderr
+
+
+def test_tpu_options_may_follow_the_action():
+  lines = _dry("tpu.py", "create", "--name=late", "--zone=z", "--accelerator=v6e-8", "--dry_run")
+  assert lines[0][5] == "late" and "--accelerator-type=v6e-8" in lines[0]
+
+
+def test_slurm_refuses_a_bad_port_and_a_missing_sbatch(tmp_path):
+  script = [sys.executable, str(ROOT / "launch" / "slurm.py"), "--nodes=1"]
+  out = subprocess.run(script + ["--port=99999", "--", "--workdir=w"], capture_output=True,
+                       text=True)
+  assert out.returncode == 2 and "--port=99999 must be a TCP port in [1, 65535]" in out.stderr
+  env = dict(os.environ, PATH=str(tmp_path))  # no sbatch there
+  out = subprocess.run(script + [f"--log_dir={tmp_path / 'logs'}", "--", "--workdir=w"],
+                       capture_output=True, text=True, env=env)
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert out.stderr.strip() == ("error: sbatch is not on PATH: run this on a SLURM login node, "
+                                "or pass --dry_run to print the script and command")
+  assert not (tmp_path / "logs").exists()
 
 
 def test_local_dry_run_gives_each_process_its_id():

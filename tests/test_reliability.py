@@ -63,6 +63,11 @@ def _bad_inputs(tmp_path, tokenizer_path):
   (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama", ')
   (tmp_path / "hf2").mkdir()
   (tmp_path / "hf2" / "config.json").write_text('{"model_type": "llama", "num_attention_heads": 4}')
+  (tmp_path / "syntax.py").write_text("def get_config():\n  return tiny_config(\n")
+  dpo = tiny_config()
+  dpo.data.paths = "pairs.jsonl"
+  dpo.train.objective = "dpo"
+  workdir_lib.Workdir(tmp_path / "dpo_run").write_config(dpo)
   train_ = lambda *a: ["llm.train", f"--config={cfg}", f"--workdir={tmp_path / 'w'}", *a]  # noqa: E731
   data = lambda name, **kw: ["llm.train", f"--workdir={tmp_path / ('w_' + name)}",  # noqa: E731
                              "--config=" + _config_file(tmp_path, tokenizer_path, f"{name}.py", **kw)]
@@ -96,6 +101,14 @@ def _bad_inputs(tmp_path, tokenizer_path):
        "config.json is not valid JSON"),
       (["llm.convert", "hf-to-llm", f"--hf_dir={tmp_path / 'hf2'}", f"--workdir={tmp_path / 'o2'}"],
        "config.json has no 'hidden_size', which a Llama or Mistral config needs"),
+      (["llm.generate", f"--workdir={tmp_path}", "--system=Be brief.", "--prompt=hi"],
+       "--system is a system message of the chat template: add --chat"),
+      (["llm.train", f"--config={tmp_path / 'syntax.py'}", f"--workdir={tmp_path / 'w'}"],
+       "syntax.py has a syntax error at line 2"),
+      (train_("--config.data.curate.stages=quality"), "data.curate.stages='quality' curates a "
+                                                       "token store"),
+      (["llm.evaluate", f"--workdir={tmp_path / 'dpo_run'}"],
+       "dpo_run is a train.objective='dpo' run: its validation data are not text to predict"),
   ]
 
 
@@ -113,9 +126,23 @@ def test_bad_inputs_get_one_clear_line_and_a_non_zero_exit(tmp_path, tokenizer_p
     assert "Traceback" not in err, (argv, err[-2000:])
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and expected in errors[0], (argv, err[-2000:])
+  for argv in (["llm.train", "--help"], ["llm.convert", "--helpshort"]):  # help is a success
+    helped = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True)
+    assert helped.returncode == 0 and "--workdir" in helped.stdout, helped.stderr[-2000:]
   # nothing was left behind by the failed conversions, nor trained on bad data
   assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
   assert not (tmp_path / "w_int" / "metrics.jsonl").exists()
+
+
+def test_no_tpu_runtime_starts_on_a_machine_without_one():
+  """With libtpu installed (the tpu extra), JAX would try the TPU first and print libtpu's
+  errors; the package keeps to the CPU where no accelerator is attached."""
+  env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
+  out = subprocess.run([sys.executable, "-c", "import llm.cli, jax; print(jax.devices()[0].platform)"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+  assert out.returncode == 0 and out.stdout.strip() == "cpu", out.stderr
+  assert "TPU_WORKER_HOSTNAMES" not in out.stderr and "libtpu" not in out.stderr, out.stderr
 
 
 def test_text_encoding_is_strict_unless_told(tmp_path, config):
@@ -179,6 +206,9 @@ def _damage(step_dir, how):
     victim = step_dir
     for p in step_dir.iterdir():
       shutil.rmtree(p) if p.is_dir() else p.unlink()
+  elif how == "unsealed":  # killed between writing the files and sealing them
+    victim = step_dir / "manifest.json"
+    victim.unlink()
   elif how == "garble_json":
     victim = next(p for p in files if p.parent.name == "config" and p.name == "metadata")
     victim.write_text(victim.read_text()[:-7] + "}{oops")
@@ -190,12 +220,20 @@ def finished_run(tmp_path_factory, tokenizer_path):
   root = tmp_path_factory.mktemp("finished")
   c = tiny_config()
   c.data.tokenizer_path = tokenizer_path
-  c.train.update(steps=12, checkpoint_every=4, keep_checkpoints=3)
+  c.train.update(steps=12, checkpoint_every=4, keep_checkpoints=2)
   train(c, root / "run", devices=jax.devices()[:1])
   return c, root / "run"
 
 
-@pytest.mark.parametrize("how", ["bitflip", "truncate", "delete", "empty", "garble_json"])
+def test_checkpoints_are_sealed_and_only_sealed_ones_count_for_retention(finished_run):
+  _, run = finished_run
+  steps = workdir_lib.Workdir(run).checkpoint_steps()
+  assert steps == [8, 12]  # keep_checkpoints=2: step 4 went once 12 was sealed
+  assert all(workdir_lib.is_sealed(run / "checkpoints" / str(s)) for s in steps)
+
+
+@pytest.mark.parametrize("how", ["bitflip", "truncate", "delete", "empty", "garble_json",
+                                 "unsealed"])
 def test_damaged_latest_checkpoint_falls_back_and_resumes_bitwise(finished_run, tmp_path, how,
                                                                    capfd):
   config, run = finished_run
@@ -237,6 +275,74 @@ def test_resume_that_would_change_meaning_is_refused(finished_run, tmp_path, cha
   with pytest.raises(ValueError, match=message):
     train(config, tmp_path / "run", devices=ONE)
   assert (tmp_path / "run" / "config.json").read_text() == saved_config  # untouched
+
+
+def _saved(config, **facts):
+  from llm.training.checkpoint import saved_item
+  return saved_item(config_lib.from_json(config_lib.to_json(config)), facts)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(model=dict(rope_theta=500000.0)), r"model.rope_theta: checkpoint 10000.0, config 500000.0 "
+                                            r"would change what its weights were trained to compute"),
+    (dict(model=dict(lora=dict(alpha=32.0))), r"model.lora.alpha: checkpoint 16.0, config 32.0"),
+    (dict(data=dict(chat=dict(template="chatml"))), r"data.chat.template: checkpoint '', config "
+                                                     r"'chatml' would reinterpret"),
+])
+def test_a_resume_under_other_meaning_is_refused(change, message):
+  from llm.training.checkpoint import check_resumable
+  config = tiny_config()
+  saved = _saved(config, tokenizer_sha256="a" * 64)
+  for section, values in change.items():
+    config[section].update(values)
+  if "lora" in change.get("model", {}):
+    config.model.lora.rank = 4
+    saved["model"]["lora"]["rank"] = 4
+  with pytest.raises(ValueError, match=message):
+    check_resumable(saved, config, "W", {"tokenizer_sha256": "a" * 64})
+
+
+def test_a_resume_with_another_tokenizer_or_top_k_is_refused():
+  from llm.training.checkpoint import check_resumable
+  config = tiny_config()
+  saved = _saved(config, tokenizer_sha256="a" * 64)
+  check_resumable(saved, config, "W", {"tokenizer_sha256": "a" * 64})  # the same run
+  with pytest.raises(ValueError, match=r"trained with another tokenizer \(sha256 aaaaaaaaaaaa..., "
+                                       r"now bbbbbbbbbbbb..."):
+    check_resumable(saved, config, "W", {"tokenizer_sha256": "b" * 64})
+  config.model.update(mlp="moe")
+  config.model.moe.update(n_experts=4, top_k=2)
+  saved = _saved(config)
+  config.model.moe.top_k = 1
+  with pytest.raises(ValueError, match=r"model.moe.top_k: checkpoint 2, config 1"):
+    check_resumable(saved, config, "W", {})
+  config.model.moe.update(top_k=2, compute="capacity")  # how it is computed may change
+  check_resumable(saved, config, "W", {})
+
+
+def test_init_params_of_another_shape_say_what_differs(finished_run):
+  from llm.model import unbox
+  from llm.params import abstract_params
+  config, run = finished_run
+  other = config_lib.from_json(config_lib.to_json(config))
+  other.model.d_ff = 256
+  target = unbox(abstract_params(other.model))
+  with pytest.raises(ValueError, match=r"holds a model of another shape than this one "
+                                       r"\(model.d_ff 128 vs 256 there vs here\): "
+                                       r"\['layers'\]\['mlp'\]"):
+    workdir_lib.restore_params(run, target, model_cfg=other.model)
+
+
+def test_a_finished_run_says_so_and_does_nothing(finished_run, tmp_path, capfd):
+  config, run = finished_run
+  shutil.copytree(run, tmp_path / "run")
+  before = (tmp_path / "run" / "metrics.jsonl").read_text()
+  last = train(config, tmp_path / "run", devices=ONE)
+  out = capfd.readouterr().out
+  assert f"the run in {tmp_path / 'run'} is complete: its checkpoint is at step 12 of " \
+         "train.steps=12; nothing to do" in out
+  assert "compile" not in out and (tmp_path / "run" / "metrics.jsonl").read_text() == before
+  assert last["loss"] == losses(run)[12]
 
 
 def test_a_lower_learning_rate_may_resume(finished_run, tmp_path):

@@ -71,7 +71,7 @@ def test_reward_model_learns_held_out_preferences_and_rewards_grpo(config, tmp_p
       word = "".join(rng.choice(list("abcdefgh"), 4))
       f.write(json.dumps({"prompt": f"Is {word} a word?", "chosen": "yes",
                           "rejected": "no", "margin": 0.5}) + "\n")
-  with pytest.raises(ValueError, match="'margin' must be a number"):
+  with pytest.raises(ValueError, match="'margin' must be a finite number"):
     preference._margin({"margin": "big"}, "x.jsonl:1")
   config.model.head = "score"
   config.train.update(objective="reward", steps=16, eval_every=16, checkpoint_every=16,

@@ -186,6 +186,26 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, hf_tok
   assert t.truncated == 1 and len(t.ids[0]) == 33
 
 
+def test_assistant_turns_with_weight_0_are_not_trained_on(hf_tokenizer):
+  """OpenAI's format: "weight": 0 on an assistant message leaves it out of the loss."""
+  _, ours = hf_tokenizer
+  template = chat.template_for(config_lib.base_config().data.chat, ours)  # QWEN_CHATML
+  weighted = [dict(m) for m in CONVERSATION]
+  assistant = [i for i, m in enumerate(weighted) if m["role"] == "assistant"]
+  assert len(assistant) == 2
+  weighted[assistant[0]]["weight"] = 0
+  weighted[assistant[1]]["weight"] = 1
+  ids_w, mask_w = chat.tokenize_chat(ours, template, chat.to_messages({"messages": weighted}))
+  ids_last, mask_last = chat.tokenize_chat(ours, template, CONVERSATION, "last")
+  _, mask_all = chat.tokenize_chat(ours, template, CONVERSATION, "assistant")
+  np.testing.assert_array_equal(ids_w, ids_last)
+  np.testing.assert_array_equal(mask_w, mask_last)  # the weight-0 turn is out of the loss
+  assert mask_all.sum() > mask_w.sum() > 0
+  bad = [dict(CONVERSATION[1]), dict(CONVERSATION[2], weight=0.5)]
+  with pytest.raises(ValueError, match=r"message 1 has 'weight': 0.5; .* 0 .* or 1"):
+    chat.to_messages({"messages": bad}, "ex")
+
+
 def test_sft_run_learns_the_assistant_tokens_only(config, tmp_path):
   _write_examples(tmp_path / "train.jsonl", 300)
   config.train.update(objective="sft", steps=12, eval_every=12, checkpoint_every=12,

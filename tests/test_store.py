@@ -5,6 +5,7 @@ re-run is a no-op, training from it resumes bitwise, and mixtures keep their pro
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -178,6 +179,53 @@ def test_store_config_errors(built, tmp_path):
     validate(c)
 
 
+def test_prepare_replaces_only_its_own_stores(built, tmp_path):
+  c, _ = built
+  users = tmp_path / "users"
+  users.mkdir()
+  (users / "thesis.tex").write_text("years of work")
+  with pytest.raises(ValueError, match=r"users' is a directory that is not a token store"):
+    prepare.prepare_store(c, users, IN_PROCESS)
+  assert (users / "thesis.tex").read_text() == "years of work" and len(list(users.iterdir())) == 1
+  (tmp_path / "a_file").write_text("keep me")
+  with pytest.raises(ValueError, match=r"a_file' is a file, not a directory"):
+    prepare.prepare_store(c, tmp_path / "a_file", IN_PROCESS)
+  assert (tmp_path / "a_file").read_text() == "keep me"
+  assert not list(tmp_path.glob(".a_file*")) and not list(tmp_path.glob(".users*"))
+  (tmp_path / ".out.partial").mkdir()  # not ours, in the way of the staging directory
+  (tmp_path / ".out.partial" / "notes").write_text("mine")
+  with pytest.raises(ValueError, match=r"\.out\.partial is in the way"):
+    prepare.prepare_store(c, tmp_path / "out", IN_PROCESS)
+  assert (tmp_path / ".out.partial" / "notes").read_text() == "mine"
+
+
+def test_a_damaged_store_is_refused_naming_the_file(built, tmp_path):
+  _, out = built
+  work = tmp_path / "s"
+
+  def fresh():
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(out, work)
+    return work
+
+  store.TokenStore(fresh())  # verifies
+  index = json.loads((work / store.INDEX).read_text())
+  index["shards"]["train"][0]["rows"] = 4  # an edit
+  (work / store.INDEX).write_text(json.dumps(index))
+  with pytest.raises(ValueError, match=r"index.json does not match its checksum: it was edited"):
+    store.TokenStore(work)
+  (fresh() / store.INDEX).write_text((out / store.INDEX).read_text()[:300])
+  with pytest.raises(ValueError, match=r"index.json is not valid JSON \(truncated or damaged"):
+    store.TokenStore(work)
+  shard = fresh() / index["shards"]["train"][0]["file"]
+  shard.write_bytes(shard.read_bytes()[:1000])
+  with pytest.raises(ValueError, match=rf"{shard.name} has 1,000 bytes, the store's index says"):
+    store.TokenStore(work)
+  (fresh() / store.TOKENIZER).write_bytes(b"another tokenizer")
+  with pytest.raises(ValueError, match=r"tokenizer.model is not the tokenizer the store's rows"):
+    store.TokenStore(work)
+
+
 def test_compressed_jsonl_sources(tmp_path):
   zstandard = pytest.importorskip("zstandard")
   lines = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)).encode()
@@ -186,6 +234,17 @@ def test_compressed_jsonl_sources(tmp_path):
   cfg = tiny_config().data
   cfg.update(source="jsonl", paths=str(tmp_path / "*.jsonl.*"))
   assert list(sources.documents(cfg)) == [f"doc {i}" for i in range(5)] * 2
+  long = "".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(500)).encode()
+  packed = zstandard.ZstdCompressor().compress(long)
+  (tmp_path / "b.jsonl.zst").write_bytes(packed[:len(packed) // 2])
+  with pytest.raises(ValueError, match=r"b.jsonl.zst: the zstd stream ends inside a frame: the "
+                                       r"file is truncated"):
+    list(sources.documents(cfg))
+  (tmp_path / "b.jsonl.zst").unlink()
+  packed = gzip.compress(long)
+  (tmp_path / "a.jsonl.gz").write_bytes(packed[:len(packed) // 2])
+  with pytest.raises(ValueError, match=r"a.jsonl.gz: cannot decompress it \(EOFError.*truncated"):
+    list(sources.documents(cfg))
 
 
 CONFIG_FILE = """

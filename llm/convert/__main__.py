@@ -78,6 +78,12 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 def hf_to_llm(hf_dir: str, workdir: str, peft_dir: str = "") -> None:
   hf_dir_path, wd = Path(hf_dir), Workdir(workdir)
+  if wd.path.exists() and (not wd.path.is_dir() or any(wd.path.iterdir())):
+    what = ("a training run" if wd.checkpoints.exists() or wd.metrics.exists() else
+            "a file" if not wd.path.is_dir() else "a directory with files in it")
+    raise ValueError(f"--workdir={str(wd.path)!r} is {what}; hf-to-llm writes a new workdir "
+                     "(config.json, params/, the tokenizer) and overwrites nothing: give a new "
+                     "or empty directory")
   hf_cfg = read_hf_config(hf_dir_path)
   cfg = config_lib.base_config()
   try:

@@ -8,8 +8,10 @@ the rotate-half RoPE layout, so no permutation of q/k rows is needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -190,10 +192,14 @@ class SafetensorsReader:
     self.dir = Path(hf_dir)
     index = self.dir / "model.safetensors.index.json"
     if index.is_file():
-      weight_map = json.loads(index.read_text())["weight_map"]
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert isinstance(weight_map, dict)
+      except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise ValueError(f"{index} is not a safetensors index (a JSON object with a "
+                         f"'weight_map'): {type(e).__name__}: {e}") from None
     elif (self.dir / "model.safetensors").is_file():
-      from safetensors import safe_open
-      with safe_open(self.dir / "model.safetensors", framework="np") as f:
+      with _safetensors(self.dir / "model.safetensors") as f:
         weight_map = {k: "model.safetensors" for k in f.keys()}
     else:
       raise FileNotFoundError(f"{self.dir} has neither model.safetensors nor "
@@ -204,11 +210,30 @@ class SafetensorsReader:
     self.weight_map = weight_map
 
   def get(self, name: str) -> np.ndarray:
-    from safetensors import safe_open
     if name not in self.weight_map:
       raise KeyError(f"tensor {name!r} is not in {self.dir}")
-    with safe_open(self.dir / self.weight_map[name], framework="np") as f:
+    with _safetensors(self.dir / self.weight_map[name]) as f:
       return f.get_tensor(name)
+
+
+@contextlib.contextmanager
+def _safetensors(path: Path):
+  """safe_open(path) whose failures (a truncated or garbage file) are one ValueError
+  naming the file, not safetensors' own error type."""
+  from safetensors import safe_open
+  try:
+    with safe_open(path, framework="np") as f:
+      yield f
+  except (KeyError, FileNotFoundError):
+    raise
+  except Exception as e:  # noqa: BLE001 (SafetensorError is no ValueError)
+    raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                     f"{str(e)[:200]}): it is truncated or damaged") from None
+
+
+def load_safetensors(path: Path) -> dict[str, np.ndarray]:
+  with _safetensors(path) as f:
+    return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def _check(name, x, shape):
@@ -355,9 +380,16 @@ def adapters_to_peft(params, c) -> Iterator[tuple[str, np.ndarray]]:
     yield f"{name}.lora_B.weight", np.ascontiguousarray(b.reshape(r, -1).T)
 
 
+def _linear_features(c) -> dict[str, tuple[int, int]]:
+  """(in_features, out_features) of each LoRA target as an HF Linear."""
+  from llm.config import head_dim
+  d, e, f = c.d_model, head_dim(c), c.d_ff
+  return {"q": (d, c.n_heads * e), "k": (d, c.n_kv_heads * e), "v": (d, c.n_kv_heads * e),
+          "o": (c.n_heads * e, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+
+
 def merge_peft(params, c, peft_dir) -> dict:
   """Our (numpy) params with a PEFT LoRA adapter directory folded into the kernels."""
-  from safetensors.numpy import load_file
   peft_dir = Path(peft_dir)
   config_path = peft_dir / "adapter_config.json"
   if not config_path.is_file():
@@ -369,25 +401,42 @@ def merge_peft(params, c, peft_dir) -> dict:
   weights_path = peft_dir / "adapter_model.safetensors"
   if not weights_path.is_file():
     raise FileNotFoundError(f"{weights_path} does not exist")
-  tensors = load_file(weights_path)
-  scale = float(pc["lora_alpha"]) / float(pc["r"])
+  rank, alpha = pc.get("r"), pc.get("lora_alpha")
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ValueError(f"{config_path}: 'r'={rank!r} must be an integer >= 1 (the LoRA rank)")
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha):
+    raise ValueError(f"{config_path}: 'lora_alpha'={alpha!r} must be a finite number")
+  tensors = load_safetensors(weights_path)
+  scale = float(alpha) / float(rank)
   by_module = {module: t for t, (_, module) in PEFT_MODULES.items()}
   merged = 0
   for name, a in tensors.items():
     if not name.endswith(".lora_A.weight"):
       continue
     stem = name[:-len(".lora_A.weight")]
-    parts = stem.split(".layers.", 1)[1].split(".", 1)
-    i, module = int(parts[0]), parts[1]
+    match = re.search(r"\.layers\.(\d+)\.(.+)$", stem)
+    if match is None:
+      raise ValueError(f"{weights_path}: {name!r} names no decoder layer (…layers.N.MODULE)")
+    i, module = int(match.group(1)), match.group(2)
     if module not in by_module:
       raise ValueError(f"{weights_path}: adapter on {module!r} has no counterpart here; "
                        f"supported: {sorted(by_module)}")
+    if i >= c.n_layers:
+      raise ValueError(f"{weights_path}: {name!r} adapts layer {i}, but the base model has "
+                       f"{c.n_layers} layers (0..{c.n_layers - 1})")
     block, index, _ = _layer_slot(c, i)
     node = params["layers"]
     for p in block + PEFT_MODULES[by_module[module]][0]:
       node = node[p]
     kernel = node["kernel"]
+    if f"{stem}.lora_B.weight" not in tensors:
+      raise ValueError(f"{weights_path}: {name!r} has no matching {stem}.lora_B.weight")
     b = tensors[f"{stem}.lora_B.weight"]
+    n_in, n_out = _linear_features(c)[by_module[module]]
+    if a.ndim != 2 or b.ndim != 2 or a.shape != (rank, n_in) or b.shape != (n_out, rank):
+      raise ValueError(f"{weights_path}: {stem} has lora_A {list(a.shape)} and lora_B "
+                       f"{list(b.shape)}; this base model and r={rank} need "
+                       f"[{rank}, {n_in}] and [{n_out}, {rank}]")
     delta = scale * (b.astype(np.float32) @ a.astype(np.float32))  # [out, in]
     kernel[index] += delta.T.reshape(kernel.shape[1:]).astype(kernel.dtype)
     merged += 1

@@ -109,6 +109,11 @@ def _check_messages(messages, where: str) -> list[dict]:
     if not isinstance(m["content"], str):
       raise ValueError(f"{where}: message {i} content must be a string, got "
                        f"{json.dumps(m['content'])[:80]}")
+    if "weight" in m and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool)
+                          or m["role"] != "assistant"):
+      raise ValueError(f"{where}: message {i} has 'weight': {json.dumps(m['weight'])}; "
+                       "OpenAI's format allows 'weight' 0 (not trained on) or 1 on assistant "
+                       "messages only")
   return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
@@ -282,7 +287,15 @@ def tokenize_chat(tokenizer, template: str, messages: list[dict],
   text, spans = render(template, messages, variables)
   if not spans and loss_on != "all":
     spans = _assistant_spans_by_prefix(template, messages, variables, text, tokenizer)
-  if loss_on == "last":
+  weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+  if loss_on != "all" and 0 in weights:  # OpenAI's "weight": 0 turns are not trained on
+    if len(weights) != len(spans):
+      raise ValueError(f"the chat template marks {len(spans)} assistant span(s) for "
+                       f"{len(weights)} assistant messages, so their 'weight's cannot be "
+                       "applied")
+    spans = [s for s, w in zip(spans, weights) if w] if loss_on == "assistant" else (
+        spans[-1:] if weights[-1] else [])
+  elif loss_on == "last":
     spans = spans[-1:]
   ids, offsets = tokenizer.encode_with_offsets(text)
   mask = np.zeros(len(ids), bool)

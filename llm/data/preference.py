@@ -18,6 +18,8 @@ position whose hidden state is scored (HF's last non-pad token).
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 
 import numpy as np
 
@@ -48,14 +50,30 @@ def to_pair(record: dict, where: str = "example") -> tuple[list[dict], list[dict
     chat.to_messages({"messages": conv}, where)  # the same checks as chat examples
     if conv[-1]["role"] != "assistant":
       raise ValueError(f"{where}: a completion must end with an assistant message")
+  if prompt_value is None and chosen[:-1] != rejected[:-1]:  # TRL's implicit prompt
+    turn = next(i for i, (a, b) in enumerate(zip(chosen[:-1] + [None], rejected[:-1] + [None]))
+                if a != b)
+    raise ValueError(f"{where}: 'chosen' and 'rejected' are whole conversations (no 'prompt') "
+                     f"whose prompts differ at message {turn}; both sides must share every "
+                     "message but the last assistant reply, or give 'prompt' separately")
   return chosen, rejected
+
+
+def _why_meaningless(chosen: list[dict], rejected: list[dict]) -> str | None:
+  """Why a pair teaches nothing (None: it is fine): an empty completion, or the same
+  completion on both sides."""
+  if not chosen[-1]["content"].strip() or not rejected[-1]["content"].strip():
+    return "an empty completion"
+  if chosen == rejected:
+    return "chosen identical to rejected"
+  return None
 
 
 def _margin(record: dict, where: str) -> float:
   """TRL's optional per-pair `margin` for reward models (default 0)."""
   value = record.get("margin", 0.0)
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise ValueError(f"{where}: 'margin' must be a number, got {json.dumps(value)[:80]}")
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ValueError(f"{where}: 'margin' must be a finite number, got {json.dumps(value)[:80]}")
   return float(value)
 
 
@@ -70,20 +88,27 @@ def pairs(data_cfg, with_margins: bool = False) -> list[tuple]:
 
 
 def tokenize_pairs(convs, tokenizer, data_cfg, score_last: bool = False):
-  """([(chosen ids, chosen mask, rejected ids, rejected mask)], dropped): a pair is dropped
-  when both sides would not fit one row or a completion is empty. With `score_last` the
-  ids get a padding token so that the real last token is an input too (see pack_pairs)."""
+  """([(chosen ids, chosen mask, rejected ids, rejected mask)], Counter of dropped pairs by
+  reason): a pair is dropped when a completion is empty (whitespace), both completions
+  are the same, or both sides would not fit one row. With `score_last` the ids get a
+  padding token so that the real last token is an input too (see pack_pairs)."""
   template = chat.template_for(data_cfg.chat, tokenizer)
-  out, dropped = [], 0
+  out, dropped = [], Counter()
   for item in convs:  # (chosen, rejected[, margin])
     chosen, rejected = item[:2]
+    why = _why_meaningless(chosen, rejected)
+    if why:
+      dropped[why] += 1
+      continue
     c_ids, c_mask = chat.tokenize_chat(tokenizer, template, chosen, "last")
     r_ids, r_mask = chat.tokenize_chat(tokenizer, template, rejected, "last")
     if score_last:
       c_ids, c_mask, r_ids, r_mask = _scored_at_last(c_ids, c_mask, r_ids, r_mask)
-    if (len(c_ids) - 1) + (len(r_ids) - 1) > data_cfg.seq_len or not (
-        c_mask[1:].any() and r_mask[1:].any()):
-      dropped += 1
+    if (len(c_ids) - 1) + (len(r_ids) - 1) > data_cfg.seq_len:
+      dropped[f"both sides over data.seq_len={data_cfg.seq_len} tokens"] += 1
+      continue
+    if not (c_mask[1:].any() and r_mask[1:].any()):
+      dropped["no completion token in the loss"] += 1
       continue
     out.append((c_ids, c_mask, r_ids, r_mask) + tuple(item[2:]))
   return out, dropped
@@ -138,9 +163,10 @@ def prepare_pairs(config, tokenizer, score_last: bool = False):
   cut = split(len(convs), d, "pair(s)")
   train, dropped_train = tokenize_pairs(convs[:cut], tokenizer, d, score_last)
   val, dropped_val = tokenize_pairs(convs[cut:], tokenizer, d, score_last)
+  dropped = dropped_train + dropped_val
+  reasons = "".join(f"; {n:,} {why}" for why, n in sorted(dropped.items()))
   print(f"preference pairs: {len(train):,} train, {len(val):,} validation; dropped "
-        f"{dropped_train + dropped_val:,} (both sides over data.seq_len={d.seq_len} tokens, or "
-        "an empty completion)", flush=True)
+        f"{sum(dropped.values()):,}{reasons}", flush=True)
   if not train or not val:
     raise ValueError("no preference pair is left in the train or the validation split")
   return (PackedExamples(pack_pairs(train, d.seq_len)),

@@ -137,8 +137,30 @@ def _tokenizer(path: str):
   return open_tokenizer(path)
 
 
+ERRORS = "errors"  # staging/errors/shard-N.txt: the data error that stopped shard N
+
+
+def _record_error(job: Job, shard: int, err: Exception) -> None:
+  """Keeps a worker's data error (a malformed, truncated or undecodable file) for the
+  driver to report in one line, instead of letting Beam log its traceback from every
+  worker; the shard then yields nothing."""
+  path = Path(job.staging) / ERRORS / f"shard-{shard:05d}.txt"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+DATA_ERRORS = (ValueError, OSError, UnicodeError, EOFError)
+
+
 def scan_shard(task, job: Job):
   """First pass over one shard: filter decisions and dedup keys (tagged outputs)."""
+  try:
+    yield from _scan_shard(task, job)
+  except DATA_ERRORS as e:
+    _record_error(job, task[0], e)
+
+
+def _scan_shard(task, job: Job):
   import apache_beam as beam
   shard, file_indices = task
   c = job.curate_cfg
@@ -189,7 +211,11 @@ def write_shard(item, job: Job) -> dict:
     key = tuple(key)
     if key not in removed or curate.STAGES.index(stage) < curate.STAGES.index(removed[key][0]):
       removed[key] = (stage, reason)
-  return _write_shard(shard, file_indices, removed, job)
+  try:
+    return _write_shard(shard, file_indices, removed, job)
+  except DATA_ERRORS as e:
+    _record_error(job, shard, e)
+    return {}
 
 
 def _write_shard(shard: int, file_indices, removed: dict, job: Job) -> dict:
@@ -360,20 +386,25 @@ def prepare_store(config, output, beam_args: list[str] = ()) -> dict:
   if given_tok and not given_tok.is_file():
     raise FileNotFoundError(f"data.tokenizer_path={d.tokenizer_path!r} does not exist")
   fp = fingerprint(config, files, store.sha256_file(given_tok) if given_tok else None)
-  index_path = output / store.INDEX
-  if index_path.is_file():
-    old = json.loads(index_path.read_text())
-    if old.get("fingerprint") == fp and old.get("format") == store.STORE_FORMAT:
-      print(f"prepare: {output} is up to date ({old['rows']['train']:,} train rows); "
-            "nothing to do", flush=True)
-      return old
-    print(f"prepare: the inputs changed since {output} was built; rebuilding", flush=True)
+  staging, old_copy = _check_output(output)
+  if (output / store.INDEX).is_file():
+    try:
+      old = store.TokenStore(output).index
+    except (ValueError, OSError) as e:
+      print(f"prepare: rebuilding {output}: {e}", flush=True)
+    else:
+      if old.get("fingerprint") == fp:
+        print(f"prepare: {output} is up to date ({old['rows']['train']:,} train rows); "
+              "nothing to do", flush=True)
+        return old
+      print(f"prepare: the inputs changed since {output} was built; rebuilding", flush=True)
 
   t0 = time.time()
-  staging = output.parent / f".{output.name}.partial"
-  if staging.exists():
-    shutil.rmtree(staging)  # an interrupted build's leftovers
+  for leftover in (staging, old_copy):  # an interrupted build's (each holds our marker)
+    if leftover.exists():
+      shutil.rmtree(leftover)
   (staging / "counts").mkdir(parents=True)
+  (staging / store.MARKER).write_text("a token store built by llm.data.prepare\n")
   tok_path = staging / store.TOKENIZER
   if given_tok:
     shutil.copyfile(given_tok, tok_path)
@@ -400,6 +431,11 @@ def prepare_store(config, output, beam_args: list[str] = ()) -> dict:
       build_pipeline(p, job, groups)
   finally:
     stop.set()
+  errors = sorted((staging / ERRORS).glob("shard-*.txt"))
+  if errors:
+    more = f" ({len(errors) - 1} more shard(s) failed too: {staging / ERRORS})" if len(
+        errors) > 1 else ""
+    raise ValueError(errors[0].read_text() + more)
   index = _write_index(staging, job, fp, tok, json.loads(config_lib.to_json(config)))
   (staging / store.BUILD).write_text(json.dumps(
       {"seconds": time.time() - t0, "beam_args": args, "built_at": time.time(),
@@ -419,7 +455,8 @@ def _write_index(staging: Path, job: Job, fp: dict, tok, config_dict: dict) -> d
                          for i in range(job.n_shards)) for split in store.SPLITS])
   np.save(staging / store.UNIGRAM, counts.astype(np.int64))
   shards = {split: [{"file": r["splits"][split]["file"], "rows": r["splits"][split]["rows"],
-                     "tokens": r["splits"][split]["tokens"]}
+                     "tokens": r["splits"][split]["tokens"],
+                     "bytes": (staging / r["splits"][split]["file"]).stat().st_size}
                     for r in results if r["splits"][split]["rows"]] for split in store.SPLITS}
   docs = sum(r["documents"] for r in results)
   chars = sum(r["characters"] for r in results)
@@ -457,18 +494,38 @@ def _write_index(staging: Path, job: Job, fp: dict, tok, config_dict: dict) -> d
                                      for s in store.SPLITS}},
       "characters": chars, "curation": curation, "config": config_dict,
   }
+  index["unigram_bytes"] = (staging / store.UNIGRAM).stat().st_size
+  index["checksum"] = store.index_checksum(index)
   shutil.rmtree(staging / "counts")
   (staging / store.INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
   return index
 
 
+def _check_output(output: Path) -> tuple[Path, Path]:
+  """(staging, old-copy) paths beside `output`, after refusing to touch anything that is
+  not ours: `output` may be absent, an empty directory, or a store prepare built (it
+  holds the marker file); the staging and old-copy paths may be absent or ours."""
+  staging = output.parent / f".{output.name}.partial"
+  old_copy = output.parent / f".{output.name}.old"
+  if output.exists() and not output.is_dir():
+    raise ValueError(f"--output={str(output)!r} is a file, not a directory: give a new "
+                     "directory (or an existing token store) to write the store to")
+  if output.is_dir() and any(output.iterdir()) and not store.is_store_dir(output):
+    raise ValueError(f"--output={str(output)!r} is a directory that is not a token store "
+                     f"built by llm.data.prepare (it has no {store.MARKER}); prepare replaces "
+                     "only its own stores: give a new or empty directory")
+  for path in (staging, old_copy):
+    if path.exists() and not store.is_store_dir(path):
+      raise ValueError(f"{path} is in the way of --output={str(output)!r} and was not made by "
+                       f"llm.data.prepare (no {store.MARKER}); move it, or choose another output")
+  return staging, old_copy
+
+
 def _swap(staging: Path, output: Path) -> None:
   """Staging becomes the store; the old store (if any) is deleted only afterwards."""
   old = output.parent / f".{output.name}.old"
-  if old.exists():
-    shutil.rmtree(old)
   if output.exists():
-    os.replace(output, old)
+    os.replace(output, old)  # an empty directory, or a store of ours (_check_output)
   os.replace(staging, output)
   if old.exists():
     shutil.rmtree(old)

@@ -26,6 +26,7 @@ class Prompt:
   messages: list[dict]  # the conversation so far, ending before the assistant's reply
   columns: dict  # the record's other fields, by name (answer, ...)
   ids: np.ndarray | None = None  # rendered with a generation prompt, int32
+  where: str = ""  # file:line of the record
 
 
 def to_prompt(record, where: str = "example") -> Prompt:
@@ -54,7 +55,7 @@ def to_prompt(record, where: str = "example") -> Prompt:
   if not messages or messages[-1]["role"] == "assistant":
     raise ValueError(f"{where}: a prompt must end with a user (or system/tool) message for the "
                      "model to answer")
-  return Prompt(messages, columns)
+  return Prompt(messages, columns, where=where)
 
 
 def read_prompts(data_cfg) -> list[Prompt]:

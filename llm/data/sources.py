@@ -10,6 +10,7 @@ the token-store pipeline (llm.data.prepare) can give files to different workers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import gzip
@@ -22,6 +23,7 @@ import sys
 import sysconfig
 import tarfile
 import tokenize
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -125,13 +127,67 @@ def open_binary(f: Path):
     except ImportError:
       raise ImportError(f"{f} is zstd-compressed: reading it needs the zstandard package "
                         "(pip install -e '.[data]')") from None
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(f, "rb"),
-                                                                        closefd=True))
+    return io.BufferedReader(_ZstdReader(f, zstandard))
   return open(f, "rb")
 
 
+class _ZstdReader(io.RawIOBase):
+  """A zstd file's decompressed bytes, frame after frame; a file that ends inside a frame
+  (truncated) is an error, where zstandard's stream reader would just stop early."""
+
+  def __init__(self, f: Path, zstandard):
+    self._f, self._zstd = f, zstandard
+    self._fh = open(f, "rb")
+    self._d = zstandard.ZstdDecompressor().decompressobj()
+    self._in_frame = False  # fed bytes of a frame not yet complete
+    self._out = b""
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buf) -> int:
+    while not self._out:
+      chunk = self._fh.read(1 << 20)
+      if not chunk:
+        if self._in_frame:
+          raise ValueError(f"{self._f}: the zstd stream ends inside a frame: the file is "
+                           "truncated (or damaged)")
+        return 0
+      self._feed(chunk)
+    n = min(len(buf), len(self._out))
+    buf[:n], self._out = self._out[:n], self._out[n:]
+    return n
+
+  def _feed(self, data: bytes) -> None:
+    while data:
+      self._out += self._d.decompress(data)
+      self._in_frame = not self._d.eof
+      data = self._d.unused_data if self._d.eof else b""
+      if self._d.eof:  # the next frame, if any, needs a new decompressor
+        self._d = self._zstd.ZstdDecompressor().decompressobj()
+
+  def close(self) -> None:
+    self._fh.close()
+    super().close()
+
+
+@contextlib.contextmanager
+def decompression_errors(f: Path):
+  """A truncated or damaged compressed file as one ValueError naming it."""
+  try:
+    yield
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise ValueError(f"{f}: cannot decompress it ({type(e).__name__}: {e}): the file is "
+                     "truncated or damaged") from None
+  except Exception as e:
+    if type(e).__name__ != "ZstdError":
+      raise
+    raise ValueError(f"{f}: cannot decompress it (zstd: {e}): the file is truncated or "
+                     "damaged") from None
+
+
 def read_bytes(f: Path) -> bytes:
-  with open_binary(f) as fh:
+  with decompression_errors(f), open_binary(f) as fh:
     return fh.read()
 
 
@@ -141,7 +197,7 @@ def jsonl_records(files: list[Path], encoding: str,
   files are decompressed as they are read."""
   for f in files:
     offset = 0
-    with open_binary(f) as fh:
+    with decompression_errors(f), open_binary(f) as fh:
       for line_no, raw in enumerate(fh, 1):
         where = f"{f}:{line_no}"
         line = decode(raw, where, encoding, errors, offset)

@@ -4,7 +4,9 @@ A store is a directory written by `python -m llm.data.prepare` (llm/data/prepare
 
     index.json                      what it holds (STORE_FORMAT): seq_len, vocab size,
                                     tokenizer hash, source fingerprint, shard files with
-                                    their row counts, per-stage curation counts, the config
+                                    their row counts and sizes, per-stage curation counts,
+                                    the config, and a checksum of all of that
+    .llm_token_store                marks the directory as prepare's (MARKER)
     tokenizer.model                 the tokenizer the rows were made with
     unigram_counts.npy              [2, vocab] int64: counted targets of train / val rows
     train-SSSSS-of-NNNNN.array_record, val-SSSSS-of-NNNNN.array_record
@@ -37,8 +39,9 @@ import numpy as np
 
 from llm.data.packing import pack_row
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 INDEX, TOKENIZER, UNIGRAM, BUILD = "index.json", "tokenizer.model", "unigram_counts.npy", "build.json"
+MARKER = ".llm_token_store"  # marks a directory prepare made (and so may replace)
 REMOVED = "removed"  # curation's audit trail: one JSONL per shard
 SPLITS = ("train", "val")
 
@@ -121,22 +124,66 @@ def sha256_file(path) -> str:
   return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def index_checksum(index: dict) -> str:
+  """sha256 of the index's content without its "checksum" entry (canonical JSON)."""
+  body = {k: v for k, v in index.items() if k != "checksum"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def is_store_dir(path: Path) -> bool:
+  """Whether `path` is a directory prepare made: its marker, or (stores built before the
+  marker existed) an index.json that reads as a store's index."""
+  if (path / MARKER).is_file():
+    return True
+  try:
+    index = json.loads((path / INDEX).read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(index, dict) and {"format", "shards", "tokenizer_sha256"} <= set(index)
+
+
 class TokenStore:
-  """A store directory's index and its splits as random-access row sources."""
+  """A store directory's index and its splits as random-access row sources. Opening one
+  verifies it: the index against its own checksum, each shard file's size, and the
+  tokenizer's sha256; anything amiss is one error naming the file and the way out."""
 
   def __init__(self, path):
     self.path = Path(path)
     index_path = self.path / INDEX
+    rebuild = f"rebuild it with `python -m llm.data.prepare --output={path}`"
     if not index_path.is_file():
       raise FileNotFoundError(f"data.store={str(path)!r} is not a token store (no {INDEX}); "
                               "build one with `python -m llm.data.prepare --config=CONFIG "
                               f"--output={path}`")
-    self.index = json.loads(index_path.read_text())
+    try:
+      self.index = json.loads(index_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ValueError(f"{index_path} is not valid JSON (truncated or damaged: {e}); "
+                       f"{rebuild}") from None
+    if not isinstance(self.index, dict):
+      raise ValueError(f"{index_path} holds no store index; {rebuild}")
     if self.index.get("format") != STORE_FORMAT:
       raise ValueError(f"{index_path} has store format {self.index.get('format')!r}; this "
-                       f"version reads format {STORE_FORMAT}: rebuild it with llm.data.prepare")
+                       f"version reads format {STORE_FORMAT}: {rebuild}")
+    if self.index.get("checksum") != index_checksum(self.index):
+      raise ValueError(f"{index_path} does not match its checksum: it was edited or damaged "
+                       f"after prepare wrote it; {rebuild}")
     self.seq_len = int(self.index["seq_len"])
     self.vocab_size = int(self.index["vocab_size"])
+    expected = [(self.path / s["file"], s["bytes"]) for split in SPLITS
+                for s in self.index["shards"][split]]
+    expected.append((self.path / UNIGRAM, self.index["unigram_bytes"]))
+    for file, size in expected:
+      if not file.is_file():
+        raise ValueError(f"{file} is missing from the token store; {rebuild}")
+      if file.stat().st_size != size:
+        raise ValueError(f"{file} has {file.stat().st_size:,} bytes, the store's index says "
+                         f"{size:,} (truncated or replaced); {rebuild}")
+    if not self.tokenizer_path.is_file():
+      raise ValueError(f"{self.tokenizer_path} is missing from the token store; {rebuild}")
+    if sha256_file(self.tokenizer_path) != self.tokenizer_sha256:
+      raise ValueError(f"{self.tokenizer_path} is not the tokenizer the store's rows were made "
+                       f"with (its sha256 differs from the index's); restore it or {rebuild}")
 
   @property
   def tokenizer_path(self) -> Path:

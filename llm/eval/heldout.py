@@ -26,9 +26,27 @@ def nll_sums(model, params, batch, chunk_len: int = 0):
   return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 
+# train.objective values whose validation rows are text with next-token targets: the
+# others hold preference pairs (dpo, reward) or prompts (grpo), where a perplexity would
+# mean nothing; their held-out metrics are the eval_* of the run's metrics.jsonl
+NEXT_TOKEN_OBJECTIVES = ("pretrain", "sft")
+
+
+def check_heldout_objective(config, workdir) -> None:
+  """Refuses a run whose validation data are not text to predict."""
+  objective = config.train.objective
+  if objective not in NEXT_TOKEN_OBJECTIVES:
+    raise ValueError(f"{workdir} is a train.objective={objective!r} run: its validation data "
+                     "are not text to predict, so a perplexity would mean nothing. Its held-out "
+                     "metrics are the eval_* values in its metrics.jsonl (python -m llm.plot); "
+                     f"llm.evaluate measures {' and '.join(NEXT_TOKEN_OBJECTIVES)} runs")
+
+
 def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: int = 8,
                      max_batches: int = 0) -> dict:
-  """loss (nats/token), perplexity and bits per byte over the validation split."""
+  """loss (nats/token), perplexity and bits per byte over the validation split (all of
+  it, or the first max_batches x batch_size rows; `rows` and `val_rows` say which)."""
+  check_heldout_objective(config, workdir)
   require_lm_head(config.model, "held-out perplexity")
   corpus = pipeline.prepare(config, workdir, tokenizer)
   rows = corpus.val
@@ -51,4 +69,5 @@ def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: 
   loss = nll / tokens
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
           "bits_per_byte": nll / math.log(2) / max(n_bytes, 1.0), "tokens": int(tokens),
-          "bytes": int(n_bytes), "unigram_loss": corpus.unigram_loss}
+          "bytes": int(n_bytes), "unigram_loss": corpus.unigram_loss,
+          "rows": n_batches * batch_size, "val_rows": len(rows)}

@@ -114,7 +114,30 @@ def write_task(task: str, out_dir: str | Path, n_train: int = 4000, n_test: int 
 
 
 def read_examples(path: str | Path) -> list[dict]:
-  return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+  """{"messages": [...]} per JSONL line of a scoring set: chat examples in any format
+  llm.data.chat reads, each ending with the assistant's answer (checked here, naming the
+  line, before any model is loaded)."""
+  from llm.data.chat import to_messages
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"--data={str(path)!r} does not exist")
+  out = []
+  for n, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    where = f"{path}:{n}"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where} is not valid JSON: {e}") from None
+    messages = to_messages(record, where)
+    if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+      raise ValueError(f"{where}: a scored example is a chat whose last message is the "
+                       "assistant's answer (non-empty), after the question")
+    out.append({"messages": messages})
+  if not out:
+    raise ValueError(f"--data={str(path)!r} holds no examples")
+  return out
 
 
 def exact_match(config, params, tokenizer, test: list[dict], max_tokens: int = 16,
@@ -151,11 +174,11 @@ def main(argv: list[str]) -> None:
     return
   if not f.workdir or not f.data:
     raise ValueError("score needs --workdir and --data")
+  test = read_examples(f.data)[:f.limit or None]  # checked before the model loads
   from llm.inference import load
   config, params, tok = load(f.workdir)
   if f.template:
     config.data.chat.template = f.template
-  test = read_examples(f.data)[:f.limit or None]
   accuracy, replies = exact_match(config, params, tok, test)
   for e, r in list(zip(test, replies))[:5]:
     print(f"  {e['messages'][-2]['content']!r} -> {r.strip()!r} "

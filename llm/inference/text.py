@@ -2,7 +2,7 @@
 
     from llm.inference import load, generate
     config, params, tok = load("runs/tiny")
-    print(generate(config, params, tok, ["ROMEO:", "JULIET:"], max_tokens=50))
+    print(generate(config, params, tok, ["Romeo.", "Juliet."], max_tokens=50))
     print(chat(config, params, tok, [[{"role": "user", "content": "Reverse: abc"}]]))
 
 `chat` renders conversations with the run's chat template (data.chat.template, else the

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llm.config import comma_list
+from llm.config import base_config, comma_list
 
 # what a LoRA run trains: the adapters, and a reward model's "score" head (PEFT's
 # modules_to_save), which starts from scratch
@@ -100,7 +100,7 @@ def merge(params, model_cfg):
 
   import ml_collections
   merged_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-  merged_cfg.lora.update(rank=0, base_quant="none")
+  merged_cfg.lora = base_config().model.lora  # LoRA off: its settings at their defaults
   return fold(params), merged_cfg
 
 

@@ -1,10 +1,12 @@
 """Orbax checkpoints holding the train state, the data iterator and the config together.
 
 Saves are asynchronous and atomic (written to a temporary directory, then
-renamed), and the oldest of `keep` checkpoints is deleted only after a newer
-one is complete, so the checkpoint being written is never the only copy. A finished
-checkpoint is sealed with a manifest of its files' sizes and checksums; restoring
-verifies it and falls back past damaged ones. `check_resumable` refuses a resume that
+renamed). A finished checkpoint is committed by sealing it with a manifest of its
+files' sizes and checksums (written last, atomically); only then is the oldest of
+`keep` sealed checkpoints deleted, so the checkpoint being written is never the only
+copy, and a checkpoint without its manifest (its writer was killed before sealing it)
+always has a sealed one before it. Restoring verifies the manifest and falls back past
+damaged or unsealed checkpoints, moving them aside. `check_resumable` refuses a resume that
 would change the meaning of what was saved.
 """
 
@@ -29,7 +31,7 @@ from llm.params import abstract_params
 from llm.model import lora
 from llm.training.optim import make_optimizer
 from llm.workdir import (CONFIG_ITEM as CONFIG, DATA_ITEM as DATA, STATE_ITEM as STATE,
-                         Damaged, describe, newest_good, write_manifest)
+                         Damaged, describe, is_sealed, newest_good, write_manifest)
 
 
 class CheckpointWriteError(OSError):
@@ -46,8 +48,10 @@ class Checkpointer:
   sealed with a manifest (llm.workdir.write_manifest); restore takes the newest good one."""
 
   def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    # Orbax keeps every step: retention is ours, applied once a newer one is sealed
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            enable_async_checkpointing=async_save)
+    self.keep = keep
     self.directory = Path(directory).absolute()
     self.async_save = async_save
     self.primary = jax.process_index() == 0
@@ -77,12 +81,19 @@ class Checkpointer:
     """Waits for the save in flight; seals finished checkpoints with their manifest."""
     with self._reporting(self._pending[-1] if self._pending else None):
       self.manager.wait_until_finished()
+    if not self._pending:
+      return
     if self.primary:
       for step in self._pending:
-        step_dir = self.directory / str(step)
-        if step_dir.is_dir():  # (max_to_keep may already have removed it)
-          write_manifest(step_dir)
+        if (self.directory / str(step)).is_dir():
+          write_manifest(self.directory / str(step))  # the commit
+      sealed = [s for s in self.manager.all_steps() if is_sealed(self.directory / str(s))]
+      for old in sorted(sealed)[:-self.keep]:  # retention, only among sealed ones
+        shutil.rmtree(self.directory / str(old))
     self._pending.clear()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpoints sealed")
+    self.manager.reload()
 
   def _check_space(self, step: int, state) -> None:
     """Refuses, before writing anything, a checkpoint the filesystem has no room for."""
@@ -124,13 +135,18 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE], restored[DATA] if data_iter is not None else None
 
-  def restore_newest_good(self, abstract_state, data_iter, check_saved_config):
+  def restore_newest_good(self, abstract_state, data_iter, check_saved_config,
+                          check_extra=None):
     """(step, state, data_iter) of the newest checkpoint that verifies and restores, or None
     when there is none. `check_saved_config(saved)` may refuse a good checkpoint (its error
     propagates); a damaged one is warned about, moved aside as N.damaged-TIME (nothing
-    is deleted) and the one before it tried. Resuming from an older checkpoint
-    retraces the same steps as an uninterrupted run."""
+    is deleted) and the one before it tried. `check_extra(step)` returns what is wrong
+    with files kept beside the checkpoint (None when nothing), which is damage too.
+    Resuming from an older checkpoint retraces the same steps as an uninterrupted run."""
     def attempt(step: int):
+      problem = check_extra(step) if check_extra is not None else None
+      if problem:
+        raise Damaged(problem)
       try:
         saved = self.saved_config(step)
       except Exception as e:  # noqa: BLE001 (an unreadable item is damage)
@@ -188,12 +204,37 @@ DATA_POSITION_FIELDS = {"train": ("batch_size",),
                                  "store_weights")}
 
 
-def check_resumable(saved: dict, config, workdir) -> None:
+# Model fields that may change on resume: how the same function is computed (kernels,
+# remat, compute dtype, MoE dispatch) and loss weights. Any other model field defines
+# the function the weights were trained as (e.g. moe.top_k, rope_theta, lora.alpha).
+MODEL_FIELDS_FREE_ON_RESUME = frozenset({
+    "attention", "flash_block_q", "flash_block_k", "remat", "dtype", "scan_layers",
+    "out_major_kernels", "init_std", "moe.compute", "moe.capacity_factor",
+    "moe.load_balance_weight", "moe.router_z_weight", "lora.dropout"})
+RUN_FACTS = "_run"  # a key of the saved config item: facts of the run outside the config
+
+
+def run_facts(corpus) -> dict:
+  """What a resume must find unchanged beyond the config: the tokenizer's bytes (another
+  tokenizer file turns the same ids into other text, even at the same vocabulary size)."""
+  from llm.data.store import sha256_file
+  return {"tokenizer_sha256": sha256_file(corpus.tokenizer.path)}
+
+
+def saved_item(config, facts: dict) -> dict:
+  """The config item a checkpoint holds: the config and the run's facts."""
+  return {**config.to_dict(), RUN_FACTS: facts}
+
+
+def check_resumable(saved: dict, config, workdir, facts: dict | None = None) -> None:
   """Raises ValueError, naming the changed fields and the way out, if resuming the
   checkpoint saved with config `saved` under `config` would not continue the same run:
-  another model (params tree, shapes or dtypes), a data position that would mean other
-  rows, or an optimizer state of another layout. Hyperparameters that keep the layout
-  (learning rate, betas, schedule, steps, mesh) may change."""
+  another model (params tree, shapes or dtypes, or a field that changes what the
+  weights compute), another tokenizer (`facts`, see run_facts), a data position that
+  would mean other rows, or an optimizer state of another layout. Hyperparameters that
+  keep the layout (learning rate, betas, schedule, steps, mesh) may change."""
+  saved = dict(saved)
+  saved_facts = saved.pop(RUN_FACTS, {})
   saved_cfg = config_lib.base_config()
   saved_cfg.update(saved)
   params = unbox(abstract_params(config.model))
@@ -201,13 +242,32 @@ def check_resumable(saved: dict, config, workdir) -> None:
     raise ValueError(f"the checkpoint in {workdir} is for a different model shape ("
                      + "; ".join(_changed("model", saved_cfg.model, config.model)) +
                      "). Use a new --workdir, or the saved config.")
+  then, now = config_lib.flatten(saved_cfg.model), config_lib.flatten(config.model)
+  redefined = [f"model.{k}: checkpoint {then[k]!r}, config {now[k]!r}" for k in sorted(now)
+               if k not in MODEL_FIELDS_FREE_ON_RESUME and then.get(k) != now[k]]
+  if redefined:
+    raise ValueError(f"resuming the checkpoint in {workdir} with " + "; ".join(redefined) +
+                     " would change what its weights were trained to compute. Resume with "
+                     "the checkpoint's values, or start a new --workdir with "
+                     "--config.train.init_params to keep the weights.")
+  for key, value in (facts or {}).items():
+    if key in saved_facts and saved_facts[key] != value:
+      raise ValueError(f"the checkpoint in {workdir} was trained with another tokenizer "
+                       f"(sha256 {saved_facts[key][:12]}..., now {value[:12]}... from "
+                       f"{config.data.tokenizer_path or 'the workdir'}): the same token ids "
+                       "would mean other text. Resume with the run's tokenizer, or start a new "
+                       "--workdir with --config.train.init_params to keep the weights.")
   moved = [c for section, keys in DATA_POSITION_FIELDS.items()
            for c in _changed(section, saved_cfg[section], config[section], keys)]
+  chat_then, chat_now = saved_cfg.data.chat.to_dict(), config.data.chat.to_dict()
+  moved += [f"data.chat.{k}: checkpoint {chat_then.get(k)!r}, config {v!r}"
+            for k, v in sorted(chat_now.items()) if chat_then.get(k) != v]
   if moved:
     raise ValueError(f"resuming the checkpoint in {workdir} with " + "; ".join(moved) +
                      " would reinterpret its saved data position (batches of rows already "
-                     "read). Resume with the checkpoint's values, or start a new --workdir "
-                     "(e.g. with --config.train.init_params to keep the weights).")
+                     "read, as they were formatted). Resume with the checkpoint's values, or "
+                     "start a new --workdir (e.g. with --config.train.init_params to keep the "
+                     "weights).")
   if config.model.lora.rank and saved_cfg.train.init_params != config.train.init_params:
     raise ValueError(f"the checkpoint in {workdir} holds LoRA adapters trained on the base "
                      f"train.init_params={saved_cfg.train.init_params!r}, not "

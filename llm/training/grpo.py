@@ -29,7 +29,8 @@ from llm.data import chat
 from llm.inference.decoder import Decoder
 from llm.inference.sampling import SamplingParams
 from llm.training import reference
-from llm.training.rewards import REWARD_FUNCTIONS, group_advantages, weighted_rewards
+from llm.training.rewards import (REQUIRED_COLUMNS, REWARD_FUNCTIONS, group_advantages,
+                                  weighted_rewards)
 from llm.training.step import batch_fields
 from llm.workdir import Workdir
 
@@ -55,6 +56,15 @@ class Rollouts:
     if not self.stop:
       raise ValueError("the tokenizer has no EOS or end-of-turn token to end a completion")
     self.reward_names = comma_list(self.g.rewards)
+    for name in self.reward_names:  # every prompt has what its rewards read, or no work starts
+      for column in REQUIRED_COLUMNS.get(name, ()):
+        lacking = [p for p in [*self.train_prompts, *self.val_prompts]
+                   if p.columns.get(column) is None]
+        if lacking:
+          raise ValueError(f"{lacking[0].where}: the prompt has no {column!r}, which the reward "
+                           f"{name!r} (train.grpo.rewards) compares with ({len(lacking):,} "
+                           f"prompt(s) lack it); give every prompt an {column!r} or choose "
+                           "rewards that need none")
     self.scorer = None
     if self.g.reward_model:
       from llm.eval.scorer import RewardScorer
@@ -196,13 +206,33 @@ class Rollouts:
     """Reads the rows of the round a checkpoint at `step` was taken in, if it was inside one."""
     if step % self.g.num_iterations == 0:
       return
-    path = self.dir / f"{step}.npz"
-    if not path.is_file():
-      raise FileNotFoundError(f"the checkpoint at step {step} was taken inside a GRPO round "
-                              f"(train.grpo.num_iterations={self.g.num_iterations}) but that "
-                              f"round's rollouts {path} are missing; resume from another "
-                              "checkpoint")
-    with np.load(path) as z:
+    problem = rollouts_problem(self.dir.parent, self.config, step)
+    if problem:  # (the checkpointer passed over such checkpoints: this is a race)
+      raise ValueError(f"cannot resume from the checkpoint at step {step}: {problem}")
+    with np.load(self.dir / f"{step}.npz") as z:
       self.round = int(z["round"])
       self.rows = {k: z[k] for k in self.fields}
       self.metrics = {k[len("metric:"):]: float(z[k]) for k in z.files if k.startswith("metric:")}
+
+
+def rollouts_problem(workdir, config, step: int) -> str | None:
+  """What is wrong with the rollouts a checkpoint at `step` needs (None: nothing, or it
+  needs none): missing, or damaged (each array is read, so the zip's CRC32s are
+  checked), or without a field the objective reads."""
+  g = config.train.grpo
+  if step % g.num_iterations == 0:
+    return None
+  path = Workdir(workdir).rollouts / f"{step}.npz"
+  if not path.is_file():
+    return (f"it was taken inside a GRPO round (train.grpo.num_iterations={g.num_iterations}) "
+            f"but that round's rollouts {path} are missing")
+  try:
+    with np.load(path) as z:
+      missing = [k for k in ("round", *batch_fields(config)) if k not in z.files]
+      for k in z.files:
+        z[k]  # noqa: B018 (reading verifies the CRC32)
+  except Exception as e:  # noqa: BLE001 (zipfile, zlib and numpy each raise their own)
+    return f"its GRPO rollouts {path} are damaged ({type(e).__name__}: {str(e)[:200]})"
+  if missing:
+    return f"its GRPO rollouts {path} lack {missing}"
+  return None

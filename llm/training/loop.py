@@ -8,6 +8,7 @@ and continues exactly as an uninterrupted run would. The CLI is `python -m llm.t
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 
 import jax
@@ -57,7 +58,7 @@ def _prepare_data(config, workdir):
   return corpus
 
 
-def _start_state(config, wd: Workdir, ckpt, model, tx, mesh, train_iter):
+def _start_state(config, wd: Workdir, ckpt, model, tx, mesh, train_iter, facts: dict):
   """(state, train_iter, state shardings): the newest good checkpoint's, else a fresh
   state (from train.init_params when set). With LoRA the checkpoints hold the adapters
   (and their optimizer state) only: the base comes from train.init_params (or the seeded
@@ -68,9 +69,12 @@ def _start_state(config, wd: Workdir, ckpt, model, tx, mesh, train_iter):
   state = None
   if use_lora:  # the frozen base is needed whether or not a checkpoint resumes
     state = _fresh_state(config, model, tx, shardings, abstract_state)
+  check_extra = None
+  if config.train.objective == "grpo":  # a checkpoint inside a round needs its rollouts
+    check_extra = lambda step: grpo.rollouts_problem(wd.path, config, step)  # noqa: E731
   resumed = ckpt.restore_newest_good(
       saved_part(config, abstract_state), train_iter,
-      lambda saved: checkpoint_lib.check_resumable(saved, config, wd.path))
+      lambda saved: checkpoint_lib.check_resumable(saved, config, wd.path, facts), check_extra)
   if resumed is not None:
     step, saved, train_iter = resumed
     if use_lora:
@@ -99,7 +103,8 @@ def _fresh_state(config, model, tx, shardings, abstract_state):
     fresh_head = {"score": state.params["score"]} if "score" in target else {}
     target.pop("score", None)  # a reward model: the backbone from init_params, a new head
     state = state.replace(params={**restore_params(config.train.init_params, target,
-                                                   partial=bool(fresh_head)),
+                                                   partial=bool(fresh_head),
+                                                   model_cfg=config.model),
                                   **fresh_head})
   if config.train.init_params and jax.process_index() == 0:
     print(f"initialised params from {config.train.init_params}", flush=True)
@@ -123,6 +128,11 @@ def train(config, workdir: str, devices=None) -> dict:
   TrainingDiverged after train.max_consecutive_skips non-finite steps in a row.
   """
   config_lib.validate(config)
+  if config.data.curate.stages and not config.data.store:
+    raise ValueError(f"data.curate.stages={config.data.curate.stages!r} curates a token store "
+                     "as llm.data.prepare builds it; training from data.source does not curate. "
+                     "Build a store (python -m llm.data.prepare) and set data.store, or leave "
+                     "data.curate.stages empty")
   stop = StopDecision()  # from here on SIGTERM is a clean stop, start-up included
   wd = Workdir(workdir)
   mesh = make_mesh(config.mesh, devices)
@@ -160,7 +170,15 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   ckpt = checkpoint_lib.Checkpointer(wd.checkpoints, config.train.keep_checkpoints,
                                      config.train.async_checkpointing)
   cleanup.callback(ckpt.close)
-  state, train_iter, shardings = _start_state(config, wd, ckpt, model, tx, mesh, train_iter)
+  facts = checkpoint_lib.run_facts(corpus)
+  state, train_iter, shardings = _start_state(config, wd, ckpt, model, tx, mesh, train_iter,
+                                              facts)
+  if int(jax.device_get(state.step)) >= total_steps:  # a finished run: no compile, no work
+    if primary:
+      print(f"the run in {wd.path} is complete: its checkpoint is at step "
+            f"{int(jax.device_get(state.step))} of train.steps={total_steps}; nothing to do "
+            "(raise --config.train.steps to train further)", flush=True)
+    return _last_logged(wd)
   start_params = None  # the starting weights, kept where a live reference needs them
   if ((live_reference or (grpo_run and config.train.grpo.beta))
       and not config.model.lora.rank):  # (a LoRA run's reference is its base)
@@ -276,7 +294,8 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
     if (step % config.train.checkpoint_every == 0 and not skips_in_a_row) or done:
       if rollouts is not None:
         rollouts.save(step, config.train.keep_checkpoints)
-      ckpt.save(step, saved_part(config, state), train_iter, config.to_dict())
+      ckpt.save(step, saved_part(config, state), train_iter,
+                checkpoint_lib.saved_item(config, facts))
   ckpt.wait()
   if primary and stopped_early:
     where = (f"at step {step} of {total_steps}; checkpoint saved in {ckpt.directory}"
@@ -285,9 +304,23 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
     print(f"stopped early (signal) {where}. Re-run the same command to resume.", flush=True)
   elif primary and "eval_loss" in last and np.isfinite(corpus.unigram_loss):
     verdict = "below" if last["eval_loss"] < corpus.unigram_loss else "NOT below"
-    print(f"done at step {step}: eval loss {last['eval_loss']:.4f} is {verdict} the unigram "
-          f"baseline {corpus.unigram_loss:.4f}", flush=True)
+    n_val = len(val_batches) * config.train.batch_size
+    print(f"done at step {step}: eval loss {last['eval_loss']:.4f} (the first {n_val:,} of "
+          f"{len(corpus.val):,} validation rows) is {verdict} the unigram baseline "
+          f"{corpus.unigram_loss:.4f}", flush=True)
   return last
+
+
+def _last_logged(wd: Workdir) -> dict:
+  """The last record of the run's metrics.jsonl (without its step), {} when none."""
+  if not wd.metrics.is_file():
+    return {}
+  lines = [line for line in wd.metrics.read_text().splitlines() if line.strip()]
+  try:
+    record = json.loads(lines[-1]) if lines else {}
+  except ValueError:
+    return {}
+  return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
 
 
 def _diverged_message(config, step: int, skips: int, metrics, good_checkpoint) -> str:

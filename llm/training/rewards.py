@@ -20,10 +20,12 @@ RewardFunction = Callable[..., list]
 
 
 def _answers(answer, completions) -> list:
-  if answer is None:
-    raise ValueError("this reward compares with the prompt records' 'answer' field, which they "
-                     "lack: give each prompt an 'answer' (or use chat examples ending with the "
-                     "assistant's answer)")
+  missing = (list(range(len(completions))) if answer is None else
+             [i for i, a in enumerate(answer) if a is None])
+  if missing:
+    raise ValueError(f"this reward compares with the prompt records' 'answer' field, which "
+                     f"completion(s) {missing[:5]} lack: give each prompt an 'answer' (or use "
+                     "chat examples ending with the assistant's answer)")
   return answer
 
 
@@ -48,6 +50,9 @@ def one_line(completions, **_) -> list[float]:
 # train.grpo.rewards (comma-separated) -> the function
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {
     "exact_match": exact_match, "similarity": similarity, "one_line": one_line}
+# the prompt records' fields a reward function reads (checked before training starts)
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {"exact_match": ("answer",),
+                                                "similarity": ("answer",)}
 # train.grpo.scale_rewards: divide the centred rewards by the std of the prompt's group,
 # of the whole batch, or not at all (Dr. GRPO)
 SCALE_REWARDS = ("group", "batch", "none")
