@@ -68,3 +68,24 @@ def test_heldout_metrics_are_consistent(config, tmp_path, tokenizer_path):
   assert math.isclose(r["perplexity"], math.exp(r["loss"]), rel_tol=1e-9)
   assert math.isclose(r["bits_per_byte"], r["loss"] * r["tokens"] / math.log(2) / r["bytes"],
                       rel_tol=1e-6)
+  assert r["rows"] == 8 and r["val_rows"] > 8  # which rows it read, said
+
+
+def test_scoring_and_perplexity_refuse_data_that_do_not_fit(config, tmp_path):
+  import json
+
+  import pytest
+
+  from llm.eval.tasks import read_examples
+  config.train.update(objective="grpo")
+  with pytest.raises(ValueError, match=r"is a train.objective='grpo' run: its validation data are "
+                                       r"not text to predict"):
+    evaluate_heldout(config, None, None, tmp_path)
+  (tmp_path / "plain.jsonl").write_text(json.dumps({"text": "no chat here"}) + "\n")
+  with pytest.raises(ValueError, match=r"plain.jsonl:1: keys \['text'\] match no chat format"):
+    read_examples(tmp_path / "plain.jsonl")
+  (tmp_path / "open.jsonl").write_text(json.dumps({"messages": [
+      {"role": "user", "content": "2+2?"}]}) + "\n")
+  with pytest.raises(ValueError, match=r"open.jsonl:1: a scored example is a chat whose last "
+                                       r"message is the assistant's answer"):
+    read_examples(tmp_path / "open.jsonl")

@@ -272,3 +272,12 @@ def test_prepare_command_line(tmp_path, tokenizer_path):
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1].startswith("error: data.curate.stages='spam' names")
   assert not (tmp_path / "bad").exists()
+  # a data error met by a Beam worker: one line naming the file and line, no traceback
+  (tmp_path / "docs.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
+  broken = subprocess.run(base + [f"--output={tmp_path / 'broken'}", "--config.data.source=jsonl",
+                                  f"--config.data.paths={tmp_path / 'docs.jsonl'}", *IN_PROCESS],
+                          env=env, cwd=ROOT, capture_output=True, text=True)
+  assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stderr[-3000:]
+  assert broken.stderr.strip().splitlines()[-1].startswith(
+      f"error: {tmp_path / 'docs.jsonl'}:2: 'text' (data.jsonl_key) holds a number (5)")
+  assert not (tmp_path / "broken").exists()

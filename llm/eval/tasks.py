@@ -131,7 +131,8 @@ def read_examples(path: str | Path) -> list[dict]:
     except json.JSONDecodeError as e:
       raise ValueError(f"{where} is not valid JSON: {e}") from None
     messages = to_messages(record, where)
-    if len(messages) < 2 or messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+    answer = messages[-1]
+    if len(messages) < 2 or answer["role"] != "assistant" or not answer["content"].strip():
       raise ValueError(f"{where}: a scored example is a chat whose last message is the "
                        "assistant's answer (non-empty), after the question")
     out.append({"messages": messages})
