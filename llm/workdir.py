@@ -6,7 +6,8 @@
     DIR/tokenizer.json   or a converted model's Hugging Face tokenizer (with its
                          tokenizer_config.json / chat_template.jinja beside it)
     DIR/data/            the tokenized corpus cache
-    DIR/params/          a params-only Orbax checkpoint (llm.convert output)
+    DIR/params/          a params-only Orbax checkpoint (llm.convert output), with its
+                         manifest.json
     DIR/checkpoints/N/   training checkpoints: items state/, data/ (iterator), config/, and
                          manifest.json (sizes and CRC32s of every file, written last: a
                          checkpoint without one was never committed and is passed over)
@@ -366,6 +367,7 @@ def save_params(path: str | os.PathLike, params) -> None:
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(Path(path).absolute(), params)
     ckptr.wait_until_finished()
+  write_manifest(Path(path))  # verified when it is restored
 
 
 def restore_params(path: str | os.PathLike, target, partial: bool = False, model_cfg=None):
@@ -379,6 +381,9 @@ def restore_params(path: str | os.PathLike, target, partial: bool = False, model
     raise FileNotFoundError(f"params checkpoint {str(path)!r} does not exist")
   if (path / CONFIG_JSON).is_file():  # a workdir
     return load_params(path, target=target, model_cfg=model_cfg)[1]
+  problem = verify_checkpoint(path) if is_sealed(path) else None  # (older ones have none)
+  if problem:
+    raise ValueError(f"params checkpoint {str(path)!r} is damaged: {problem}")
   try:
     if partial:
       return _restore_subtree(path, target)

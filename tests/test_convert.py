@@ -133,6 +133,16 @@ def test_bad_inputs_are_named(tmp_path):
                                          r"\(.*\): it is truncated or damaged"):
       hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "o4"))
     assert not (tmp_path / "o4").exists()
+  weights.write_bytes(whole)
+  hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "o5"))  # params/ are sealed with a manifest
+  victim = max((p for p in (tmp_path / "o5" / "params").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  data = bytearray(victim.read_bytes())
+  data[-64:] = bytes(b ^ 0xFF for b in data[-64:])
+  victim.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=rf"params checkpoint .* is damaged: .*{victim.name} does "
+                                       r"not match its checksum"):
+    load_params(tmp_path / "o5")
 
 
 @pytest.mark.parametrize("change,message", [

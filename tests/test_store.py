@@ -179,8 +179,8 @@ def test_store_config_errors(built, tmp_path):
     validate(c)
 
 
-def test_prepare_replaces_only_its_own_stores(built, tmp_path):
-  c, _ = built
+def test_prepare_replaces_only_its_own_stores(tmp_path, tokenizer_path):
+  c = _config(tokenizer_path)
   users = tmp_path / "users"
   users.mkdir()
   (users / "thesis.tex").write_text("years of work")
