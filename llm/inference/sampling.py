@@ -75,3 +75,62 @@ def sample(rng, logits_BV, p: SamplingParams, seen_BV=None):
                                            p.repetition_penalty)
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, filter_logits(logits_BV, p, seen_BV), axis=-1).astype(jnp.int32)
+
+
+# ------------------------------------------------------------- per-row settings (serving)
+
+# the alternatives reported with `logprobs`: at most this many per token
+MAX_TOP_LOGPROBS = 20
+
+
+def filter_logits_rows(logits_SV, temperature_S, top_k_S, top_p_S, min_p_S):
+  """filter_logits with each row's own settings (arrays [S]; a temperature of 0 is
+  treated as 1 here: greedy rows take the argmax instead, see sample_rows)."""
+  logits_SV = logits_SV.astype(jnp.float32)
+  logits_SV = logits_SV / jnp.where(temperature_S > 0, temperature_S, 1.0)[:, None]
+  neg_inf = jnp.float32(-jnp.inf)
+  vocab = logits_SV.shape[-1]
+  sorted_SV = jnp.sort(logits_SV, axis=-1)[:, ::-1]
+  k_S = jnp.where((top_k_S > 0) & (top_k_S < vocab), top_k_S, vocab)
+  kth_S1 = jnp.take_along_axis(sorted_SV, (k_S - 1)[:, None], axis=-1)
+  logits_SV = jnp.where(logits_SV < kth_S1, neg_inf, logits_SV)
+  sorted_SV = jnp.where(jnp.arange(vocab)[None, :] < k_S[:, None], sorted_SV, neg_inf)
+  probs_SV = jax.nn.softmax(sorted_SV, axis=-1)
+  mass_before_SV = jnp.cumsum(probs_SV, axis=-1) - probs_SV
+  keep_S1 = jnp.sum(mass_before_SV < top_p_S[:, None], axis=-1, keepdims=True)
+  cutoff_S1 = jnp.take_along_axis(sorted_SV, jnp.maximum(keep_S1, 1) - 1, axis=-1)
+  logits_SV = jnp.where((top_p_S[:, None] < 1.0) & (logits_SV < cutoff_S1), neg_inf, logits_SV)
+  probs_SV = jax.nn.softmax(logits_SV, axis=-1)
+  threshold_S1 = min_p_S[:, None] * jnp.max(probs_SV, axis=-1, keepdims=True)
+  return jnp.where(probs_SV < threshold_S1, neg_inf, logits_SV)
+
+
+def penalize_rows(logits_SV, counts_SV, seen_SV, repetition_S, presence_S, frequency_S):
+  """OpenAI's presence and frequency penalties over the tokens generated so far
+  (`counts_SV`), then the CTRL repetition penalty over every token seen, prompt included
+  (`seen_SV`), each with the row's own strength (1, 0, 0: off)."""
+  logits_SV = logits_SV.astype(jnp.float32)
+  logits_SV = (logits_SV - presence_S[:, None] * (counts_SV > 0)
+               - frequency_S[:, None] * counts_SV)
+  rep_S1 = repetition_S[:, None]
+  penalised = jnp.where(logits_SV > 0, logits_SV / rep_S1, logits_SV * rep_S1)
+  return jnp.where(seen_SV, penalised, logits_SV)
+
+
+def sample_rows(keys_S, logits_SV, rows: dict):
+  """(token [S] int32, its log-probability [S], top log-probabilities [S, MAX_TOP_LOGPROBS]
+  and their ids) with each row's settings in `rows` (arrays [S]: temperature, top_k,
+  top_p, min_p, repetition, presence, frequency; counts [S, V] and seen [S, V]) and its
+  own key, so a row's draw does not depend on the others. Log-probabilities are the
+  model's, before penalties and filtering (as vLLM reports them)."""
+  logprobs_SV = jax.nn.log_softmax(logits_SV.astype(jnp.float32), axis=-1)
+  penalised_SV = penalize_rows(logits_SV, rows["counts"], rows["seen"], rows["repetition"],
+                               rows["presence"], rows["frequency"])
+  filtered_SV = filter_logits_rows(penalised_SV, rows["temperature"], rows["top_k"],
+                                   rows["top_p"], rows["min_p"])
+  drawn_S = jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys_S, filtered_SV)
+  token_S = jnp.where(rows["temperature"] > 0, drawn_S,
+                      jnp.argmax(penalised_SV, axis=-1)).astype(jnp.int32)
+  chosen_S = jnp.take_along_axis(logprobs_SV, token_S[:, None], axis=-1)[:, 0]
+  top_SK, top_ids_SK = jax.lax.top_k(logprobs_SV, MAX_TOP_LOGPROBS)
+  return token_S, chosen_S, top_SK, top_ids_SK.astype(jnp.int32)

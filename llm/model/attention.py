@@ -11,7 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from llm.ops.attention import attend, attend_cached
+from llm.ops.attention import attend, attend_cached, attend_paged
 from llm.model.layers import Projection, RMSNorm, apply_rope, constrain, rope_inv_freq
 from llm.model.lora import projection_kwargs
 
@@ -27,7 +27,8 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, decode=None):
     """With `cache` ({"k", "v"}: [B, K, S, E], heads-major) and `decode` ({"slot",
     "kv_valid"}), writes this step's keys/values at `slot` and attends over the cache;
-    returns (out, cache)."""
+    returns (out, cache). With KV pages ({"k", "v"}: [P, N, K, E]) and a paged `decode`
+    (llm.ops.attention.attend_paged), the batch is one flat row of tokens [1, T]."""
     c = self.cfg
     h, k, e, d = c.n_heads, c.n_kv_heads, self.head_dim, c.d_model
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -50,6 +51,10 @@ class Attention(nn.Module):
                    block_k=c.flash_block_k or None)
     if cache is None:
       out_BTHE = attend(c.attention, q_BTHE, k_BTKE, v_BTKE, segment_ids_BT, **options)
+    elif "page_table" in decode:  # serving: one flat row of tokens over KV pages
+      out_THE, cache = attend_paged(c.attention, q_BTHE[0], k_BTKE[0], v_BTKE[0], cache,
+                                    decode, window=options["window"])
+      out_BTHE = out_THE[None]
     else:  # queries at cache slots slot.., over the cache's filled (kv_valid) slots
       out_BTHE, cache = attend_cached(c.attention, q_BTHE, k_BTKE, v_BTKE, cache,
                                       decode["kv_valid"], decode["slot"], **options)

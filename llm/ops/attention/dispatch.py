@@ -15,6 +15,9 @@ and values where they lie instead of transposing the cache. With plain XLA it at
 the cache as it was and over this step's own keys/values as two chunks merged by their
 logsumexp, so the cache update's only reader is the next step: XLA then writes the new
 slots in place instead of copying every layer's cache at every token.
+The serving engine's flat, ragged batches come through `attend_paged`: every token's key
+and value are written into its KV page, then each token attends over its sequence's pages
+(llm.ops.attention.paged).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels.flash_attention as flash
+from llm.ops.attention.paged import paged_attention, write_pages
 from llm.ops.attention.ring import flash_blocks, merge, ring_attention
 from llm.ops.attention.xla import Blocks, xla_attention, xla_blocks
 from llm.parallel.rules import logical_to_spec
@@ -153,3 +157,19 @@ def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, kv_segment_ids_
                        in_specs=(q_spec, k_spec, k_spec, P(*q_spec[:2]), P(*k_spec[:2]), P()),
                        out_specs=q_spec, check_vma=chosen.check_vma)(
                            q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kv_seg_BS, q_offset)
+
+
+def attend_paged(impl: str, q_THE, k_TKE, v_TKE, pages, paged: dict, *,
+                 window: int | None = None):
+  """A flat batch of tokens [T, ...] from many sequences: writes each token's key and
+  value into its page (`paged["page"]`, `paged["slot"]`: [T]), then attends each token
+  over its sequence's pages (`paged["seq"]`, `paged["positions"]`: [T]; `paged["page_table"]`:
+  [S, M]). pages: {"k", "v"} of [num_pages, page_size, K, E]. Returns (out_THE, pages).
+  Every implementation runs the XLA reference for now (Pallas paged kernels: to come)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
+  k_pages, v_pages = write_pages(pages["k"], pages["v"], k_TKE, v_TKE, paged["page"],
+                                 paged["slot"])
+  out_THE = paged_attention(q_THE, k_pages, v_pages, paged["seq"], paged["positions"],
+                            paged["page_table"], window=window)
+  return out_THE, {"k": k_pages, "v": v_pages}

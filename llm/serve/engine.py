@@ -1,0 +1,332 @@
+"""The serving engine: requests in, streamed tokens out, scheduled continuously over a
+paged KV cache with prefix caching and chunked prefill.
+
+    engine = Engine.from_workdir("runs/tiny", max_num_seqs=16)
+    rid = engine.add_request("Romeo.", SamplingOptions(max_tokens=32, temperature=0.8))
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.request_id, out.outputs[0].text, end="")
+
+or, from asyncio, `async for out in engine.generate(prompt, options): ...`.
+
+Each `step()` asks the scheduler (llm.serve.scheduler) who runs, lays their tokens out as
+one flat batch for the model runner (llm.serve.runner), appends the sampled tokens,
+applies each request's stops, offers newly full pages to the prefix cache, and returns
+what each request gained. `abort(request_id)` frees its pages at once. `metrics()` holds
+the counters a server exports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llm.config import check_range
+from llm.serve.pages import PagePool
+from llm.serve.request import SamplingOptions, Sequence, Status
+from llm.serve.runner import ModelRunner
+from llm.serve.scheduler import Scheduler
+
+
+@dataclasses.dataclass
+class SampleOutput:
+  index: int  # among the request's n samples
+  token_ids: list[int]  # new since the last output
+  text: str  # new since the last output
+  logprobs: list[dict]  # per new token: {"token", "logprob", "top": [(id, logprob), ...]}
+  finish_reason: str | None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  request_id: str
+  prompt_token_ids: list[int]
+  outputs: list[SampleOutput]
+  finished: bool
+
+
+def _default_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
+  buckets, b = [], 16
+  while b < max_num_batched_tokens:
+    buckets.append(b)
+    b *= 4
+  return tuple(buckets + [max_num_batched_tokens])
+
+
+class Engine:
+  """See the module docstring. `tokenizer` (optional) turns text prompts into ids and
+  outputs into text, and gives the EOS / end-of-turn ids that stop a request."""
+
+  def __init__(self, model_cfg, params, tokenizer=None, *, page_size: int = 16,
+               num_pages: int = 0, kv_cache_gib: float = 0.0, max_num_batched_tokens: int = 256,
+               max_num_seqs: int = 16, max_model_len: int = 0, prefix_caching: bool = True,
+               buckets: tuple[int, ...] = (), seed: int = 0, warm_up: bool = True):
+    check_range("page_size", page_size, lo=1)
+    check_range("max_num_batched_tokens", max_num_batched_tokens, lo=1)
+    check_range("max_num_seqs", max_num_seqs, lo=1)
+    check_range("kv_cache_gib", kv_cache_gib, lo=0, note="0: num_pages, or memory left")
+    max_model_len = max_model_len or 2048
+    check_range("max_model_len", max_model_len, lo=2)
+    if not num_pages:
+      per_page = ModelRunner.kv_bytes_per_page(model_cfg, page_size)
+      budget = kv_cache_gib * 2**30 if kv_cache_gib else _memory_left(params) * 0.5
+      num_pages = int(budget // per_page)
+    pages_per_seq = -(-max_model_len // page_size)
+    if num_pages - 1 < pages_per_seq:
+      raise ValueError(f"the KV cache holds {num_pages - 1} pages of {page_size} tokens, fewer "
+                       f"than one max_model_len={max_model_len} sequence needs "
+                       f"({pages_per_seq}); give more num_pages / kv_cache_gib or a shorter "
+                       "max_model_len")
+    self.tokenizer = tokenizer
+    self.max_model_len = max_model_len
+    self.pool = PagePool(num_pages, page_size)
+    self.scheduler = Scheduler(self.pool, max_num_batched_tokens, max_num_seqs, prefix_caching)
+    buckets = tuple(sorted(set(buckets))) or _default_buckets(max_num_batched_tokens)
+    if buckets[-1] < max_num_batched_tokens:
+      raise ValueError(f"buckets={buckets}: the largest must hold max_num_batched_tokens="
+                       f"{max_num_batched_tokens}")
+    self.runner = ModelRunner(model_cfg, params, num_pages, page_size, max_num_seqs,
+                              max_model_len, buckets)
+    self.vocab_size = model_cfg.vocab_size
+    self.stop_ids: set[int] = set()
+    if tokenizer is not None:
+      from llm.data.chat import stop_ids
+      self.stop_ids = set(stop_ids(tokenizer))
+    self._rng = np.random.default_rng(seed)
+    self._requests: dict[str, list[Sequence]] = {}
+    self._ids = itertools.count()
+    self.counters = dict(requests=0, finished=0, aborted=0, prompt_tokens=0, generation_tokens=0,
+                         steps=0, batched_tokens=0)
+    self.latencies: dict[str, list[float]] = dict(ttft=[], itl=[])
+    self._queues: dict[str, asyncio.Queue] = {}  # generate()'s streams
+    self._siblings: dict[str, list[Sequence]] = {}  # samples 2..n, until 1 ran the prompt
+    self._stepping = False
+    if warm_up:
+      self.runner.warm_up()
+
+  # ----------------------------------------------------------------- construction
+
+  @classmethod
+  def from_workdir(cls, workdir: str | Path, **kwargs) -> "Engine":
+    """From a training workdir (pretrained, SFT, LoRA merged, MoE) or a converted one."""
+    from llm.inference import load
+    config, params, tokenizer = load(workdir)
+    kwargs.setdefault("max_model_len", config.data.seq_len)
+    return cls(config.model, params, tokenizer, **kwargs)
+
+  # ----------------------------------------------------------------- requests
+
+  def add_request(self, prompt, options: SamplingOptions | None = None,
+                  request_id: str | None = None) -> str:
+    """Queues a prompt (text, with a tokenizer, or token ids); returns its id."""
+    options = options or SamplingOptions()
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise ValueError("a text prompt needs the engine's tokenizer; give token ids")
+      ids = self.tokenizer.bos_prefix() + list(self.tokenizer.encode(prompt))
+    else:
+      ids = [int(t) for t in prompt]
+    if not ids:
+      raise ValueError("the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < self.vocab_size]
+    if bad:
+      raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, "
+                       f"{self.vocab_size})")
+    if len(ids) + options.max_tokens > self.max_model_len:
+      raise ValueError(f"the prompt's {len(ids)} tokens + max_tokens={options.max_tokens} "
+                       f"exceed max_model_len={self.max_model_len}")
+    request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+    if request_id in self._requests:
+      raise ValueError(f"request id {request_id!r} is already in use")
+    seed = options.seed if options.seed is not None else int(self._rng.integers(2**31))
+    now = time.monotonic()
+    seqs = [Sequence(request_id, ids, options, seed + i, now, sample=i)
+            for i in range(options.n)]
+    self._requests[request_id] = seqs
+    # the other samples wait until the first has run the prompt, then find its pages
+    self.scheduler.add(seqs[0])
+    if len(seqs) > 1:
+      self._siblings[request_id] = seqs[1:]
+    self.counters["requests"] += 1
+    self.counters["prompt_tokens"] += len(ids)
+    return request_id
+
+  def abort(self, request_id: str) -> None:
+    """Stops a request now; its pages are freed at once (unknown ids are ignored)."""
+    self._siblings.pop(request_id, None)
+    for seq in self._requests.pop(request_id, []):
+      if seq.status is not Status.FINISHED:
+        self.scheduler.finish(seq, "abort")
+    self.counters["aborted"] += 1
+
+  def has_unfinished(self) -> bool:
+    return bool(self.scheduler.waiting or self.scheduler.running or self._siblings)
+
+  # ----------------------------------------------------------------- the step
+
+  def step(self) -> list[RequestOutput]:
+    """Runs one engine step; returns each request's gain (finished ones last time)."""
+    batch = self.scheduler.schedule()
+    if not batch:
+      return []
+    inputs, rows, samplers = self._lay_out(batch)
+    counts = seen = None
+    if any(seq.options.uses_penalties for seq, _ in samplers):
+      counts, seen = self._penalty_arrays(samplers)
+    tokens, logprobs, top, top_ids = self.runner.run(inputs, rows, counts, seen)
+    self.counters["steps"] += 1
+    self.counters["batched_tokens"] += sum(n for _, n in batch)
+    changed: dict[str, None] = {}
+    for seq, n in batch:
+      seq.computed += n
+      self.scheduler.commit_full_pages(seq)
+      changed[seq.request_id] = None
+      if seq.computed >= len(seq.prompt) and seq.request_id in self._siblings:
+        for sibling in self._siblings.pop(seq.request_id):
+          self.scheduler.add(sibling)
+    now = time.monotonic()
+    for row, (seq, _) in enumerate(samplers):
+      self._append(seq, int(tokens[row]), float(logprobs[row]), top[row], top_ids[row], now)
+    return [self._output(rid) for rid in changed if rid in self._requests]
+
+  def _lay_out(self, batch):
+    """The step's flat token batch, page tables and per-row sampling settings."""
+    total = sum(n for _, n in batch)
+    inputs, rows = self.runner._inputs(self.runner.bucket(total))
+    samplers = []
+    t = 0
+    for row, (seq, n) in enumerate(batch):
+      tokens = seq.tokens
+      positions = np.arange(seq.computed, seq.computed + n)
+      inputs["tokens"][t:t + n] = tokens[seq.computed:seq.computed + n]
+      inputs["positions"][t:t + n] = positions
+      inputs["seq"][t:t + n] = row
+      inputs["page"][t:t + n] = np.asarray(seq.pages)[positions // self.pool.page_size]
+      inputs["slot"][t:t + n] = positions % self.pool.page_size
+      inputs["page_table"][row, :len(seq.pages)] = seq.pages
+      t += n
+      if seq.computed + n == len(tokens):  # its last token runs: sample the next one
+        o = seq.options
+        rows["sample_index"][len(samplers)] = t - 1
+        for name, value in (("temperature", o.temperature), ("top_k", o.top_k),
+                            ("top_p", o.top_p), ("min_p", o.min_p),
+                            ("repetition", o.repetition_penalty),
+                            ("presence", o.presence_penalty),
+                            ("frequency", o.frequency_penalty),
+                            ("seed", seq.seed), ("draw", len(seq.output))):
+          rows[name][len(samplers)] = value
+        samplers.append((seq, n))
+    return inputs, rows, samplers
+
+  def _penalty_arrays(self, samplers):
+    s, v = self.runner.max_num_seqs, self.vocab_size
+    counts, seen = np.zeros((s, v), np.int32), np.zeros((s, v), bool)
+    for row, (seq, _) in enumerate(samplers):
+      np.add.at(counts[row], seq.output, 1)
+      seen[row, seq.tokens] = True
+    return counts, seen
+
+  def _append(self, seq: Sequence, token: int, logprob: float, top, top_ids, now: float):
+    o = seq.options
+    if not seq.output:
+      seq.first_token_time = now
+      self.latencies["ttft"].append(now - seq.arrival)
+    else:
+      self.latencies["itl"].append(now - seq.last_token_time)
+    seq.last_token_time = now
+    self.counters["generation_tokens"] += 1
+    if token in o.stop_token_ids or (not o.ignore_eos and token in self.stop_ids):
+      return self._finish(seq, "stop")
+    seq.output.append(token)
+    if o.logprobs is not None:
+      seq.logprobs.append({"token": token, "logprob": logprob,
+                           "top": [(int(i), float(x)) for i, x in
+                                   zip(top_ids[:o.logprobs], top[:o.logprobs])]})
+    if self.tokenizer is not None:
+      text = self.tokenizer.decode(seq.output)
+      cut = min((i for i in (text.find(s) for s in o.stop) if i >= 0), default=-1)
+      if cut >= 0:
+        seq.text = text[:cut]
+        return self._finish(seq, "stop")
+      held = max((len(s) - 1 for s in o.stop), default=0)  # could still grow into a stop
+      seq.text = text[:len(text) - held] if held else text
+    if len(seq.output) >= o.max_tokens or len(seq.tokens) >= self.max_model_len:
+      if self.tokenizer is not None:
+        seq.text = self.tokenizer.decode(seq.output)
+      self._finish(seq, "length")
+
+  def _finish(self, seq: Sequence, reason: str) -> None:
+    self.scheduler.finish(seq, reason)
+    self.counters["finished"] += 1
+
+  def _output(self, request_id: str) -> RequestOutput:
+    seqs = self._requests[request_id]
+    outs = []
+    for seq in seqs:
+      new_ids, new_lp = seq.output[seq.sent_ids:], seq.logprobs[seq.sent_logprobs:]
+      seq.sent_ids, seq.sent_logprobs = len(seq.output), len(seq.logprobs)
+      text, seq.sent = seq.text[seq.sent:], len(seq.text)
+      outs.append(SampleOutput(seq.sample, new_ids, text, new_lp, seq.finish_reason))
+    finished = all(s.status is Status.FINISHED for s in seqs)
+    if finished:
+      del self._requests[request_id]
+    return RequestOutput(request_id, seqs[0].prompt, outs, finished)
+
+  # ----------------------------------------------------------------- asyncio
+
+  async def generate(self, prompt, options: SamplingOptions | None = None,
+                     request_id: str | None = None):
+    """Streams a request's outputs; steps the engine while anyone waits on it (one
+    asyncio task at a time runs a step). Cancelling the iteration aborts the request."""
+    rid = self.add_request(prompt, options, request_id)
+    queue = self._queues[rid] = asyncio.Queue()
+    try:
+      while True:
+        while queue.empty():
+          if not self._stepping:
+            self._stepping = True
+            try:
+              for out in self.step():
+                if out.request_id in self._queues:
+                  self._queues[out.request_id].put_nowait(out)
+            finally:
+              self._stepping = False
+          await asyncio.sleep(0)
+        out = queue.get_nowait()
+        yield out
+        if out.finished:
+          return
+    finally:
+      self._queues.pop(rid, None)
+      if rid in self._requests:
+        self.abort(rid)
+
+  # ----------------------------------------------------------------- metrics
+
+  def metrics(self) -> dict:
+    """Counters and gauges for a server to export."""
+    return {**self.counters, "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting), "pages_total": self.pool.num_pages - 1,
+            "pages_used": self.pool.used, "pages_cached": self.pool.cached,
+            "prefix_cache_hit_rate": self.pool.hit_rate,
+            "prefix_cache_queried_tokens": self.pool.queried_tokens,
+            "prefix_cache_hit_tokens": self.pool.hit_tokens,
+            "preemptions": self.scheduler.preemptions, "evictions": self.pool.evictions}
+
+
+def _memory_left(params) -> float:
+  """Bytes of device memory not held by the weights (host memory on a CPU)."""
+  import os
+
+  import jax
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  total = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  weights = sum(x.nbytes for x in jax.tree.leaves(params))
+  return max(total - weights, 0) if math.isfinite(total) else 0.0

@@ -1,0 +1,95 @@
+"""A request to the engine: its prompt, its own sampling settings, and its state as the
+scheduler moves it (waiting -> running -> finished, and back to waiting when preempted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+from llm.config import check_range
+from llm.inference.sampling import MAX_TOP_LOGPROBS
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """One request's sampling (OpenAI's and vLLM's names and defaults)."""
+  max_tokens: int = 16
+  temperature: float = 1.0  # 0: greedy
+  top_p: float = 1.0  # 1: off
+  top_k: int = 0  # 0: off
+  min_p: float = 0.0  # 0: off
+  repetition_penalty: float = 1.0  # 1: off; over prompt and output tokens
+  presence_penalty: float = 0.0  # 0: off; over output tokens
+  frequency_penalty: float = 0.0
+  seed: int | None = None  # a seeded request's tokens do not depend on the batch
+  stop: tuple[str, ...] = ()  # strings that end the output (not included in it)
+  stop_token_ids: tuple[int, ...] = ()
+  ignore_eos: bool = False
+  n: int = 1  # samples of the prompt, sharing its KV pages
+  logprobs: int | None = None  # None: none; k: the sampled token's and the top k
+
+  def __post_init__(self):
+    check_range("max_tokens", self.max_tokens, lo=1)
+    check_range("temperature", self.temperature, lo=0, note="0 is greedy")
+    check_range("top_p", self.top_p, lo=0, hi=1, lo_open=True, note="1 is off")
+    check_range("top_k", self.top_k, lo=0, note="0 is off")
+    check_range("min_p", self.min_p, lo=0, hi=1, hi_open=True, note="0 is off")
+    check_range("repetition_penalty", self.repetition_penalty, lo=0, lo_open=True,
+                note="1 is off")
+    check_range("presence_penalty", self.presence_penalty, lo=-2, hi=2)
+    check_range("frequency_penalty", self.frequency_penalty, lo=-2, hi=2)
+    check_range("n", self.n, lo=1)
+    if self.seed is not None:
+      check_range("seed", self.seed, lo=0)
+    if self.logprobs is not None:
+      check_range("logprobs", self.logprobs, lo=0, hi=MAX_TOP_LOGPROBS)
+    if any(not isinstance(s, str) or not s for s in self.stop):
+      raise ValueError(f"stop={self.stop!r}: stop strings must be non-empty strings")
+
+  @property
+  def uses_penalties(self) -> bool:
+    return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0)
+
+
+class Status(enum.Enum):
+  WAITING = "waiting"
+  RUNNING = "running"
+  FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Sequence:
+  """One sample of a request as the scheduler sees it: its tokens so far (prompt, then
+  output), how many of them have K/V in its pages, and the pages (page table)."""
+  request_id: str
+  prompt: list[int]
+  options: SamplingOptions
+  seed: int  # the request's seed (or one drawn for it), plus the sample's index
+  arrival: float
+  output: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[dict] = dataclasses.field(default_factory=list)
+  pages: list[int] = dataclasses.field(default_factory=list)
+  computed: int = 0  # tokens whose K/V are in the pages
+  committed_pages: int = 0  # leading pages offered to the prefix cache
+  status: Status = Status.WAITING
+  finish_reason: str | None = None  # "stop" | "length" | "abort"
+  text: str = ""  # the output decoded, up to what may be shown (stop strings held back)
+  sent: int = 0  # characters of `text` already handed out
+  sent_ids: int = 0  # output tokens already handed out
+  sent_logprobs: int = 0
+  first_token_time: float = math.nan
+  last_token_time: float = math.nan
+  admitted: int = 0  # the order of the latest admission (preemption takes the newest)
+  sample: int = 0  # its index among the request's n
+
+  @property
+  def tokens(self) -> list[int]:
+    return self.prompt + self.output
+
+  @property
+  def remaining_prefill(self) -> int:
+    """Tokens still to run before the next token can be sampled."""
+    return len(self.tokens) - self.computed

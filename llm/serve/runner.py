@@ -1,0 +1,118 @@
+"""The engine's model step: one jitted program over a flat, ragged batch of tokens from
+many sequences, reading and writing K/V through page tables, then sampling one token for
+each sequence that reached its end, with the sequence's own settings and key.
+
+Shapes are static per token bucket: the batch's tokens are padded up to the smallest
+bucket that holds them (padding tokens sit at position -1, see nothing, and write into
+the reserved page 0), rows up to `max_num_seqs`, page tables to `max_model_len` worth of
+pages. So there is one compile per bucket, all done by `warm_up` before traffic. The
+attention masks come from runtime positions, never from constants XLA could fold.
+
+The model runs unrolled (layers_0, ...) with one page pool per layer, donated and
+updated in place (a scan would slice and restack the whole pool every step); on a CPU its
+projection kernels are stored out-major, as the static decoder does (llm.inference).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from llm.config import head_dim
+from llm.inference.sampling import sample_rows
+from llm.model import make_model, require_lm_head
+from llm.model.transformer import to_out_major, unembedding, unstack_layers
+
+# per-row sampling arrays the step takes, with their dtypes
+ROW_FIELDS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
+              "min_p": np.float32, "repetition": np.float32, "presence": np.float32,
+              "frequency": np.float32, "seed": np.uint32, "draw": np.int32,
+              "sample_index": np.int32}
+ROW_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition": 1.0,
+                "presence": 0.0, "frequency": 0.0, "seed": 0, "draw": 0, "sample_index": 0}
+
+
+def _step(model, model_cfg, params, pages, batch, rows):
+  paged = {"page_table": batch["page_table"], "page": batch["page"], "slot": batch["slot"],
+           "seq": batch["seq"], "positions": batch["positions"]}
+  x_1TD, pages = model.apply({"params": params}, batch["tokens"][None], None,
+                             batch["positions"][None], pages, paged, head=False)
+  h_SD = x_1TD[0][rows["sample_index"]]
+  logits_SV = jnp.dot(h_SD, unembedding(params, model_cfg), preferred_element_type=jnp.float32)
+  keys_S = jax.vmap(lambda s, d: jax.random.fold_in(jax.random.key(s), d))(rows["seed"],
+                                                                          rows["draw"])
+  return pages, sample_rows(keys_S, logits_SV, rows)
+
+
+class ModelRunner:
+  """Params (unstacked), the per-layer KV page pools and the jitted step per bucket."""
+
+  def __init__(self, model_cfg, params, num_pages: int, page_size: int, max_num_seqs: int,
+               max_model_len: int, buckets: tuple[int, ...]):
+    require_lm_head(model_cfg, "serving")
+    cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
+    params = unstack_layers(params, cfg) if cfg.scan_layers else params
+    cfg.scan_layers = False
+    out_major = (jax.default_backend() == "cpu" and not cfg.lora.rank
+                 and not cfg.out_major_kernels)
+    if out_major:
+      params = to_out_major(params, cfg)
+      cfg.out_major_kernels = True
+    self.cfg, self.params = cfg, params
+    self.page_size, self.num_pages = page_size, num_pages
+    self.max_num_seqs, self.buckets = max_num_seqs, tuple(sorted(buckets))
+    self.pages_per_seq = -(-max_model_len // page_size)
+    shape = (num_pages, page_size, cfg.n_kv_heads, head_dim(cfg))
+    dtype = jnp.dtype(cfg.dtype)
+    self.pages = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                  for _ in range(cfg.n_layers)]
+    model = make_model(cfg)
+    self._step = jax.jit(functools.partial(_step, model, cfg), donate_argnums=(1,))
+    self.compile_seconds: dict[int, float] = {}
+    self._zeros_SV = None
+
+  @staticmethod
+  def kv_bytes_per_page(model_cfg, page_size: int) -> int:
+    return (2 * model_cfg.n_layers * page_size * model_cfg.n_kv_heads * head_dim(model_cfg)
+            * jnp.dtype(model_cfg.dtype).itemsize)
+
+  def bucket(self, n_tokens: int) -> int:
+    for b in self.buckets:
+      if n_tokens <= b:
+        return b
+    raise ValueError(f"{n_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
+
+  def _inputs(self, t_bucket: int):
+    """Empty (all padding) step inputs of one bucket, host arrays."""
+    batch = {"tokens": np.zeros(t_bucket, np.int32), "positions": np.full(t_bucket, -1, np.int32),
+             "seq": np.zeros(t_bucket, np.int32), "page": np.zeros(t_bucket, np.int32),
+             "slot": np.zeros(t_bucket, np.int32),
+             "page_table": np.zeros((self.max_num_seqs, self.pages_per_seq), np.int32)}
+    rows = {k: np.full(self.max_num_seqs, ROW_DEFAULTS[k], dtype) for k, dtype in ROW_FIELDS.items()}
+    return batch, rows
+
+  def warm_up(self) -> dict[int, float]:
+    """Compiles the step for every bucket (seconds per bucket)."""
+    for b in self.buckets:
+      batch, rows = self._inputs(b)
+      t0 = time.perf_counter()
+      self.run(batch, rows, None, None)
+      self.compile_seconds[b] = time.perf_counter() - t0
+    return self.compile_seconds
+
+  def run(self, batch: dict, rows: dict, counts_SV, seen_SV):
+    """One step; returns host arrays (tokens, logprobs, top logprobs, top ids) [S, ...]."""
+    if counts_SV is None:
+      if self._zeros_SV is None:
+        self._zeros_SV = (jnp.zeros((self.max_num_seqs, self.cfg.vocab_size), jnp.int32),
+                          jnp.zeros((self.max_num_seqs, self.cfg.vocab_size), bool))
+      counts_SV, seen_SV = self._zeros_SV
+    rows = {**{k: jnp.asarray(v) for k, v in rows.items()}, "counts": counts_SV, "seen": seen_SV}
+    self.pages, out = self._step(self.params, self.pages,
+                                 {k: jnp.asarray(v) for k, v in batch.items()}, rows)
+    return jax.device_get(out)
