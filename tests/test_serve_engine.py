@@ -141,3 +141,63 @@ def test_async_generate_streams_and_n_samples_share_the_prompt(hf_and_ours):
   assert all(len(s) == 5 for s in per_sample) and len({tuple(s) for s in per_sample}) > 1
   assert engine.pool.hit_tokens >= 2 * 16  # samples 2 and 3 found the prompt's pages
   assert engine.metrics()["pages_used"] == 0
+
+
+def _full_forward_greedy(model, params, prompt, n):
+  """Greedy continuation by full forwards over what precedes each token (no cache)."""
+  import jax
+  import jax.numpy as jnp
+  apply = jax.jit(model.apply)
+  seq = list(prompt)
+  for _ in range(n):  # right-padded to one length (causal: padding cannot reach back)
+    logits = apply({"params": params}, jnp.asarray([seq + [0] * (64 - len(seq))]))
+    seq.append(int(np.argmax(logits[0, len(seq) - 1])))
+  return seq[len(prompt):]
+
+
+def test_sliding_window_and_moe_models_take_the_same_path(tokenizer_path):
+  """A windowed model with MoE layers: greedy tokens equal full forwards', and a stop
+  string ends the text where it first appears, the text streamed in held-back pieces."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from llm.data.tokenizer import open_tokenizer
+  from llm.model import make_model
+  from tests.helpers import tiny_config
+  cfg = tiny_config()
+  cfg.model.update(mlp="moe", n_layers=2, sliding_window=5)
+  cfg.model.moe.update(n_experts=4, top_k=2, d_ff=32, every=2)
+  model = make_model(cfg.model)
+  params = nn.meta.unbox(model.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))["params"])
+  params = jax.tree.map(lambda x: x * 3.0 if x.ndim > 2 else x, params)
+  tok = open_tokenizer(tokenizer_path)
+  engine = Engine(cfg.model, params, tok, page_size=4, num_pages=24, max_num_batched_tokens=16,
+                  max_num_seqs=4, max_model_len=64, buckets=(16,), warm_up=False)
+  prompts = [tok.bos_prefix() + list(tok.encode(t)) for t in ("def main():", "import os\n")]
+  rids = [engine.add_request(p, SamplingOptions(max_tokens=14, temperature=0.0, ignore_eos=True))
+          for p in prompts]
+  got = {rid: [] for rid in rids}
+  while engine.has_unfinished():
+    for out in engine.step():
+      got[out.request_id] += out.outputs[0].token_ids
+  for rid, prompt in zip(rids, prompts):
+    assert got[rid] == _full_forward_greedy(model, params, prompt, 14)
+  full_text = tok.decode(got[rids[0]])
+  stop = full_text[len(full_text) // 2:len(full_text) // 2 + 2]
+  assert stop.strip(), full_text
+  rid = engine.add_request(prompts[0], SamplingOptions(max_tokens=14, temperature=0.0,
+                                                       ignore_eos=True, stop=(stop,)))
+  pieces, reason = [], None
+  while engine.has_unfinished():
+    for out in engine.step():
+      pieces.append(out.outputs[0].text)
+      reason = out.outputs[0].finish_reason
+  assert "".join(pieces) == full_text[:full_text.find(stop)] and reason == "stop"
+  with pytest.raises(ValueError, match=r"exceed max_model_len=64"):
+    engine.add_request(prompts[0], SamplingOptions(max_tokens=60))
+  with pytest.raises(ValueError, match=r"prompt token ids \[999\] are outside the vocabulary"):
+    engine.add_request([1, 999])
+  with pytest.raises(ValueError, match=r"top_p=0 must be in \(0, 1\]"):
+    SamplingOptions(top_p=0)
+  assert engine.metrics()["pages_used"] == 0
