@@ -15,8 +15,8 @@ _GPU_DEVICES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 
 
 def _cpu_only_without_accelerators() -> None:
-  if ("jax" in sys.modules or "JAX_PLATFORMS" in os.environ
-      or "JAX_FORCE_TPU_INIT" in os.environ or any(map(os.path.exists, _GPU_DEVICES))):
+  if ("JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ
+      or any(map(os.path.exists, _GPU_DEVICES))):
     return
   for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
     try:
@@ -25,7 +25,12 @@ def _cpu_only_without_accelerators() -> None:
           return
     except OSError:
       continue
-  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["JAX_PLATFORMS"] = "cpu"  # for JAX imported from here on, and subprocesses
+  if "jax" in sys.modules:  # imported already: its config, while no backend is up yet
+    import jax
+    from jax._src import xla_bridge
+    if not xla_bridge.backends_are_initialized() and not jax.config.jax_platforms:
+      jax.config.update("jax_platforms", "cpu")
 
 
 _cpu_only_without_accelerators()

@@ -23,8 +23,8 @@ def _dense(q_HE, k_LKE, v_LKE, pos, window):
   return out
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_paged_attention_equals_dense_attention(window):
+@pytest.mark.parametrize("window,keys_per_step", [(None, 0), (3, 0), (None, 4), (6, 8)])
+def test_paged_attention_equals_dense_attention(window, keys_per_step):
   rng = np.random.default_rng(0)
   n, kh, h, e, num_pages = 4, 2, 4, 8, 16
   lengths = [5, 13, 9]
@@ -48,7 +48,8 @@ def test_paged_attention_equals_dense_attention(window):
   q_pos = np.array([0, 1, 2, 3, 4, 12, 5, 6, 7, 8, -1], np.int32)
   q = rng.normal(size=(len(q_seq), h, e)).astype(np.float32)
   out = np.asarray(paged_attention(jnp.asarray(q), k_pages, v_pages, jnp.asarray(q_seq),
-                                   jnp.asarray(q_pos), jnp.asarray(table), window=window))
+                                   jnp.asarray(q_pos), jnp.asarray(table), window=window,
+                                   keys_per_step=keys_per_step))
   for t, (s, p) in enumerate(zip(q_seq, q_pos)):
     if p < 0:
       np.testing.assert_array_equal(out[t], 0.0)

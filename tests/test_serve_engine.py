@@ -201,3 +201,26 @@ def test_sliding_window_and_moe_models_take_the_same_path(tokenizer_path):
   with pytest.raises(ValueError, match=r"top_p=0 must be in \(0, 1\]"):
     SamplingOptions(top_p=0)
   assert engine.metrics()["pages_used"] == 0
+
+
+def test_a_tensor_parallel_mesh_gives_the_same_tokens(hf_and_ours):
+  import jax
+  import ml_collections
+
+  from llm.parallel.mesh import make_mesh
+  _, config, params = hf_and_ours
+  mesh = make_mesh(ml_collections.ConfigDict(dict(data=4, expert=1, fsdp=1, tensor=2,
+                                                  sequence=1)), jax.devices()[:8])
+  prompts = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 84, 59, 4, 5, 23, 53]]
+  outs = []
+  for m in (None, mesh):
+    engine = _engine(config, params, warm_up=False, mesh=m)
+    rids = [engine.add_request(p, SamplingOptions(max_tokens=10, temperature=0.0))
+            for p in prompts]
+    got = {r: [] for r in rids}
+    while engine.has_unfinished():
+      for o in engine.step():
+        got[o.request_id] += o.outputs[0].token_ids
+    outs.append([got[r] for r in rids])
+  assert engine.runner.pages[0]["k"].sharding.spec[2] == "tensor"  # KV pages split by head
+  assert outs[0] == outs[1]

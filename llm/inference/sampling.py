@@ -126,11 +126,17 @@ def sample_rows(keys_S, logits_SV, rows: dict):
   logprobs_SV = jax.nn.log_softmax(logits_SV.astype(jnp.float32), axis=-1)
   penalised_SV = penalize_rows(logits_SV, rows["counts"], rows["seen"], rows["repetition"],
                                rows["presence"], rows["frequency"])
-  filtered_SV = filter_logits_rows(penalised_SV, rows["temperature"], rows["top_k"],
-                                   rows["top_p"], rows["min_p"])
-  drawn_S = jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys_S, filtered_SV)
-  token_S = jnp.where(rows["temperature"] > 0, drawn_S,
-                      jnp.argmax(penalised_SV, axis=-1)).astype(jnp.int32)
+
+  def draw(penalised_SV):
+    filtered_SV = filter_logits_rows(penalised_SV, rows["temperature"], rows["top_k"],
+                                     rows["top_p"], rows["min_p"])
+    return jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys_S, filtered_SV)
+
+  greedy_S = jnp.argmax(penalised_SV, axis=-1)
+  # a batch of greedy rows skips the sort and the draws
+  drawn_S = jax.lax.cond(jnp.any(rows["temperature"] > 0), draw, lambda _: greedy_S,
+                         penalised_SV)
+  token_S = jnp.where(rows["temperature"] > 0, drawn_S, greedy_S).astype(jnp.int32)
   chosen_S = jnp.take_along_axis(logprobs_SV, token_S[:, None], axis=-1)[:, 0]
   top_SK, top_ids_SK = jax.lax.top_k(logprobs_SV, MAX_TOP_LOGPROBS)
   return token_S, chosen_S, top_SK, top_ids_SK.astype(jnp.int32)

@@ -61,12 +61,14 @@ def _default_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
 
 class Engine:
   """See the module docstring. `tokenizer` (optional) turns text prompts into ids and
-  outputs into text, and gives the EOS / end-of-turn ids that stop a request."""
+  outputs into text, and gives the EOS / end-of-turn ids that stop a request. `mesh`
+  (optional) shards weights and KV pages by the logical-axis rules (llm.parallel)."""
 
   def __init__(self, model_cfg, params, tokenizer=None, *, page_size: int = 16,
                num_pages: int = 0, kv_cache_gib: float = 0.0, max_num_batched_tokens: int = 256,
                max_num_seqs: int = 16, max_model_len: int = 0, prefix_caching: bool = True,
-               buckets: tuple[int, ...] = (), seed: int = 0, warm_up: bool = True):
+               buckets: tuple[int, ...] = (), seed: int = 0, warm_up: bool = True,
+               mesh=None):
     check_range("page_size", page_size, lo=1)
     check_range("max_num_batched_tokens", max_num_batched_tokens, lo=1)
     check_range("max_num_seqs", max_num_seqs, lo=1)
@@ -92,7 +94,7 @@ class Engine:
       raise ValueError(f"buckets={buckets}: the largest must hold max_num_batched_tokens="
                        f"{max_num_batched_tokens}")
     self.runner = ModelRunner(model_cfg, params, num_pages, page_size, max_num_seqs,
-                              max_model_len, buckets)
+                              max_model_len, buckets, mesh)
     self.vocab_size = model_cfg.vocab_size
     self.stop_ids: set[int] = set()
     if tokenizer is not None:

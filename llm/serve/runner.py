@@ -15,6 +15,7 @@ projection kernels are stored out-major, as the static decoder does (llm.inferen
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 
@@ -22,11 +23,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding
 
 from llm.config import head_dim
 from llm.inference.sampling import sample_rows
 from llm.model import make_model, require_lm_head
-from llm.model.transformer import to_out_major, unembedding, unstack_layers
+from llm.model.transformer import init_params, to_out_major, unembedding, unstack_layers
+from llm.parallel.mesh import use_mesh
+from llm.parallel.rules import logical_to_sharding, logical_to_spec
 
 # per-row sampling arrays the step takes, with their dtypes
 ROW_FIELDS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
@@ -53,7 +57,9 @@ class ModelRunner:
   """Params (unstacked), the per-layer KV page pools and the jitted step per bucket."""
 
   def __init__(self, model_cfg, params, num_pages: int, page_size: int, max_num_seqs: int,
-               max_model_len: int, buckets: tuple[int, ...]):
+               max_model_len: int, buckets: tuple[int, ...], mesh=None):
+    """With a `mesh`, weights and KV pages are sharded by the logical-axis rules (tensor
+    parallel over heads; the KV pages over kv_heads) and the step runs under it."""
     require_lm_head(model_cfg, "serving")
     cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
     params = unstack_layers(params, cfg) if cfg.scan_layers else params
@@ -69,9 +75,17 @@ class ModelRunner:
     self.pages_per_seq = -(-max_model_len // page_size)
     shape = (num_pages, page_size, cfg.n_kv_heads, head_dim(cfg))
     dtype = jnp.dtype(cfg.dtype)
-    self.pages = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                  for _ in range(cfg.n_layers)]
     model = make_model(cfg)
+    self.mesh = mesh
+    page_sharding = None
+    if mesh is not None:
+      boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+      self.params = jax.device_put(params, logical_to_sharding(boxed, mesh))
+      page_sharding = NamedSharding(mesh, logical_to_spec((None, None, "kv_heads", "head_dim"),
+                                                          shape, mesh))
+    self.pages = [{"k": jnp.zeros(shape, dtype, device=page_sharding),
+                   "v": jnp.zeros(shape, dtype, device=page_sharding)}
+                  for _ in range(cfg.n_layers)]
     self._step = jax.jit(functools.partial(_step, model, cfg), donate_argnums=(1,))
     self.compile_seconds: dict[int, float] = {}
     self._zeros_SV = None
@@ -113,6 +127,9 @@ class ModelRunner:
                           jnp.zeros((self.max_num_seqs, self.cfg.vocab_size), bool))
       counts_SV, seen_SV = self._zeros_SV
     rows = {**{k: jnp.asarray(v) for k, v in rows.items()}, "counts": counts_SV, "seen": seen_SV}
-    self.pages, out = self._step(self.params, self.pages,
-                                 {k: jnp.asarray(v) for k, v in batch.items()}, rows)
+    with contextlib.ExitStack() as stack:
+      if self.mesh is not None:
+        stack.enter_context(use_mesh(self.mesh))
+      self.pages, out = self._step(self.params, self.pages,
+                                   {k: jnp.asarray(v) for k, v in batch.items()}, rows)
     return jax.device_get(out)
