@@ -21,7 +21,8 @@ VOCAB = 96
 
 @pytest.fixture(scope="module")
 def hf_and_ours(tmp_path_factory):
-  """A random fp32 HF Llama (GQA) and the same weights imported with hf-to-llm."""
+  """A random fp32 HF Llama (GQA), the same weights imported with hf-to-llm, and its
+  directory."""
   root = tmp_path_factory.mktemp("serve")
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
@@ -34,7 +35,7 @@ def hf_and_ours(tmp_path_factory):
   model.save_pretrained(root / "hf")
   hf_to_llm(str(root / "hf"), str(root / "ours"))
   config, params = load_params(root / "ours")
-  return model, config, params
+  return model, config, params, root / "hf"
 
 
 def _hf_greedy(model, prompt, n):
@@ -50,7 +51,7 @@ def _engine(config, params, **kw):
 
 
 def test_greedy_tokens_equal_transformers_under_chunking_sharing_and_preemption(hf_and_ours):
-  model, config, params = hf_and_ours
+  model, config, params, _ = hf_and_ours
   rng = np.random.default_rng(0)
   system = rng.integers(1, VOCAB, 22).tolist()  # a shared prefix: 5 full pages
   prompts = []
@@ -86,7 +87,7 @@ def test_greedy_tokens_equal_transformers_under_chunking_sharing_and_preemption(
 
 
 def test_seeded_samples_do_not_depend_on_the_batch_and_abort_frees_pages(hf_and_ours):
-  _, config, params = hf_and_ours
+  _, config, params, _ = hf_and_ours
   options = SamplingOptions(max_tokens=12, temperature=0.9, top_p=0.9, top_k=20, seed=7,
                             presence_penalty=0.5, logprobs=3)
   prompt = [5, 9, 17, 33, 2, 8]
@@ -124,7 +125,7 @@ def test_seeded_samples_do_not_depend_on_the_batch_and_abort_frees_pages(hf_and_
 
 
 def test_async_generate_streams_and_n_samples_share_the_prompt(hf_and_ours):
-  _, config, params = hf_and_ours
+  _, config, params, _ = hf_and_ours
   engine = _engine(config, params, warm_up=False)
   prompt = list(range(1, 19))  # 4 full pages
 
@@ -203,12 +204,26 @@ def test_sliding_window_and_moe_models_take_the_same_path(tokenizer_path):
   assert engine.metrics()["pages_used"] == 0
 
 
+def test_an_engine_straight_from_a_hugging_face_directory(hf_and_ours):
+  model, _, _, hf_dir = hf_and_ours
+  engine = Engine.from_hf(hf_dir, page_size=4, num_pages=40, max_num_batched_tokens=24,
+                          max_num_seqs=2, max_model_len=96, buckets=(24,), warm_up=False)
+  prompt = [7, 3, 11, 19, 23]
+  rid = engine.add_request(prompt, SamplingOptions(max_tokens=6, temperature=0.0))
+  got = []
+  while engine.has_unfinished():
+    for o in engine.step():
+      assert o.request_id == rid
+      got += o.outputs[0].token_ids
+  assert got == _hf_greedy(model, prompt, 6)
+
+
 def test_a_tensor_parallel_mesh_gives_the_same_tokens(hf_and_ours):
   import jax
   import ml_collections
 
   from llm.parallel.mesh import make_mesh
-  _, config, params = hf_and_ours
+  _, config, params, _ = hf_and_ours
   mesh = make_mesh(ml_collections.ConfigDict(dict(data=4, expert=1, fsdp=1, tensor=2,
                                                   sequence=1)), jax.devices()[:8])
   prompts = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 84, 59, 4, 5, 23, 53]]

@@ -122,6 +122,24 @@ class Engine:
     kwargs.setdefault("max_model_len", config.data.seq_len)
     return cls(config.model, params, tokenizer, **kwargs)
 
+  @classmethod
+  def from_hf(cls, hf_dir: str | Path, **kwargs) -> "Engine":
+    """From a Hugging Face model directory, through the converter (llm.convert), in
+    memory: nothing is written."""
+    from llm import config as config_lib
+    from llm.convert import hf
+    from llm.convert.__main__ import read_hf_config
+    from llm.data.tokenizer import open_tokenizer
+    hf_dir = Path(hf_dir)
+    hf_cfg = read_hf_config(hf_dir)
+    model_cfg = config_lib.base_config().model
+    model_cfg.update(hf.model_updates_from_hf(hf_cfg))
+    params = hf.hf_to_params(hf.SafetensorsReader(hf_dir), model_cfg)
+    tok_path = next((hf_dir / n for n in ("tokenizer.json", "tokenizer.model")
+                     if (hf_dir / n).is_file()), None)
+    kwargs.setdefault("max_model_len", int(hf_cfg.get("max_position_embeddings", 2048)))
+    return cls(model_cfg, params, open_tokenizer(tok_path) if tok_path else None, **kwargs)
+
   # ----------------------------------------------------------------- requests
 
   def add_request(self, prompt, options: SamplingOptions | None = None,
