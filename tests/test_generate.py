@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -110,6 +111,21 @@ def test_sliding_window_decoding_equals_windowed_full_forward(model_and_params):
     for _ in range(6):
       seq.append(int(jnp.argmax(forward({"params": params}, jnp.asarray([seq]))[0, -1])))
     assert continuation == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+def test_a_remat_model_decodes_without_remat_and_the_same(model_and_params, unroll):
+  """Under remat the prefill's static slot 0 would become a tracer: the empty cache would
+  be attended over, its all-false mask constant-folded by XLA for seconds per layer."""
+  cfg, _, params = model_and_params
+  remat_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
+  remat_cfg.remat = "full"
+  decoder = Decoder(remat_cfg, params, unroll=unroll)
+  assert decoder.cfg.remat == "none"
+  prompts = [[5, 7, 11], [3, 2, 9, 4, 13, 8]]
+  greedy = SamplingParams(temperature=0.0)
+  assert decoder.generate(prompts, 6, greedy) == Decoder(cfg.model, params, unroll=unroll).generate(
+      prompts, 6, greedy)
 
 
 def test_eos_stops_a_row(model_and_params):

@@ -103,8 +103,12 @@ class Decoder:
     self.out_major = (self.unrolled and not model_cfg.lora.rank
                       and not model_cfg.out_major_kernels)
     self._params_cfg = model_cfg  # the layout of the params callers pass
+    # Rematerialisation only matters for a backward pass. Under it the decode arguments
+    # become tracers, so a prefill into an empty cache (slot 0) could no longer skip the
+    # cache chunk, whose all-false mask XLA:CPU then constant-folds for seconds per layer.
+    model_cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
+    model_cfg.remat = "none"
     if self.unrolled:
-      model_cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
       model_cfg.scan_layers = False
       self._unstacked_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
       model_cfg.out_major_kernels = model_cfg.out_major_kernels or self.out_major

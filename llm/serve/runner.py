@@ -64,6 +64,7 @@ class ModelRunner:
     cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
     params = unstack_layers(params, cfg) if cfg.scan_layers else params
     cfg.scan_layers = False
+    cfg.remat = "none"  # no backward pass: rematerialisation would only cost compile time
     out_major = (jax.default_backend() == "cpu" and not cfg.lora.rank
                  and not cfg.out_major_kernels)
     if out_major:
