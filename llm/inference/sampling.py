@@ -120,7 +120,8 @@ def penalize_rows(logits_SV, counts_SV, seen_SV, repetition_S, presence_S, frequ
 def sample_rows(keys_S, logits_SV, rows: dict):
   """(token [S] int32, its log-probability [S], top log-probabilities [S, MAX_TOP_LOGPROBS]
   and their ids) with each row's settings in `rows` (arrays [S]: temperature, top_k,
-  top_p, min_p, repetition, presence, frequency; counts [S, V] and seen [S, V]) and its
+  top_p, min_p, repetition, presence, frequency, top_logprobs (alternatives wanted);
+  counts [S, V] and seen [S, V]) and its
   own key, so a row's draw does not depend on the others. Log-probabilities are the
   model's, before penalties and filtering (as vLLM reports them)."""
   logprobs_SV = jax.nn.log_softmax(logits_SV.astype(jnp.float32), axis=-1)
@@ -138,5 +139,10 @@ def sample_rows(keys_S, logits_SV, rows: dict):
                          penalised_SV)
   token_S = jnp.where(rows["temperature"] > 0, drawn_S, greedy_S).astype(jnp.int32)
   chosen_S = jnp.take_along_axis(logprobs_SV, token_S[:, None], axis=-1)[:, 0]
-  top_SK, top_ids_SK = jax.lax.top_k(logprobs_SV, MAX_TOP_LOGPROBS)
+  s = logprobs_SV.shape[0]
+  top_SK, top_ids_SK = jax.lax.cond(  # only when some row asks for alternatives
+      jnp.any(rows["top_logprobs"] > 0),
+      lambda x: tuple(jax.lax.top_k(x, MAX_TOP_LOGPROBS)),
+      lambda x: (jnp.zeros((s, MAX_TOP_LOGPROBS), x.dtype),
+                 jnp.zeros((s, MAX_TOP_LOGPROBS), jnp.int32)), logprobs_SV)
   return token_S, chosen_S, top_SK, top_ids_SK.astype(jnp.int32)

@@ -239,7 +239,8 @@ class Engine:
                             ("repetition", o.repetition_penalty),
                             ("presence", o.presence_penalty),
                             ("frequency", o.frequency_penalty),
-                            ("seed", seq.seed), ("draw", len(seq.output))):
+                            ("seed", seq.seed), ("draw", len(seq.output)),
+                            ("top_logprobs", o.logprobs or 0)):
           rows[name][len(samplers)] = value
         samplers.append((seq, n))
     return inputs, rows, samplers

@@ -36,9 +36,10 @@ from llm.parallel.rules import logical_to_sharding, logical_to_spec
 ROW_FIELDS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
               "min_p": np.float32, "repetition": np.float32, "presence": np.float32,
               "frequency": np.float32, "seed": np.uint32, "draw": np.int32,
-              "sample_index": np.int32}
+              "sample_index": np.int32, "top_logprobs": np.int32}
 ROW_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition": 1.0,
-                "presence": 0.0, "frequency": 0.0, "seed": 0, "draw": 0, "sample_index": 0}
+                "presence": 0.0, "frequency": 0.0, "seed": 0, "draw": 0, "sample_index": 0,
+                "top_logprobs": 0}
 
 
 def _step(model, model_cfg, params, pages, batch, rows):
