@@ -258,7 +258,7 @@ def check_fits(config, target, where, model_cfg=None) -> None:
   if model_cfg is not None:
     then, now = config_lib.flatten(config.model), config_lib.flatten(model_cfg)
     diff = [f"model.{k} {then.get(k)!r} vs {now[k]!r}" for k in sorted(now)
-            if then.get(k) != now[k] and k != "lora.rank" and not k.startswith("lora.")]
+            if then.get(k) != now[k] and not k.startswith("lora.")]
     fields = f" ({', '.join(diff)} there vs here)" if diff else ""
   raise ValueError(f"{where} holds a model of another shape than this one{fields}: "
                    f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")

@@ -85,8 +85,7 @@ class Checkpointer:
       return
     if self.primary:
       for step in self._pending:
-        if (self.directory / str(step)).is_dir():
-          write_manifest(self.directory / str(step))  # the commit
+        write_manifest(self.directory / str(step))  # the commit
       sealed = [s for s in self.manager.all_steps() if is_sealed(self.directory / str(s))]
       for old in sorted(sealed)[:-self.keep]:  # retention, only among sealed ones
         shutil.rmtree(self.directory / str(old))
@@ -243,8 +242,8 @@ def check_resumable(saved: dict, config, workdir, facts: dict | None = None) -> 
                      + "; ".join(_changed("model", saved_cfg.model, config.model)) +
                      "). Use a new --workdir, or the saved config.")
   then, now = config_lib.flatten(saved_cfg.model), config_lib.flatten(config.model)
-  redefined = [f"model.{k}: checkpoint {then[k]!r}, config {now[k]!r}" for k in sorted(now)
-               if k not in MODEL_FIELDS_FREE_ON_RESUME and then.get(k) != now[k]]
+  redefined = _changed("model", then, now,
+                       sorted(k for k in now if k not in MODEL_FIELDS_FREE_ON_RESUME))
   if redefined:
     raise ValueError(f"resuming the checkpoint in {workdir} with " + "; ".join(redefined) +
                      " would change what its weights were trained to compute. Resume with "
@@ -259,9 +258,8 @@ def check_resumable(saved: dict, config, workdir, facts: dict | None = None) -> 
                        "--workdir with --config.train.init_params to keep the weights.")
   moved = [c for section, keys in DATA_POSITION_FIELDS.items()
            for c in _changed(section, saved_cfg[section], config[section], keys)]
-  chat_then, chat_now = saved_cfg.data.chat.to_dict(), config.data.chat.to_dict()
-  moved += [f"data.chat.{k}: checkpoint {chat_then.get(k)!r}, config {v!r}"
-            for k, v in sorted(chat_now.items()) if chat_then.get(k) != v]
+  moved += _changed("data.chat", saved_cfg.data.chat.to_dict(), config.data.chat.to_dict(),
+                    sorted(config.data.chat))
   if moved:
     raise ValueError(f"resuming the checkpoint in {workdir} with " + "; ".join(moved) +
                      " would reinterpret its saved data position (batches of rows already "

@@ -173,11 +173,12 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   facts = checkpoint_lib.run_facts(corpus)
   state, train_iter, shardings = _start_state(config, wd, ckpt, model, tx, mesh, train_iter,
                                               facts)
-  if int(jax.device_get(state.step)) >= total_steps:  # a finished run: no compile, no work
+  step = int(jax.device_get(state.step))
+  if step >= total_steps:  # a finished run: no compile, no work
     if primary:
-      print(f"the run in {wd.path} is complete: its checkpoint is at step "
-            f"{int(jax.device_get(state.step))} of train.steps={total_steps}; nothing to do "
-            "(raise --config.train.steps to train further)", flush=True)
+      print(f"the run in {wd.path} is complete: its checkpoint is at step {step} of "
+            f"train.steps={total_steps}; nothing to do (raise --config.train.steps to train "
+            "further)", flush=True)
     return _last_logged(wd)
   start_params = None  # the starting weights, kept where a live reference needs them
   if ((live_reference or (grpo_run and config.train.grpo.beta))
@@ -190,7 +191,7 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   if grpo_run:
     rollouts = grpo.Rollouts(config, wd.path, corpus, model, batch_sharding, shardings.params,
                              start_params)
-    rollouts.resume(int(jax.device_get(state.step)))
+    rollouts.resume(step)
   if primary:  # only once the run has really started or resumed
     wd.write_config(config)
 
@@ -220,7 +221,7 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   peak, peak_source = hardware.peak_flops(config.train.peak_flops_per_device,
                                           jnp.dtype(config.model.dtype))
   writer = MetricsWriter(wd.path, total_steps, enabled=primary, train_cfg=config.train,
-                         config_dict=config.to_dict(), first_step=int(jax.device_get(state.step)))
+                         config_dict=config.to_dict(), first_step=step)
   cleanup.callback(writer.close)
   if primary:
     print(f"model: {n_params:,} params | {config.train.batch_size} x {config.data.seq_len} "
@@ -246,7 +247,6 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
       out["unigram_loss"] = corpus.unigram_loss
     return out
 
-  step = int(jax.device_get(state.step))
   first_step = step
   last: dict = {}
   # a signal during start-up: stop before the first step (the multi-process decision is
