@@ -1,6 +1,6 @@
 """What the benchmark scripts share: timing, describing the machine, and appending a
-result with its exact command to BENCHMARKS.md. (Config files load with
-llm.config.load_config.)"""
+result with its exact command to BENCHMARKS.md, random params of a model config. (Config
+files load with llm.config.load_config.)"""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def median_seconds(fn, args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def random_params(model_cfg):
+  """Random params (seed 0) of a model config's shape, unboxed, initialised in one jit."""
+  from llm.model import init_params, make_model, unbox
+  model = make_model(model_cfg)
+  return jax.jit(lambda: unbox(init_params(model, jax.random.key(0))))()
 
 
 def machine() -> str:

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,11 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_result, machine  # noqa: E402
+from benchmarks.common import append_result, machine, random_params  # noqa: E402
 from llm.config import load_config  # noqa: E402
 from llm.inference import Decoder, SamplingParams  # noqa: E402
 from llm.inference.decoder import round_up  # noqa: E402
-from llm.model import make_model  # noqa: E402
 
 
 def hf_peer(cfg, params, max_position: int):
@@ -91,8 +89,7 @@ def main():
   p.add_argument("--no_append", action="store_true")
   args = p.parse_args()
   cfg = load_config(args.config, check=False)
-  model = make_model(cfg.model)
-  params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))()
+  params = random_params(cfg.model)
   decoder = Decoder(cfg.model, params)
   greedy = SamplingParams(temperature=0.0)
   hf = None if args.no_hf else hf_peer(cfg, params, args.prompt_len + args.new_tokens + 64)

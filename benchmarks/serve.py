@@ -24,19 +24,16 @@ import sys
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_result, machine  # noqa: E402
+from benchmarks.common import append_result, machine, random_params  # noqa: E402
 from benchmarks.decode import hf_peer  # noqa: E402
 from llm.config import load_config  # noqa: E402
 from llm.inference import Decoder, SamplingParams  # noqa: E402
-from llm.model import make_model  # noqa: E402
 from llm.serve.engine import Engine  # noqa: E402
 from llm.serve.request import SamplingOptions  # noqa: E402
 
@@ -110,9 +107,7 @@ def main():
   p.add_argument("--no_append", action="store_true")
   args = p.parse_args()
   cfg = load_config(args.config, check=False)
-  model = make_model(cfg.model)
-  params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0),
-                                                    jnp.zeros((1, 8), jnp.int32))["params"]))()
+  params = random_params(cfg.model)
   vocab = cfg.model.vocab_size
   max_len = args.prefix + 2 * 256
   rng = np.random.default_rng(0)

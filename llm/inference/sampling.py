@@ -24,12 +24,17 @@ class SamplingParams:
   repetition_penalty: float = 1.0  # 1.0: off
 
   def __post_init__(self):
-    check_range("temperature", self.temperature, lo=0, note="0 is greedy")
-    check_range("top_k", self.top_k, lo=0, note="0 is off")
-    check_range("top_p", self.top_p, lo=0, hi=1, lo_open=True, note="1 is off")
-    check_range("min_p", self.min_p, lo=0, hi=1, hi_open=True, note="0 is off")
-    check_range("repetition_penalty", self.repetition_penalty, lo=0, lo_open=True,
-                note="1 is off")
+    check_sampling(self)
+
+
+def check_sampling(p) -> None:
+  """The ranges of the samplers' settings, for anything carrying them by these names
+  (SamplingParams, a serving request's llm.serve.request.SamplingOptions)."""
+  check_range("temperature", p.temperature, lo=0, note="0 is greedy")
+  check_range("top_k", p.top_k, lo=0, note="0 is off")
+  check_range("top_p", p.top_p, lo=0, hi=1, lo_open=True, note="1 is off")
+  check_range("min_p", p.min_p, lo=0, hi=1, hi_open=True, note="0 is off")
+  check_range("repetition_penalty", p.repetition_penalty, lo=0, lo_open=True, note="1 is off")
 
 
 def apply_repetition_penalty(logits_BV, seen_BV, penalty: float):

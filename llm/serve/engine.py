@@ -218,7 +218,7 @@ class Engine:
   def _lay_out(self, batch):
     """The step's flat token batch, page tables and per-row sampling settings."""
     total = sum(n for _, n in batch)
-    inputs, rows = self.runner._inputs(self.runner.bucket(total))
+    inputs, rows = self.runner.empty_inputs(self.runner.bucket(total))
     samplers = []
     t = 0
     for row, (seq, n) in enumerate(batch):

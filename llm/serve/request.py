@@ -9,7 +9,7 @@ import enum
 import math
 
 from llm.config import check_range
-from llm.inference.sampling import MAX_TOP_LOGPROBS
+from llm.inference.sampling import MAX_TOP_LOGPROBS, check_sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +32,7 @@ class SamplingOptions:
 
   def __post_init__(self):
     check_range("max_tokens", self.max_tokens, lo=1)
-    check_range("temperature", self.temperature, lo=0, note="0 is greedy")
-    check_range("top_p", self.top_p, lo=0, hi=1, lo_open=True, note="1 is off")
-    check_range("top_k", self.top_k, lo=0, note="0 is off")
-    check_range("min_p", self.min_p, lo=0, hi=1, hi_open=True, note="0 is off")
-    check_range("repetition_penalty", self.repetition_penalty, lo=0, lo_open=True,
-                note="1 is off")
+    check_sampling(self)
     check_range("presence_penalty", self.presence_penalty, lo=-2, hi=2)
     check_range("frequency_penalty", self.frequency_penalty, lo=-2, hi=2)
     check_range("n", self.n, lo=1)
@@ -74,6 +69,7 @@ class Sequence:
   pages: list[int] = dataclasses.field(default_factory=list)
   computed: int = 0  # tokens whose K/V are in the pages
   committed_pages: int = 0  # leading pages offered to the prefix cache
+  page_keys: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages so far
   status: Status = Status.WAITING
   finish_reason: str | None = None  # "stop" | "length" | "abort"
   text: str = ""  # the output decoded, up to what may be shown (stop strings held back)

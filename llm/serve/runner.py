@@ -103,7 +103,7 @@ class ModelRunner:
         return b
     raise ValueError(f"{n_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
 
-  def _inputs(self, t_bucket: int):
+  def empty_inputs(self, t_bucket: int):
     """Empty (all padding) step inputs of one bucket, host arrays."""
     batch = {"tokens": np.zeros(t_bucket, np.int32), "positions": np.full(t_bucket, -1, np.int32),
              "seq": np.zeros(t_bucket, np.int32), "page": np.zeros(t_bucket, np.int32),
@@ -115,7 +115,7 @@ class ModelRunner:
   def warm_up(self) -> dict[int, float]:
     """Compiles the step for every bucket (seconds per bucket)."""
     for b in self.buckets:
-      batch, rows = self._inputs(b)
+      batch, rows = self.empty_inputs(b)
       t0 = time.perf_counter()
       self.run(batch, rows, None, None)
       self.compile_seconds[b] = time.perf_counter() - t0

@@ -88,8 +88,7 @@ class Scheduler:
     its last token to run, whose logits are needed)."""
     if not self.prefix_caching:
       return
-    keys = page_keys(seq.tokens, self.pool.page_size)
-    hits = self.pool.lookup(keys)
+    hits = self.pool.lookup(self._keys(seq, len(seq.tokens) // self.pool.page_size))
     if hits and len(hits) * self.pool.page_size >= len(seq.tokens):
       self.pool.release(hits[-1:])  # recomputed into a page of its own, not written shared
       hits = hits[:-1]
@@ -109,10 +108,20 @@ class Scheduler:
     full = seq.computed // self.pool.page_size
     if not self.prefix_caching or full <= seq.committed_pages:
       return
-    keys = page_keys(seq.tokens[:full * self.pool.page_size], self.pool.page_size)
+    keys = self._keys(seq, full)
     for i in range(seq.committed_pages, full):
       seq.pages[i] = self.pool.commit(seq.pages[i], keys[i])
     seq.committed_pages = full
+
+  def _keys(self, seq: Sequence, n_pages: int) -> list[bytes]:
+    """The prefix keys of the sequence's first `n_pages` full pages, the chain extended
+    from where it was left (its tokens only grow, preempted or not)."""
+    n = self.pool.page_size
+    have = len(seq.page_keys)
+    if n_pages > have:
+      seq.page_keys += page_keys(seq.tokens[have * n:n_pages * n], n,
+                                 seq.page_keys[-1] if have else b"")
+    return seq.page_keys[:n_pages]
 
   def finish(self, seq: Sequence, reason: str) -> None:
     """Ends a sequence wherever it is; its pages are released at once."""
