@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from llm.convert.__main__ import hf_to_llm  # noqa: E402
+from llm.serve.async_engine import AsyncEngine  # noqa: E402
 from llm.serve.engine import Engine  # noqa: E402
 from llm.serve.request import SamplingOptions  # noqa: E402
 from llm.workdir import load_params  # noqa: E402
@@ -124,19 +125,31 @@ def test_seeded_samples_do_not_depend_on_the_batch_and_abort_frees_pages(hf_and_
   assert engine.metrics()["pages_used"] == 0
 
 
-def test_async_generate_streams_and_n_samples_share_the_prompt(hf_and_ours):
+def test_async_engine_streams_n_samples_sharing_the_prompt_and_aborts_when_left(hf_and_ours):
   _, config, params, _ = hf_and_ours
   engine = _engine(config, params, warm_up=False)
+  runner = AsyncEngine(engine)
   prompt = list(range(1, 19))  # 4 full pages
 
   async def run():
     outs = []
-    async for out in engine.generate(prompt, SamplingOptions(max_tokens=5, temperature=1.0,
+    async for out in runner.generate(prompt, SamplingOptions(max_tokens=5, temperature=1.0,
                                                              n=3, seed=3)):
       outs.append(out)
+    with pytest.raises(ValueError, match="outside the vocabulary"):  # refused, not queued
+      async for _ in runner.generate([VOCAB], SamplingOptions()):
+        pass
+    # a caller that leaves mid-stream: its request is aborted and its pages freed
+    async for _ in runner.generate(prompt, SamplingOptions(max_tokens=50, ignore_eos=True)):
+      break
+    for _ in range(100):
+      await asyncio.sleep(0.05)
+      if not runner.in_flight and not engine.has_unfinished():
+        break
     return outs
 
   outs = asyncio.run(run())
+  runner.shutdown()
   assert outs[-1].finished
   per_sample = [sum((o.outputs[i].token_ids for o in outs), []) for i in range(3)]
   assert all(len(s) == 5 for s in per_sample) and len({tuple(s) for s in per_sample}) > 1
@@ -237,5 +250,5 @@ def test_a_tensor_parallel_mesh_gives_the_same_tokens(hf_and_ours):
       for o in engine.step():
         got[o.request_id] += o.outputs[0].token_ids
     outs.append([got[r] for r in rids])
-  assert engine.runner.pages[0]["k"].sharding.spec[2] == "tensor"  # KV pages split by head
+  assert engine.runner.pages[0]["kv"].sharding.spec[2] == "tensor"  # KV pages split by head
   assert outs[0] == outs[1]

@@ -49,6 +49,20 @@ def test_committing_a_duplicate_keeps_the_cached_page():
   pool.check()
 
 
+def test_reset_cache_frees_unheld_pages_and_keeps_held_ones():
+  pool = PagePool(num_pages=4, page_size=2)
+  keys = page_keys([1, 2, 3, 4], 2)
+  held, loose = pool.allocate(2)
+  pool.commit(held, keys[0])
+  pool.commit(loose, keys[1])
+  pool.release([loose])  # cached, evictable
+  assert pool.reset_cache() == 2
+  assert pool.cached == 0 and pool.lookup(keys) == [] and pool.refcount(held) == 1
+  pool.release([held])  # uncached now: straight back to free
+  assert pool.available == 3
+  pool.check()
+
+
 def test_random_workload_loses_and_leaks_no_page():
   rng = random.Random(0)
   pool = PagePool(num_pages=24, page_size=4)

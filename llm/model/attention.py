@@ -27,7 +27,7 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, decode=None):
     """With `cache` ({"k", "v"}: [B, K, S, E], heads-major) and `decode` ({"slot",
     "kv_valid"}), writes this step's keys/values at `slot` and attends over the cache;
-    returns (out, cache). With KV pages ({"k", "v"}: [P, N, K, E]) and a paged `decode`
+    returns (out, cache). With KV pages ({"kv"}: [P, N, 2K, E]) and a paged `decode`
     (llm.ops.attention.attend_paged), the batch is one flat row of tokens [1, T]."""
     c = self.cfg
     h, k, e, d = c.n_heads, c.n_kv_heads, self.head_dim, c.d_model

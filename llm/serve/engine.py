@@ -7,7 +7,8 @@ paged KV cache with prefix caching and chunked prefill.
         for out in engine.step():
             print(out.request_id, out.outputs[0].text, end="")
 
-or, from asyncio, `async for out in engine.generate(prompt, options): ...`.
+or, from asyncio, through llm.serve.async_engine.AsyncEngine (the engine on its own
+thread): `async for out in AsyncEngine(engine).generate(prompt, options): ...`.
 
 Each `step()` asks the scheduler (llm.serve.scheduler) who runs, lays their tokens out as
 one flat batch for the model runner (llm.serve.runner), appends the sampled tokens,
@@ -18,7 +19,7 @@ the counters a server exports.
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import dataclasses
 import itertools
 import math
@@ -62,13 +63,14 @@ def _default_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
 class Engine:
   """See the module docstring. `tokenizer` (optional) turns text prompts into ids and
   outputs into text, and gives the EOS / end-of-turn ids that stop a request. `mesh`
-  (optional) shards weights and KV pages by the logical-axis rules (llm.parallel)."""
+  (optional) shards weights and KV pages by the logical-axis rules (llm.parallel).
+  `chat_template` (default: the tokenizer's own) renders a server's chat requests."""
 
   def __init__(self, model_cfg, params, tokenizer=None, *, page_size: int = 16,
                num_pages: int = 0, kv_cache_gib: float = 0.0, max_num_batched_tokens: int = 256,
                max_num_seqs: int = 16, max_model_len: int = 0, prefix_caching: bool = True,
                buckets: tuple[int, ...] = (), seed: int = 0, warm_up: bool = True,
-               mesh=None):
+               mesh=None, chat_template: str | None = None):
     check_range("page_size", page_size, lo=1)
     check_range("max_num_batched_tokens", max_num_batched_tokens, lo=1)
     check_range("max_num_seqs", max_num_seqs, lo=1)
@@ -86,6 +88,7 @@ class Engine:
                        f"({pages_per_seq}); give more num_pages / kv_cache_gib or a shorter "
                        "max_model_len")
     self.tokenizer = tokenizer
+    self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or None
     self.max_model_len = max_model_len
     self.pool = PagePool(num_pages, page_size)
     self.scheduler = Scheduler(self.pool, max_num_batched_tokens, max_num_seqs, prefix_caching)
@@ -105,10 +108,8 @@ class Engine:
     self._ids = itertools.count()
     self.counters = dict(requests=0, finished=0, aborted=0, prompt_tokens=0, generation_tokens=0,
                          steps=0, batched_tokens=0)
-    self.latencies: dict[str, list[float]] = dict(ttft=[], itl=[])
-    self._queues: dict[str, asyncio.Queue] = {}  # generate()'s streams
+    self.latencies = _recent_latencies()
     self._siblings: dict[str, list[Sequence]] = {}  # samples 2..n, until 1 ran the prompt
-    self._stepping = False
     if warm_up:
       self.runner.warm_up()
 
@@ -117,9 +118,11 @@ class Engine:
   @classmethod
   def from_workdir(cls, workdir: str | Path, **kwargs) -> "Engine":
     """From a training workdir (pretrained, SFT, LoRA merged, MoE) or a converted one."""
+    from llm.data.chat import TEMPLATES
     from llm.inference import load
     config, params, tokenizer = load(workdir)
     kwargs.setdefault("max_model_len", config.data.seq_len)
+    kwargs.setdefault("chat_template", TEMPLATES.get(config.data.chat.template))
     return cls(config.model, params, tokenizer, **kwargs)
 
   @classmethod
@@ -146,21 +149,7 @@ class Engine:
                   request_id: str | None = None) -> str:
     """Queues a prompt (text, with a tokenizer, or token ids); returns its id."""
     options = options or SamplingOptions()
-    if isinstance(prompt, str):
-      if self.tokenizer is None:
-        raise ValueError("a text prompt needs the engine's tokenizer; give token ids")
-      ids = self.tokenizer.bos_prefix() + list(self.tokenizer.encode(prompt))
-    else:
-      ids = [int(t) for t in prompt]
-    if not ids:
-      raise ValueError("the prompt is empty")
-    bad = [t for t in ids if not 0 <= t < self.vocab_size]
-    if bad:
-      raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, "
-                       f"{self.vocab_size})")
-    if len(ids) + options.max_tokens > self.max_model_len:
-      raise ValueError(f"the prompt's {len(ids)} tokens + max_tokens={options.max_tokens} "
-                       f"exceed max_model_len={self.max_model_len}")
+    ids = self.check_prompt(prompt, options)
     request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
     if request_id in self._requests:
       raise ValueError(f"request id {request_id!r} is already in use")
@@ -177,6 +166,26 @@ class Engine:
     self.counters["prompt_tokens"] += len(ids)
     return request_id
 
+  def check_prompt(self, prompt, options: SamplingOptions) -> list[int]:
+    """The prompt's token ids, or a ValueError naming what is wrong with the request.
+    Reads nothing that steps change, so another thread may call it while the engine runs."""
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise ValueError("a text prompt needs the engine's tokenizer; give token ids")
+      ids = self.tokenizer.bos_prefix() + list(self.tokenizer.encode(prompt))
+    else:
+      ids = [int(t) for t in prompt]
+    if not ids:
+      raise ValueError("the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < self.vocab_size]
+    if bad:
+      raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, "
+                       f"{self.vocab_size})")
+    if len(ids) + options.max_tokens > self.max_model_len:
+      raise ValueError(f"the prompt's {len(ids)} tokens + max_tokens={options.max_tokens} "
+                       f"exceed max_model_len={self.max_model_len}")
+    return ids
+
   def abort(self, request_id: str) -> None:
     """Stops a request now; its pages are freed at once (unknown ids are ignored)."""
     self._siblings.pop(request_id, None)
@@ -184,6 +193,11 @@ class Engine:
       if seq.status is not Status.FINISHED:
         self.scheduler.finish(seq, "abort")
     self.counters["aborted"] += 1
+
+  def reset_prefix_cache(self) -> int:
+    """Forgets every cached prefix (after new weights, or between benchmark runs);
+    returns how many pages' keys were dropped. Running requests keep their pages."""
+    return self.pool.reset_cache()
 
   def has_unfinished(self) -> bool:
     return bool(self.scheduler.waiting or self.scheduler.running or self._siblings)
@@ -221,16 +235,18 @@ class Engine:
     inputs, rows = self.runner.empty_inputs(self.runner.bucket(total))
     samplers = []
     t = 0
+    inputs["num_seqs"][0] = len(batch)
     for row, (seq, n) in enumerate(batch):
       tokens = seq.tokens
       positions = np.arange(seq.computed, seq.computed + n)
       inputs["tokens"][t:t + n] = tokens[seq.computed:seq.computed + n]
       inputs["positions"][t:t + n] = positions
-      inputs["seq"][t:t + n] = row
       inputs["page"][t:t + n] = np.asarray(seq.pages)[positions // self.pool.page_size]
       inputs["slot"][t:t + n] = positions % self.pool.page_size
       inputs["page_table"][row, :len(seq.pages)] = seq.pages
+      inputs["kv_lens"][row] = seq.computed + n
       t += n
+      inputs["cu_q_lens"][row + 1:] = t
       if seq.computed + n == len(tokens):  # its last token runs: sample the next one
         o = seq.options
         rows["sample_index"][len(samplers)] = t - 1
@@ -299,35 +315,6 @@ class Engine:
       del self._requests[request_id]
     return RequestOutput(request_id, seqs[0].prompt, outs, finished)
 
-  # ----------------------------------------------------------------- asyncio
-
-  async def generate(self, prompt, options: SamplingOptions | None = None,
-                     request_id: str | None = None):
-    """Streams a request's outputs; steps the engine while anyone waits on it (one
-    asyncio task at a time runs a step). Cancelling the iteration aborts the request."""
-    rid = self.add_request(prompt, options, request_id)
-    queue = self._queues[rid] = asyncio.Queue()
-    try:
-      while True:
-        while queue.empty():
-          if not self._stepping:
-            self._stepping = True
-            try:
-              for out in self.step():
-                if out.request_id in self._queues:
-                  self._queues[out.request_id].put_nowait(out)
-            finally:
-              self._stepping = False
-          await asyncio.sleep(0)
-        out = queue.get_nowait()
-        yield out
-        if out.finished:
-          return
-    finally:
-      self._queues.pop(rid, None)
-      if rid in self._requests:
-        self.abort(rid)
-
   # ----------------------------------------------------------------- metrics
 
   def metrics(self) -> dict:
@@ -339,6 +326,12 @@ class Engine:
             "prefix_cache_queried_tokens": self.pool.queried_tokens,
             "prefix_cache_hit_tokens": self.pool.hit_tokens,
             "preemptions": self.scheduler.preemptions, "evictions": self.pool.evictions}
+
+
+def _recent_latencies() -> dict[str, collections.deque]:
+  """The latest time-to-first-token and inter-token latencies, seconds (bounded: a
+  long-running server's memory stays flat)."""
+  return dict(ttft=collections.deque(maxlen=100_000), itl=collections.deque(maxlen=100_000))
 
 
 def _memory_left(params) -> float:

@@ -156,6 +156,17 @@ class PagePool:
     self._key_of[page] = key
     return page
 
+  def reset_cache(self) -> int:
+    """Forgets every cached prefix (new weights make them stale): unheld cached pages
+    become free, held ones stay with their holders, uncached. Returns how many were
+    dropped."""
+    dropped = len(self._page_of)
+    self._free.extend(self._evictable)
+    self._evictable.clear()
+    self._page_of.clear()
+    self._key_of.clear()
+    return dropped
+
   def check(self) -> None:
     """Asserts the bookkeeping is consistent (tests, and debugging)."""
     held = {p for p in range(1, self.num_pages) if self._refs[p] > 0}

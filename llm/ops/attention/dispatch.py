@@ -17,11 +17,12 @@ logsumexp, so the cache update's only reader is the next step: XLA then writes t
 slots in place instead of copying every layer's cache at every token.
 The serving engine's flat, ragged batches come through `attend_paged`: every token's key
 and value are written into its KV page, then each token attends over its sequence's pages
-(llm.ops.attention.paged).
+(llm.ops.attention.paged; JAX's Pallas kernel on a TPU).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -35,6 +36,7 @@ from llm.ops.attention.xla import Blocks, xla_attention, xla_blocks
 from llm.parallel.rules import logical_to_spec
 
 SEQUENCE_AXIS = "sequence"
+TPU_QUERIES_PER_BLOCK = 32  # the paged kernel's query block
 
 
 class Implementation(NamedTuple):
@@ -163,13 +165,51 @@ def attend_paged(impl: str, q_THE, k_TKE, v_TKE, pages, paged: dict, *,
                  window: int | None = None):
   """A flat batch of tokens [T, ...] from many sequences: writes each token's key and
   value into its page (`paged["page"]`, `paged["slot"]`: [T]), then attends each token
-  over its sequence's pages (`paged["seq"]`, `paged["positions"]`: [T]; `paged["page_table"]`:
-  [S, M]). pages: {"k", "v"} of [num_pages, page_size, K, E]. Returns (out_THE, pages).
-  Every implementation runs the XLA reference for now (Pallas paged kernels: to come)."""
+  over its sequence's pages (`paged["kv_lens"]`, `paged["page_table"]`,
+  `paged["cu_q_lens"]`, `paged["num_seqs"]`: see llm.ops.attention.paged). pages:
+  {"kv": [num_pages, page_size, 2K, E]}. Returns (out_THE, pages).
+
+  "flash" on a TPU runs JAX's Pallas ragged paged attention kernel (per shard of heads on
+  a mesh); everywhere else, and for "xla", the XLA implementation runs."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
-  k_pages, v_pages = write_pages(pages["k"], pages["v"], k_TKE, v_TKE, paged["page"],
-                                 paged["slot"])
-  out_THE = paged_attention(q_THE, k_pages, v_pages, paged["seq"], paged["positions"],
-                            paged["page_table"], window=window)
-  return out_THE, {"k": k_pages, "v": v_pages}
+  kv_pages = write_pages(pages["kv"], k_TKE, v_TKE, paged["page"], paged["slot"])
+  args = (q_THE, kv_pages, paged["kv_lens"], paged["page_table"], paged["cu_q_lens"],
+          paged["num_seqs"])
+  xla = functools.partial(paged_attention, window=window)
+  if impl == "flash":
+    out_THE = jax.lax.platform_dependent(
+        *args, tpu=functools.partial(_tpu_paged_attention, window=window), default=xla)
+  else:
+    out_THE = xla(*args)
+  return out_THE, {"kv": kv_pages}
+
+
+def _tpu_paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1,
+                         num_seqs_1, *, window):
+  """JAX's Mosaic ragged paged attention kernel; inside shard_map over heads on a mesh
+  (a custom call cannot be partitioned by GSPMD)."""
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
+
+  # block sizes given, not looked up: the lookup asks the local device for its TPU
+  # version, which an ahead-of-time compile for a TPU topology does not have
+  n, m = kv_pages_PNCE.shape[1], page_table_SM.shape[1]
+  blocks = dict(num_kv_pages_per_block=min(max(512 // n, 1), m),
+                num_queries_per_block=min(TPU_QUERIES_PER_BLOCK, q_THE.shape[0]))
+
+  def local(q, kv, kv_lens, table, cu, num_seqs):
+    return ragged_paged_attention(q, kv, kv_lens, table, cu, num_seqs,
+                                  sm_scale=q.shape[-1] ** -0.5, sliding_window=window, **blocks)
+
+  args = (q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1, num_seqs_1)
+  mesh = _current_mesh()
+  if mesh is None:
+    return local(*args)
+  p, n, c, e = kv_pages_PNCE.shape
+  # split by the K heads' rule, so that each shard holds whole (key, value) head pairs
+  kv_spec = logical_to_spec((None, None, "kv_heads", "head_dim"), (p, n, c // 2, e), mesh)
+  q_spec = logical_to_spec((None, "act_heads", "head_dim"), q_THE.shape, mesh)
+  if kv_spec[2] != q_spec[1]:  # heads that don't split alike: every shard runs them all
+    kv_spec, q_spec = P(None, None, None, kv_spec[3]), P(None, None, q_spec[2])
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, P(), P(), P(), P()),
+                       out_specs=q_spec, check_vma=False)(*args)

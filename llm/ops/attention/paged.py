@@ -1,18 +1,22 @@
-"""Paged attention in plain XLA: a flat, ragged batch of query tokens attends over the
-KV pages of its sequences. It runs everywhere and is the reference the serving engine's
-kernels are checked against.
+"""Ragged paged attention: a flat batch of query tokens from many sequences (prefill
+chunks and decode tokens mixed) attends over each sequence's KV pages.
 
-Layout (as vLLM's and tpu-inference's ragged paged attention): per layer, K and V pages
-[num_pages, page_size, K, E]; a page table [S, M] of page ids per sequence (padded with
-page 0, which nothing is written to for a sequence); and per query token its sequence and
-its position in it. A token at position p sees its sequence's keys at positions <= p
-(and > p - window), by the one masking rule (pallas_kernels.flash_attention.common);
-so a sequence's keys up to its last query token must be written before attending, as
-`write_pages` does for the step's own tokens.
+Layout and arguments are those of JAX's TPU kernel
+(jax.experimental.pallas.ops.tpu.ragged_paged_attention), so one page pool serves both:
+  - kv_pages [P, N, 2K, E]: per page of N tokens, K and V heads interleaved (key head i at
+    2i, value head i at 2i + 1);
+  - page_table [S, M]: each sequence's page ids (padding: page 0, never written for one);
+  - cu_q_lens [S + 1]: sequence s's queries are tokens cu_q_lens[s]:cu_q_lens[s + 1], in
+    order, the last ones of its kv_lens[s] tokens (so its first query sits at position
+    kv_lens[s] - q_len); num_seqs [1]: how many rows are real.
+A query at position p sees its sequence's keys at positions <= p (and > p - window).
+Its own key must already be in the pages: `write_pages` writes the step's tokens first.
+Tokens past cu_q_lens[num_seqs] are padding and get zeros.
 
-The keys are read a block of page columns at a time (every token's j-th block of pages)
-and merged by online softmax, so memory stays at about 4096 keys' worth per step whatever
-the context length; the loop runs only over the blocks some token can see.
+`paged_attention` is plain XLA, runs everywhere and is the reference; it walks the rows,
+a block of queries at a time (one query for a decode row), and each block reads only its
+own sequence's pages, a block of pages at a time, merged by online softmax: the reads are
+the keys each sequence has, not one copy per query token.
 """
 
 from __future__ import annotations
@@ -20,61 +24,111 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-import pallas_kernels.flash_attention as flash
+KEYS_PER_BLOCK = 256  # keys a block of prefill queries reads per inner step
+DECODE_KEYS_PER_BLOCK = 64  # keys a decode query reads per inner step (less overshoot)
+QUERIES_PER_BLOCK = 64  # prefill queries per block
 
 
-def write_pages(k_pages_PNKE, v_pages_PNKE, k_TKE, v_TKE, page_T, slot_T):
+def combine_kv(k_TKE, v_TKE):
+  """[T, 2K, E]: key and value heads interleaved, the pages' layout."""
+  t, kh, e = k_TKE.shape
+  return jnp.stack([k_TKE, v_TKE], axis=2).reshape(t, 2 * kh, e)
+
+
+def split_kv(kv_NCE):
+  """The interleaved [..., 2K, E] as (keys, values), each [..., K, E]."""
+  *lead, c, e = kv_NCE.shape
+  kv = kv_NCE.reshape(*lead, c // 2, 2, e)
+  return kv[..., 0, :], kv[..., 1, :]
+
+
+def write_pages(kv_pages_PNCE, k_TKE, v_TKE, page_T, slot_T):
   """The pages with each token's key and value written at (its page, its slot). Padding
   tokens are pointed at page 0."""
-  return (k_pages_PNKE.at[page_T, slot_T].set(k_TKE.astype(k_pages_PNKE.dtype)),
-          v_pages_PNKE.at[page_T, slot_T].set(v_TKE.astype(v_pages_PNKE.dtype)))
+  kv_TCE = combine_kv(k_TKE, v_TKE).astype(kv_pages_PNCE.dtype)
+  return kv_pages_PNCE.at[page_T, slot_T].set(kv_TCE, mode="promise_in_bounds")
 
 
-def paged_attention(q_THE, k_pages_PNKE, v_pages_PNKE, seq_T, positions_T, page_table_SM,
-                    window: int | None = None, keys_per_step: int = 0):
-  """[T, H, E] attention of each query token over its sequence's pages (see the module
-  docstring); GQA without repeating K/V. A token that sees no key (padding: position
-  -1) gets zeros. Each loop step reads `keys_per_step` keys per token (a whole number of
-  pages; 0: about 4096 / T), and the loop stops after the last page any token can see."""
+def paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1, num_seqs_1,
+                    *, window: int | None = None, keys_per_block: int = 0,
+                    queries_per_block: int = 0, decode_keys_per_block: int = 0):
+  """[T, H, E] ragged paged attention (see the module docstring); GQA without repeating
+  K/V. Each inner step reads `keys_per_block` keys (rounded to whole pages; 0: 256) of one
+  sequence for a block of `queries_per_block` of its queries (0: 32), or
+  `decode_keys_per_block` (0: 64) for a row's single (decode) query."""
   t, h, e = q_THE.shape
-  n, kh = k_pages_PNKE.shape[1], k_pages_PNKE.shape[2]
-  m = page_table_SM.shape[1]
+  n, c = kv_pages_PNCE.shape[1], kv_pages_PNCE.shape[2]
+  kh = c // 2
   g = h // kh
-  q_TKGE = q_THE.reshape(t, kh, g, e)
+  m = page_table_SM.shape[1]
+  bq = min(queries_per_block or QUERIES_PER_BLOCK, t)
   scale = e ** -0.5
-  block = min(max((keys_per_step or 4096 // t) // n, 1), m)  # pages per loop step
-  table_TM = jnp.pad(page_table_SM[seq_T], ((0, 0), (0, -m % block)))  # padded: page 0
-  one_T1 = jnp.ones((t, 1), jnp.int32)  # one sequence per token: segments always match
+  # padded so that no dynamic slice is clamped back into the array
+  table_SM = jnp.pad(page_table_SM, ((0, 0), (0, m)))
+  q_pad = jnp.pad(q_THE, ((0, bq), (0, 0), (0, 0)))
+  out0 = jnp.zeros((t + bq, h, e), q_THE.dtype)
 
-  def body(j, carry):
-    m_TKG, l_TKG, acc_TKGE = carry
-    pages_TB = jax.lax.dynamic_slice_in_dim(table_TM, j * block, block, axis=1)
-    k_TNKE = k_pages_PNKE[pages_TB].reshape(t, block * n, kh, e)
-    v_TNKE = v_pages_PNKE[pages_TB].reshape(t, block * n, kh, e)
-    kv_pos_1N = j * block * n + jnp.arange(block * n)[None, :]
-    visible_TN = flash.attention_mask(positions_T[:, None], kv_pos_1N, one_T1, one_T1,
-                                      causal=True, window=window)
-    s_TKGN = jnp.einsum("tkge,tnke->tkgn", q_TKGE, k_TNKE,
-                        preferred_element_type=jnp.float32) * scale
-    s_TKGN = jnp.where(visible_TN[:, None, None, :], s_TKGN, -jnp.inf)
-    m_new = jnp.maximum(m_TKG, s_TKGN.max(axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    p_TKGN = jnp.exp(s_TKGN - m_safe[..., None])
-    correction = jnp.exp(jnp.where(jnp.isfinite(m_TKG), m_TKG, m_safe) - m_safe)
-    l_TKG = l_TKG * correction + p_TKGN.sum(axis=-1)
-    acc_TKGE = acc_TKGE * correction[..., None] + jnp.einsum(
-        "tkgn,tnke->tkge", p_TKGN.astype(v_TNKE.dtype), v_TNKE,
-        preferred_element_type=jnp.float32)
-    return m_new, l_TKG, acc_TKGE
+  def query_block(size, keys_wanted):
+    """Attention of `size` queries of row s starting at its query i0, written into out;
+    keys read `keys_wanted` at a time (whole pages)."""
+    pages_per_block = min(max(keys_wanted // n, 1), m)
+    keys = pages_per_block * n
 
-  init = (jnp.full((t, kh, g), -jnp.inf, jnp.float32), jnp.zeros((t, kh, g), jnp.float32),
-          jnp.zeros((t, kh, g, e), jnp.float32))
-  # blocks past every token's last visible key contribute nothing: the loop ends before
-  # them (a dynamic trip count), and a window lets it start late
-  last = jnp.max(positions_T)
-  first = 0 if window is None else jnp.maximum(jnp.min(jnp.where(positions_T >= 0, positions_T,
-                                                                 last)) - window + 1, 0)
-  _, l_TKG, acc_TKGE = jax.lax.fori_loop(first // (block * n), last // (block * n) + 1, body,
-                                         init)
-  out_TKGE = acc_TKGE / jnp.where(l_TKG > 0, l_TKG, 1.0)[..., None]
-  return out_TKGE.reshape(t, h, e).astype(q_THE.dtype)
+    def run(s, i0, out):
+      start, q_len, kv_len = cu_q_lens_S1[s], cu_q_lens_S1[s + 1] - cu_q_lens_S1[s], kv_lens_S[s]
+      q_QKGE = jax.lax.dynamic_slice_in_dim(q_pad, start + i0, size).reshape(size, kh, g, e)
+      qi_Q = i0 + jnp.arange(size)
+      valid_Q = qi_Q < q_len
+      pos_Q = kv_len - q_len + qi_Q
+
+      def kv_block(j, carry):
+        m_KGQ, l_KGQ, acc_KGQE = carry
+        pages_B = jax.lax.dynamic_slice_in_dim(table_SM[s], j * pages_per_block,
+                                               pages_per_block)
+        # page ids are in range by construction: no out-of-bounds handling (faster on CPU)
+        kv_BNCE = kv_pages_PNCE.at[pages_B].get(mode="promise_in_bounds")
+        k_NKE, v_NKE = split_kv(kv_BNCE.reshape(keys, c, e))
+        kpos_N = j * keys + jnp.arange(keys)
+        visible_QN = kpos_N[None, :] <= pos_Q[:, None]
+        if window is not None:
+          visible_QN &= kpos_N[None, :] > pos_Q[:, None] - window
+        s_KGQN = jnp.einsum("qkge,nke->kgqn", q_QKGE, k_NKE,
+                            preferred_element_type=jnp.float32) * scale
+        s_KGQN = jnp.where(visible_QN, s_KGQN, -jnp.inf)
+        m_new = jnp.maximum(m_KGQ, s_KGQN.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p_KGQN = jnp.exp(s_KGQN - m_safe[..., None])
+        correction = jnp.exp(jnp.where(jnp.isfinite(m_KGQ), m_KGQ, m_safe) - m_safe)
+        l_KGQ = l_KGQ * correction + p_KGQN.sum(axis=-1)
+        acc_KGQE = acc_KGQE * correction[..., None] + jnp.einsum(
+            "kgqn,nke->kgqe", p_KGQN.astype(v_NKE.dtype), v_NKE,
+            preferred_element_type=jnp.float32)
+        return m_new, l_KGQ, acc_KGQE
+
+      init = (jnp.full((kh, g, size), -jnp.inf, jnp.float32),
+              jnp.zeros((kh, g, size), jnp.float32), jnp.zeros((kh, g, size, e), jnp.float32))
+      last = jnp.minimum(kv_len - q_len + i0 + size, kv_len) - 1  # the last key it sees
+      first = 0 if window is None else jnp.maximum(kv_len - q_len + i0 - window + 1, 0)
+      _, l_KGQ, acc_KGQE = jax.lax.fori_loop(first // keys, last // keys + 1, kv_block, init)
+      o_KGQE = acc_KGQE / jnp.where(l_KGQ > 0, l_KGQ, 1.0)[..., None]
+      o_QHE = o_KGQE.transpose(2, 0, 1, 3).reshape(size, h, e).astype(out.dtype)
+      current = jax.lax.dynamic_slice_in_dim(out, start + i0, size)
+      o_QHE = jnp.where(valid_Q[:, None, None], o_QHE, current)
+      return jax.lax.dynamic_update_slice_in_dim(out, o_QHE, start + i0, axis=0)
+
+    return run
+
+  decode_query = query_block(1, decode_keys_per_block or DECODE_KEYS_PER_BLOCK)
+  prefill_block = query_block(bq, keys_per_block or KEYS_PER_BLOCK)
+
+  def row(s, out):
+    q_len = cu_q_lens_S1[s + 1] - cu_q_lens_S1[s]
+
+    def prefill(out):
+      return jax.lax.fori_loop(0, (q_len + bq - 1) // bq,
+                               lambda b, o: prefill_block(s, b * bq, o), out)
+
+    return jax.lax.cond(q_len == 1, lambda o: decode_query(s, 0, o), prefill, out)
+
+  out = jax.lax.fori_loop(0, num_seqs_1[0], row, out0)
+  return out[:t]
