@@ -1,0 +1,342 @@
+"""The OpenAI-compatible server (llm.serve.server) through the real `openai` client, sync
+and async, on a tiny random HF Llama with a byte-level BPE tokenizer trained here:
+completions and chat, streamed and not, n > 1, stop strings, logprobs, seeds, echo,
+token ids (greedy ones equal transformers' `generate`), OpenAI-shaped errors, client
+disconnects freeing pages, /metrics, and SIGTERM draining a `python -m llm.serve`."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from llm.data.chat import CHATML  # noqa: E402
+from llm.serve.async_engine import AsyncEngine  # noqa: E402
+from llm.serve.engine import Engine  # noqa: E402
+from llm.serve.server import ServerState, build_app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_ARGS = dict(max_num_seqs=8, max_num_batched_tokens=64, num_pages=96, page_size=8,
+                   max_model_len=192)
+
+
+def make_hf_dir(root: Path) -> Path:
+  """A random fp32 Llama and a byte-level BPE tokenizer (trained on stdlib text) with a
+  ChatML template, saved as a Hugging Face directory."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  out = root / "tiny-llama"
+  out.mkdir()
+  texts = [p.read_text() for p in sorted((Path(os.__file__).parent).glob("[a-c]*.py"))[:12]]
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  tok.save(str(out / "tokenizer.json"))
+  (out / "tokenizer_config.json").write_text(json.dumps(
+      {"eos_token": "<|endoftext|>", "chat_template": CHATML}))
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64,
+                                 intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=256)
+  model = transformers.LlamaForCausalLM(cfg).eval()
+  with torch.no_grad():  # sharper logits than at init: greedy ties cannot hide a bug
+    for p in model.parameters():
+      p.mul_(4.0 if p.ndim == 2 else 1.0)
+  model.save_pretrained(out)
+  return out
+
+
+class _Server:
+  """An app on 127.0.0.1 (a free port) in a thread of this process."""
+
+  def __init__(self, state: ServerState):
+    self.state = state
+    config = uvicorn.Config(build_app(state), host="127.0.0.1", port=0, log_level="warning")
+    self.server = uvicorn.Server(config)
+    self.thread = threading.Thread(target=self.server.run, daemon=True)
+    self.thread.start()
+    while not self.server.started:
+      time.sleep(0.02)
+    port = self.server.servers[0].sockets[0].getsockname()[1]
+    self.url = f"http://127.0.0.1:{port}"
+
+  def stop(self):
+    self.server.should_exit = True
+    self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  return make_hf_dir(tmp_path_factory.mktemp("serve_http"))
+
+
+@pytest.fixture(scope="module")
+def served(hf_dir):
+  engine = AsyncEngine(Engine.from_hf(hf_dir, **ENGINE_ARGS))
+  state = ServerState(model_name="tiny", api_key="sekrit", max_queued=64, engine=engine,
+                      chat_template=engine.engine.chat_template)
+  server = _Server(state)
+  yield server
+  server.stop()
+  engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+  return openai.OpenAI(base_url=served.url + "/v1", api_key="sekrit", max_retries=0)
+
+
+def _hf_greedy(hf_dir, ids, n):
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+  with torch.no_grad():
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+  return out[0, len(ids):].tolist()
+
+
+def _gauge(url, name) -> float:
+  text = httpx.get(url + "/metrics").text
+  return float(next(line.split()[-1] for line in text.splitlines()
+                    if line.startswith(name + " ")))
+
+
+def _pages_used(url) -> float:
+  return _gauge(url, "llm_kv_pages_used")
+
+
+def test_completions_match_transformers_and_stream_equals_whole(client, served, hf_dir):
+  prompt = "def main():\n    return"
+  whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                    extra_body={"return_token_ids": True, "ignore_eos": True})
+  choice = whole.choices[0]
+  prompt_ids = choice.model_extra["prompt_token_ids"]
+  assert choice.model_extra["token_ids"] == _hf_greedy(hf_dir, prompt_ids, 12)
+  assert whole.usage.prompt_tokens == len(prompt_ids) and whole.usage.completion_tokens == 12
+  assert whole.usage.total_tokens == len(prompt_ids) + 12 and choice.finish_reason == "length"
+  assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+
+  chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12,
+                                          temperature=0, stream=True,
+                                          stream_options={"include_usage": True},
+                                          extra_body={"ignore_eos": True}))
+  assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+  assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+  echo = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0,
+                                   echo=True)
+  assert echo.choices[0].text.startswith(prompt)
+
+  # a stop string ends the text where it first appears
+  stop = choice.text[4:6]
+  stopped = client.completions.create(model="tiny", prompt=prompt, max_tokens=12,
+                                      temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+  assert stopped.choices[0].text == choice.text[:choice.text.find(stop)]
+  assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_batched_prompts_n_seeds_and_logprobs(client):
+  ids = client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=2,
+                                  temperature=0, extra_body={"ignore_eos": True})
+  assert len(ids.choices) == 2 and ids.usage.prompt_tokens == 5
+  out = client.completions.create(model="tiny", prompt=["import os", "class A:"], n=2,
+                                  max_tokens=6, temperature=1.0, seed=7, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+  assert [c.index for c in out.choices] == [0, 1, 2, 3]
+  for c in out.choices:
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert all(len(top) <= 3 and all(v <= 0 for v in top.values()) for top in lp.top_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset)
+  assert out.choices[0].text != out.choices[1].text  # the n samples differ
+  again = client.completions.create(model="tiny", prompt=["import os", "class A:"], n=2,
+                                    max_tokens=6, temperature=1.0, seed=7,
+                                    extra_body={"ignore_eos": True})
+  assert [c.text for c in again.choices] == [c.text for c in out.choices]  # seeded
+
+
+def test_chat_whole_and_streamed_with_logprobs(client, hf_dir):
+  messages = [{"role": "system", "content": "You are terse."},
+              {"role": "user", "content": "Say something about files."}]
+  whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                         temperature=0, logprobs=True, top_logprobs=2,
+                                         extra_body={"return_token_ids": True})
+  msg = whole.choices[0].message
+  assert msg.role == "assistant" and whole.object == "chat.completion"
+  entries = whole.choices[0].logprobs.content
+  assert len(entries) == len(whole.choices[0].model_extra["token_ids"])
+  assert all(len(e.top_logprobs) == 2 and e.bytes == list(e.token.encode()) for e in entries)
+  # the prompt is the ChatML rendering, token for token as transformers renders it
+  hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  expected = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+  assert whole.model_extra["prompt_token_ids"] == list(expected)
+
+  stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                          temperature=0, stream=True)
+  chunks = list(stream)
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+  assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_async_client_many_streams(served):
+  async def run():
+    client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="sekrit", max_retries=0)
+
+    async def one(i):
+      stream = await client.completions.create(
+          model="tiny", prompt=f"class C{i}:", max_tokens=5 + i, temperature=0.8, seed=i,
+          stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+      tokens, usage = 0, None
+      async for chunk in stream:
+        if chunk.usage is not None:
+          usage = chunk.usage
+      tokens = usage.completion_tokens
+      return tokens
+
+    return await asyncio.gather(*(one(i) for i in range(12)))
+
+  assert asyncio.run(run()) == [5 + i for i in range(12)]
+  assert _pages_used(served.url) == 0
+
+
+def _post(url, path, body, key="sekrit"):
+  return httpx.post(url + path, json=body, headers={"Authorization": f"Bearer {key}"},
+                    timeout=30)
+
+
+def test_errors_are_openai_shaped_and_name_the_field(served):
+  url = served.url
+  cases = [
+      ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+      ({"model": "tiny", "prompt": "x", "max_tokens": 500}, 400, "max_tokens"),
+      ({"model": "tiny", "prompt": []}, 400, "prompt"),
+      ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
+      ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+      ({"model": "tiny", "prompt": [[5, 99999]]}, 400, "prompt"),
+      ({"model": "tiny", "prompt": ["x", [5, 6]]}, 400, "prompt"),
+      ({"model": "tiny"}, 400, "prompt"),
+      ({"model": "nope", "prompt": "x"}, 404, "model"),
+  ]
+  for body, status, param in cases:
+    r = _post(url, "/v1/completions", body)
+    assert r.status_code == status, (body, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and param in err["message"], err
+  r = _post(url, "/v1/completions", {"model": "tiny", "prompt": "x"}, key="wrong")
+  assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+  r = httpx.post(url + "/v1/completions", content=b"{not json",
+                 headers={"Authorization": "Bearer sekrit", "Content-Type": "application/json"})
+  assert r.status_code == 400
+  r = _post(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot",
+                                                                          "content": "x"}]})
+  assert r.status_code == 400 and "robot" in r.json()["error"]["message"]
+  with pytest.raises(openai.BadRequestError, match="max_tokens"):
+    openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0).completions.create(
+        model="tiny", prompt="x", max_tokens=10_000)
+
+
+def test_disconnected_streams_free_their_pages_and_metrics(served):
+  with httpx.stream("POST", served.url + "/v1/completions", headers={
+      "Authorization": "Bearer sekrit"}, json={"model": "tiny", "prompt": "import sys",
+                                                "max_tokens": 150, "stream": True,
+                                                "ignore_eos": True}) as r:
+    for line in r.iter_lines():
+      if line.startswith("data: {"):
+        break  # one chunk, then hang up
+  for _ in range(100):
+    if _pages_used(served.url) == 0 and not served.state.engine.in_flight:
+      break
+    time.sleep(0.05)
+  assert _pages_used(served.url) == 0
+  text = httpx.get(served.url + "/metrics").text
+  for name in ("llm_time_to_first_token_seconds_bucket", "llm_inter_token_latency_seconds_count",
+               "llm_e2e_request_latency_seconds_sum", "llm_prompt_tokens_total",
+               "llm_generation_tokens_total", "llm_requests_running", "llm_requests_waiting",
+               "llm_kv_pages_free", "llm_prefix_cache_hit_rate", "llm_preemptions_total",
+               'llm_requests_total{endpoint="/v1/completions",status="200"}'):
+    assert name in text, name
+  models = httpx.get(served.url + "/v1/models", headers={"Authorization": "Bearer sekrit"})
+  assert models.json()["data"][0]["id"] == "tiny"
+
+
+def test_health_loading_and_queue_full():
+  from fastapi.testclient import TestClient
+  state = ServerState(model_name="tiny", max_queued=0)
+  client = TestClient(build_app(state))
+  r = client.get("/health")
+  assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+  r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+  assert r.status_code == 503
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(hf_dir):
+  """`python -m llm.serve` under load: SIGTERM, then new requests get 503 while every
+  in-flight stream still ends with [DONE], and the process exits 0."""
+  import concurrent.futures
+  port_file = hf_dir.parent / "port"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "llm.serve", f"--hf_dir={hf_dir}", "--port=0", "--max_num_seqs=2",
+       "--max_num_batched_tokens=64", "--max_model_len=192", "--page_size=8",
+       "--kv_cache_gib=0.01", "--grace_seconds=120", f"--port_file={port_file}"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  first_chunk = threading.Event()
+
+  def stream(url):
+    lines = []
+    with httpx.stream("POST", url + "/v1/completions", json={
+        "model": "tiny-llama", "prompt": "import os", "max_tokens": 150, "stream": True,
+        "ignore_eos": True}, timeout=120) as r:
+      for line in r.iter_lines():
+        if line:
+          lines.append(line)
+          first_chunk.set()
+    return lines
+
+  try:
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+      assert time.monotonic() < deadline and proc.poll() is None
+      time.sleep(0.1)
+    url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+    while httpx.get(url + "/health").status_code != 200:
+      assert time.monotonic() < deadline and proc.poll() is None
+      time.sleep(0.2)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+      streams = [pool.submit(stream, url) for _ in range(6)]  # 2 run, 4 wait
+      assert first_chunk.wait(60)
+      while _gauge(url, "llm_requests_running") + _gauge(url, "llm_requests_waiting") < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+      proc.send_signal(signal.SIGTERM)
+      time.sleep(0.3)
+      refused = httpx.post(url + "/v1/completions", json={"model": "tiny-llama", "prompt": "x"})
+      assert refused.status_code == 503 and "shutting down" in refused.text
+      assert httpx.get(url + "/health").status_code == 503
+      for s in streams:
+        lines = s.result(timeout=120)
+        assert lines[-1] == "data: [DONE]"
+        assert sum(len(json.loads(x[6:])["choices"][0].get("text", "")) > 0
+                   for x in lines[:-1]) > 0
+    assert proc.wait(timeout=60) == 0
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    out = proc.stdout.read()
+  assert out.count('"status": 200') == 6, out[-2000:]  # one access-log line per request
