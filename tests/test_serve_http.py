@@ -340,3 +340,82 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(hf_dir):
       proc.kill()
     out = proc.stdout.read()
   assert out.count('"status": 200') == 6, out[-2000:]  # one access-log line per request
+
+
+WEATHER = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]},
+    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "unit", "days"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}},
+             "required": ["zone"], "additionalProperties": False}}}]
+
+
+def test_structured_outputs_and_tool_calls(served):
+  """json_schema / json_object responses parse and validate (jsonschema), in the same
+  batches as unconstrained requests, which keep their own tokens; forced tool choices
+  give well-formed tool_calls."""
+  jsonschema = pytest.importorskip("jsonschema")
+  messages = [{"role": "user", "content": "Weather in Paris?"}]
+
+  async def run():
+    client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="sekrit", max_retries=0)
+    plain = dict(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    alone = await client.chat.completions.create(**plain)
+    schema_fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}
+    together = await asyncio.gather(
+        client.chat.completions.create(**plain),
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=80,
+                                       temperature=1.0, seed=1, response_format=schema_fmt),
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=80,
+                                       temperature=1.0, seed=2,
+                                       response_format={"type": "json_object"}),
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=80,
+                                       temperature=1.0, seed=3, tools=TOOLS,
+                                       tool_choice={"type": "function",
+                                                    "function": {"name": "get_weather"}}),
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=80,
+                                       temperature=1.0, seed=4, tools=TOOLS,
+                                       tool_choice="required", stream=False))
+    return alone, together
+
+  alone, (plain, schema, obj, named, required) = asyncio.run(run())
+  assert plain.choices[0].message.content == alone.choices[0].message.content
+  jsonschema.validate(json.loads(schema.choices[0].message.content), WEATHER)
+  assert schema.choices[0].finish_reason == "stop"
+  assert isinstance(json.loads(obj.choices[0].message.content), dict)
+  (call,) = named.choices[0].message.tool_calls
+  assert call.function.name == "get_weather" and call.type == "function"
+  jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+  assert named.choices[0].finish_reason == "tool_calls"
+  (call,) = required.choices[0].message.tool_calls
+  schema_of = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+  jsonschema.validate(json.loads(call.function.arguments), schema_of[call.function.name])
+
+  bad = _post(served.url, "/v1/chat/completions", {
+      "model": "tiny", "messages": messages, "response_format": {
+          "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}})
+  assert bad.status_code == 400 and "objectx" in bad.json()["error"]["message"]
+  bad = _post(served.url, "/v1/chat/completions", {
+      "model": "tiny", "messages": messages, "tools": TOOLS,
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+  assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+
+
+def test_tool_calls_parsed_from_template_formats():
+  from llm.serve.tools import check_tools, parse_tool_calls
+  functions, choice = check_tools(TOOLS, None)
+  assert choice == "auto"
+  text = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+          '"unit": "C", "days": 2}}\n</tool_call>')
+  content, calls = parse_tool_calls(text, functions)  # Hermes / Qwen
+  assert content == "Let me check." and calls[0]["function"]["name"] == "get_weather"
+  assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "unit": "C", "days": 2}
+  content, calls = parse_tool_calls(  # Llama 3 JSON, two calls
+      '<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}; '
+      '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "F", "days": 1}}',
+      functions)
+  assert content is None and [c["function"]["name"] for c in calls] == ["get_time", "get_weather"]
+  assert parse_tool_calls("plain words", functions) == ("plain words", [])
+  assert parse_tool_calls('{"name": "unknown", "parameters": {}}', functions)[1] == []

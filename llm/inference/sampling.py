@@ -126,12 +126,13 @@ def sample_rows(keys_S, logits_SV, rows: dict):
   """(token [S] int32, its log-probability [S], top log-probabilities [S, MAX_TOP_LOGPROBS]
   and their ids) with each row's settings in `rows` (arrays [S]: temperature, top_k,
   top_p, min_p, repetition, presence, frequency, top_logprobs (alternatives wanted);
-  counts [S, V] and seen [S, V]) and its
+  counts [S, V] and seen [S, V]; allowed [S, V]: the tokens a row's grammar allows) and its
   own key, so a row's draw does not depend on the others. Log-probabilities are the
   model's, before penalties and filtering (as vLLM reports them)."""
   logprobs_SV = jax.nn.log_softmax(logits_SV.astype(jnp.float32), axis=-1)
   penalised_SV = penalize_rows(logits_SV, rows["counts"], rows["seen"], rows["repetition"],
                                rows["presence"], rows["frequency"])
+  penalised_SV = jnp.where(rows["allowed"], penalised_SV, -jnp.inf)
 
   def draw(penalised_SV):
     filtered_SV = filter_logits_rows(penalised_SV, rows["temperature"], rows["top_k"],

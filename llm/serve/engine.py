@@ -110,6 +110,8 @@ class Engine:
                          steps=0, batched_tokens=0)
     self.latencies = _recent_latencies()
     self._siblings: dict[str, list[Sequence]] = {}  # samples 2..n, until 1 ran the prompt
+    self._grammars = None
+    self._checked_grammars: set[str] = set()
     if warm_up:
       self.runner.warm_up()
 
@@ -155,7 +157,8 @@ class Engine:
       raise ValueError(f"request id {request_id!r} is already in use")
     seed = options.seed if options.seed is not None else int(self._rng.integers(2**31))
     now = time.monotonic()
-    seqs = [Sequence(request_id, ids, options, seed + i, now, sample=i)
+    seqs = [Sequence(request_id, ids, options, seed + i, now, sample=i,
+                     matcher=self.grammars().matcher(options.grammar) if options.grammar else None)
             for i in range(options.n)]
     self._requests[request_id] = seqs
     # the other samples wait until the first has run the prompt, then find its pages
@@ -184,7 +187,21 @@ class Engine:
     if len(ids) + options.max_tokens > self.max_model_len:
       raise ValueError(f"the prompt's {len(ids)} tokens + max_tokens={options.max_tokens} "
                        f"exceed max_model_len={self.max_model_len}")
+    if options.grammar and options.grammar not in self._checked_grammars:
+      self.grammars().check(options.grammar)
+      if len(self._checked_grammars) > 1024:
+        self._checked_grammars.clear()
+      self._checked_grammars.add(options.grammar)
     return ids
+
+  def grammars(self):
+    """The structured-output compiler (llm.serve.structured), made on first use."""
+    if self._grammars is None:
+      if self.tokenizer is None:
+        raise ValueError("structured outputs need the engine's tokenizer")
+      from llm.serve.structured import Grammars
+      self._grammars = Grammars(self.tokenizer, self.vocab_size)
+    return self._grammars
 
   def abort(self, request_id: str) -> None:
     """Stops a request now; its pages are freed at once (unknown ids are ignored)."""
@@ -210,10 +227,15 @@ class Engine:
     if not batch:
       return []
     inputs, rows, samplers = self._lay_out(batch)
-    counts = seen = None
+    counts = seen = allowed = None
     if any(seq.options.uses_penalties for seq, _ in samplers):
       counts, seen = self._penalty_arrays(samplers)
-    tokens, logprobs, top, top_ids = self.runner.run(inputs, rows, counts, seen)
+    if any(seq.matcher is not None for seq, _ in samplers):
+      allowed = np.ones((self.runner.max_num_seqs, self.vocab_size), bool)
+      for row, (seq, _) in enumerate(samplers):
+        if seq.matcher is not None:
+          allowed[row] = seq.matcher.allowed()
+    tokens, logprobs, top, top_ids = self.runner.run(inputs, rows, counts, seen, allowed)
     self.counters["steps"] += 1
     self.counters["batched_tokens"] += sum(n for _, n in batch)
     changed: dict[str, None] = {}
@@ -281,6 +303,8 @@ class Engine:
     if token in o.stop_token_ids or (not o.ignore_eos and token in self.stop_ids):
       return self._finish(seq, "stop")
     seq.output.append(token)
+    if seq.matcher is not None:
+      seq.matcher.accept(token)
     if o.logprobs is not None:
       seq.logprobs.append({"token": token, "logprob": logprob,
                            "top": [(int(i), float(x)) for i, x in
@@ -293,10 +317,11 @@ class Engine:
         return self._finish(seq, "stop")
       held = max((len(s) - 1 for s in o.stop), default=0)  # could still grow into a stop
       seq.text = text[:len(text) - held] if held else text
-    if len(seq.output) >= o.max_tokens or len(seq.tokens) >= self.max_model_len:
+    grammar_done = seq.matcher is not None and seq.matcher.done
+    if grammar_done or len(seq.output) >= o.max_tokens or len(seq.tokens) >= self.max_model_len:
       if self.tokenizer is not None:
         seq.text = self.tokenizer.decode(seq.output)
-      self._finish(seq, "length")
+      self._finish(seq, "stop" if grammar_done else "length")
 
   def _finish(self, seq: Sequence, reason: str) -> None:
     self.scheduler.finish(seq, reason)

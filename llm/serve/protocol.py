@@ -111,7 +111,8 @@ def stops(request: _Request) -> tuple[str, ...]:
   return (request.stop,) if isinstance(request.stop, str) else tuple(request.stop)
 
 
-def sampling_options(request: _Request, max_tokens: int, logprobs: int | None) -> SamplingOptions:
+def sampling_options(request: _Request, max_tokens: int, logprobs: int | None,
+                     grammar: str | None = None) -> SamplingOptions:
   """The engine's options for one prompt of the request; a bad value is a 400 naming it."""
   fields = dict(
       max_tokens=max_tokens,
@@ -122,7 +123,7 @@ def sampling_options(request: _Request, max_tokens: int, logprobs: int | None) -
       presence_penalty=request.presence_penalty or 0.0,
       frequency_penalty=request.frequency_penalty or 0.0,
       seed=request.seed, stop=stops(request), stop_token_ids=tuple(request.stop_token_ids or ()),
-      ignore_eos=request.ignore_eos, n=request.n, logprobs=logprobs)
+      ignore_eos=request.ignore_eos, n=request.n, logprobs=logprobs, grammar=grammar)
   if request.top_k == -1:  # vLLM's "off"
     fields["top_k"] = 0
   try:
@@ -131,6 +132,26 @@ def sampling_options(request: _Request, max_tokens: int, logprobs: int | None) -
     message = str(e)
     param = next((name for name in fields if message.startswith(name)), None)
     raise APIError(400, message, param) from None
+
+
+def response_format_grammar(response_format: dict | None) -> str | None:
+  """The structured-output spec (llm.serve.structured) of a chat `response_format`."""
+  from llm.serve.structured import JSON_OBJECT_SPEC, json_schema_spec
+  if response_format is None:
+    return None
+  kind = response_format.get("type")
+  if kind == "text":
+    return None
+  if kind == "json_object":
+    return JSON_OBJECT_SPEC
+  if kind == "json_schema":
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+      raise APIError(400, "response_format.json_schema must be {'name': ..., 'schema': {...}}",
+                     "response_format.json_schema")
+    return json_schema_spec(spec.get("schema", {}))
+  raise APIError(400, f"response_format.type={kind!r}; allowed: 'text', 'json_object', "
+                      "'json_schema'", "response_format.type")
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -29,6 +29,7 @@ class SamplingOptions:
   ignore_eos: bool = False
   n: int = 1  # samples of the prompt, sharing its KV pages
   logprobs: int | None = None  # None: none; k: the sampled token's and the top k
+  grammar: str | None = None  # structured output: a spec of llm.serve.structured
 
   def __post_init__(self):
     check_range("max_tokens", self.max_tokens, lo=1)
@@ -70,6 +71,7 @@ class Sequence:
   computed: int = 0  # tokens whose K/V are in the pages
   committed_pages: int = 0  # leading pages offered to the prefix cache
   page_keys: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages so far
+  matcher: object = None  # its grammar's state (llm.serve.structured.Matcher), if any
   status: Status = Status.WAITING
   finish_reason: str | None = None  # "stop" | "length" | "abort"
   text: str = ""  # the output decoded, up to what may be shown (stop strings held back)

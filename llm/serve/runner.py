@@ -117,18 +117,22 @@ class ModelRunner:
     for b in self.buckets:
       batch, rows = self.empty_inputs(b)
       t0 = time.perf_counter()
-      self.run(batch, rows, None, None)
+      self.run(batch, rows)
       self.compile_seconds[b] = time.perf_counter() - t0
     return self.compile_seconds
 
-  def run(self, batch: dict, rows: dict, counts_SV, seen_SV):
-    """One step; returns host arrays (tokens, logprobs, top logprobs, top ids) [S, ...]."""
-    if counts_SV is None:
-      if self._zeros_SV is None:
-        self._zeros_SV = (jnp.zeros((self.max_num_seqs, self.cfg.vocab_size), jnp.int32),
-                          jnp.zeros((self.max_num_seqs, self.cfg.vocab_size), bool))
-      counts_SV, seen_SV = self._zeros_SV
-    rows = {**{k: jnp.asarray(v) for k, v in rows.items()}, "counts": counts_SV, "seen": seen_SV}
+  def run(self, batch: dict, rows: dict, counts_SV=None, seen_SV=None, allowed_SV=None):
+    """One step; returns host arrays (tokens, logprobs, top logprobs, top ids) [S, ...].
+    counts / seen (penalties) and allowed (grammars): [S, V], None when no row uses them."""
+    if self._zeros_SV is None:
+      shape = (self.max_num_seqs, self.cfg.vocab_size)
+      self._zeros_SV = (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, bool),
+                        jnp.ones(shape, bool))
+    zero_counts, no_seen, all_allowed = self._zeros_SV
+    rows = {**{k: jnp.asarray(v) for k, v in rows.items()},
+            "counts": zero_counts if counts_SV is None else counts_SV,
+            "seen": no_seen if seen_SV is None else seen_SV,
+            "allowed": all_allowed if allowed_SV is None else allowed_SV}
     with contextlib.ExitStack() as stack:
       if self.mesh is not None:
         stack.enter_context(use_mesh(self.mesh))

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llm.serve import protocol
+from llm.serve import tools as tools_lib
 from llm.serve.async_engine import AsyncEngine, EngineDead
 from llm.serve.protocol import APIError
 
@@ -240,10 +241,12 @@ def build_app(state: ServerState) -> FastAPI:
     engine = _check_ready()
     _check_model(body.model)
     protocol.check_unsupported(body)
-    if body.response_format not in (None, {"type": "text"}) or body.tools:
-      structured = "response_format" if body.response_format else "tools"
-      if body.tool_choice != "none" or structured == "response_format":
-        raise APIError(400, f"{structured!r} is not supported yet by this server", structured)
+    functions, tool_choice = tools_lib.check_tools(body.tools, body.tool_choice)
+    grammar = protocol.response_format_grammar(body.response_format)
+    forced = tools_lib.forced_grammar(functions, tool_choice)
+    if grammar and forced:
+      raise APIError(400, "response_format and a forced tool_choice both constrain the "
+                          "output: give one", "response_format")
     prompt = _render_chat(engine, state.chat_template, body)
     top = body.top_logprobs
     if top is not None and not body.logprobs:
@@ -252,8 +255,11 @@ def build_app(state: ServerState) -> FastAPI:
         body.max_tokens)
     if max_tokens is None:  # as much as the context leaves
       max_tokens = max(engine.engine.max_model_len - len(prompt), 1)
-    options = protocol.sampling_options(body, max_tokens, (top or 0) if body.logprobs else None)
-    return await _run(request, engine, body, "chat.completion", [prompt], options)
+    options = protocol.sampling_options(body, max_tokens, (top or 0) if body.logprobs else None,
+                                        grammar or forced)
+    tool_mode = None if tool_choice == "none" else (functions, tool_choice)
+    return await _run(request, engine, body, "chat.completion", [prompt], options,
+                      tool_mode=tool_mode)
 
   def _completion_prompts(prompt) -> list:
     if isinstance(prompt, str):
@@ -267,13 +273,16 @@ def build_app(state: ServerState) -> FastAPI:
     return list(prompt)
 
   async def _run(request: Request, engine: AsyncEngine, body, kind: str, prompts: list,
-                 options, echo: bool = False):
-    """Checks every prompt, queues them, and answers whole or as a stream."""
+                 options, echo: bool = False, tool_mode=None):
+    """Checks every prompt, queues them, and answers whole or as a stream. With
+    `tool_mode` ((functions, tool_choice), chat only) each choice's text becomes tool calls
+    where it holds them; a stream then sends each choice whole at its end."""
     _check_queue(engine, len(prompts))
     try:
       ids = [engine.engine.check_prompt(p, options) for p in prompts]
     except ValueError as e:
       param = "max_tokens" if "max_tokens" in str(e) else (
+          "response_format" if "JSON schema" in str(e) else
           "messages" if kind == "chat.completion" else "prompt")
       raise APIError(400, str(e), param) from None
     rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
@@ -340,8 +349,8 @@ def build_app(state: ServerState) -> FastAPI:
         finish_log(503)
         raise APIError(503, str(e)) from None
       response = {"id": rid, "object": kind, "created": int(time.time()), "model": body.model,
-                  "choices": [_choice_body(kind, c, tokenizer, body, ids[c.index // n])
-                              for c in choices], "usage": usage()}
+                  "choices": [_choice_body(kind, c, tokenizer, body, ids[c.index // n],
+                                           tool_mode) for c in choices], "usage": usage()}
       if kind == "chat.completion" and body.return_token_ids:
         response["prompt_token_ids"] = ids[0]
       finish_log(200)
@@ -370,7 +379,12 @@ def build_app(state: ServerState) -> FastAPI:
           yield chunk([{"index": c.index, "text": c.text, "logprobs": None,
                         "finish_reason": None} for c in choices])
         async for i, out in _merge(streams):
-          bodies = [_delta_body(kind, c, s, tokenizer, body) for c, s in apply(i, out)]
+          changed = apply(i, out)
+          if tool_mode is not None:  # each choice whole, once done: it may be a tool call
+            bodies = [_tool_delta_body(c, tool_mode) for c, s in changed
+                      if s.finish_reason is not None]
+          else:
+            bodies = [_delta_body(kind, c, s, tokenizer, body) for c, s in changed]
           bodies = [b for b in bodies if b is not None]
           if bodies:
             yield chunk(bodies)
@@ -414,12 +428,38 @@ def _logprobs_body(kind: str, entries: list[dict], tokenizer, offset0: int = 0):
           "text_offset": offsets}
 
 
-def _choice_body(kind: str, c: _Choice, tokenizer, body, prompt_ids: list[int]) -> dict:
+def _tool_message(c: _Choice, tool_mode) -> tuple[dict, str | None]:
+  """(the assistant message, finish reason) of a finished choice in tool mode."""
+  functions, tool_choice = tool_mode
+  if tool_choice == "auto":
+    content, calls = tools_lib.parse_tool_calls(c.text, functions)
+  else:
+    try:
+      content, calls = None, tools_lib.forced_calls(c.text, tool_choice)
+    except (ValueError, KeyError):  # cut short by max_tokens: not a whole call
+      content, calls = c.text, []
+  message = {"role": "assistant", "content": content}
+  if calls:
+    message["tool_calls"] = calls
+  return message, ("tool_calls" if calls else c.finish_reason)
+
+
+def _tool_delta_body(c: _Choice, tool_mode) -> dict:
+  message, finish = _tool_message(c, tool_mode)
+  delta = {"role": "assistant", "content": message["content"]}
+  if "tool_calls" in message:
+    delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+  return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def _choice_body(kind: str, c: _Choice, tokenizer, body, prompt_ids: list[int],
+                 tool_mode=None) -> dict:
   wants_logprobs = body.logprobs is not None and body.logprobs is not False
   logprobs = _logprobs_body(kind, c.logprobs, tokenizer) if wants_logprobs else None
   if kind == "chat.completion":
-    out = {"index": c.index, "message": {"role": "assistant", "content": c.text},
-           "logprobs": logprobs, "finish_reason": c.finish_reason}
+    message, finish = ({"role": "assistant", "content": c.text}, c.finish_reason) \
+        if tool_mode is None else _tool_message(c, tool_mode)
+    out = {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
   else:
     out = {"index": c.index, "text": c.text, "logprobs": logprobs,
            "finish_reason": c.finish_reason}
@@ -478,6 +518,8 @@ def _render_chat(engine: AsyncEngine, template: str | None, body) -> list[int]:
   if not messages:
     raise APIError(400, "messages: must not be empty", "messages")
   variables = chat_lib.special_token_vars(tokenizer)
+  if body.tools and body.tool_choice != "none":
+    variables["tools"] = body.tools  # templates that know tools render them
   try:
     text, _ = chat_lib.render(template, messages, variables, add_generation_prompt=True)
   except ValueError as e:
