@@ -419,3 +419,107 @@ def test_tool_calls_parsed_from_template_formats():
   assert content is None and [c["function"]["name"] for c in calls] == ["get_time", "get_weather"]
   assert parse_tool_calls("plain words", functions) == ("plain words", [])
   assert parse_tool_calls('{"name": "unknown", "parameters": {}}', functions)[1] == []
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(served):
+  """The same engine behind an app without an API key, for schemathesis to reach every
+  field's validation."""
+  state = served.state
+  return build_app(ServerState(model_name="tiny", engine=state.engine,
+                               chat_template=state.chat_template, max_queued=64))
+
+
+def test_fuzzed_requests_never_get_a_5xx(fuzz_app, served):
+  """Schemathesis over the server's own OpenAPI schema, bounded examples per operation:
+  every answer is below 500, and every 4xx carries OpenAI's error shape."""
+  schemathesis = pytest.importorskip("schemathesis")
+  from hypothesis import HealthCheck, given, settings
+  schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
+  operations = [result.ok() for result in schema.get_all_operations()]
+  assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions",
+                                            "/v1/models", "/health", "/metrics"}
+  statuses: dict[int, int] = {}
+  for op in operations:
+    @given(case=op.as_strategy())
+    @settings(max_examples=60 if op.method == "post" else 3, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck), database=None)
+    def fuzz(case):
+      if isinstance(case.body, dict) and "model" in case.body:
+        case.body["model"] = "tiny"  # past the 404, into every field's checks
+      response = case.call()
+      statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+      assert response.status_code < 500, (case.body, response.text[:300])
+      if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    fuzz()
+  assert statuses.get(200, 0) > 10, statuses  # some fuzzed requests were served
+  for _ in range(500):  # nothing left running from a fuzzed request
+    if not served.state.engine.in_flight:
+      break
+    time.sleep(0.01)
+  assert not served.state.engine.in_flight and _pages_used(served.url) == 0
+
+
+def _rss_mib() -> float:
+  return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_load_64_streaming_clients(served):
+  """64 concurrent streaming clients for LLM_LOAD_SECONDS (default 60) on the tiny model:
+  every stream ends with [DONE], its streamed token ids count what `usage` says, no page
+  is left held afterwards, and the process's memory stays flat (the last two thirds of
+  the run grow it by under 64 MiB)."""
+  seconds = float(os.environ.get("LLM_LOAD_SECONDS", "60"))
+  state = served.state
+  server = _Server(ServerState(model_name="tiny", engine=state.engine,
+                               chat_template=state.chat_template, max_queued=256))
+  done, mismatched, rss = [], [], {}
+
+  async def client(i, deadline):
+    import random
+    rng = random.Random(i)
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+      while time.monotonic() < deadline:
+        body = {"model": "tiny", "prompt": "".join(rng.choice("abcdefgh \n") for _ in range(
+            rng.randint(1, 60))), "max_tokens": rng.randint(1, 40), "stream": True,
+            "temperature": 1.0, "seed": rng.randint(0, 2**31), "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+        if rng.random() < 0.3:  # chat too
+          body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        lines, streamed = [], 0
+        async with http.stream("POST", path, json=body) as r:
+          assert r.status_code == 200, await r.aread()
+          async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+              data = json.loads(line[6:])
+              streamed += sum(len(c.get("token_ids") or []) for c in data["choices"])
+              if data.get("usage"):
+                usage = data["usage"]["completion_tokens"]
+            if line:
+              lines.append(line)
+        done.append(lines[-1] == "data: [DONE]")
+        if streamed != usage:
+          mismatched.append((body, streamed, usage))
+
+  async def run():
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+
+    async def sample_rss():
+      while time.monotonic() < deadline:
+        await asyncio.sleep(seconds / 3)
+        rss[round((time.monotonic() - t0) / seconds * 3)] = _rss_mib()
+
+    await asyncio.gather(sample_rss(), *(client(i, deadline) for i in range(64)))
+
+  try:
+    asyncio.run(run())
+  finally:
+    server.stop()
+  assert len(done) > 64 and all(done), (len(done), done.count(False))
+  assert not mismatched, mismatched[:3]
+  assert _pages_used(served.url) == 0 and not state.engine.in_flight
+  first, last = min(rss), max(rss)
+  assert rss[last] - rss[first] < 64, rss

@@ -277,7 +277,7 @@ class Engine:
                             ("repetition", o.repetition_penalty),
                             ("presence", o.presence_penalty),
                             ("frequency", o.frequency_penalty),
-                            ("seed", seq.seed), ("draw", len(seq.output)),
+                            ("seed", seq.seed % 2**32), ("draw", len(seq.output)),
                             ("top_logprobs", o.logprobs or 0)):
           rows[name][len(samplers)] = value
         samplers.append((seq, n))

@@ -12,6 +12,9 @@ from llm.config import check_range
 from llm.inference.sampling import MAX_TOP_LOGPROBS, check_sampling
 
 
+MAX_N = 128  # samples of one prompt
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
   """One request's sampling (OpenAI's and vLLM's names and defaults)."""
@@ -36,7 +39,7 @@ class SamplingOptions:
     check_sampling(self)
     check_range("presence_penalty", self.presence_penalty, lo=-2, hi=2)
     check_range("frequency_penalty", self.frequency_penalty, lo=-2, hi=2)
-    check_range("n", self.n, lo=1)
+    check_range("n", self.n, lo=1, hi=MAX_N)
     if self.seed is not None:
       check_range("seed", self.seed, lo=0)
     if self.logprobs is not None:
