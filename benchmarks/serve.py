@@ -16,6 +16,8 @@ the command to BENCHMARKS.md:
      the requests opening with one shared system prompt; output tokens/s, requests/s,
      time to first token and inter-token latency (p50, p99), peak pages, prefix hit rate;
   4. a `--prefix`-token prompt cold, then again with another ending: TTFT ratio.
+With `--http`, instead: our server against `transformers serve --continuous-batching` on
+one client trace (benchmarks/serve_http.py).
 """
 
 from __future__ import annotations
@@ -85,6 +87,33 @@ def replay(engine: Engine, trace) -> dict:
               hit_rate=(engine.pool.hit_tokens - hits0) / queried if queried else 0.0)
 
 
+def http_main(args):
+  """--http: the servers on one trace (benchmarks/serve_http.py)."""
+  import tempfile
+
+  from benchmarks import serve_http
+  cfg = load_config(args.config, check=False)
+  params = random_params(cfg.model)
+  rng = np.random.default_rng(0)
+  trace = serve_http.make_trace(rng, args.requests, args.http_rate, args.new_tokens)
+  warm = serve_http.make_trace(rng, 4, 100.0, 4)
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_dir = Path(tmp) / "model"
+    serve_http.write_hf_dir(hf_dir, hf_peer(cfg, jax.device_get(params), 1024),
+                            cfg.model.vocab_size)
+    results = serve_http.run_servers(hf_dir, trace, warm, args.concurrent,
+                                     args.max_num_batched_tokens)
+  lines = [f"machine: {machine()}, {os.cpu_count()} cores; model {args.config} (fp32, "
+           "random), one byte-level BPE tokenizer; each server warmed with 4 requests first", ""]
+  lines += serve_http.report(results, args.http_rate, args.requests, args.new_tokens)
+  text = "\n".join(lines)
+  print(text)
+  if not args.no_append:
+    append_result("Serving over HTTP", "Our OpenAI-compatible server against `transformers "
+                  "serve --continuous-batching` on one streamed client trace, same weights "
+                  "and tokenizer, one run.", text)
+
+
 def vllm_peer(cfg, params, max_len: int, prompts, new_tokens: int):
   """(seconds, tokens) of vLLM on the same weights, saved as an HF directory, in its own
   process (benchmarks/vllm_peer.py)."""
@@ -126,7 +155,12 @@ def main():
   p.add_argument("--no_hf", action="store_true")
   p.add_argument("--no_vllm", action="store_true", help="on a GPU, skip vLLM (run when installed)")
   p.add_argument("--no_append", action="store_true")
+  p.add_argument("--http", action="store_true", help="the HTTP servers instead: ours against "
+                 "transformers serve on one client trace (benchmarks/serve_http.py)")
+  p.add_argument("--http_rate", type=float, default=4.0, help="--http: arrivals per second")
   args = p.parse_args()
+  if args.http:
+    return http_main(args)
   cfg = load_config(args.config, check=False)
   params = random_params(cfg.model)
   vocab = cfg.model.vocab_size

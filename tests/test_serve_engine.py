@@ -252,3 +252,94 @@ def test_a_tensor_parallel_mesh_gives_the_same_tokens(hf_and_ours):
     outs.append([got[r] for r in rids])
   assert engine.runner.pages[0]["kv"].sharding.spec[2] == "tensor"  # KV pages split by head
   assert outs[0] == outs[1]
+
+
+def test_lora_adapters_share_a_batch_and_each_equals_its_merged_model():
+  """Two adapters of different ranks and targets over one base, their requests and the
+  base's interleaved in the same steps (sharing one prompt, which must not share pages
+  across adapters): each request's greedy tokens equal those of its adapter merged into
+  the base and served alone."""
+  import jax
+
+  from llm.model import init_params, lora, make_model, unbox
+  from tests.helpers import tiny_config
+  base_cfg = tiny_config()
+  base = unbox(init_params(make_model(base_cfg.model), jax.random.key(0), 8))
+  base = jax.tree.map(lambda x: x * 3.0 if x.ndim >= 2 else x, base)  # sharper logits
+  named = {}
+  for i, (name, rank, targets) in enumerate((("terse", 2, "q,v"),
+                                              ("chatty", 4, "q,k,v,o,gate,up,down"))):
+    cfg = tiny_config()
+    cfg.model.lora.update(rank=rank, alpha=2.0 * rank, targets=targets)
+    adapted = unbox(init_params(make_model(cfg.model), jax.random.key(10 + i), 8))
+    adapters = jax.tree.map(lambda x, k=i: x + 0.5 * jax.random.normal(
+        jax.random.key(20 + k), x.shape), lora.split(adapted)[1])  # lora_b is 0 at init
+    named[name] = (cfg.model, lora.join(base, adapters))
+  prompt = [5, 17, 3, 99, 42, 7, 250, 11, 64, 8]
+  options = SamplingOptions(max_tokens=8, temperature=0.0, ignore_eos=True)
+  kw = dict(page_size=4, num_pages=40, max_num_batched_tokens=24, max_num_seqs=6,
+            max_model_len=64, buckets=(8, 24), warm_up=False)
+
+  def alone(model_cfg, params):
+    engine = Engine(model_cfg, params, **kw)
+    rid = engine.add_request(prompt, options)
+    out = []
+    while engine.has_unfinished():
+      out += [t for o in engine.step() if o.request_id == rid for t in o.outputs[0].token_ids]
+    return out
+
+  expected = {"": alone(base_cfg.model, base)}
+  for name, (cfg, params) in named.items():
+    merged, merged_cfg = lora.merge(params, cfg)
+    expected[name] = alone(merged_cfg, merged)
+  assert len({tuple(v) for v in expected.values()}) == 3  # the adapters change the output
+
+  engine = Engine(base_cfg.model, base, adapters=named, **kw)
+  rids = {engine.add_request(prompt, options, adapter=name): name
+          for name in ("terse", "", "chatty", "terse")}
+  got = {rid: [] for rid in rids}
+  while engine.has_unfinished():
+    for out in engine.step():
+      got[out.request_id] += out.outputs[0].token_ids
+  for rid, name in rids.items():
+    assert got[rid] == expected[name], name
+  with pytest.raises(ValueError, match="no adapter 'nope'; served: \\['chatty', 'terse'\\]"):
+    engine.add_request(prompt, options, adapter="nope")
+  bad = tiny_config()
+  bad.model.update(d_model=32)
+  bad.model.lora.update(rank=2)
+  with pytest.raises(ValueError, match="model.d_model 32 vs 64 served"):
+    Engine(base_cfg.model, base, adapters={"x": (bad.model, named["terse"][1])}, **kw)
+
+
+def test_lora_runs_served_from_their_workdirs_over_the_base(config, tmp_path):
+  """`Engine.from_workdir(base, loras={name: run})` (what `--lora NAME=WORKDIR` does):
+  the adapter's greedy tokens equal its run loaded merged and served alone; a LoRA run of
+  another base is refused."""
+  import jax
+
+  from llm.train import train
+  config.train.update(steps=2, checkpoint_every=2, eval_every=2)
+  train(config, tmp_path / "base", devices=jax.devices()[:1])
+  config.model.lora.update(rank=2, targets="q,v,up")
+  config.train.update(init_params=str(tmp_path / "base"))
+  config.optim.update(lr=5e-2, warmup_steps=0, schedule="constant")
+  train(config, tmp_path / "lora", devices=jax.devices()[:1])
+  kw = dict(page_size=4, num_pages=40, max_num_batched_tokens=24, max_num_seqs=4,
+            buckets=(8, 24), warm_up=False)
+  options = SamplingOptions(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+  def greedy(engine, adapter=""):
+    rid = engine.add_request("def main():", options, adapter=adapter)
+    out = []
+    while engine.has_unfinished():
+      out += [t for o in engine.step() if o.request_id == rid for t in o.outputs[0].token_ids]
+    return out
+
+  served = Engine.from_workdir(tmp_path / "base", loras={"mine": tmp_path / "lora"}, **kw)
+  assert greedy(served, "mine") == greedy(Engine.from_workdir(tmp_path / "lora", **kw))
+  assert greedy(served) == greedy(Engine.from_workdir(tmp_path / "base", **kw))
+  with pytest.raises(ValueError, match="was trained on .*base.*not on the served"):
+    Engine.load_adapter(tmp_path / "lora", tmp_path / "elsewhere")
+  with pytest.raises(ValueError, match="is not a LoRA run"):
+    Engine.load_adapter(tmp_path / "base")

@@ -523,3 +523,51 @@ def test_load_64_streaming_clients(served):
   assert _pages_used(served.url) == 0 and not state.engine.in_flight
   first, last = min(rss), max(rss)
   assert rss[last] - rss[first] < 64, rss
+
+
+def test_lora_adapters_are_models_of_their_own(tokenizer_path):
+  """`model` selects an adapter; /v1/models lists each with the base as parent; adapter
+  and base requests run in the same batches and give their own tokens."""
+  import jax
+
+  from llm.data.tokenizer import open_tokenizer
+  from llm.model import init_params, lora, make_model, unbox
+  from llm.serve.request import SamplingOptions
+  from tests.helpers import tiny_config
+  base_cfg, cfg = tiny_config(), tiny_config()
+  cfg.model.lora.update(rank=2, targets="q,v")
+  base = unbox(init_params(make_model(base_cfg.model), jax.random.key(0), 8))
+  adapters = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(1), x.shape),
+                          lora.split(unbox(init_params(make_model(cfg.model),
+                                                       jax.random.key(2), 8)))[1])
+  engine = Engine(base_cfg.model, base, open_tokenizer(tokenizer_path), page_size=4,
+                  num_pages=64, max_num_batched_tokens=32, max_num_seqs=4, max_model_len=64,
+                  buckets=(8, 32), adapters={"terse": (cfg.model, lora.join(base, adapters))})
+  runner = AsyncEngine(engine)
+  server = _Server(ServerState(model_name="base", engine=runner))
+  try:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {"base", "terse"} and cards["terse"].model_extra["parent"] == "base"
+
+    async def both():
+      aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+      return await asyncio.gather(*(aclient.completions.create(
+          model=m, prompt="def f(x):", max_tokens=6, temperature=0,
+          extra_body={"return_token_ids": True, "ignore_eos": True})
+          for m in ("terse", "base", "terse")))
+
+    outs = [o.choices[0].model_extra["token_ids"] for o in asyncio.run(both())]
+    assert outs[0] == outs[2] != outs[1]
+    with pytest.raises(openai.NotFoundError, match="served: \\['base', 'terse'\\]"):
+      client.completions.create(model="other", prompt="x")
+  finally:
+    server.stop()
+    runner.shutdown()
+  direct = engine.add_request(engine.tokenizer.bos_prefix() + list(engine.tokenizer.encode(
+      "def f(x):")), SamplingOptions(max_tokens=6, temperature=0.0, ignore_eos=True),
+      adapter="terse")
+  got = []
+  while engine.has_unfinished():
+    got += [t for o in engine.step() if o.request_id == direct for t in o.outputs[0].token_ids]
+  assert got == outs[0]

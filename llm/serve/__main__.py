@@ -58,9 +58,14 @@ def check_flags() -> None:
     check_range(f"--{name}", getattr(FLAGS, name), lo=1)
   check_range("--kv_cache_gib", FLAGS.kv_cache_gib, lo=0)
   check_range("--grace_seconds", FLAGS.grace_seconds, lo=0)
-  if FLAGS.lora:
-    raise ValueError("--lora: serving LoRA adapters over one base is not implemented yet; "
-                     "merge the adapter (its workdir serves as is) and serve that")
+  for spec in FLAGS.lora:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+      raise ValueError(f"--lora={spec!r}: give NAME=WORKDIR")
+    if not FLAGS.workdir:
+      raise ValueError("--lora serves adapters over a --workdir base (LoRA runs name theirs)")
+    if not Path(path).is_dir():
+      raise ValueError(f"--lora={spec!r}: {path!r} is not a directory")
   if FLAGS.log_level not in ("debug", "info", "warning"):
     raise ValueError(f"--log_level={FLAGS.log_level!r}; allowed: debug, info, warning")
 
@@ -73,7 +78,8 @@ def make_engine():
   if FLAGS.max_model_len:
     kwargs["max_model_len"] = FLAGS.max_model_len
   t0 = time.monotonic()
-  engine = (Engine.from_workdir(FLAGS.workdir, **kwargs) if FLAGS.workdir
+  loras = dict(spec.partition("=")[::2] for spec in FLAGS.lora)
+  engine = (Engine.from_workdir(FLAGS.workdir, loras=loras, **kwargs) if FLAGS.workdir
             else Engine.from_hf(FLAGS.hf_dir, **kwargs))
   logging.getLogger("llm.serve").info(
       "engine built in %.1f s (compile seconds per token bucket: %s)", time.monotonic() - t0,

@@ -55,19 +55,21 @@ class AsyncEngine:
     return len(self._commands) + len(self.engine.scheduler.waiting)
 
   async def generate(self, prompt, options: SamplingOptions | None = None,
-                     request_id: str | None = None):
-    """Streams a request's outputs (RequestOutput, new tokens and text since the last).
-    Raises ValueError for a bad request before anything is queued."""
+                     request_id: str | None = None, adapter: str = ""):
+    """Streams a request's outputs (RequestOutput, new tokens and text since the last),
+    from the base model or the named LoRA adapter. Raises ValueError for a bad request
+    before anything is queued."""
     if self.error is not None:
       raise EngineDead("the engine stopped on an error")
     options = options or SamplingOptions()
     ids = self.engine.check_prompt(prompt, options)
+    self.engine.adapters.slot(adapter)
     rid = request_id or f"req-{next(self._ids)}"
     if rid in self._streams:
       raise ValueError(f"request id {rid!r} is already in use")
     queue: asyncio.Queue = asyncio.Queue()
     self._streams[rid] = (asyncio.get_running_loop(), queue)
-    self._commands.append(("add", rid, ids, options))
+    self._commands.append(("add", rid, ids, options, adapter))
     self._wake.set()
     finished = False
     try:
@@ -106,11 +108,11 @@ class AsyncEngine:
     while self._commands:
       command = self._commands.popleft()
       if command[0] == "add":
-        _, rid, ids, options = command
+        _, rid, ids, options, adapter = command
         if rid not in self._streams:  # the caller left before it was added
           continue
         try:
-          self.engine.add_request(ids, options, rid)
+          self.engine.add_request(ids, options, rid, adapter)
         except ValueError as e:
           self._deliver(rid, e)
       else:

@@ -64,13 +64,15 @@ class Engine:
   """See the module docstring. `tokenizer` (optional) turns text prompts into ids and
   outputs into text, and gives the EOS / end-of-turn ids that stop a request. `mesh`
   (optional) shards weights and KV pages by the logical-axis rules (llm.parallel).
-  `chat_template` (default: the tokenizer's own) renders a server's chat requests."""
+  `chat_template` (default: the tokenizer's own) renders a server's chat requests.
+  `adapters` ({name: (model config, params)} of LoRA runs on this base, see
+  `load_adapter`) are served over the base weights, a request choosing one by name."""
 
   def __init__(self, model_cfg, params, tokenizer=None, *, page_size: int = 16,
                num_pages: int = 0, kv_cache_gib: float = 0.0, max_num_batched_tokens: int = 256,
                max_num_seqs: int = 16, max_model_len: int = 0, prefix_caching: bool = True,
                buckets: tuple[int, ...] = (), seed: int = 0, warm_up: bool = True,
-               mesh=None, chat_template: str | None = None):
+               mesh=None, chat_template: str | None = None, adapters: dict | None = None):
     check_range("page_size", page_size, lo=1)
     check_range("max_num_batched_tokens", max_num_batched_tokens, lo=1)
     check_range("max_num_seqs", max_num_seqs, lo=1)
@@ -96,8 +98,11 @@ class Engine:
     if buckets[-1] < max_num_batched_tokens:
       raise ValueError(f"buckets={buckets}: the largest must hold max_num_batched_tokens="
                        f"{max_num_batched_tokens}")
+    from llm.serve.lora import Adapters
+    self.adapters = Adapters(model_cfg, adapters or {})
     self.runner = ModelRunner(model_cfg, params, num_pages, page_size, max_num_seqs,
-                              max_model_len, buckets, mesh)
+                              max_model_len, buckets, mesh,
+                              self.adapters if adapters else None)
     self.vocab_size = model_cfg.vocab_size
     self.stop_ids: set[int] = set()
     if tokenizer is not None:
@@ -119,13 +124,32 @@ class Engine:
 
   @classmethod
   def from_workdir(cls, workdir: str | Path, **kwargs) -> "Engine":
-    """From a training workdir (pretrained, SFT, LoRA merged, MoE) or a converted one."""
+    """From a training workdir (pretrained, SFT, LoRA merged, MoE) or a converted one;
+    `loras={name: workdir}` serves LoRA runs trained on it as adapters."""
     from llm.data.chat import TEMPLATES
     from llm.inference import load
     config, params, tokenizer = load(workdir)
+    loras = kwargs.pop("loras", None) or {}
+    if loras:
+      kwargs["adapters"] = {name: cls.load_adapter(path, workdir) for name, path in loras.items()}
     kwargs.setdefault("max_model_len", config.data.seq_len)
     kwargs.setdefault("chat_template", TEMPLATES.get(config.data.chat.template))
     return cls(config.model, params, tokenizer, **kwargs)
+
+  @staticmethod
+  def load_adapter(workdir: str | Path, base_workdir: str | Path | None = None) -> tuple:
+    """(model config, params with their adapters unmerged) of a LoRA run, for
+    `adapters=`. With `base_workdir`, a run trained on another base is refused."""
+    from llm.workdir import load_params
+    config, params = load_params(workdir, merge_lora=False)
+    if not config.model.lora.rank:
+      raise ValueError(f"{str(workdir)!r} is not a LoRA run (model.lora.rank is 0): serve it "
+                       "as a model of its own")
+    base = config.train.init_params
+    if base_workdir is not None and base and Path(base).resolve() != Path(base_workdir).resolve():
+      raise ValueError(f"the LoRA run {str(workdir)!r} was trained on {base!r}, not on the "
+                       f"served {str(base_workdir)!r}")
+    return config.model, params
 
   @classmethod
   def from_hf(cls, hf_dir: str | Path, **kwargs) -> "Engine":
@@ -148,16 +172,18 @@ class Engine:
   # ----------------------------------------------------------------- requests
 
   def add_request(self, prompt, options: SamplingOptions | None = None,
-                  request_id: str | None = None) -> str:
-    """Queues a prompt (text, with a tokenizer, or token ids); returns its id."""
+                  request_id: str | None = None, adapter: str = "") -> str:
+    """Queues a prompt (text, with a tokenizer, or token ids) for the base model or the
+    named LoRA adapter; returns its id."""
     options = options or SamplingOptions()
     ids = self.check_prompt(prompt, options)
+    slot = self.adapters.slot(adapter)
     request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
     if request_id in self._requests:
       raise ValueError(f"request id {request_id!r} is already in use")
     seed = options.seed if options.seed is not None else int(self._rng.integers(2**31))
     now = time.monotonic()
-    seqs = [Sequence(request_id, ids, options, seed + i, now, sample=i,
+    seqs = [Sequence(request_id, ids, options, seed + i, now, sample=i, adapter=slot,
                      matcher=self.grammars().matcher(options.grammar) if options.grammar else None)
             for i in range(options.n)]
     self._requests[request_id] = seqs
@@ -267,6 +293,7 @@ class Engine:
       inputs["slot"][t:t + n] = positions % self.pool.page_size
       inputs["page_table"][row, :len(seq.pages)] = seq.pages
       inputs["kv_lens"][row] = seq.computed + n
+      inputs["adapter"][t:t + n] = seq.adapter
       t += n
       inputs["cu_q_lens"][row + 1:] = t
       if seq.computed + n == len(tokens):  # its last token runs: sample the next one

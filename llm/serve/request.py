@@ -75,6 +75,7 @@ class Sequence:
   committed_pages: int = 0  # leading pages offered to the prefix cache
   page_keys: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages so far
   matcher: object = None  # its grammar's state (llm.serve.structured.Matcher), if any
+  adapter: int = 0  # its LoRA adapter's slot (llm.serve.lora; 0: the base model)
   status: Status = Status.WAITING
   finish_reason: str | None = None  # "stop" | "length" | "abort"
   text: str = ""  # the output decoded, up to what may be shown (stop strings held back)

@@ -33,6 +33,7 @@ from llm.model import make_model, require_lm_head
 from llm.model.transformer import init_params, unembedding, unstack_layers
 from llm.parallel.mesh import use_mesh
 from llm.parallel.rules import logical_to_sharding, logical_to_spec
+from llm.serve.lora import apply_with_adapters
 
 # per-row sampling arrays the step takes, with their dtypes
 ROW_FIELDS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
@@ -44,11 +45,18 @@ ROW_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "rep
                 "top_logprobs": 0}
 
 
-def _step(model, model_cfg, params, pages, batch, rows):
+def _step(model, model_cfg, params, pages, batch, rows, adapters):
   paged = {k: batch[k] for k in ("page", "slot", "kv_lens", "page_table", "cu_q_lens",
                                   "num_seqs")}
-  x_1TD, pages = model.apply({"params": params}, batch["tokens"][None], None,
-                             batch["positions"][None], pages, paged, head=False)
+
+  def forward():
+    return model.apply({"params": params}, batch["tokens"][None], None,
+                       batch["positions"][None], pages, paged, head=False)
+
+  if adapters:  # LoRA adapters, each token its request's (llm.serve.lora)
+    x_1TD, pages = apply_with_adapters(adapters, batch["adapter"], forward)
+  else:
+    x_1TD, pages = forward()
   h_SD = x_1TD[0][rows["sample_index"]]
   logits_SV = jnp.dot(h_SD, unembedding(params, model_cfg), preferred_element_type=jnp.float32)
   keys_S = jax.vmap(lambda s, d: jax.random.fold_in(jax.random.key(s), d))(rows["seed"],
@@ -60,9 +68,10 @@ class ModelRunner:
   """Params (unstacked), the per-layer KV page pools and the jitted step per bucket."""
 
   def __init__(self, model_cfg, params, num_pages: int, page_size: int, max_num_seqs: int,
-               max_model_len: int, buckets: tuple[int, ...], mesh=None):
+               max_model_len: int, buckets: tuple[int, ...], mesh=None, adapters=None):
     """With a `mesh`, weights and KV pages are sharded by the logical-axis rules (tensor
-    parallel over heads; the KV pages over kv_heads) and the step runs under it."""
+    parallel over heads; the KV pages over kv_heads) and the step runs under it.
+    `adapters` (llm.serve.lora.Adapters): LoRA adapters served over these weights."""
     require_lm_head(model_cfg, "serving")
     cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
     params = unstack_layers(params, cfg) if cfg.scan_layers else params
@@ -88,6 +97,7 @@ class ModelRunner:
                   for _ in range(cfg.n_layers)]
     self._step = jax.jit(functools.partial(_step, model, cfg), donate_argnums=(1,))
     self.compile_seconds: dict[int, float] = {}
+    self.adapters = adapters.stacked if adapters is not None else {}
     self._zeros_SV = None
 
   @staticmethod
@@ -107,7 +117,7 @@ class ModelRunner:
     batch = {"tokens": np.zeros(t_bucket, np.int32), "positions": np.full(t_bucket, -1, np.int32),
              "page": np.zeros(t_bucket, np.int32), "slot": np.zeros(t_bucket, np.int32),
              "kv_lens": np.zeros(s, np.int32), "cu_q_lens": np.zeros(s + 1, np.int32),
-             "num_seqs": np.zeros(1, np.int32),
+             "num_seqs": np.zeros(1, np.int32), "adapter": np.zeros(t_bucket, np.int32),
              "page_table": np.zeros((s, self.pages_per_seq), np.int32)}
     rows = {k: np.full(self.max_num_seqs, ROW_DEFAULTS[k], dtype) for k, dtype in ROW_FIELDS.items()}
     return batch, rows
@@ -137,5 +147,6 @@ class ModelRunner:
       if self.mesh is not None:
         stack.enter_context(use_mesh(self.mesh))
       self.pages, out = self._step(self.params, self.pages,
-                                   {k: jnp.asarray(v) for k, v in batch.items()}, rows)
+                                   {k: jnp.asarray(v) for k, v in batch.items()}, rows,
+                                   self.adapters)
     return jax.device_get(out)

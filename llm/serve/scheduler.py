@@ -119,8 +119,10 @@ class Scheduler:
     n = self.pool.page_size
     have = len(seq.page_keys)
     if n_pages > have:
+      # an adapter's K/V differ from the base's: its chain starts from its own root
+      root = f"adapter:{seq.adapter}".encode() if seq.adapter else b""
       seq.page_keys += page_keys(seq.tokens[have * n:n_pages * n], n,
-                                 seq.page_keys[-1] if have else b"")
+                                 seq.page_keys[-1] if have else root)
     return seq.page_keys[:n_pages]
 
   def finish(self, seq: Sequence, reason: str) -> None:

@@ -191,10 +191,16 @@ def build_app(state: ServerState) -> FastAPI:
       raise APIError(503, "the engine stopped on an error; restart the server")
     return state.engine
 
-  def _check_model(name: str) -> None:
-    if name != state.model_name:
-      raise APIError(404, f"model {name!r} does not exist; served: {[state.model_name]}",
-                     "model", code="model_not_found")
+  def _check_model(name: str) -> str:
+    """The adapter a model name selects ("" for the base)."""
+    adapters = [] if state.engine is None else sorted(
+        n for n in state.engine.engine.adapters.slots if n)
+    if name == state.model_name:
+      return ""
+    if name in adapters:
+      return name
+    raise APIError(404, f"model {name!r} does not exist; served: "
+                        f"{[state.model_name] + adapters}", "model", code="model_not_found")
 
   def _check_queue(engine: AsyncEngine, n: int) -> None:
     if engine.waiting + n > state.max_queued:
@@ -212,9 +218,13 @@ def build_app(state: ServerState) -> FastAPI:
   async def models(request: Request):
     _check_auth(request)
     max_len = state.engine.engine.max_model_len if state.engine is not None else None
-    card = protocol.ModelCard(id=state.model_name, created=state.created, root=state.model_name,
-                              max_model_len=max_len)
-    return {"object": "list", "data": [card.model_dump()]}
+    cards = [protocol.ModelCard(id=state.model_name, created=state.created,
+                                root=state.model_name, max_model_len=max_len)]
+    if state.engine is not None:
+      cards += [protocol.ModelCard(id=name, created=state.created, root=name,
+                                   parent=state.model_name, max_model_len=max_len)
+                for name in sorted(state.engine.engine.adapters.slots) if name]
+    return {"object": "list", "data": [c.model_dump() for c in cards]}
 
   @app.get("/metrics")
   async def metrics():
@@ -224,7 +234,7 @@ def build_app(state: ServerState) -> FastAPI:
   async def completions(body: protocol.CompletionRequest, request: Request):
     _check_auth(request)
     engine = _check_ready()
-    _check_model(body.model)
+    adapter = _check_model(body.model)
     protocol.check_unsupported(body)
     prompts = _completion_prompts(body.prompt)
     if body.echo and body.logprobs is not None:
@@ -233,13 +243,13 @@ def build_app(state: ServerState) -> FastAPI:
     options = protocol.sampling_options(body, 16 if body.max_tokens is None else body.max_tokens,
                                         body.logprobs)
     return await _run(request, engine, body, "text_completion", prompts, options,
-                      echo=body.echo)
+                      echo=body.echo, adapter=adapter)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
     _check_auth(request)
     engine = _check_ready()
-    _check_model(body.model)
+    adapter = _check_model(body.model)
     protocol.check_unsupported(body)
     functions, tool_choice = tools_lib.check_tools(body.tools, body.tool_choice)
     grammar = protocol.response_format_grammar(body.response_format)
@@ -259,7 +269,7 @@ def build_app(state: ServerState) -> FastAPI:
                                         grammar or forced)
     tool_mode = None if tool_choice == "none" else (functions, tool_choice)
     return await _run(request, engine, body, "chat.completion", [prompt], options,
-                      tool_mode=tool_mode)
+                      tool_mode=tool_mode, adapter=adapter)
 
   def _completion_prompts(prompt) -> list:
     if isinstance(prompt, str):
@@ -273,7 +283,7 @@ def build_app(state: ServerState) -> FastAPI:
     return list(prompt)
 
   async def _run(request: Request, engine: AsyncEngine, body, kind: str, prompts: list,
-                 options, echo: bool = False, tool_mode=None):
+                 options, echo: bool = False, tool_mode=None, adapter: str = ""):
     """Checks every prompt, queues them, and answers whole or as a stream. With
     `tool_mode` ((functions, tool_choice), chat only) each choice's text becomes tool calls
     where it holds them; a stream then sends each choice whole at its end."""
@@ -287,7 +297,7 @@ def build_app(state: ServerState) -> FastAPI:
       raise APIError(400, str(e), param) from None
     rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
     started = time.monotonic()
-    streams = [engine.generate(p, options, f"{rid}-{i}") for i, p in enumerate(ids)]
+    streams = [engine.generate(p, options, f"{rid}-{i}", adapter) for i, p in enumerate(ids)]
     n = options.n
     choices = [_Choice(i) for i in range(len(prompts) * n)]
     tokenizer = engine.engine.tokenizer
