@@ -101,10 +101,12 @@ def http_main(args):
     hf_dir = Path(tmp) / "model"
     serve_http.write_hf_dir(hf_dir, hf_peer(cfg, jax.device_get(params), 1024),
                             cfg.model.vocab_size)
-    results = serve_http.run_servers(hf_dir, trace, warm, args.concurrent,
+    results = serve_http.run_servers(hf_dir, trace, warm, args.http_max_num_seqs,
                                      args.max_num_batched_tokens)
   lines = [f"machine: {machine()}, {os.cpu_count()} cores; model {args.config} (fp32, "
-           "random), one byte-level BPE tokenizer; each server warmed with 4 requests first", ""]
+           "random), one byte-level BPE tokenizer; each server warmed with 4 requests first; "
+           f"ours with --max_num_seqs={args.http_max_num_seqs} "
+           f"--max_num_batched_tokens={args.max_num_batched_tokens}", ""]
   lines += serve_http.report(results, args.http_rate, args.requests, args.new_tokens)
   text = "\n".join(lines)
   print(text)
@@ -158,6 +160,8 @@ def main():
   p.add_argument("--http", action="store_true", help="the HTTP servers instead: ours against "
                  "transformers serve on one client trace (benchmarks/serve_http.py)")
   p.add_argument("--http_rate", type=float, default=4.0, help="--http: arrivals per second")
+  p.add_argument("--http_max_num_seqs", type=int, default=64,
+                 help="--http: our server's --max_num_seqs (transformers' batch is unbounded)")
   args = p.parse_args()
   if args.http:
     return http_main(args)

@@ -30,7 +30,7 @@ def _define_flags():
   flags.DEFINE_string("api_key", "", "When set, requests need 'Authorization: Bearer KEY'.")
   flags.DEFINE_string("served_model_name", "", "The model's name in the API (default: the "
                       "directory's name).")
-  flags.DEFINE_integer("max_num_seqs", 16, "Sequences in one engine step.")
+  flags.DEFINE_integer("max_num_seqs", 64, "Sequences in one engine step.")
   flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens in one engine step.")
   flags.DEFINE_float("kv_cache_gib", 0.0, "KV cache size (0: half the memory the weights "
                      "leave).")
