@@ -3,6 +3,9 @@
 tokenizer (an HF directory written here), one after the other, in one run. Called by
 `python benchmarks/serve.py --http`.
 
+On a GPU with vLLM installed, vLLM's OpenAI server runs the same trace too (each server
+in its own process, one after the other).
+
 The trace: Poisson arrivals, prompts of lognormal length (text), a fixed number of new
 tokens each (temperature 0); every request streams. Per server: output tokens/s,
 requests/s, time to first token and inter-token latency p50 / p99 as the client sees them.
@@ -11,6 +14,7 @@ requests/s, time to first token and inter-token latency p50 / p99 as the client 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import subprocess
@@ -106,6 +110,11 @@ def _wait_healthy(url: str, proc, seconds: float = 900) -> None:
   raise RuntimeError("the server did not become healthy")
 
 
+def _on_gpu() -> bool:
+  import jax
+  return jax.default_backend() == "gpu"
+
+
 def _free_port() -> int:
   import socket
   with socket.socket() as s:
@@ -125,11 +134,16 @@ def run_servers(hf_dir: Path, trace, warm_trace, max_num_seqs: int,
        [str(Path(sys.executable).parent / "transformers"), "serve", str(hf_dir),
         "--continuous-batching", "--device=cpu", "--dtype=float32", "--log-level=warning"],
        str(hf_dir))]
+  if _on_gpu() and importlib.util.find_spec("vllm"):  # its OpenAI server, same directory
+    servers.append(("vLLM (OpenAI server)",
+                    [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                     f"--model={hf_dir}", "--served-model-name=m", "--dtype=float32",
+                     "--gpu-memory-utilization=0.4", "--host=127.0.0.1"], "m"))
   results = []
   for name, cmd, model in servers:
     port = _free_port()
-    cmd = cmd + ([f"--port={port}"] if "llm.serve" in cmd else ["--host=127.0.0.1",
-                                                               f"--port={port}"])
+    cmd = cmd + ([f"--port={port}"] if "transformers" not in cmd[0] else
+                 ["--host=127.0.0.1", f"--port={port}"])
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
       proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

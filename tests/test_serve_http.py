@@ -133,8 +133,12 @@ def test_completions_match_transformers_and_stream_equals_whole(client, served, 
   chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12,
                                           temperature=0, stream=True,
                                           stream_options={"include_usage": True},
-                                          extra_body={"ignore_eos": True}))
+                                          extra_body={"ignore_eos": True,
+                                                      "return_token_ids": True}))
   assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+  assert chunks[0].choices[0].model_extra["prompt_token_ids"] == prompt_ids
+  assert sum((c.choices[0].model_extra["token_ids"] for c in chunks if c.choices), []) == \
+      choice.model_extra["token_ids"]
   assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
   assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
@@ -276,7 +280,7 @@ def test_disconnected_streams_free_their_pages_and_metrics(served):
   assert models.json()["data"][0]["id"] == "tiny"
 
 
-def test_health_loading_and_queue_full():
+def test_health_loading_and_queue_full(served):
   from fastapi.testclient import TestClient
   state = ServerState(model_name="tiny", max_queued=0)
   client = TestClient(build_app(state))
@@ -284,6 +288,11 @@ def test_health_loading_and_queue_full():
   assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
   r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
   assert r.status_code == 503
+  full = TestClient(build_app(ServerState(model_name="tiny", max_queued=0,
+                                          engine=served.state.engine)))
+  r = full.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+  assert r.status_code == 429 and "max_queued=0" in r.json()["error"]["message"]
+  assert r.json()["error"]["type"] == "rate_limit_error"
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(hf_dir):

@@ -369,22 +369,24 @@ def build_app(state: ServerState) -> FastAPI:
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
     created = int(time.time())
 
-    def chunk(choice_bodies, with_usage=None):
+    def chunk(choice_bodies, with_usage=None, prompt_token_ids=None):
       data = {"id": rid, "object": chunk_kind, "created": created, "model": body.model,
               "choices": choice_bodies}
+      if prompt_token_ids is not None:  # vLLM's place for them in a chat stream
+        data["prompt_token_ids"] = prompt_token_ids
       if include_usage:
         data["usage"] = with_usage
       return f"data: {json.dumps(data)}\n\n"
+
+    prompt_ids_sent: set[int] = set()
 
     async def events():
       status = 200
       try:
         if kind == "chat.completion":  # the role first, as OpenAI sends it
-          first = {"role": "assistant", "content": ""}
-          if body.return_token_ids:
-            first["prompt_token_ids"] = ids[0]  # noqa: E501 - no response body to carry it
-          yield chunk([{"index": c.index, "delta": first, "logprobs": None,
-                        "finish_reason": None} for c in choices])
+          yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None, "finish_reason": None} for c in choices],
+                      prompt_token_ids=ids[0] if body.return_token_ids else None)
         elif echo:
           yield chunk([{"index": c.index, "text": c.text, "logprobs": None,
                         "finish_reason": None} for c in choices])
@@ -395,6 +397,11 @@ def build_app(state: ServerState) -> FastAPI:
                       if s.finish_reason is not None]
           else:
             bodies = [_delta_body(kind, c, s, tokenizer, body) for c, s in changed]
+            if kind != "chat.completion" and body.return_token_ids:  # vLLM: on a choice's first
+              for b in bodies:
+                if b is not None and b["index"] not in prompt_ids_sent:
+                  prompt_ids_sent.add(b["index"])
+                  b["prompt_token_ids"] = ids[b["index"] // n]
           bodies = [b for b in bodies if b is not None]
           if bodies:
             yield chunk(bodies)
