@@ -206,7 +206,7 @@ def base_config() -> ml_collections.ConfigDict:
           beta=0.1,
           loss_type="sigmoid",  # sigmoid (DPO) | ipo
           label_smoothing=0.0,  # sigmoid only: conservative DPO's eps
-          rpo_alpha=0.0,  # RPO: + alpha x the chosen completion's NLL per token
+          rpo_alpha=0.0,  # RPO (TRL's "sft" term): + alpha x the batch's chosen-token NLL mean
           # precomputed (once over the data, cached) | live (per batch; LoRA: the base)
           reference="precomputed",
       )),

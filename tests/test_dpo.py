@@ -134,30 +134,50 @@ def test_dpo_run_raises_held_out_preference_accuracy(config, tmp_path):
   assert losses(tmp_path / "run")[20] < losses(tmp_path / "run")[1]
 
 
-def test_rpo_adds_the_chosen_nll_per_token():
+def test_rpo_term_and_ipo_metrics_follow_trl():
+  """rpo_alpha adds TRL 1.16's "sft" term (loss_type=["sigmoid", "sft"]): the mean NLL over
+  every chosen token of the batch, not a mean of per-pair means (the pairs here have 3 and
+  5 chosen tokens). With loss_type="ipo" the logged rewards and logps are sums, as TRL
+  logs them, while its loss compares per-token averages."""
   from llm.model import init_params, make_model, unbox
   from llm.training.objectives import dpo, reference_logps
   from tests.helpers import tiny_config
   cfg = tiny_config()
   cfg.train.objective = "dpo"
   rng = np.random.default_rng(0)
-  tokenized = [(rng.integers(3, 500, n).astype(np.int32), np.r_[np.zeros(n - 3, bool),
-                                                               np.ones(3, bool)],
+  tokenized = [(rng.integers(3, 500, n).astype(np.int32), np.r_[np.zeros(n - k, bool),
+                                                               np.ones(k, bool)],
                 rng.integers(3, 500, m).astype(np.int32), np.r_[np.zeros(m - 2, bool),
                                                                np.ones(2, bool)])
-               for n, m in ((6, 5), (7, 8))]
+               for n, k, m in ((6, 3, 5), (9, 5, 8))]
   batch = {k: jnp.asarray(v) for k, v in preference.pack_pairs(tokenized, seq_len=32).items()}
   model = make_model(cfg.model)
   params = unbox(init_params(model, jax.random.key(0), 8))
   logp = reference_logps(params, batch, model=model, config=cfg)
-  batch["ref_logp"] = jnp.zeros_like(logp)
+  batch["ref_logp"] = 0.9 * logp  # a reference unlike the policy
   plain, sums = dpo(params, batch, model=model, config=cfg)
   cfg.train.dpo.rpo_alpha = 0.5
   with_rpo, _ = dpo(params, batch, model=model, config=cfg)
-  chosen_nll = sum(-float(jnp.sum(logp[0] * batch["loss_mask"][0] * (batch["pair_ids"][0] == p)
-                                  * batch["chosen"][0])) / 3 for p in (1, 2))
-  assert float(sums["weight"]) == 2
-  np.testing.assert_allclose(float(with_rpo - plain), 0.5 * chosen_nll, rtol=1e-5)
+  chosen = np.asarray(batch["loss_mask"][0] * batch["chosen"][0] * (batch["pair_ids"][0] > 0),
+                      bool)
+  # TRL: batch_loss = -chosen_per_token_logps[chosen_mask.bool()].mean(), weight rpo_alpha
+  trl_sft = -torch.tensor(np.asarray(logp[0]))[torch.tensor(chosen)].mean().item()
+  assert float(sums["weight"]) == 2 and chosen.sum() == 8
+  np.testing.assert_allclose(float(with_rpo - plain) / 2, 0.5 * trl_sft, rtol=1e-5)
+
+  cfg.train.dpo.update(rpo_alpha=0.0, loss_type="ipo", beta=0.1)
+  loss, ipo = dpo(params, batch, model=model, config=cfg)
+  side = lambda p, c: (batch["pair_ids"][0] == p) & (batch["chosen"][0] == c) & (  # noqa: E731
+      batch["loss_mask"][0] > 0)
+  seq = {(p, c): float(jnp.sum(jnp.where(side(p, c), logp[0], 0.0))) for p in (1, 2)
+         for c in (0, 1)}
+  n = {(p, c): float(jnp.sum(side(p, c))) for p in (1, 2) for c in (0, 1)}
+  # TRL: rewards from summed log-ratios; the loss from per-token averages
+  rewards_chosen = sum(0.1 * (seq[p, 1] - 0.9 * seq[p, 1]) for p in (1, 2))
+  np.testing.assert_allclose(float(ipo["rewards/chosen"]), rewards_chosen, rtol=1e-5)
+  np.testing.assert_allclose(float(ipo["logps/rejected"]), seq[1, 0] + seq[2, 0], rtol=1e-5)
+  delta = [0.1 * seq[p, 1] / n[p, 1] - 0.1 * seq[p, 0] / n[p, 0] for p in (1, 2)]
+  np.testing.assert_allclose(float(loss), sum((x - 1 / 0.2) ** 2 for x in delta), rtol=1e-5)
 
 
 def test_live_reference_matches_the_precomputed_one(config, tmp_path):

@@ -79,28 +79,35 @@ def dpo(params, batch, *, model, config, rng=None):
   carries per token ("ref_logp", computed once with the starting weights: the frozen
   reference costs no second copy of the model). Weight: pairs. Metrics with TRL's names:
   rewards/chosen, rewards/rejected (beta x policy-minus-reference log-probabilities),
-  rewards/accuracies, rewards/margins, logps/chosen, logps/rejected; and
-  preference_accuracy, the fraction of pairs whose chosen completion the policy itself
-  finds likelier."""
+  rewards/accuracies, rewards/margins, logps/chosen, logps/rejected, all from summed
+  log-probabilities as TRL 1.16 logs them (IPO too, though its loss compares per-token
+  averages); and preference_accuracy, the fraction of pairs whose chosen completion the
+  policy itself finds likelier. train.dpo.rpo_alpha adds TRL's "sft" loss term with that
+  weight: the chosen tokens' NLL, one token mean over the batch."""
   d = config.train.dpo
   nll_BT, aux = target_nll(model, params, batch, chunk_len=config.train.loss_chunk, rng=rng)
-  policy = pair_sums(-nll_BT, batch)
+  policy = pair_sums(-nll_BT, batch)  # summed over each completion's tokens
   ref = pair_sums(batch["ref_logp"], batch)
   tokens = pair_sums(jnp.ones_like(nll_BT), batch)
   valid = (tokens[..., 0] > 0) & (tokens[..., 1] > 0)  # [B, P + 1]: real pairs
-  if d.loss_type == "ipo":  # TRL's IPO compares per-token average log-probabilities
-    policy, ref = policy / jnp.maximum(tokens, 1), ref / jnp.maximum(tokens, 1)
-  losses = dpo_losses(policy[..., 1], policy[..., 0], ref[..., 1], ref[..., 0], beta=d.beta,
-                      loss_type=d.loss_type, label_smoothing=d.label_smoothing)
-  if d.rpo_alpha:  # RPO (TRL's rpo_alpha): plus the chosen completion's NLL per token
-    chosen_nll = -policy[..., 1] if d.loss_type == "ipo" else (  # (ipo: already per token)
-        -policy[..., 1] / jnp.maximum(tokens[..., 1], 1))
-    losses = losses + d.rpo_alpha * chosen_nll
-  chosen_rewards = d.beta * (policy[..., 1] - ref[..., 1])
-  rejected_rewards = d.beta * (policy[..., 0] - ref[..., 0])
   masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731
   pairs = jnp.sum(valid).astype(jnp.float32)
+  if d.loss_type == "ipo":  # TRL's IPO compares per-token average log-probabilities
+    avg_policy, avg_ref = policy / jnp.maximum(tokens, 1), ref / jnp.maximum(tokens, 1)
+    losses = dpo_losses(avg_policy[..., 1], avg_policy[..., 0], avg_ref[..., 1],
+                        avg_ref[..., 0], beta=d.beta, loss_type="ipo")
+  else:
+    losses = dpo_losses(policy[..., 1], policy[..., 0], ref[..., 1], ref[..., 0], beta=d.beta,
+                        loss_type=d.loss_type, label_smoothing=d.label_smoothing)
   total = masked(losses)
+  if d.rpo_alpha:  # RPO: TRL's loss_type=["sigmoid", "sft"], loss_weights=[1, rpo_alpha]:
+    # the NLL of every chosen token in the batch, one token mean (times the pairs: the
+    # step divides this sum by them)
+    chosen_nll = masked(-policy[..., 1]) / jnp.maximum(masked(tokens[..., 1]), 1.0)
+    total = total + d.rpo_alpha * chosen_nll * pairs
+  # logged from sums whatever the loss (as TRL logs them, IPO included)
+  chosen_rewards = d.beta * (policy[..., 1] - ref[..., 1])
+  rejected_rewards = d.beta * (policy[..., 0] - ref[..., 0])
   sums = {"loss": total, "rewards/chosen": masked(chosen_rewards),
           "rewards/rejected": masked(rejected_rewards),
           "rewards/accuracies": masked((chosen_rewards > rejected_rewards).astype(jnp.float32)),
