@@ -44,6 +44,7 @@ CHOICES = {
     "train.dpo.loss_type": "llm.training.objectives:DPO_LOSSES",
     "train.dpo.reference": "llm.training.reference:REFERENCE_MODES",
     "train.grpo.loss_type": "llm.training.objectives:GRPO_LOSSES",
+    "train.grpo.importance_sampling_level": "llm.training.objectives:IMPORTANCE_SAMPLING_LEVELS",
     "train.grpo.scale_rewards": "llm.training.rewards:SCALE_REWARDS",
     "optim.schedule": "llm.training.optim:SCHEDULES",
     "train.progress": "llm.training.metrics:PROGRESS",
@@ -226,7 +227,9 @@ def base_config() -> ml_collections.ConfigDict:
           reward_model="",  # a reward-model workdir (objective "reward"); its score is a reward
           reward_weights="",  # comma-separated, one per reward (functions, then the model)
           scale_rewards="group",  # group | batch | none
-          loss_type="dapo",  # dapo | grpo | dr_grpo (TRL's aggregations)
+          loss_type="dapo",  # dapo | grpo | dr_grpo | bnpo (TRL's aggregations)
+          importance_sampling_level="token",  # token | sequence (GSPO)
+          use_bias_correction_kl=True,  # KL x importance ratio (TRL's default)
           beta=0.04,  # KL penalty to the reference policy (k3); 0: no reference is kept
           epsilon=0.2,  # importance-ratio clip: [1 - epsilon, 1 + epsilon_high]
           epsilon_high=0.0,  # 0: epsilon

@@ -55,43 +55,89 @@ def test_group_advantages_are_trls(scale):
   np.testing.assert_allclose(weighted, expected.numpy(), equal_nan=True)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
-def test_token_losses_and_aggregation_are_trls(loss_type):
+def _trl_loss(logp, old, ref, adv, mask, *, loss_type, level, bias_correction_kl, beta,
+              eps_low, eps_high, max_len):
+  """GRPOTrainer._compute_loss of TRL 1.16, its formulas on torch tensors (one process,
+  no accumulation): (loss, per-token KL, low-clipped, high-clipped)."""
+  log_ratio = logp - old
+  if level == "sequence":
+    log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+  coef_1 = torch.exp(log_ratio)
+  kl = torch.exp(ref - logp) - (ref - logp) - 1
+  if bias_correction_kl:
+    kl = kl * coef_1
+  coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+  per_token = -torch.min(coef_1 * adv, coef_2 * adv) + beta * kl
+  if loss_type == "grpo":
+    loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+  elif loss_type == "bnpo":
+    loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+  elif loss_type == "dr_grpo":
+    loss = (per_token * mask).sum() / (per_token.size(0) * max_len)
+  else:  # dapo over one batch: normalised by its completion tokens
+    loss = (per_token * mask).sum() / mask.sum()
+  return loss, kl, (coef_1 < 1 - eps_low) & (adv < 0), (coef_1 > 1 + eps_high) & (adv > 0)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "bnpo"])
+def test_token_losses_aggregation_and_gradients_are_trls(loss_type, level):
+  """Losses, KL, clip flags and gradients against TRL 1.16's formulas, token-level and
+  sequence-level (GSPO) importance ratios, with and without use_bias_correction_kl (which
+  changes the gradient even on-policy, where the ratio is 1)."""
   rng = np.random.default_rng(1)
   b, t, max_len = 6, 10, 12
   logp, old, ref = (rng.normal(-2, 0.4, (b, t)).astype(np.float32) for _ in range(3))
   adv = np.repeat(rng.normal(size=(b, 1)), t, 1).astype(np.float32)
   mask = (np.arange(t)[None] >= rng.integers(1, 5, (b, 1))).astype(np.float32)
   mask[:, -2:] *= rng.integers(0, 2, (b, 2))
-  beta, eps_low, eps_high = 0.04, 0.2, 0.28
-  # GRPOTrainer._compute_loss, token-level importance sampling
+  kw = dict(beta=0.04, eps_low=0.2, eps_high=0.28)
   T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-  coef_1 = torch.exp(T(logp) - T(old))
-  coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
-  kl = torch.exp(T(ref) - T(logp)) - (T(ref) - T(logp)) - 1
-  per_token = -torch.min(coef_1 * T(adv), coef_2 * T(adv)) + beta * kl
-  m = T(mask)
-  if loss_type == "grpo":
-    expected = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-  elif loss_type == "dr_grpo":
-    expected = (per_token * m).sum() / (b * max_len)
-  else:  # dapo over one batch: normalised by its completion tokens
-    expected = (per_token * m).sum() / m.sum()
-  loss, ours_kl, low, high = grpo_token_losses(jnp.asarray(logp), jnp.asarray(old),
-                                               jnp.asarray(ref), jnp.asarray(adv), beta=beta,
-                                               epsilon_low=eps_low, epsilon_high=eps_high)
-  total, weight = grpo_aggregate(loss, jnp.asarray(mask), loss_type, max_len)
-  np.testing.assert_allclose(float(total / weight), expected.item(), rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(ours_kl), kl.numpy(), rtol=1e-4, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(low), ((coef_1 < 1 - eps_low) & (T(adv) < 0)).numpy())
-  np.testing.assert_array_equal(np.asarray(high),
-                                ((coef_1 > 1 + eps_high) & (T(adv) > 0)).numpy())
-  # with num_iterations = 1 the old policy is the policy itself (detached): the gradient
-  # of the policy term is -A per token, whatever the clip
-  grad = jax.grad(lambda lp: grpo_aggregate(grpo_token_losses(
-      lp, jax.lax.stop_gradient(lp), lp, jnp.asarray(adv), beta=beta, epsilon_low=eps_low,
-      epsilon_high=eps_high)[0], jnp.asarray(mask), "dapo", max_len)[0])(jnp.asarray(logp))
-  np.testing.assert_allclose(np.asarray(grad), -adv * mask, rtol=1e-5, atol=1e-7)
+  J = jnp.asarray
+
+  def ours(lp, old_lp, bias):
+    loss, kl, low, high = grpo_token_losses(
+        lp, old_lp, J(ref), J(adv), beta=kw["beta"], epsilon_low=kw["eps_low"],
+        epsilon_high=kw["eps_high"], mask=J(mask), level=level, bias_correction_kl=bias)
+    total, weight = grpo_aggregate(jnp.broadcast_to(loss, mask.shape), J(mask), loss_type,
+                                   max_len)
+    return total / weight, (kl, low, high)
+
+  for bias in (True, False):
+    expected, kl, low, high = _trl_loss(T(logp), T(old), T(ref), T(adv), T(mask),
+                                        loss_type=loss_type, level=level,
+                                        bias_correction_kl=bias, max_len=max_len, **kw)
+    loss, (ours_kl, ours_low, ours_high) = ours(J(logp), J(old), bias)
+    np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours_kl), kl.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ours_low), low.numpy())
+    np.testing.assert_array_equal(np.asarray(ours_high), high.numpy())
+    # on-policy (num_iterations = 1): the old policy is the policy itself, detached
+    lp = T(logp).requires_grad_()
+    _trl_loss(lp, lp.detach(), T(ref), T(adv), T(mask), loss_type=loss_type, level=level,
+              bias_correction_kl=bias, max_len=max_len, **kw)[0].backward()
+    grad = jax.grad(lambda x: ours(x, jax.lax.stop_gradient(x), bias)[0])(J(logp))
+    np.testing.assert_allclose(np.asarray(grad), lp.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_scoring_uses_the_sampling_temperature():
+  """With train.grpo.temperature = 0.7 the policy's log-probabilities are those of
+  logits / 0.7, as TRL scores them (the reference's and sampling policy's too)."""
+  from llm.model import forward, init_params, make_model, unbox
+  from llm.training.objectives import reference_logps
+  from tests.helpers import tiny_config
+  cfg = tiny_config()
+  model = make_model(cfg.model)
+  params = unbox(init_params(model, jax.random.key(0), 8))
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.model.vocab_size)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "segment_ids": jnp.ones((2, 8), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(8), (2, 8))}
+  logits = forward(model, params, batch)[0].astype(jnp.float32)
+  expected = jnp.take_along_axis(jax.nn.log_softmax(logits / 0.7), batch["targets"][..., None],
+                                 -1)[..., 0]
+  got = reference_logps(params, batch, model=model, temperature=0.7)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-5)
 
 
 def test_prompt_formats():

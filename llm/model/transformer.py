@@ -278,11 +278,15 @@ def _by_name(sown, reduce) -> dict:
   return {name: reduce(jnp.concatenate(parts)) for name, parts in values.items()}
 
 
-def target_nll(model: Transformer, params, batch, *, chunk_len: int, rng=None
-               ) -> tuple[jax.Array, Aux]:
+def target_nll(model: Transformer, params, batch, *, chunk_len: int, rng=None,
+               temperature: float = 1.0) -> tuple[jax.Array, Aux]:
   """(-log p(target) per position [B, T] fp32, Aux) of a packed batch: the hidden states
-  through the fused, chunked head + cross-entropy (llm.ops.cross_entropy)."""
+  through the fused, chunked head + cross-entropy (llm.ops.cross_entropy). With a
+  `temperature`, p is the softmax of logits / temperature (the head is linear and has no
+  bias: the hidden states are divided instead)."""
   x_BTD, aux = forward(model, params, batch, rng, head=False)
+  if temperature != 1.0:
+    x_BTD = x_BTD / jnp.asarray(temperature, x_BTD.dtype)
   nll_BT, _ = chunked_token_nll(x_BTD, unembedding(params, model.cfg), batch["targets"],
                                 chunk_len=chunk_len)
   return nll_BT, aux

@@ -81,7 +81,7 @@ class Rollouts:
     # log-probabilities of the sampling policy (old_logp) and of the reference (ref_logp;
     # start_params: a run without LoRA, with beta > 0)
     self.logps = reference.LiveReference(model, batch_sharding, param_shardings, config,
-                                         start_params)
+                                         start_params, temperature=self.g.temperature)
     self.round, self.rows, self.metrics = -1, None, {}
     self._check_rewards()
 

@@ -160,15 +160,25 @@ def reward(params, batch, *, model, config, rng=None):
 
 
 def grpo_token_losses(logp, old_logp, ref_logp, advantage, *, beta: float, epsilon_low: float,
-                      epsilon_high: float):
-  """(per-token loss, per-token k3 KL, low-clipped, high-clipped) of GRPO as TRL computes
-  them: ratio = exp(logp - old_logp), loss = -min(ratio A, clip(ratio, 1 - eps_low,
-  1 + eps_high) A) + beta (exp(ref - logp) - (ref - logp) - 1)."""
-  ratio = jnp.exp(logp - old_logp)
+                      epsilon_high: float, mask=None, level: str = "token",
+                      bias_correction_kl: bool = True):
+  """(per-token loss, per-token k3 KL, low-clipped, high-clipped) of GRPO as TRL 1.16
+  computes them: the importance ratio r = exp(logp - old_logp) per token, or with
+  level="sequence" (GSPO) exp of the mean of logp - old_logp over each row's `mask`ed
+  tokens, one per row; loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta x KL,
+  KL = exp(ref - logp) - (ref - logp) - 1, times r with `bias_correction_kl` (TRL's
+  use_bias_correction_kl, on by default: the unbiased reverse-KL gradient)."""
+  log_ratio = logp - old_logp
+  if level == "sequence":
+    log_ratio = (jnp.sum(log_ratio * mask, axis=-1, keepdims=True)
+                 / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0))
+  ratio = jnp.exp(log_ratio)
   clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
   loss = -jnp.minimum(ratio * advantage, clipped * advantage)
   delta = ref_logp - logp
   kl = jnp.exp(delta) - delta - 1.0
+  if bias_correction_kl:
+    kl = kl * ratio
   if beta:
     loss = loss + beta * kl
   low = (ratio < 1.0 - epsilon_low) & (advantage < 0)
@@ -186,6 +196,9 @@ def grpo_aggregate(loss_BT, mask_BT, loss_type: str, max_new_tokens: int):
     return jnp.sum(per_row_B / jnp.maximum(tokens_B, 1.0)), completions
   if loss_type == "dr_grpo":
     return jnp.sum(per_row_B) / max_new_tokens, completions
+  if loss_type == "bnpo":  # this batch's token mean (a batch of the accumulation counts 1)
+    return jnp.sum(per_row_B) / jnp.maximum(jnp.sum(tokens_B), 1.0), (
+        jnp.sum(tokens_B) > 0).astype(jnp.float32)
   return jnp.sum(per_row_B), jnp.sum(tokens_B)  # dapo
 
 
@@ -196,34 +209,45 @@ def grpo(params, batch, *, model, config, rng=None):
   policy's own, detached, as TRL does) and "ref_logp" (the reference's, for the KL
   penalty). train.grpo.loss_type aggregates like TRL: dapo, sum over all completion tokens
   / their count (weight: tokens); grpo, each completion's token mean, averaged (weight:
-  completions); dr_grpo, sum / max_new_tokens per completion (weight: completions).
-  Metrics: kl, clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean (token
-  means)."""
+  completions); dr_grpo, sum / max_new_tokens per completion (weight: completions); bnpo,
+  the batch's token mean (weight: 1 per batch). Log-probabilities are of logits /
+  train.grpo.temperature, the sampling temperature, as TRL scores them (policy, sampling
+  policy and reference alike). importance_sampling_level and use_bias_correction_kl as
+  in grpo_token_losses. Metrics: kl, clip_ratio/low_mean, clip_ratio/high_mean,
+  clip_ratio/region_mean (token means; per-sequence means at the sequence level)."""
   g = config.train.grpo
-  nll_BT, aux = target_nll(model, params, batch, chunk_len=config.train.loss_chunk, rng=rng)
+  nll_BT, aux = target_nll(model, params, batch, chunk_len=config.train.loss_chunk, rng=rng,
+                           temperature=g.temperature)
   logp_BT = -nll_BT
   old_BT = batch["old_logp"] if g.num_iterations > 1 else jax.lax.stop_gradient(logp_BT)
+  mask_BT = batch["loss_mask"]
   loss_BT, kl_BT, low_BT, high_BT = grpo_token_losses(
       logp_BT, old_BT, batch["ref_logp"], batch["advantage"], beta=g.beta,
-      epsilon_low=g.epsilon, epsilon_high=g.epsilon_high or g.epsilon)
-  mask_BT = batch["loss_mask"]
+      epsilon_low=g.epsilon, epsilon_high=g.epsilon_high or g.epsilon, mask=mask_BT,
+      level=g.importance_sampling_level, bias_correction_kl=g.use_bias_correction_kl)
+  loss_BT = jnp.broadcast_to(loss_BT, mask_BT.shape)
   total, weight = grpo_aggregate(loss_BT, mask_BT, g.loss_type, g.max_new_tokens)
   tokens = jnp.sum(mask_BT)
   # token means, scaled by the weight so that the step's division by it leaves the mean
   token_mean = lambda x: weight * jnp.sum(x * mask_BT) / jnp.maximum(tokens, 1.0)  # noqa: E731
+  rows = jnp.sum(jnp.sum(mask_BT, axis=1) > 0)
+  # one value per sequence (GSPO): TRL averages those over the sequences
+  clip_mean = token_mean if low_BT.shape[-1] != 1 else (  # noqa: E731
+      lambda x: weight * jnp.sum(x[:, 0] * (jnp.sum(mask_BT, axis=1) > 0)) / jnp.maximum(rows, 1))
   sums = {"loss": total, "kl": token_mean(kl_BT),
-          "clip_ratio/low_mean": token_mean(low_BT.astype(jnp.float32)),
-          "clip_ratio/high_mean": token_mean(high_BT.astype(jnp.float32)),
-          "clip_ratio/region_mean": token_mean((low_BT | high_BT).astype(jnp.float32)),
+          "clip_ratio/low_mean": clip_mean(low_BT.astype(jnp.float32)),
+          "clip_ratio/high_mean": clip_mean(high_BT.astype(jnp.float32)),
+          "clip_ratio/region_mean": clip_mean((low_BT | high_BT).astype(jnp.float32)),
           "weight": weight}
   return with_aux(total, sums, aux, weight)
 
 
-def reference_logps(params, batch, *, model, config=None):
+def reference_logps(params, batch, *, model, config=None, temperature: float = 1.0):
   """Per-token log-probabilities of the targets (the reference for dpo), in the config's
-  train.loss_chunk chunks (without a config: the whole sequence at once)."""
+  train.loss_chunk chunks (without a config: the whole sequence at once), of logits /
+  `temperature` (GRPO scores at its sampling temperature)."""
   chunk = 0 if config is None else config.train.loss_chunk
-  return -target_nll(model, params, batch, chunk_len=chunk)[0]
+  return -target_nll(model, params, batch, chunk_len=chunk, temperature=temperature)[0]
 
 
 # what a batch holds besides inputs/targets/segment_ids/positions/loss_mask, per objective
@@ -234,7 +258,9 @@ EXTRA_BATCH_FIELDS = {"dpo": {"pair_ids": "int32", "chosen": "int32", "ref_logp"
 # config.train.dpo.loss_type -> per-pair loss (dpo_losses)
 DPO_LOSSES = ("sigmoid", "ipo")
 # config.train.grpo.loss_type -> how per-token losses are averaged (see grpo)
-GRPO_LOSSES = ("dapo", "grpo", "dr_grpo")
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo")
+# config.train.grpo.importance_sampling_level -> the ratio per token, or per sequence (GSPO)
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 # objectives whose batches carry "ref_logp" from the starting weights
 NEEDS_REFERENCE = ("dpo",)
 

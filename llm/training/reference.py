@@ -45,9 +45,11 @@ class LiveReference:
   """Adds "ref_logp" to batches as they are used (train.dpo.reference="live"; GRPO's
   rollouts). `policy_logps` gives the same per-token log-probabilities for any params."""
 
-  def __init__(self, model, batch_sharding, param_shardings, config, start_params=None):
+  def __init__(self, model, batch_sharding, param_shardings, config, start_params=None,
+               temperature: float = 1.0):
     self.config, self.start_params = config, start_params
-    self.policy_logps = jax.jit(lambda p, b: reference_logps(p, b, model=model, config=config),
+    self.policy_logps = jax.jit(lambda p, b: reference_logps(p, b, model=model, config=config,
+                                                             temperature=temperature),
                                 in_shardings=(param_shardings, batch_sharding),
                                 out_shardings=batch_sharding)
 
