@@ -250,33 +250,37 @@ def template_for(chat_cfg, tokenizer) -> str:
   return own
 
 
-def _assistant_spans_by_prefix(template: str, messages: list[dict], variables: dict,
-                               text: str, tokenizer) -> list[tuple[int, int]]:
+def _assistant_spans_in_render(messages: list[dict], text: str,
+                               tokenizer) -> list[tuple[int, int]]:
   """For templates without {% generation %}: each assistant turn's content (and the
-  end-of-turn special token right after it) located between the rendering that stops
-  before the turn (with a generation prompt) and the one that includes it."""
+  end-of-turn special token right after it, as a {% generation %} block around content and
+  end token would mark it) located in the one full rendering, left to right: the
+  message before each turn is found first, so text it repeats cannot be taken for the
+  turn. Templates that move or merge other messages (Mistral's system message inside the
+  last user turn, Gemma's inside the first) or close turns differently (Phi-3's EOS at
+  the end) render their assistant turns in order, so this locates them all."""
   specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
-  spans = []
+  spans, cursor = [], 0
   for i, m in enumerate(messages):
     if m["role"] != "assistant":
       continue
-    before, _ = render(template, messages[:i], variables, add_generation_prompt=True)
-    through, _ = render(template, messages[:i + 1], variables)
-    if not (text.startswith(through) and through.startswith(before[:len(through)])):
-      raise ValueError("the chat template does not render conversations incrementally, so "
-                       "assistant turns cannot be located; add {% generation %} blocks to it "
-                       "or use a built-in template (data.chat.template)")
+    previous = messages[i - 1]["content"].strip() if i else ""
+    if previous and messages[i - 1]["role"] != "assistant":
+      found = text.find(previous, cursor)
+      if found >= 0:
+        cursor = found + len(previous)
     content = m["content"]
-    start = text.find(content, min(len(before), len(through)), len(through))
+    start = text.find(content, cursor)
     if start < 0:
       content = content.strip()
-      start = text.find(content, min(len(before), len(through)), len(through))
+      start = text.find(content, cursor)
     if start < 0:
       raise ValueError(f"assistant message {i} does not appear verbatim in the rendered "
                        "conversation; add {% generation %} blocks to the template")
     end = start + len(content)
     eot = next((s for s in specials if text.startswith(s, end)), None)
     spans.append((start, end + (len(eot) if eot else 0)))
+    cursor = spans[-1][1]
   return spans
 
 
@@ -286,7 +290,7 @@ def tokenize_chat(tokenizer, template: str, messages: list[dict],
   variables = special_token_vars(tokenizer)
   text, spans = render(template, messages, variables)
   if not spans and loss_on != "all":
-    spans = _assistant_spans_by_prefix(template, messages, variables, text, tokenizer)
+    spans = _assistant_spans_in_render(messages, text, tokenizer)
   weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
   if loss_on != "all" and 0 in weights:  # OpenAI's "weight": 0 turns are not trained on
     if len(weights) != len(spans):

@@ -4,8 +4,9 @@ Formats (TRL's conventions): `prompt` (a string, or a list of messages; `message
 accepted for it) with `chosen` and `rejected` completions (strings, or lists of
 assistant messages); or `chosen` / `rejected` as whole conversations sharing their
 prompt (TRL's implicit prompt). Both conversations are rendered with the run's chat
-template and only the completion's tokens are in the loss mask (the last assistant turn,
-with its end-of-turn token); prompt tokens are masked out.
+template and only the completion's tokens are in the loss mask: as TRL counts them, every
+token the template renders after the prompt (the shared messages with the generation
+prompt), end-of-turn token and trailing text included; prompt tokens are masked out.
 
 Rows: a pair's chosen and rejected sequences sit in the same row as two segments, pairs
 packed in file order. Per token, `pair_ids` numbers the pairs of a row from 1 (0 =
@@ -100,8 +101,7 @@ def tokenize_pairs(convs, tokenizer, data_cfg, score_last: bool = False):
     if why:
       dropped[why] += 1
       continue
-    c_ids, c_mask = chat.tokenize_chat(tokenizer, template, chosen, "last")
-    r_ids, r_mask = chat.tokenize_chat(tokenizer, template, rejected, "last")
+    c_ids, c_mask, r_ids, r_mask = _tokenize_pair(tokenizer, template, chosen, rejected)
     if score_last:
       c_ids, c_mask, r_ids, r_mask = _scored_at_last(c_ids, c_mask, r_ids, r_mask)
     if (len(c_ids) - 1) + (len(r_ids) - 1) > data_cfg.seq_len:
@@ -112,6 +112,32 @@ def tokenize_pairs(convs, tokenizer, data_cfg, score_last: bool = False):
       continue
     out.append((c_ids, c_mask, r_ids, r_mask) + tuple(item[2:]))
   return out, dropped
+
+
+def _tokenize_pair(tokenizer, template: str, chosen: list[dict], rejected: list[dict]):
+  """(chosen ids, mask, rejected ids, mask) as TRL 1.16 tokenizes a conversational pair:
+  the prompt (the messages both sides share) rendered with the generation prompt, each
+  side rendered whole, and the completion every token after the longest prefix the
+  prompt's tokens share with both sides: what the template renders after the prompt,
+  end-of-turn and trailing text included (ChatML: "<|im_end|>\n")."""
+  variables = chat.special_token_vars(tokenizer)
+  shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                min(len(chosen), len(rejected)))
+
+  def ids(messages, add_generation_prompt=False):
+    text, _ = chat.render(template, messages, variables, add_generation_prompt)
+    return np.asarray(tokenizer.encode_with_offsets(text)[0], np.int32)
+
+  prompt = ids(chosen[:shared], add_generation_prompt=True)
+  c_ids, r_ids = ids(chosen), ids(rejected)
+
+  def common(a, b):
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+  start = min(common(prompt, c_ids), common(prompt, r_ids))
+  return (c_ids, np.arange(len(c_ids)) >= start, r_ids, np.arange(len(r_ids)) >= start)
 
 
 def _scored_at_last(*ids_and_masks):
