@@ -46,8 +46,12 @@ def _records(workdir):
 
 
 def _finished_steps(workdir):
+  """Steps whose checkpoint is sealed (a kill can leave a newer one unsealed, which resume
+  passes over)."""
+  from llm.workdir import is_sealed
   d = workdir / "checkpoints"
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and is_sealed(p)) \
+      if d.is_dir() else []
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, tokenizer_path):
