@@ -116,7 +116,6 @@ class Engine:
     self.latencies = _recent_latencies()
     self._siblings: dict[str, list[Sequence]] = {}  # samples 2..n, until 1 ran the prompt
     self._grammars = None
-    self._checked_grammars: set[str] = set()
     if warm_up:
       self.runner.warm_up()
 
@@ -213,11 +212,8 @@ class Engine:
     if len(ids) + options.max_tokens > self.max_model_len:
       raise ValueError(f"the prompt's {len(ids)} tokens + max_tokens={options.max_tokens} "
                        f"exceed max_model_len={self.max_model_len}")
-    if options.grammar and options.grammar not in self._checked_grammars:
+    if options.grammar:
       self.grammars().check(options.grammar)
-      if len(self._checked_grammars) > 1024:
-        self._checked_grammars.clear()
-      self._checked_grammars.add(options.grammar)
     return ids
 
   def grammars(self):

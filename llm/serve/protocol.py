@@ -11,7 +11,7 @@ becomes a 400 naming the field. Fields OpenAI defines that this server does not 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict
 
@@ -157,9 +157,6 @@ def response_format_grammar(response_format: dict | None) -> str | None:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
   return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
           "total_tokens": prompt_tokens + completion_tokens}
-
-
-FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ModelCard(BaseModel):

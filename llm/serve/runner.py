@@ -6,8 +6,9 @@ Shapes are static per token bucket: the batch's tokens are padded up to the smal
 bucket that holds them (padding tokens belong to no sequence and write into the reserved
 page 0), rows up to `max_num_seqs`, page tables to `max_model_len` worth of pages. Each
 row's tokens are contiguous and rows are in order: the attention's layout
-(llm.ops.attention.paged). So there is one compile per bucket, all done by `warm_up` before traffic. The
-attention masks come from runtime positions, never from constants XLA could fold.
+(llm.ops.attention.paged). So there is one compile per bucket, all done by `warm_up`
+before traffic. The attention masks come from runtime positions, never from constants
+XLA could fold.
 
 The model runs unrolled (layers_0, ...) with one page pool per layer, donated and
 updated in place (a scan would slice and restack the whole pool every step). Its kernels
@@ -32,7 +33,8 @@ from llm.inference.sampling import sample_rows
 from llm.model import make_model, require_lm_head
 from llm.model.transformer import init_params, unembedding, unstack_layers
 from llm.parallel.mesh import use_mesh
-from llm.parallel.rules import logical_to_sharding, logical_to_spec
+from llm.ops.attention.dispatch import kv_pages_spec
+from llm.parallel.rules import logical_to_sharding
 from llm.serve.lora import apply_with_adapters
 
 # per-row sampling arrays the step takes, with their dtypes
@@ -89,10 +91,7 @@ class ModelRunner:
     if mesh is not None:
       boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
       self.params = jax.device_put(params, logical_to_sharding(boxed, mesh))
-      # split by the K heads' rule, so that each shard holds whole (key, value) head pairs
-      spec = logical_to_spec((None, None, "kv_heads", "head_dim"),
-                             (num_pages, page_size, cfg.n_kv_heads, head_dim(cfg)), mesh)
-      page_sharding = NamedSharding(mesh, spec)
+      page_sharding = NamedSharding(mesh, kv_pages_spec(shape, mesh))
     self.pages = [{"kv": jnp.zeros(shape, dtype, device=page_sharding)}
                   for _ in range(cfg.n_layers)]
     self._step = jax.jit(functools.partial(_step, model, cfg), donate_argnums=(1,))

@@ -202,6 +202,15 @@ def build_app(state: ServerState) -> FastAPI:
     raise APIError(404, f"model {name!r} does not exist; served: "
                         f"{[state.model_name] + adapters}", "model", code="model_not_found")
 
+  def _admit(request: Request, body) -> tuple[AsyncEngine, str]:
+    """(the engine, the adapter the body's model names) of a generation request that may
+    go on: key, readiness, model and unsupported fields checked, in that order."""
+    _check_auth(request)
+    engine = _check_ready()
+    adapter = _check_model(body.model)
+    protocol.check_unsupported(body)
+    return engine, adapter
+
   def _check_queue(engine: AsyncEngine, n: int) -> None:
     if engine.waiting + n > state.max_queued:
       raise APIError(429, f"the queue is full ({engine.waiting} waiting, max_queued="
@@ -232,10 +241,7 @@ def build_app(state: ServerState) -> FastAPI:
 
   @app.post("/v1/completions")
   async def completions(body: protocol.CompletionRequest, request: Request):
-    _check_auth(request)
-    engine = _check_ready()
-    adapter = _check_model(body.model)
-    protocol.check_unsupported(body)
+    engine, adapter = _admit(request, body)
     prompts = _completion_prompts(body.prompt)
     if body.echo and body.logprobs is not None:
       raise APIError(400, "echo with logprobs would need the prompt's log-probabilities, "
@@ -247,10 +253,7 @@ def build_app(state: ServerState) -> FastAPI:
 
   @app.post("/v1/chat/completions")
   async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
-    _check_auth(request)
-    engine = _check_ready()
-    adapter = _check_model(body.model)
-    protocol.check_unsupported(body)
+    engine, adapter = _admit(request, body)
     functions, tool_choice = tools_lib.check_tools(body.tools, body.tool_choice)
     grammar = protocol.response_format_grammar(body.response_format)
     forced = tools_lib.forced_grammar(functions, tool_choice)

@@ -12,6 +12,7 @@ tells when the output is complete (`done`). A spec is a JSON string:
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -85,28 +86,32 @@ class Grammars:
     self._llg = llguidance
     self.vocab_size = vocab_size
     if hasattr(tokenizer, "tok"):  # a Hugging Face tokenizer.json
-      eos = tokenizer.eos_id
       self._tokenizer = LLTokenizer(tokenizer.tok.to_str(), n_vocab=vocab_size,
-                                    eos_token=eos if eos is not None else None)
+                                    eos_token=tokenizer.eos_id)
     else:
       self._tokenizer = LLTokenizer(TokenizerWrapper(
           _SentencepieceForGuidance(tokenizer, vocab_size)), n_vocab=vocab_size)
+    # a request is checked before it is queued and again as it is added, and each of its
+    # n samples gets a matcher: each spec is compiled and validated once (failures are not
+    # cached: they raise)
+    self._grammar = functools.lru_cache(maxsize=1024)(self._compile)
 
-  def _grammar(self, spec: str) -> str:
-    parsed = json.loads(spec)
-    schema = parsed.get("json_schema") or {"type": "object"}
-    return self._llg.LLMatcher.grammar_from_json_schema(
-        schema, defaults={"whitespace_flexible": False})
-
-  def check(self, spec: str) -> None:
-    """ValueError naming what is wrong with the grammar."""
+  def _compile(self, spec: str) -> str:
+    """The validated llguidance grammar of a spec; ValueError naming what is wrong."""
+    schema = json.loads(spec).get("json_schema") or {"type": "object"}
     try:
-      grammar = self._grammar(spec)
+      grammar = self._llg.LLMatcher.grammar_from_json_schema(
+          schema, defaults={"whitespace_flexible": False})
     except Exception as e:  # noqa: BLE001 - llguidance raises its own types
       raise ValueError(f"the JSON schema cannot be used: {e}") from None
     message = self._llg.LLMatcher.validate_grammar(grammar, self._tokenizer)
     if message:
       raise ValueError(f"the JSON schema cannot be used: {message}")
+    return grammar
+
+  def check(self, spec: str) -> None:
+    """ValueError naming what is wrong with the grammar."""
+    self._grammar(spec)
 
   def matcher(self, spec: str) -> Matcher:
     m = self._llg.LLMatcher(self._tokenizer, self._grammar(spec))

@@ -37,6 +37,7 @@ from llm.parallel.rules import logical_to_spec
 
 SEQUENCE_AXIS = "sequence"
 TPU_QUERIES_PER_BLOCK = 32  # the paged kernel's query block
+TPU_KEYS_PER_BLOCK = 512  # and the keys it reads per step (whole pages)
 
 
 class Implementation(NamedTuple):
@@ -185,6 +186,13 @@ def attend_paged(impl: str, q_THE, k_TKE, v_TKE, pages, paged: dict, *,
   return out_THE, {"kv": kv_pages}
 
 
+def kv_pages_spec(shape_PNCE, mesh):
+  """How KV pages [P, N, 2K, E] split on a mesh: the interleaved head axis by the K heads'
+  rule, so that each shard holds whole (key, value) head pairs."""
+  p, n, c, e = shape_PNCE
+  return logical_to_spec((None, None, "kv_heads", "head_dim"), (p, n, c // 2, e), mesh)
+
+
 def _tpu_paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1,
                          num_seqs_1, *, window):
   """JAX's Mosaic ragged paged attention kernel; inside shard_map over heads on a mesh
@@ -194,7 +202,7 @@ def _tpu_paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_le
   # block sizes given, not looked up: the lookup asks the local device for its TPU
   # version, which an ahead-of-time compile for a TPU topology does not have
   n, m = kv_pages_PNCE.shape[1], page_table_SM.shape[1]
-  blocks = dict(num_kv_pages_per_block=min(max(512 // n, 1), m),
+  blocks = dict(num_kv_pages_per_block=min(max(TPU_KEYS_PER_BLOCK // n, 1), m),
                 num_queries_per_block=min(TPU_QUERIES_PER_BLOCK, q_THE.shape[0]))
 
   def local(q, kv, kv_lens, table, cu, num_seqs):
@@ -205,9 +213,7 @@ def _tpu_paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_le
   mesh = _current_mesh()
   if mesh is None:
     return local(*args)
-  p, n, c, e = kv_pages_PNCE.shape
-  # split by the K heads' rule, so that each shard holds whole (key, value) head pairs
-  kv_spec = logical_to_spec((None, None, "kv_heads", "head_dim"), (p, n, c // 2, e), mesh)
+  kv_spec = kv_pages_spec(kv_pages_PNCE.shape, mesh)
   q_spec = logical_to_spec((None, "act_heads", "head_dim"), q_THE.shape, mesh)
   if kv_spec[2] != q_spec[1]:  # heads that don't split alike: every shard runs them all
     kv_spec, q_spec = P(None, None, None, kv_spec[3]), P(None, None, q_spec[2])

@@ -9,7 +9,8 @@ Layout and arguments are those of JAX's TPU kernel
   - cu_q_lens [S + 1]: sequence s's queries are tokens cu_q_lens[s]:cu_q_lens[s + 1], in
     order, the last ones of its kv_lens[s] tokens (so its first query sits at position
     kv_lens[s] - q_len); num_seqs [1]: how many rows are real.
-A query at position p sees its sequence's keys at positions <= p (and > p - window).
+A query at position p sees its sequence's keys at positions <= p (and > p - window), by
+the one masking rule (pallas_kernels.flash_attention.common).
 Its own key must already be in the pages: `write_pages` writes the step's tokens first.
 Tokens past cu_q_lens[num_seqs] are padding and get zeros.
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+import pallas_kernels.flash_attention as flash
 
 KEYS_PER_BLOCK = 256  # keys a block of prefill queries reads per inner step
 DECODE_KEYS_PER_BLOCK = 64  # keys a decode query reads per inner step (less overshoot)
@@ -53,9 +56,10 @@ def paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1
                     *, window: int | None = None, keys_per_block: int = 0,
                     queries_per_block: int = 0, decode_keys_per_block: int = 0):
   """[T, H, E] ragged paged attention (see the module docstring); GQA without repeating
-  K/V. Each inner step reads `keys_per_block` keys (rounded to whole pages; 0: 256) of one
-  sequence for a block of `queries_per_block` of its queries (0: 32), or
-  `decode_keys_per_block` (0: 64) for a row's single (decode) query."""
+  K/V. Each inner step reads `keys_per_block` keys (rounded to whole pages; 0:
+  KEYS_PER_BLOCK) of one sequence for a block of `queries_per_block` of its queries (0:
+  QUERIES_PER_BLOCK), or `decode_keys_per_block` (0: DECODE_KEYS_PER_BLOCK) for a row's
+  single (decode) query."""
   t, h, e = q_THE.shape
   n, c = kv_pages_PNCE.shape[1], kv_pages_PNCE.shape[2]
   kh = c // 2
@@ -89,9 +93,9 @@ def paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1
         kv_BNCE = kv_pages_PNCE.at[pages_B].get(mode="promise_in_bounds")
         k_NKE, v_NKE = split_kv(kv_BNCE.reshape(keys, c, e))
         kpos_N = j * keys + jnp.arange(keys)
-        visible_QN = kpos_N[None, :] <= pos_Q[:, None]
-        if window is not None:
-          visible_QN &= kpos_N[None, :] > pos_Q[:, None] - window
+        # one sequence per block: segments always match
+        visible_QN = flash.attention_mask(pos_Q[:, None], kpos_N[None, :], 0, 0, causal=True,
+                                          window=window)
         s_KGQN = jnp.einsum("qkge,nke->kgqn", q_QKGE, k_NKE,
                             preferred_element_type=jnp.float32) * scale
         s_KGQN = jnp.where(visible_QN, s_KGQN, -jnp.inf)
