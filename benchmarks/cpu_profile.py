@@ -30,7 +30,7 @@ from llm.config import base_config  # noqa: E402
 from llm.model import init_params, make_model, unbox  # noqa: E402
 from llm.ops.attention.xla import xla_attention  # noqa: E402
 from llm.ops.cross_entropy import fused_loss, token_nll  # noqa: E402
-from llm.training.objectives import next_token  # noqa: E402
+from llm.objectives.pretrain import next_token  # noqa: E402
 
 
 def model_and_batch(n_layers: int, vocab: int):

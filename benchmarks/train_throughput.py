@@ -49,7 +49,9 @@ from llm.parallel.mesh import make_mesh, use_mesh  # noqa: E402
 from llm.parallel.rules import batch_sharding as make_batch_sharding  # noqa: E402
 from llm.training.optim import make_optimizer, schedule  # noqa: E402
 from llm.training.state import init_state, state_shardings  # noqa: E402
-from llm.training.step import BATCH_KEYS, jit_train_step, train_step  # noqa: E402
+from llm.objectives import loss_fn  # noqa: E402
+from llm.objectives.base import ROW_FIELDS  # noqa: E402
+from llm.training.step import jit_train_step, train_step  # noqa: E402
 
 
 PEERS = ("materialised", "torch", "torch_compile")
@@ -108,9 +110,9 @@ def jax_system(cfg, args, objective=None):
            "segment_ids": np.ones(shape), "positions": np.broadcast_to(np.arange(args.seq_len), shape),
            "loss_mask": np.ones(shape)}
   batch = {k: jax.device_put(np.asarray(batch[k], np.float32 if k == "loss_mask" else np.int32),
-                             batch_sharding) for k in BATCH_KEYS}
+                             batch_sharding) for k in ROW_FIELDS}
   if objective is None:
-    step_fn = jit_train_step(cfg, model, tx, shardings, batch_sharding)
+    step_fn = jit_train_step(cfg, loss_fn(cfg, model), tx, shardings, batch_sharding)
   else:
     step_fn = jax.jit(functools.partial(
         train_step, objective=functools.partial(objective, model=model, config=cfg), tx=tx,

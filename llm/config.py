@@ -40,11 +40,11 @@ CHOICES = {
     "data.chat.template": "llm.data.chat:TEMPLATE_CHOICES",
     "data.chat.loss_on": "llm.data.chat:LOSS_ON",
     "data.chat.overlong": "llm.data.chat:OVERLONG",
-    "train.objective": "llm.training.objectives:OBJECTIVES",
-    "train.dpo.loss_type": "llm.training.objectives:DPO_LOSSES",
+    "train.objective": "llm.objectives:OBJECTIVES",
+    "train.dpo.loss_type": "llm.objectives.dpo:LOSS_TYPES",
     "train.dpo.reference": "llm.training.reference:REFERENCE_MODES",
-    "train.grpo.loss_type": "llm.training.objectives:GRPO_LOSSES",
-    "train.grpo.importance_sampling_level": "llm.training.objectives:IMPORTANCE_SAMPLING_LEVELS",
+    "train.grpo.loss_type": "llm.objectives.grpo:LOSS_TYPES",
+    "train.grpo.importance_sampling_level": "llm.objectives.grpo:IMPORTANCE_SAMPLING_LEVELS",
     "train.grpo.scale_rewards": "llm.training.rewards:SCALE_REWARDS",
     "optim.schedule": "llm.training.optim:SCHEDULES",
     "train.progress": "llm.training.metrics:PROGRESS",
@@ -53,7 +53,8 @@ CHOICES = {
 MESH_AXES_REGISTRY = "llm.parallel.mesh:MESH_AXES"
 CURATION_REGISTRY = "llm.data.curate:STAGES"
 LORA_TARGETS_REGISTRY = "llm.model.lora:TARGETS"
-REWARD_FUNCTIONS_REGISTRY = "llm.training.rewards:REWARD_FUNCTIONS"
+# the objective's own checks: its data, its head and its settings (llm.objectives.check)
+OBJECTIVE_CHECKS = "llm.objectives:check"
 
 
 def registry(where: str):
@@ -181,7 +182,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      objective="pretrain",  # what the step minimises (llm.training.objectives.OBJECTIVES)
+      objective="pretrain",  # what the step minimises (llm.objectives.OBJECTIVES)
       batch_size=8,  # global, sequences per optimizer step
       grad_accum=1,
       steps=1000,
@@ -216,7 +217,7 @@ def base_config() -> ml_collections.ConfigDict:
           center_coefficient=0.0,  # + c x (r_chosen + r_rejected)^2 (TRL's center_rewards)
       )),
       # train.objective="grpo": prompts in data.paths; completions sampled by the policy,
-      # scored by reward functions and/or a reward model (llm/training/grpo.py)
+      # scored by reward functions and/or a reward model (llm/objectives/grpo.py)
       grpo=ml_collections.ConfigDict(dict(
           num_generations=8,  # completions per prompt (G); train.batch_size = prompts x G
           max_new_tokens=32,  # per completion
@@ -320,49 +321,6 @@ def _positive(name, value):
   check_range(name, value, lo=0, lo_open=True)
 
 
-def _check_grpo(config) -> None:
-  g, t = config.train.grpo, config.train
-  check_range("train.grpo.num_generations", g.num_generations, lo=2,
-              note="advantages compare completions of one prompt")
-  if t.batch_size % g.num_generations:
-    raise ValueError(f"train.batch_size={t.batch_size} (completions per step) must be a multiple "
-                     f"of train.grpo.num_generations={g.num_generations}")
-  check_range("train.grpo.max_new_tokens", g.max_new_tokens, lo=1, hi=config.data.seq_len - 1,
-              note="below data.seq_len, which holds prompt and completion")
-  check_range("train.grpo.temperature", g.temperature, lo=0, lo_open=True,
-              note="sampling needs a positive temperature")
-  check_range("train.grpo.top_k", g.top_k, lo=0, note="0 is off")
-  check_range("train.grpo.top_p", g.top_p, lo=0, hi=1, lo_open=True, note="1 is off")
-  check_range("train.grpo.beta", g.beta, lo=0)
-  check_range("train.grpo.epsilon", g.epsilon, lo=0, lo_open=True)
-  check_range("train.grpo.epsilon_high", g.epsilon_high, lo=0, note="0 = epsilon")
-  check_range("train.grpo.num_iterations", g.num_iterations, lo=1)
-  check_range("train.grpo.eval_prompts", g.eval_prompts, lo=1)
-  names = comma_list(g.rewards)
-  allowed = registry(REWARD_FUNCTIONS_REGISTRY)
-  if any(n not in allowed for n in names):
-    raise ValueError(f"train.grpo.rewards={g.rewards!r}: allowed reward functions are "
-                     f"{list(allowed)} (comma-separated)")
-  n_rewards = len(names) + bool(g.reward_model)
-  if not n_rewards:
-    raise ValueError("train.grpo needs a reward: name functions in train.grpo.rewards or a "
-                     "reward-model workdir in train.grpo.reward_model")
-  weights = comma_list(g.reward_weights)
-  if weights:
-    try:
-      values = [float(w) for w in weights]
-    except ValueError:
-      raise ValueError(f"train.grpo.reward_weights={g.reward_weights!r} must be numbers "
-                       "(comma-separated)") from None
-    if not all(math.isfinite(v) for v in values) or not any(values):
-      raise ValueError(f"train.grpo.reward_weights={g.reward_weights!r} must be finite numbers, "
-                       "not all 0 (the reward would be constant, so every advantage 0)")
-    if len(weights) != n_rewards:
-      raise ValueError(f"train.grpo.reward_weights={g.reward_weights!r} has {len(weights)} "
-                       f"weight(s) for {n_rewards} reward(s) ({names}"
-                       f"{' + reward_model' if g.reward_model else ''})")
-
-
 def _non_default(section: ml_collections.ConfigDict, default: ml_collections.ConfigDict,
                  prefix: str, skip=()) -> list[str]:
   given, base = section.to_dict(), default.to_dict()
@@ -388,9 +346,6 @@ def _check_unused_sections(config) -> None:
 
 def _check_store(config) -> None:
   d, cu = config.data, config.data.curate
-  if d.store and config.train.objective != "pretrain":
-    raise ValueError(f"data.store={d.store!r} holds pretraining rows; train.objective="
-                     f"{config.train.objective!r} reads data.paths: leave data.store empty")
   if d.store_weights and not d.store:
     raise ValueError(f"data.store_weights={d.store_weights!r} is set without data.store")
   _positive("data.store_shards", d.store_shards)
@@ -456,27 +411,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive("model.rope_scaling.original_max_position", r.original_max_position)
   for name in ("flash_block_q", "flash_block_k", "sliding_window"):
     check_range(f"model.{name}", m[name], lo=0, note="0 = default / off")
-  reads = {"sft": "chat examples", "dpo": "preference pairs", "reward": "preference pairs",
-           "grpo": "prompts"}
-  if t.objective in reads and not d.paths:
-    raise ValueError(f"train.objective={t.objective!r} reads {reads[t.objective]} from "
-                     "JSONL files: set data.paths (comma-separated files or globs)")
-  if (t.objective == "reward") != (m.head == "score"):
-    raise ValueError(f"train.objective={t.objective!r} with model.head={m.head!r}: a reward "
-                     "model (objective 'reward') has the scalar head 'score', and every other "
-                     "objective needs the 'lm' head")
-  if t.objective == "reward":
-    check_range("train.reward.center_coefficient", t.reward.center_coefficient, lo=0)
-  if t.objective == "grpo":
-    _check_grpo(config)
-  if t.objective == "dpo":
-    check_range("train.dpo.beta", t.dpo.beta, lo=0, lo_open=True)
-    check_range("train.dpo.label_smoothing", t.dpo.label_smoothing, lo=0, hi=0.5, hi_open=True)
-    if t.dpo.loss_type == "ipo" and t.dpo.label_smoothing:
-      raise ValueError(f"train.dpo.label_smoothing={t.dpo.label_smoothing} applies to the "
-                       "sigmoid loss (conservative DPO); train.dpo.loss_type='ipo' has no label "
-                       "smoothing: set it to 0 or use loss_type 'sigmoid'")
-    check_range("train.dpo.rpo_alpha", t.dpo.rpo_alpha, lo=0)
+  registry(OBJECTIVE_CHECKS)(config)  # its data, its head, its own settings
   if m.out_major_kernels and m.lora.rank:
     raise ValueError("model.out_major_kernels with model.lora.rank > 0: LoRA and QLoRA keep "
                      "[in, out] kernels; merge the adapters first (llm.model.lora)")

@@ -1,8 +1,10 @@
-"""Evaluate a workdir on its validation split: loss, perplexity, bits per byte.
+"""Evaluate a workdir on its validation split, as its objective measures it: loss,
+perplexity and bits per byte for next-token runs (pretrain, sft), accuracy and margins for
+reward models (llm.objectives.heldout).
 
   python -m llm.evaluate --workdir=DIR [--max_batches=0 --batch_size=8]
 
-writes DIR/eval.json. The functions live in `llm.eval` (heldout, scorer).
+writes DIR/eval.json.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from absl import flags
 
 from llm import cli
 from llm.config import check_range
-from llm.eval.heldout import check_heldout_objective, evaluate_heldout
+from llm import objectives
 from llm.inference import load
 from llm.workdir import Workdir
 
@@ -24,14 +26,14 @@ def main(argv):
   del argv
   check_range("--batch_size", FLAGS.batch_size, lo=1)
   check_range("--max_batches", FLAGS.max_batches, lo=0, note="0 = all")
-  check_heldout_objective(Workdir(FLAGS.workdir).read_config(), FLAGS.workdir)  # before loading
+  objectives.check_heldout(Workdir(FLAGS.workdir).read_config(), FLAGS.workdir)  # before loading
   config, params, tok = load(FLAGS.workdir)
-  result = evaluate_heldout(config, params, tok, FLAGS.workdir, FLAGS.batch_size,
-                            FLAGS.max_batches)
+  result = objectives.heldout(config, params, tok, FLAGS.workdir, FLAGS.batch_size,
+                              FLAGS.max_batches)
   for k, v in result.items():
     print(f"{k:>14s}: {v:.4f}" if isinstance(v, float) else f"{k:>14s}: {v:,}")
   print(f"(over the first {result['rows']:,} of the {result['val_rows']:,} validation rows; "
-        "training's eval_loss reads the first train.eval_batches x train.batch_size of them)")
+        "training's eval_* read the first train.eval_batches x train.batch_size of them)")
   Workdir(FLAGS.workdir).eval_json.write_text(json.dumps(result, indent=2))
 
 

@@ -31,7 +31,7 @@ from absl import app, flags
 import pallas_kernels.flash_attention as flash
 from llm import cli
 from llm import config as config_lib
-from llm import cost_model
+from llm import cost_model, objectives
 from llm.flops import flops_per_token, recomputed_flops_per_token
 from llm.hardware import GIB, TPU_GENERATIONS, TpuGeneration, slice_grid
 from llm.model import make_model
@@ -40,7 +40,7 @@ from llm.parallel.mesh import make_mesh, use_mesh
 from llm.parallel.rules import batch_sharding as make_batch_sharding
 from llm.training.optim import make_optimizer
 from llm.training.state import state_shardings
-from llm.training.step import abstract_batch, check_batch, jit_train_step
+from llm.training.step import check_batch, jit_train_step
 
 @dataclasses.dataclass
 class Target:
@@ -120,8 +120,8 @@ def compile_step(config, target: Target) -> Plan:
   tx = make_optimizer(config.optim, config.train.steps)
   abstract_state, shardings_ = state_shardings(model, tx, config.data.seq_len, mesh)
   batch_sharding = make_batch_sharding(mesh)
-  batch = abstract_batch(config, batch_sharding)
-  step = jit_train_step(config, model, tx, shardings_, batch_sharding)
+  batch = objectives.get(config).abstract_batch(config, batch_sharding)
+  step = jit_train_step(config, objectives.loss_fn(config, model), tx, shardings_, batch_sharding)
   tokens = config.train.batch_size * config.data.seq_len
   # the expert axis is listed only when used (dense models never split it)
   shown = {a: n for a, n in mesh.shape.items() if a != "expert" or n > 1}

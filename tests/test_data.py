@@ -106,22 +106,22 @@ def test_tokenizer_round_trips_code_and_checks_vocab(tokenizer_path):
 # ----------------------------------------------------------------------------- pipeline
 
 def test_prepare_splits_and_baseline(config, tmp_path):
-  c = pipeline.prepare(config, tmp_path)
+  c = pipeline.DOCUMENTS.prepare(config, tmp_path)
   assert len(c.train) > 10 * len(c.val) / 2 and len(c.val) > 0
   assert 3.0 < c.unigram_loss < np.log(config.model.vocab_size)
   # The cache is reused: same arrays on a second call.
-  again = pipeline.prepare(config, tmp_path)
+  again = pipeline.DOCUMENTS.prepare(config, tmp_path)
   np.testing.assert_array_equal(again.train.tokens, c.train.tokens)
 
 
 def test_corpus_too_small_for_seq_len(config, tmp_path):
   config.data.seq_len = 10 ** 6
   with pytest.raises(ValueError, match="too few for train and validation rows"):
-    pipeline.prepare(config, tmp_path)
+    pipeline.DOCUMENTS.prepare(config, tmp_path)
 
 
 def test_iterator_state_restores_exactly(config, tmp_path):
-  rows = pipeline.prepare(config, tmp_path).train
+  rows = pipeline.DOCUMENTS.prepare(config, tmp_path).train
   it = pipeline.train_iterator(rows, 4, seed=3)
   for _ in range(5):
     next(it)
@@ -134,7 +134,7 @@ def test_iterator_state_restores_exactly(config, tmp_path):
 
 
 def test_processes_read_disjoint_shares_of_the_same_rows(config, tmp_path):
-  rows = pipeline.prepare(config, tmp_path).train
+  rows = pipeline.DOCUMENTS.prepare(config, tmp_path).train
   whole = next(pipeline.train_iterator(rows, 8, seed=1))["inputs"]
   parts = [next(pipeline.train_iterator(rows, 8, seed=1, process_index=p, process_count=2))["inputs"]
            for p in range(2)]
@@ -144,7 +144,7 @@ def test_processes_read_disjoint_shares_of_the_same_rows(config, tmp_path):
 
 
 def test_epochs_are_reshuffled(config, tmp_path):
-  rows = pipeline.prepare(config, tmp_path).train
+  rows = pipeline.DOCUMENTS.prepare(config, tmp_path).train
   n = len(rows)
   it = pipeline.train_iterator(rows, 1, seed=0)
   first = [next(it)["inputs"][0].tobytes() for _ in range(n)]

@@ -10,7 +10,7 @@ import pytest
 
 from llm.data import preference
 from llm.train import train
-from llm.training.objectives import dpo_losses, pair_sums
+from llm.objectives.dpo import dpo_losses, pair_sums
 from tests.helpers import losses
 
 torch = pytest.importorskip("torch")
@@ -98,7 +98,7 @@ def test_pairs_that_teach_nothing_are_refused_or_dropped_with_reasons(tmp_path, 
                 seq_len=256)
   c.data.chat.template = "chatml"
   c.train.update(objective="dpo")
-  train_rows, _ = preference.prepare_pairs(c, open_tokenizer(tokenizer_path))
+  train_rows = preference.PreferencePairs().read(c, tmp_path, open_tokenizer(tokenizer_path)).train
   out = capsys.readouterr().out
   assert "dropped 15; 10 an empty completion; 5 chosen identical to rejected" in out, out
   assert int(train_rows.rows["pair_ids"].max(axis=1).sum()) == 4  # the 4 good pairs
@@ -140,7 +140,8 @@ def test_rpo_term_and_ipo_metrics_follow_trl():
   5 chosen tokens). With loss_type="ipo" the logged rewards and logps are sums, as TRL
   logs them, while its loss compares per-token averages."""
   from llm.model import init_params, make_model, unbox
-  from llm.training.objectives import dpo, reference_logps
+  from llm.objectives.dpo import dpo_loss as dpo
+  from llm.training.reference import reference_logps
   from tests.helpers import tiny_config
   cfg = tiny_config()
   cfg.train.objective = "dpo"

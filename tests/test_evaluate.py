@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm.data.tokenizer import Tokenizer
-from llm.eval.heldout import evaluate_heldout
+from llm import objectives
 from llm.eval.scorer import Scorer
 from llm.inference import Decoder, SamplingParams
 from llm.model import make_model
@@ -63,7 +63,7 @@ def test_byte_lengths_count_the_text(tokenizer_path):
 def test_heldout_metrics_are_consistent(config, tmp_path, tokenizer_path):
   _, params = _model(config)
   tok = Tokenizer(tokenizer_path)
-  r = evaluate_heldout(config, params, tok, tmp_path, batch_size=4, max_batches=2)
+  r = objectives.heldout(config, params, tok, tmp_path, batch_size=4, max_batches=2)
   assert r["tokens"] > 0 and r["bytes"] > r["tokens"]
   assert math.isclose(r["perplexity"], math.exp(r["loss"]), rel_tol=1e-9)
   assert math.isclose(r["bits_per_byte"], r["loss"] * r["tokens"] / math.log(2) / r["bytes"],
@@ -78,9 +78,9 @@ def test_scoring_and_perplexity_refuse_data_that_do_not_fit(config, tmp_path):
 
   from llm.eval.tasks import read_examples
   config.train.update(objective="grpo")
-  with pytest.raises(ValueError, match=r"is a train.objective='grpo' run: its validation data are "
-                                       r"not text to predict"):
-    evaluate_heldout(config, None, None, tmp_path)
+  with pytest.raises(ValueError, match=r"is a train.objective='grpo' run, which llm.evaluate does "
+                                       r"not measure \(it measures pretrain, sft, reward runs\)"):
+    objectives.heldout(config, None, None, tmp_path)
   (tmp_path / "plain.jsonl").write_text(json.dumps({"text": "no chat here"}) + "\n")
   with pytest.raises(ValueError, match=r"plain.jsonl:1: keys \['text'\] match no chat format"):
     read_examples(tmp_path / "plain.jsonl")

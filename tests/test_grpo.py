@@ -11,8 +11,8 @@ import pytest
 from llm.data import prompts
 from llm.train import train
 from llm.training import rewards
-from llm.training.objectives import grpo_aggregate, grpo_token_losses
-from llm.training.step import batch_fields
+from llm.objectives.grpo import grpo_aggregate, grpo_token_losses
+from llm.objectives.grpo import OBJECTIVE as GRPO
 from tests.helpers import losses
 
 torch = pytest.importorskip("torch")
@@ -124,7 +124,7 @@ def test_scoring_uses_the_sampling_temperature():
   """With train.grpo.temperature = 0.7 the policy's log-probabilities are those of
   logits / 0.7, as TRL scores them (the reference's and sampling policy's too)."""
   from llm.model import forward, init_params, make_model, unbox
-  from llm.training.objectives import reference_logps
+  from llm.training.reference import reference_logps
   from tests.helpers import tiny_config
   cfg = tiny_config()
   model = make_model(cfg.model)
@@ -222,26 +222,26 @@ def test_grpo_config_errors(config):
 
 
 def test_rewards_need_every_answer_and_damaged_rollouts_are_named(config, tmp_path):
-  from llm.training.grpo import rollouts_problem
+  from llm.training.rollouts import rollouts_problem
   assert rewards.exact_match(["4", "5"], answer=["4", "4"]) == [1.0, 0.0]
   with pytest.raises(ValueError, match=r"'answer' field, which completion\(s\) \[1\] lack"):
     rewards.exact_match(["None", "None"], answer=["x", None])  # not scored against "None"
   config.train.update(objective="grpo")
   config.train.grpo.update(num_iterations=2)
-  assert rollouts_problem(tmp_path, config, 4) is None  # a round boundary needs none
-  assert "rollouts" in rollouts_problem(tmp_path, config, 3) and "missing" in \
-      rollouts_problem(tmp_path, config, 3)
+  assert rollouts_problem(tmp_path, config, 4, GRPO.batch_fields()) is None  # a round boundary needs none
+  assert "rollouts" in rollouts_problem(tmp_path, config, 3, GRPO.batch_fields()) and "missing" in \
+      rollouts_problem(tmp_path, config, 3, GRPO.batch_fields())
   (tmp_path / "rollouts").mkdir()
   path = tmp_path / "rollouts" / "3.npz"
-  fields = {k: np.zeros((4, 8), np.float32) for k in batch_fields(config)}
+  fields = {k: np.zeros((4, 8), np.float32) for k in GRPO.batch_fields()}
   np.savez(path, round=1, **fields)
-  assert rollouts_problem(tmp_path, config, 3) is None
+  assert rollouts_problem(tmp_path, config, 3, GRPO.batch_fields()) is None
   data = bytearray(path.read_bytes())
   data[200:260] = bytes(b ^ 0xFF for b in data[200:260])
   path.write_bytes(bytes(data))
-  assert "3.npz are damaged" in rollouts_problem(tmp_path, config, 3)
+  assert "3.npz are damaged" in rollouts_problem(tmp_path, config, 3, GRPO.batch_fields())
   path.write_bytes(bytes(data[:len(data) // 2]))  # truncated (e.g. a full disk)
-  assert "3.npz are damaged (BadZipFile" in rollouts_problem(tmp_path, config, 3)
+  assert "3.npz are damaged (BadZipFile" in rollouts_problem(tmp_path, config, 3, GRPO.batch_fields())
 
 
 def test_prompts_without_answers_are_refused_before_training(config, tmp_path):

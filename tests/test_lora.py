@@ -16,7 +16,8 @@ from llm.model import forward, init_params, lora, make_model, quant, unbox
 from llm.training.optim import make_optimizer, schedule
 from llm.parallel.mesh import make_mesh
 from llm.training.state import TrainState, state_shardings
-from llm.training.step import make_objective, train_step
+from llm.objectives import loss_fn
+from llm.training.step import train_step
 from llm.train import train
 from llm.workdir import load_params
 from tests.helpers import losses, tiny_config
@@ -73,7 +74,7 @@ def test_only_adapters_train_and_hold_optimizer_state():
   opt_state = tx.init(lora.trainable(params, cfg.model))
   state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state,
                      skipped=jnp.int32(0))
-  objective = make_objective(cfg, make_model(cfg.model))
+  objective = loss_fn(cfg, make_model(cfg.model))
   step = jax.jit(functools.partial(train_step, objective=objective, tx=tx,
                                    lr_schedule=schedule(cfg.optim, 10), grad_accum=1,
                                    frozen_base=True))
@@ -88,7 +89,7 @@ def test_only_adapters_train_and_hold_optimizer_state():
     state, _ = step(state, _batch(cfg))
   # LoRA dropout: masks from (seed, step); none without a key (evaluation, generation)
   cfg.model.lora.dropout = 0.5
-  dropped = functools.partial(train_step, objective=make_objective(cfg, make_model(cfg.model)),
+  dropped = functools.partial(train_step, objective=loss_fn(cfg, make_model(cfg.model)),
                               tx=tx, lr_schedule=schedule(cfg.optim, 10), grad_accum=1,
                               frozen_base=True)
   losses_by_seed = [float(jax.jit(functools.partial(dropped, dropout_seed=seed))(

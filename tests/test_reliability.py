@@ -108,7 +108,7 @@ def _bad_inputs(tmp_path, tokenizer_path):
       (train_("--config.data.curate.stages=quality"), "data.curate.stages='quality' curates a "
                                                        "token store"),
       (["llm.evaluate", f"--workdir={tmp_path / 'dpo_run'}"],
-       "dpo_run is a train.objective='dpo' run: its validation data are not text to predict"),
+       "dpo_run is a train.objective='dpo' run, which llm.evaluate does not measure"),
   ]
 
 
@@ -164,10 +164,10 @@ def test_token_cache_follows_the_files(tmp_path, config):
   path.write_text(words)
   config.data.update(source="text", paths=str(path), doc_separator="")
   first = pipeline.token_stream(config, tmp_path / "w", pipeline.load_or_train_tokenizer(
-      config, tmp_path / "w"))[0]
+      config, tmp_path / "w", pipeline.DOCUMENTS))[0]
   path.write_text(words * 2)
   second = pipeline.token_stream(config, tmp_path / "w", pipeline.load_or_train_tokenizer(
-      config, tmp_path / "w"))[0]
+      config, tmp_path / "w", pipeline.DOCUMENTS))[0]
   assert len(second) > 1.9 * len(first)
 
 

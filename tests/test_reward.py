@@ -13,7 +13,7 @@ from llm.data import preference
 from llm.eval.scorer import RewardScorer
 from llm.model import init_params, make_model, unbox
 from llm.train import train
-from llm.training.objectives import bradley_terry_losses, reward
+from llm.objectives.reward import bradley_terry_losses, reward_loss as reward
 from tests.helpers import tiny_config
 
 torch = pytest.importorskip("torch")
@@ -86,6 +86,21 @@ def test_reward_model_learns_held_out_preferences_and_rewards_grpo(config, tmp_p
   prompt = [{"role": "user", "content": "Is abcd a word?"}]
   yes, no = scorer.score([prompt + [{"role": "assistant", "content": a}] for a in ("yes", "no")])
   assert yes > no
+  # llm.evaluate of a reward workdir: its metrics over every validation pair, equal to what
+  # the scorer finds for those pairs' whole conversations
+  from llm import objectives
+  from llm.data.packing import split
+  from llm.inference import load
+  saved, params, tok = load(tmp_path / "rm")
+  held = objectives.heldout(saved, params, tok, tmp_path / "rm", batch_size=4)
+  pairs = preference.pairs(saved.data)
+  pairs = pairs[split(len(pairs), saved.data):]
+  chosen, rejected = (np.asarray(scorer.score([p[side] for p in pairs])) for side in (0, 1))
+  assert held["weight"] == len(pairs) == 30
+  assert held["accuracy"] == pytest.approx(np.mean(chosen > rejected))
+  np.testing.assert_allclose(held["margin"], np.mean(chosen - rejected), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(held["mean_reward"], np.mean((chosen + rejected) / 2), rtol=1e-4,
+                             atol=1e-5)
   # the reward model as a GRPO reward (its score is logged as rewards/reward_model/mean)
   with open(tmp_path / "prompts.jsonl", "w") as f:
     for _ in range(40):

@@ -164,7 +164,7 @@ def test_store_config_errors(built, tmp_path):
   c.data.store = str(out)
   c.data.seq_len = 64
   with pytest.raises(ValueError, match="seq_len=32"):
-    pipeline.prepare(c, tmp_path / "w")
+    pipeline.DOCUMENTS.prepare(c, tmp_path / "w")
   c.data.seq_len = 32
   c.train.objective = "sft"
   with pytest.raises(ValueError, match="holds pretraining rows"):
@@ -172,7 +172,7 @@ def test_store_config_errors(built, tmp_path):
   c.train.objective = "pretrain"
   c.data.store = str(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="is not a token store"):
-    pipeline.prepare(c, tmp_path / "w")
+    pipeline.DOCUMENTS.prepare(c, tmp_path / "w")
   c.data.store = ""
   c.data.curate.stages = "quality,spam"
   with pytest.raises(ValueError, match="'spam'"):

@@ -15,7 +15,9 @@ import pytest
 from llm import config as config_lib
 from llm.model import mlp as mlp_lib
 from llm.model.layers import add_aux_loss
-from llm.training import objectives
+from llm import objectives
+from llm.objectives.base import Objective
+from llm.objectives.pretrain import next_token
 from tests.helpers import losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +115,7 @@ class _DenseWithPenalty(mlp_lib.SwiGLU):
 
 
 def _twice_the_loss(params, batch, *, model, config):
-  total, sums = objectives.next_token(params, batch, model=model, config=config)
+  total, sums = next_token(params, batch, model=model, config=config)
   return 2 * total, {**sums, "loss": 2 * sums["loss"]}
 
 
@@ -122,7 +124,7 @@ def test_a_new_mlp_kind_and_objective_are_one_registry_line_each(config, tmp_pat
   it takes: validation accepts them, the aux loss reaches the objective summed over layers
   and is logged by name."""
   monkeypatch.setitem(mlp_lib.MLPS, "dense_with_penalty", _DenseWithPenalty)
-  monkeypatch.setitem(objectives.OBJECTIVES, "twice", _twice_the_loss)
+  monkeypatch.setitem(objectives.OBJECTIVES, "twice", Objective(loss=_twice_the_loss))
   config.model.mlp = "dense_with_penalty"
   config.train.update(objective="twice", steps=2, eval_every=2, checkpoint_every=2)
   config_lib.validate(config)
@@ -131,7 +133,7 @@ def test_a_new_mlp_kind_and_objective_are_one_registry_line_each(config, tmp_pat
   from llm.model import forward, init_params, make_model, unbox
   model = make_model(config.model)
   params = unbox(init_params(model, jax.random.key(0), config.data.seq_len))
-  rows = pipeline.prepare(config, tmp_path / "data").train
+  rows = pipeline.DOCUMENTS.prepare(config, tmp_path / "data").train
   batch = {k: jnp.asarray(np.stack([rows[i][k] for i in range(2)])) for k in rows[0]}
   _, aux = forward(model, params, batch)
   # the reference: each layer's penalty, computed from the same forward by hand
@@ -140,7 +142,7 @@ def test_a_new_mlp_kind_and_objective_are_one_registry_line_each(config, tmp_pat
   per_layer = sown["aux_losses"]["layers"]["mlp"]["activation_penalty"][0]
   assert per_layer.shape == (config.model.n_layers,)
   np.testing.assert_allclose(aux.losses["activation_penalty"], float(jnp.sum(per_layer)), rtol=1e-6)
-  base_total, sums = objectives.next_token(params, batch, model=model, config=config)
+  base_total, sums = next_token(params, batch, model=model, config=config)
   np.testing.assert_allclose(
       float(base_total),
       float(sums["loss"] + config.train.z_loss * sums["z_loss"] + sums["weight"] * aux.losses["activation_penalty"]),
@@ -155,3 +157,18 @@ def test_a_new_mlp_kind_and_objective_are_one_registry_line_each(config, tmp_pat
       first["loss"] + 2 * config.train.z_loss * first["z_loss"] + 2 * first["activation_penalty"],
       rel=1e-5)
   assert sorted(losses(tmp_path / "run")) == [1, 2]
+
+
+def test_the_loop_the_pipeline_and_evaluate_name_no_objective():
+  """What differs between objectives lives in llm/objectives/: the training loop, the data
+  pipeline and llm.evaluate spell no objective's name (nor its modules')."""
+  names = set(objectives.OBJECTIVES) | {"preference", "prompts", "rollouts", "reference"}
+  for rel in ("training/loop.py", "data/pipeline.py", "evaluate.py", "eval/heldout.py"):
+    tree = ast.parse((PACKAGE / rel).read_text())
+    spelled = {n.value for n in ast.walk(tree)
+               if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names}
+    spelled |= {part for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names for part in f"{getattr(n, 'module', '') or ''}.{a.name}".split(".")
+                if part in names}
+    spelled |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in names}
+    assert not spelled, f"llm/{rel} names {sorted(spelled)}"

@@ -11,10 +11,11 @@ from llm.data import pipeline
 from llm.model import make_model
 from llm.parallel.mesh import make_mesh
 from llm.train import train
-from llm.training.objectives import next_token
+from llm.objectives.pretrain import next_token
 from llm.training.optim import make_optimizer, schedule
 from llm.training.state import init_state, state_shardings
-from llm.training.step import make_objective, train_step
+from llm.objectives import loss_fn
+from llm.training.step import train_step
 from tests.helpers import losses
 
 
@@ -24,13 +25,13 @@ def _setup(config, tmp_path, batch_size=8):
   tx = make_optimizer(config.optim, config.train.steps)
   _, shardings = state_shardings(model, tx, config.data.seq_len, mesh)
   state = init_state(model, tx, config.data.seq_len, config.seed, shardings)
-  rows = pipeline.prepare(config, tmp_path).train
+  rows = pipeline.DOCUMENTS.prepare(config, tmp_path).train
   batch = {k: jnp.asarray(v) for k, v in next(pipeline.train_iterator(rows, batch_size, 0)).items()}
   return model, tx, state, batch
 
 
 def _step(config, model, tx, grad_accum=1):
-  return jax.jit(functools.partial(train_step, objective=make_objective(config, model), tx=tx,
+  return jax.jit(functools.partial(train_step, objective=loss_fn(config, model), tx=tx,
                                    lr_schedule=schedule(config.optim, config.train.steps),
                                    grad_accum=grad_accum))
 

@@ -1,4 +1,6 @@
-"""Packing a token stream into fixed-length rows with segment ids and positions.
+"""Packing into fixed-length rows with segment ids and positions: a token stream of
+documents (PackedRows), or examples (chat examples, preference pairs) placed whole in
+rows (assign_rows, PackedExamples); the train / validation split of examples.
 
 Documents (BOS + tokens + EOS) are concatenated into one stream; row i holds
 stream[i*T : i*T + T + 1], read as inputs [:-1] and targets [1:]. Segment ids
@@ -62,3 +64,46 @@ class PackedRows:
 
   def __repr__(self) -> str:
     return f"PackedRows(n_tokens={len(self.tokens)}, seq_len={self.seq_len}, rows={len(self)})"
+
+
+def assign_rows(lengths, seq_len: int) -> list[list[int]]:
+  """Item indices per row: items in order, a new row whenever the next (of `lengths`
+  positions) does not fit what is left of the current one."""
+  rows: list[list[int]] = []
+  used = seq_len
+  for i, n in enumerate(lengths):
+    if used + n > seq_len:
+      rows.append([])
+      used = 0
+    rows[-1].append(i)
+    used += n
+  return rows
+
+
+class PackedExamples:
+  """A grain random-access source over packed example rows."""
+
+  def __init__(self, rows: dict[str, np.ndarray]):
+    self.rows = rows
+    self.seq_len = rows["inputs"].shape[1]
+
+  def __len__(self) -> int:
+    return len(self.rows["inputs"])
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"row {index} out of range [0, {len(self)})")
+    return {k: v[index] for k, v in self.rows.items()}
+
+  def __repr__(self) -> str:
+    return f"PackedExamples(rows={len(self)}, seq_len={self.seq_len})"
+
+
+def split(n_examples: int, data_cfg, what: str = "example(s)") -> int:
+  """Index of the first validation example: at least one of each, so at least two."""
+  if n_examples < 2:
+    raise ValueError(f"data.paths={data_cfg.paths!r} holds {n_examples} {what}: too few for "
+                     "a train and a validation split")
+  n_val = min(max(1, round(n_examples * data_cfg.val_fraction)), n_examples - 1)
+  return n_examples - n_val

@@ -1,13 +1,11 @@
 """From config to batches: corpus -> tokenizer -> token stream (cached) -> packed rows -> grain.
 
-With data.store the rows come from token stores built by llm.data.prepare instead, read
-lazily (llm.data.store), one store or a weighted mixture; the tokenizer is the store's.
-
-With train.objective="sft" the corpus is JSONL chat examples (llm.data.sft): rendered
-with the chat template, masked to the assistant's tokens, packed per example; with
-"dpo" or "reward" it is preference pairs (llm.data.preference), both sides of a pair in
-one row; with "grpo" it is prompts (llm.data.prompts), which the run completes itself
-(llm.training.grpo) and the iterator yields prompt indices.
+What a run reads is its objective's `Reader` (llm.objectives): `DOCUMENTS` here (text
+from data.source, or with data.store token stores built by llm.data.prepare, read lazily
+by llm.data.store, one store or a weighted mixture, with the store's tokenizer), or the
+chat examples, preference pairs and prompts of llm.data.sft, llm.data.preference and
+llm.data.prompts. A reader gives the texts a new tokenizer is trained on and turns the
+data into train and validation rows (a `Corpus`).
 
 The training iterator is a grain DatasetIterator, shuffled per epoch, sharded
 per process (process p reads rows p, p + P, p + 2P, ...), whose state is
@@ -22,12 +20,13 @@ import hashlib
 import json
 import os
 import shutil
+from typing import Iterable
 
 import grain
 import numpy as np
 
 from llm.config import comma_list
-from llm.data import chat, preference, prompts, sft, sources, store
+from llm.data import chat, sources, store
 from llm.data.packing import PackedRows, concat_documents
 from llm.data.tokenizer import Tokenizer, check_vocab, open_tokenizer, train_tokenizer
 from llm.workdir import Workdir
@@ -36,9 +35,57 @@ from llm.workdir import Workdir
 @dataclasses.dataclass
 class Corpus:
   tokenizer: Tokenizer
-  train: PackedRows | sft.PackedExamples
-  val: PackedRows | sft.PackedExamples
+  train: object  # a grain random-access source of rows (PackedRows, PackedExamples, ...)
+  val: object
   unigram_loss: float  # nats/token of val targets under the train unigram distribution
+
+
+class Reader:
+  """How a run's data become a Corpus: `texts` (what a new tokenizer is trained on; with
+  `chat` the template's special strings join it as single tokens) and `read` (the train
+  and validation rows). `reads` names the data for messages ("" for documents, which
+  come from data.source or data.store; the others come from the JSONL files of
+  data.paths)."""
+
+  reads = ""
+  chat = False
+
+  def texts(self, config) -> Iterable[str]:
+    raise NotImplementedError
+
+  def read(self, config, workdir, tokenizer: Tokenizer) -> Corpus:
+    raise NotImplementedError
+
+  def prepare(self, config, workdir, tokenizer: Tokenizer | None = None) -> Corpus:
+    """Train and validation rows, tokenized by `tokenizer` (default: the run's, trained
+    if missing)."""
+    return self.read(config, workdir, tokenizer or load_or_train_tokenizer(config, workdir, self))
+
+
+class Documents(Reader):
+  """Text documents packed into rows (llm.data.packing), the last data.val_fraction of the
+  token stream held out; or the rows of token stores (data.store)."""
+
+  def texts(self, config) -> Iterable[str]:
+    return sources.documents(config.data)
+
+  def read(self, config, workdir, tokenizer: Tokenizer) -> Corpus:
+    if config.data.store:
+      return prepare_store(config, tokenizer)
+    tokens, doc_ids = token_stream(config, workdir, tokenizer)
+    seq_len = config.data.seq_len
+    split = int(len(tokens) * (1 - config.data.val_fraction))
+    train = PackedRows(tokens[:split], doc_ids[:split], seq_len)
+    val = PackedRows(tokens[split:], doc_ids[split:], seq_len)
+    if len(train) == 0 or len(val) == 0:
+      raise ValueError(f"the corpus has {len(tokens):,} tokens: too few for train and "
+                       f"validation rows of data.seq_len={seq_len} at data.val_fraction="
+                       f"{config.data.val_fraction}; use a larger corpus or a shorter seq_len")
+    return Corpus(tokenizer, train, val,
+                  unigram_loss(tokens[:split], val, config.model.vocab_size))
+
+
+DOCUMENTS = Documents()
 
 
 def _source_key(data_cfg) -> dict:
@@ -66,8 +113,8 @@ def _store_tokenizer(config, workdir) -> Tokenizer:
   return tok
 
 
-def load_or_train_tokenizer(config, workdir: str | os.PathLike) -> Tokenizer:
-  """The run's tokenizer (llm.workdir), trained on the corpus into the workdir when
+def load_or_train_tokenizer(config, workdir: str | os.PathLike, reader: Reader) -> Tokenizer:
+  """The run's tokenizer (llm.workdir), trained on `reader`'s texts into the workdir when
   missing and data.tokenizer_path is unset; a store's own with data.store."""
   if config.data.store:
     return _store_tokenizer(config, workdir)
@@ -75,17 +122,10 @@ def load_or_train_tokenizer(config, workdir: str | os.PathLike) -> Tokenizer:
   if not path.is_file() and not config.data.tokenizer_path:
     print(f"training a {config.model.vocab_size}-piece sentencepiece tokenizer -> {path}",
           flush=True)
-    if is_chat(config):  # message texts; the template's special strings as single tokens
-      objective = config.train.objective
-      convs = (sft.conversations(config.data) if objective == "sft" else
-               [p.messages for p in prompts.read_prompts(config.data)] if objective == "grpo"
-               else [c for pair in preference.pairs(config.data) for c in pair])
-      docs = (m["content"] for conv in convs for m in conv)
-      symbols = chat.TEMPLATE_TOKENS.get(config.data.chat.template, ())
-    else:
-      docs, symbols = sources.documents(config.data), ()
-    tok = train_tokenizer(docs, config.model.vocab_size, path, config.data.tokenizer_model_type,
-                          config.data.tokenizer_max_chars, symbols)
+    symbols = chat.TEMPLATE_TOKENS.get(config.data.chat.template, ()) if reader.chat else ()
+    tok = train_tokenizer(reader.texts(config), config.model.vocab_size, path,
+                          config.data.tokenizer_model_type, config.data.tokenizer_max_chars,
+                          symbols)
   else:
     tok = open_tokenizer(path)
   check_vocab(tok, config.model.vocab_size)
@@ -119,59 +159,6 @@ def unigram_loss(train_tokens: np.ndarray, val: PackedRows, vocab_size: int) -> 
   n = len(val) * val.seq_len
   targets, mask = val.tokens[1:n + 1], (val.doc_ids[1:n + 1] == val.doc_ids[:n])
   return float(-(logp[targets] * mask).sum() / max(mask.sum(), 1))
-
-
-def is_chat(config) -> bool:
-  """Whether the run's data are chat examples or preference pairs (the objective reads
-  them) rather than documents."""
-  return config.train.objective in ("sft", "dpo", "reward", "grpo")
-
-
-def prepare_chat(config, tok) -> Corpus:
-  """SFT rows: chat examples split into train and validation, each packed."""
-  d = config.data
-  convs = sft.conversations(d)
-  cut = sft.split(len(convs), d)
-  train_t = sft.tokenize_examples(convs[:cut], tok, d)
-  val_t = sft.tokenize_examples(convs[cut:], tok, d)
-  print(f"chat examples: {len(train_t.ids):,} train, {len(val_t.ids):,} validation; "
-        f"truncated {train_t.truncated + val_t.truncated:,}, dropped "
-        f"{train_t.dropped + val_t.dropped:,} (over data.seq_len={d.seq_len} + 1 tokens, "
-        f"data.chat.overlong={d.chat.overlong!r}, or nothing left to learn)", flush=True)
-  if not train_t.ids or not val_t.ids:
-    raise ValueError("no chat example is left in the train or the validation split "
-                     "(see the counts above)")
-  train = sft.pack(train_t.ids, train_t.masks, d.seq_len)
-  val = sft.pack(val_t.ids, val_t.masks, d.seq_len)
-  return Corpus(tok, sft.PackedExamples(train), sft.PackedExamples(val),
-                sft.masked_unigram_loss(train, val, config.model.vocab_size))
-
-
-def prepare(config, workdir, tokenizer: Tokenizer | None = None) -> Corpus:
-  """Train and validation rows of the corpus, tokenized by `tokenizer` (default: the run's,
-  trained if missing)."""
-  tok = tokenizer or load_or_train_tokenizer(config, workdir)
-  if config.train.objective in ("dpo", "reward"):
-    train, val = preference.prepare_pairs(config, tok,
-                                           score_last=config.train.objective == "reward")
-    return Corpus(tok, train, val, float("nan"))
-  if config.train.objective == "grpo":
-    train, val = prompts.prepare_prompts(config, tok)
-    return Corpus(tok, train, val, float("nan"))
-  if is_chat(config):
-    return prepare_chat(config, tok)
-  if config.data.store:
-    return prepare_store(config, tok)
-  tokens, doc_ids = token_stream(config, workdir, tok)
-  seq_len = config.data.seq_len
-  split = int(len(tokens) * (1 - config.data.val_fraction))
-  train = PackedRows(tokens[:split], doc_ids[:split], seq_len)
-  val = PackedRows(tokens[split:], doc_ids[split:], seq_len)
-  if len(train) == 0 or len(val) == 0:
-    raise ValueError(f"the corpus has {len(tokens):,} tokens: too few for train and validation "
-                     f"rows of data.seq_len={seq_len} at data.val_fraction="
-                     f"{config.data.val_fraction}; use a larger corpus or a shorter seq_len")
-  return Corpus(tok, train, val, unigram_loss(tokens[:split], val, config.model.vocab_size))
 
 
 def prepare_store(config, tok) -> Corpus:

@@ -25,7 +25,9 @@ from collections import Counter
 import numpy as np
 
 from llm.data import chat
-from llm.data.sft import PackedExamples, assign_rows, records, split
+from llm.data.pipeline import Corpus, Reader
+from llm.data.packing import PackedExamples, assign_rows, split
+from llm.data.sources import records
 
 
 def _as_messages(value, role: str, where: str, field: str) -> list[dict]:
@@ -182,18 +184,31 @@ def pack_pairs(tokenized, seq_len: int) -> dict[str, np.ndarray]:
   return out
 
 
-def prepare_pairs(config, tokenizer, score_last: bool = False):
-  """(train rows, validation rows) of the preference data, each a PackedExamples."""
-  d = config.data
-  convs = pairs(d, with_margins=score_last)  # (reward models read TRL's margins)
-  cut = split(len(convs), d, "pair(s)")
-  train, dropped_train = tokenize_pairs(convs[:cut], tokenizer, d, score_last)
-  val, dropped_val = tokenize_pairs(convs[cut:], tokenizer, d, score_last)
-  dropped = dropped_train + dropped_val
-  reasons = "".join(f"; {n:,} {why}" for why, n in sorted(dropped.items()))
-  print(f"preference pairs: {len(train):,} train, {len(val):,} validation; dropped "
-        f"{sum(dropped.values()):,}{reasons}", flush=True)
-  if not train or not val:
-    raise ValueError("no preference pair is left in the train or the validation split")
-  return (PackedExamples(pack_pairs(train, d.seq_len)),
-          PackedExamples(pack_pairs(val, d.seq_len)))
+class PreferencePairs(Reader):
+  """Preference pairs (data.paths), both sides of a pair in one row; with `score_last`
+  (a reward model) each side's last token alone is in the loss mask and TRL's `margin`
+  column is read. The last data.val_fraction of the pairs is held out."""
+
+  reads = "preference pairs"
+  chat = True
+
+  def __init__(self, score_last: bool = False):
+    self.score_last = score_last
+
+  def texts(self, config):
+    return (m["content"] for pair in pairs(config.data) for conv in pair[:2] for m in conv)
+
+  def read(self, config, workdir, tokenizer) -> Corpus:
+    d = config.data
+    convs = pairs(d, with_margins=self.score_last)  # (reward models read TRL's margins)
+    cut = split(len(convs), d, "pair(s)")
+    train, dropped_train = tokenize_pairs(convs[:cut], tokenizer, d, self.score_last)
+    val, dropped_val = tokenize_pairs(convs[cut:], tokenizer, d, self.score_last)
+    dropped = dropped_train + dropped_val
+    reasons = "".join(f"; {n:,} {why}" for why, n in sorted(dropped.items()))
+    print(f"preference pairs: {len(train):,} train, {len(val):,} validation; dropped "
+          f"{sum(dropped.values()):,}{reasons}", flush=True)
+    if not train or not val:
+      raise ValueError("no preference pair is left in the train or the validation split")
+    return Corpus(tokenizer, PackedExamples(pack_pairs(train, d.seq_len)),
+                  PackedExamples(pack_pairs(val, d.seq_len)), float("nan"))

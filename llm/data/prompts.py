@@ -18,7 +18,9 @@ import json
 import numpy as np
 
 from llm.data import chat
-from llm.data.sft import records, split
+from llm.data.pipeline import Corpus, Reader
+from llm.data.packing import split
+from llm.data.sources import records
 
 
 @dataclasses.dataclass
@@ -101,17 +103,29 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, data_cfg,
   return kept, dropped
 
 
-def prepare_prompts(config, tokenizer) -> tuple[PromptSet, PromptSet]:
-  """(train prompts, validation prompts)."""
-  d, g = config.data, config.train.grpo
-  prompts = read_prompts(d)
-  cut = split(len(prompts), d, "prompt(s)")
-  train, dropped_train = tokenize_prompts(prompts[:cut], tokenizer, d, g.max_new_tokens)
-  val, dropped_val = tokenize_prompts(prompts[cut:], tokenizer, d, g.max_new_tokens)
-  print(f"prompts: {len(train):,} train, {len(val):,} validation; dropped "
-        f"{dropped_train + dropped_val:,} (prompt + train.grpo.max_new_tokens="
-        f"{g.max_new_tokens} over data.seq_len={d.seq_len} + 1 tokens)", flush=True)
-  if not train or not val:
-    raise ValueError("no prompt is left in the train or the validation split (see the counts "
-                     "above): raise data.seq_len or lower train.grpo.max_new_tokens")
-  return PromptSet(train), PromptSet(val)
+class Prompts(Reader):
+  """Prompts (data.paths) rendered with a generation prompt; the last data.val_fraction
+  held out. The rows are prompt indices (PromptSet): the run completes them itself."""
+
+  reads = "prompts"
+  chat = True
+
+  def texts(self, config):
+    return (m["content"] for p in read_prompts(config.data) for m in p.messages)
+
+  def read(self, config, workdir, tokenizer) -> Corpus:
+    d, g = config.data, config.train.grpo
+    prompts = read_prompts(d)
+    cut = split(len(prompts), d, "prompt(s)")
+    train, dropped_train = tokenize_prompts(prompts[:cut], tokenizer, d, g.max_new_tokens)
+    val, dropped_val = tokenize_prompts(prompts[cut:], tokenizer, d, g.max_new_tokens)
+    print(f"prompts: {len(train):,} train, {len(val):,} validation; dropped "
+          f"{dropped_train + dropped_val:,} (prompt + train.grpo.max_new_tokens="
+          f"{g.max_new_tokens} over data.seq_len={d.seq_len} + 1 tokens)", flush=True)
+    if not train or not val:
+      raise ValueError("no prompt is left in the train or the validation split (see the "
+                       "counts above): raise data.seq_len or lower train.grpo.max_new_tokens")
+    return Corpus(tokenizer, PromptSet(train), PromptSet(val), float("nan"))
+
+
+PROMPTS = Prompts()

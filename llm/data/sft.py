@@ -13,18 +13,13 @@ split.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
 
 import numpy as np
 
-from llm.data import chat, sources
-
-
-def records(data_cfg) -> Iterator[tuple[str, object]]:
-  """(where, JSON value) per non-empty line of the data.paths JSONL files."""
-  for where, _, record in sources.jsonl_records(sources.expand_paths(data_cfg.paths),
-                                                data_cfg.encoding, data_cfg.encoding_errors):
-    yield where, record
+from llm.data import chat
+from llm.data.packing import PackedExamples, assign_rows, split
+from llm.data.pipeline import Corpus, Reader
+from llm.data.sources import records
 
 
 def conversations(data_cfg) -> list[list[dict]]:
@@ -64,20 +59,6 @@ def tokenize_examples(convs: list[list[dict]], tokenizer, data_cfg) -> Tokenized
   return Tokenized(ids, masks, truncated, dropped)
 
 
-def assign_rows(lengths, seq_len: int) -> list[list[int]]:
-  """Item indices per row: items in order, a new row whenever the next (of `lengths`
-  positions) does not fit what is left of the current one."""
-  rows: list[list[int]] = []
-  used = seq_len
-  for i, n in enumerate(lengths):
-    if used + n > seq_len:
-      rows.append([])
-      used = 0
-    rows[-1].append(i)
-    used += n
-  return rows
-
-
 def pack(ids: list[np.ndarray], masks: list[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
   """Rows [R, seq_len] of inputs/targets/segment_ids/positions/loss_mask, examples in
   order, a new row whenever the next example does not fit the current one."""
@@ -99,35 +80,6 @@ def pack(ids: list[np.ndarray], masks: list[np.ndarray], seq_len: int) -> dict[s
   return out
 
 
-class PackedExamples:
-  """A grain random-access source over packed example rows."""
-
-  def __init__(self, rows: dict[str, np.ndarray]):
-    self.rows = rows
-    self.seq_len = rows["inputs"].shape[1]
-
-  def __len__(self) -> int:
-    return len(self.rows["inputs"])
-
-  def __getitem__(self, index: int) -> dict:
-    index = int(index)
-    if not 0 <= index < len(self):
-      raise IndexError(f"row {index} out of range [0, {len(self)})")
-    return {k: v[index] for k, v in self.rows.items()}
-
-  def __repr__(self) -> str:
-    return f"PackedExamples(rows={len(self)}, seq_len={self.seq_len})"
-
-
-def split(n_examples: int, data_cfg, what: str = "example(s)") -> int:
-  """Index of the first validation example: at least one of each, so at least two."""
-  if n_examples < 2:
-    raise ValueError(f"data.paths={data_cfg.paths!r} holds {n_examples} {what}: too few for "
-                     "a train and a validation split")
-  n_val = min(max(1, round(n_examples * data_cfg.val_fraction)), n_examples - 1)
-  return n_examples - n_val
-
-
 def masked_unigram_loss(train: dict, val: dict, vocab_size: int) -> float:
   """Cross-entropy (nats) of val's masked targets under add-one-smoothed unigram
   frequencies of train's masked targets."""
@@ -135,3 +87,35 @@ def masked_unigram_loss(train: dict, val: dict, vocab_size: int) -> float:
   logp = np.log((counts + 1.0) / (counts.sum() + vocab_size))
   m = val["loss_mask"] > 0
   return float(-logp[val["targets"][m]].mean()) if m.any() else float("nan")
+
+
+class ChatExamples(Reader):
+  """Chat examples (data.paths), each rendered, masked to the assistant's tokens and
+  packed; the last data.val_fraction of the examples held out."""
+
+  reads = "chat examples"
+  chat = True
+
+  def texts(self, config):
+    return (m["content"] for conv in conversations(config.data) for m in conv)
+
+  def read(self, config, workdir, tokenizer) -> Corpus:
+    d = config.data
+    convs = conversations(d)
+    cut = split(len(convs), d)
+    train_t = tokenize_examples(convs[:cut], tokenizer, d)
+    val_t = tokenize_examples(convs[cut:], tokenizer, d)
+    print(f"chat examples: {len(train_t.ids):,} train, {len(val_t.ids):,} validation; "
+          f"truncated {train_t.truncated + val_t.truncated:,}, dropped "
+          f"{train_t.dropped + val_t.dropped:,} (over data.seq_len={d.seq_len} + 1 tokens, "
+          f"data.chat.overlong={d.chat.overlong!r}, or nothing left to learn)", flush=True)
+    if not train_t.ids or not val_t.ids:
+      raise ValueError("no chat example is left in the train or the validation split "
+                       "(see the counts above)")
+    train = pack(train_t.ids, train_t.masks, d.seq_len)
+    val = pack(val_t.ids, val_t.masks, d.seq_len)
+    return Corpus(tokenizer, PackedExamples(train), PackedExamples(val),
+                  masked_unigram_loss(train, val, config.model.vocab_size))
+
+
+CHAT_EXAMPLES = ChatExamples()

@@ -210,6 +210,14 @@ def jsonl_records(files: list[Path], encoding: str,
           raise ValueError(f"{where} is not valid JSON: {e}") from None
 
 
+
+def records(data_cfg) -> Iterator[tuple[str, object]]:
+  """(where, JSON value) per non-empty line of the data.paths JSONL files."""
+  for where, _, record in jsonl_records(expand_paths(data_cfg.paths), data_cfg.encoding,
+                                        data_cfg.encoding_errors):
+    yield where, record
+
+
 def _jsonl_documents(f: Path, key: str, encoding: str, errors: str) -> Iterator[str]:
   for where, line, record in jsonl_records([f], encoding, errors):
     if not isinstance(record, dict):

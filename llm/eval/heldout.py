@@ -26,29 +26,12 @@ def nll_sums(model, params, batch, chunk_len: int = 0):
   return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
 
-# train.objective values whose validation rows are text with next-token targets: the
-# others hold preference pairs (dpo, reward) or prompts (grpo), where a perplexity would
-# mean nothing; their held-out metrics are the eval_* of the run's metrics.jsonl
-NEXT_TOKEN_OBJECTIVES = ("pretrain", "sft")
-
-
-def check_heldout_objective(config, workdir) -> None:
-  """Refuses a run whose validation data are not text to predict."""
-  objective = config.train.objective
-  if objective not in NEXT_TOKEN_OBJECTIVES:
-    raise ValueError(f"{workdir} is a train.objective={objective!r} run: its validation data "
-                     "are not text to predict, so a perplexity would mean nothing. Its held-out "
-                     "metrics are the eval_* values in its metrics.jsonl (python -m llm.plot); "
-                     f"llm.evaluate measures {' and '.join(NEXT_TOKEN_OBJECTIVES)} runs")
-
-
-def evaluate_heldout(config, params, tokenizer: Tokenizer, workdir, batch_size: int = 8,
-                     max_batches: int = 0) -> dict:
-  """loss (nats/token), perplexity and bits per byte over the validation split (all of
-  it, or the first max_batches x batch_size rows; `rows` and `val_rows` say which)."""
-  check_heldout_objective(config, workdir)
+def evaluate_heldout(config, params, tokenizer: Tokenizer, corpus: pipeline.Corpus,
+                     batch_size: int = 8, max_batches: int = 0) -> dict:
+  """loss (nats/token), perplexity and bits per byte over `corpus`'s validation rows
+  (all of them, or the first max_batches x batch_size; `rows` and `val_rows` say which),
+  whose targets are text to predict (llm.objectives picks the runs this measures)."""
   require_lm_head(config.model, "held-out perplexity")
-  corpus = pipeline.prepare(config, workdir, tokenizer)
   rows = corpus.val
   n_batches = len(rows) // batch_size
   if n_batches == 0:

@@ -1,4 +1,5 @@
-"""Reference log-probabilities for objectives that compare with the starting model (dpo).
+"""Reference log-probabilities for objectives that compare with the starting model (dpo,
+and GRPO's KL penalty).
 
 `train.dpo.reference` (REFERENCE_MODES):
   - "precomputed": computed once, per token of every train and validation row, with the
@@ -22,11 +23,19 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llm.training.objectives import reference_logps
+from llm.model.transformer import target_nll
 
 CACHE = "reference_logps.npz"
 # train.dpo.reference: how the reference log-probabilities are obtained (see above)
 REFERENCE_MODES = ("precomputed", "live")
+
+
+def reference_logps(params, batch, *, model, config=None, temperature: float = 1.0):
+  """Per-token log-probabilities of the targets, in the config's train.loss_chunk chunks
+  (without a config: the whole sequence at once), of logits / `temperature` (GRPO scores
+  at its sampling temperature, as TRL does)."""
+  chunk = 0 if config is None else config.train.loss_chunk
+  return -target_nll(model, params, batch, chunk_len=chunk, temperature=temperature)[0]
 
 
 def reference_params(config, params, start_params):

@@ -1,6 +1,5 @@
-"""The pure train step, `train_step(state, batch) -> (state, metrics)`, with the objective
-passed in; the abstract batch and the jitted step that the loop runs and the planner and
-benchmarks compile.
+"""The pure train step, `train_step(state, batch) -> (state, metrics)`, with the objective's
+loss passed in; the jitted step that the loop runs and the planner and benchmarks compile.
 """
 
 from __future__ import annotations
@@ -9,22 +8,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from llm.model import lora
 from llm.parallel.rules import batch_axes, data_parallel_size
-from llm.training.objectives import EXTRA_BATCH_FIELDS, OBJECTIVES
 from llm.training.optim import schedule
 from llm.training.state import TrainState
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-
-
-def batch_fields(config) -> dict[str, str]:
-  """Name -> dtype of every [B, T] array in a batch for `config.train.objective`."""
-  fields = {k: "float32" if k == "loss_mask" else "int32" for k in BATCH_KEYS}
-  return {**fields, **EXTRA_BATCH_FIELDS.get(config.train.objective, {})}
 
 
 def microbatches(batch, n: int):
@@ -34,7 +23,7 @@ def microbatches(batch, n: int):
 
 def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_accum: int,
                frozen_base: bool = False, dropout_seed: int | None = None):
-  """One optimizer step on `objective(params, batch) -> (total, sums)` (see objectives).
+  """One optimizer step on `objective(params, batch) -> (total, sums)` (see llm.objectives.base).
   With `frozen_base` (LoRA) only the adapters are differentiated and updated (`tx` and
   the optimizer state cover them alone); the base passes through untouched (it may even
   be stored quantized). A step whose loss, gradients or update are not finite leaves
@@ -83,12 +72,6 @@ def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_acc
   return new_state, metrics
 
 
-def make_objective(config, model):
-  """`config.train.objective` bound to the model and config: (params, batch) -> (total, sums)."""
-  return functools.partial(OBJECTIVES[config.train.objective], model=model,
-                           config=ml_collections.FrozenConfigDict(config))
-
-
 def check_batch(config, mesh) -> None:
   dp = data_parallel_size(mesh)
   b, accum = config.train.batch_size, config.train.grad_accum
@@ -101,18 +84,12 @@ def check_batch(config, mesh) -> None:
                      f"mesh.sequence={mesh.shape['sequence']}")
 
 
-def abstract_batch(config, batch_sharding) -> dict:
-  """Shapes, dtypes and sharding of one global batch, for compiling ahead of time."""
-  return {k: jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len),
-                                  jnp.dtype(dtype), sharding=batch_sharding)
-          for k, dtype in batch_fields(config).items()}
-
-
-def jit_train_step(config, model, tx, shardings, batch_sharding):
-  """The train step for `config`, jitted with the state's and batch's shardings (the
-  state is donated): what the loop runs and what llm.plan compiles for a topology."""
+def jit_train_step(config, loss, tx, shardings, batch_sharding):
+  """The train step for `config` minimising `loss` (the objective bound to its model:
+  llm.objectives.loss_fn), jitted with the state's and batch's shardings (the state is
+  donated): what the loop runs and what llm.plan compiles for a topology."""
   return jax.jit(
-      functools.partial(train_step, objective=make_objective(config, model), tx=tx,
+      functools.partial(train_step, objective=loss, tx=tx,
                         lr_schedule=schedule(config.optim, config.train.steps),
                         grad_accum=config.train.grad_accum,
                         frozen_base=bool(config.model.lora.rank),

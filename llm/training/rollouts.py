@@ -1,4 +1,4 @@
-"""GRPO rollouts: the batches a `train.objective="grpo"` run trains on.
+"""Rollouts: the batches GRPO trains on (llm.objectives.grpo), sampled rounds.
 
 Every `train.grpo.num_iterations` steps a round begins: the next
 train.batch_size / num_generations prompts are each completed num_generations times by
@@ -8,8 +8,7 @@ normalised within each prompt's group into advantages (llm.training.rewards). Th
 rows (prompt + completion, the completion's tokens in the loss mask) carry per token the
 advantage, the sampling policy's log-probabilities (old_logp, when num_iterations > 1)
 and the reference's (ref_logp, when beta > 0: the starting weights; with LoRA the base
-without adapters, so no second copy is held). The objective is
-llm.training.objectives.grpo.
+without adapters, so no second copy is held). The loss is llm.objectives.grpo's.
 
 Exact resume: the prompts come from the checkpointed grain iterator, round r samples
 with a key of (seed, r), and a checkpoint saved in the middle of a round stores that
@@ -25,13 +24,12 @@ import jax
 import numpy as np
 
 from llm.config import comma_list
-from llm.data import chat
+from llm.data import chat, pipeline
 from llm.inference.decoder import Decoder
 from llm.inference.sampling import SamplingParams
 from llm.training import reference
 from llm.training.rewards import (REQUIRED_COLUMNS, REWARD_FUNCTIONS, group_advantages,
                                   weighted_rewards)
-from llm.training.step import batch_fields
 from llm.workdir import Workdir
 
 
@@ -41,16 +39,23 @@ def _nan_stat(fn, x) -> float:
 
 
 class Rollouts:
-  """Rounds of sampled, scored completions (see the module docstring)."""
+  """Rounds of sampled, scored completions (see the module docstring): a batch source of
+  the training loop (llm.objectives.base.PackedBatches says what one offers), whose
+  iterator yields train.batch_size / num_generations prompt indices per round."""
 
-  def __init__(self, config, workdir: Path, corpus, model, batch_sharding, param_shardings,
-               start_params=None):
+  evaluate_first = True  # the held-out reward where training starts
+
+  def __init__(self, objective, run):
     if jax.process_count() > 1:
       raise ValueError("train.objective='grpo' runs in one process (its rollouts are generated "
                        "and scored on one host); use one process over the local devices")
-    self.config, self.g = config, config.train.grpo
-    self.dir = Workdir(workdir).rollouts
+    config, corpus = run.config, run.corpus
+    self.run, self.config, self.g = run, config, config.train.grpo
+    self.dir = run.workdir.rollouts
     self.train_prompts, self.val_prompts = corpus.train.prompts, corpus.val.prompts
+    self.iterator = pipeline.train_iterator(corpus.train,
+                                            config.train.batch_size // self.g.num_generations,
+                                            config.data.shuffle_seed)
     self.tok = corpus.tokenizer
     self.stop = chat.stop_ids(self.tok)
     if not self.stop:
@@ -68,7 +73,7 @@ class Rollouts:
     self.scorer = None
     if self.g.reward_model:
       from llm.eval.scorer import RewardScorer
-      self.scorer = RewardScorer(self.g.reward_model, mesh=batch_sharding.mesh)
+      self.scorer = RewardScorer(self.g.reward_model, mesh=run.batch_sharding.mesh)
     # what each column of _score's result is called in the logged metrics
     self.reward_labels = self.reward_names + ["reward_model"] * (self.scorer is not None)
     weights = [float(w) for w in comma_list(self.g.reward_weights)]
@@ -76,14 +81,29 @@ class Rollouts:
     self.decoder = Decoder(config.model, None)
     self.sampling = SamplingParams(temperature=self.g.temperature, top_k=self.g.top_k,
                                    top_p=self.g.top_p)
-    self.batch_sharding = batch_sharding
-    self.fields = batch_fields(config)  # the rows' arrays, name -> dtype
-    # log-probabilities of the sampling policy (old_logp) and of the reference (ref_logp;
-    # start_params: a run without LoRA, with beta > 0)
-    self.logps = reference.LiveReference(model, batch_sharding, param_shardings, config,
-                                         start_params, temperature=self.g.temperature)
+    self.batch_sharding = run.batch_sharding
+    self.fields = objective.batch_fields()  # the rows' arrays, name -> dtype
     self.round, self.rows, self.metrics = -1, None, {}
     self._check_rewards()
+
+  def start(self, state, step: int) -> None:
+    """Log-probabilities of the sampling policy (old_logp) and of the reference (ref_logp:
+    the starting weights, kept when beta > 0 without LoRA); the round a checkpoint was
+    taken in, read back."""
+    del state
+    run = self.run
+    start_params = run.initial_params() if self.g.beta and not run.lora else None
+    self.logps = reference.LiveReference(run.model, run.batch_sharding, run.param_shardings,
+                                         self.config, start_params,
+                                         temperature=self.g.temperature)
+    self.resume(step)
+
+  def checkpoint_problem(self, step: int) -> str | None:
+    return rollouts_problem(self.run.workdir.path, self.config, step, self.fields)
+
+  def summary(self, step: int, last: dict) -> str | None:
+    del step, last
+    return None
 
   def _check_rewards(self) -> None:
     """Runs every reward function on one prompt now, so a missing field fails before work."""
@@ -91,11 +111,11 @@ class Rollouts:
 
   # ----------------------------------------------------------------------------- a round
 
-  def batch(self, state, step: int, prompt_iter) -> dict:
+  def next(self, state, step: int) -> dict:
     """The global batch for `step` (a new round every num_iterations steps)."""
     r = step // self.g.num_iterations
     if r != self.round:
-      indices = np.asarray(next(prompt_iter)["index"])
+      indices = np.asarray(next(self.iterator)["index"])
       self.rows, self.metrics = self._sample(state.params, [self.train_prompts[i] for i in indices],
                                              r)
       self.round = r
@@ -187,9 +207,11 @@ class Rollouts:
 
   # ----------------------------------------------------------------------------- resume
 
-  def save(self, step: int, keep: int) -> None:
+  def save(self, step: int) -> None:
     """Keeps the current round's rows for a checkpoint at `step` taken inside the round
-    (a checkpoint at a round boundary needs none); the newest `keep` files are kept."""
+    (a checkpoint at a round boundary needs none); the newest train.keep_checkpoints
+    files are kept."""
+    keep = self.config.train.keep_checkpoints
     if step % self.g.num_iterations == 0 or self.rows is None:
       return
     self.dir.mkdir(parents=True, exist_ok=True)
@@ -213,10 +235,10 @@ class Rollouts:
       self.metrics = {k[len("metric:"):]: float(z[k]) for k in z.files if k.startswith("metric:")}
 
 
-def rollouts_problem(workdir, config, step: int) -> str | None:
+def rollouts_problem(workdir, config, step: int, fields) -> str | None:
   """What is wrong with the rollouts a checkpoint at `step` needs (None: nothing, or it
   needs none): missing, or damaged (each array is read, so the zip's CRC32s are
-  checked), or without a field the objective reads."""
+  checked), or without one of `fields` (the objective's batch fields)."""
   g = config.train.grpo
   if step % g.num_iterations == 0:
     return None
@@ -226,7 +248,7 @@ def rollouts_problem(workdir, config, step: int) -> str | None:
             f"but that round's rollouts {path} are missing")
   try:
     with np.load(path) as z:
-      missing = [k for k in ("round", *batch_fields(config)) if k not in z.files]
+      missing = [k for k in ("round", *fields) if k not in z.files]
       for k in z.files:
         z[k]  # noqa: B018 (reading verifies the CRC32)
   except Exception as e:  # noqa: BLE001 (zipfile, zlib and numpy each raise their own)
