@@ -43,6 +43,8 @@ CHOICES = {
     "train.objective": "llm.objectives:OBJECTIVES",
     "train.dpo.loss_type": "llm.objectives.dpo:LOSS_TYPES",
     "train.dpo.reference": "llm.training.reference:REFERENCE_MODES",
+    "train.kto.loss_type": "llm.objectives.kto:LOSS_TYPES",
+    "train.kto.reference": "llm.training.reference:REFERENCE_MODES",
     "train.grpo.loss_type": "llm.objectives.grpo:LOSS_TYPES",
     "train.grpo.importance_sampling_level": "llm.objectives.grpo:IMPORTANCE_SAMPLING_LEVELS",
     "train.grpo.scale_rewards": "llm.training.rewards:SCALE_REWARDS",
@@ -211,6 +213,36 @@ def base_config() -> ml_collections.ConfigDict:
           rpo_alpha=0.0,  # RPO (TRL's "sft" term): + alpha x the batch's chosen-token NLL mean
           # precomputed (once over the data, cached) | live (per batch; LoRA: the base)
           reference="precomputed",
+      )),
+      # train.objective="distill": chat examples; a teacher's next-token distributions
+      # (TRL's GKDConfig names)
+      distill=ml_collections.ConfigDict(dict(
+          teacher="",  # a workdir or a Hugging Face directory, with the run's tokenizer
+          beta=0.5,  # 0: forward KL(teacher || student); 1: reverse KL; between: JSD
+          lmbda=0.5,  # the fraction of steps on the student's own samples (on-policy)
+          temperature=0.9,  # sampling temperature of those
+          max_new_tokens=128,
+      )),
+      # train.objective="kto": unpaired examples (or pairs, unpaired); the reference as dpo's
+      kto=ml_collections.ConfigDict(dict(
+          beta=0.1,
+          desirable_weight=1.0,
+          undesirable_weight=1.0,
+          loss_type="kto",  # kto | apo_zero_unpaired
+          reference="precomputed",  # precomputed | live, as train.dpo.reference
+      )),
+      # train.objective="orpo": preference pairs, no reference (TRL's ORPOConfig names)
+      orpo=ml_collections.ConfigDict(dict(
+          beta=0.1,  # weight of the odds-ratio term (the paper's lambda)
+      )),
+      # train.objective="simpo": preference pairs, no reference (TRL's CPOConfig names,
+      # loss_type="simpo")
+      simpo=ml_collections.ConfigDict(dict(
+          beta=0.1,
+          simpo_gamma=0.5,  # the target reward margin
+          label_smoothing=0.0,
+          cpo_alpha=0.0,  # + alpha x the chosen completions' NLL (TRL's CPO-SimPO: 1.0)
+          alpha=0.0,  # AlphaPO's reward shape; 0: log-probabilities
       )),
       # train.objective="reward": a reward model (model.head="score") on preference pairs
       reward=ml_collections.ConfigDict(dict(

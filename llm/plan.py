@@ -114,6 +114,10 @@ class Plan:
 def compile_step(config, target: Target) -> Plan:
   """AOT-compiles train_step for `config` on the target's devices; reads its memory/cost."""
   config_lib.validate(config)
+  second = objectives.get(config).bind(config)
+  if second:
+    raise ValueError(f"train.objective={config.train.objective!r} runs a second model in its "
+                     f"step ({', '.join(second)}); llm.plan compiles the steps of one model")
   mesh = make_mesh(config.mesh, target.devices)
   check_batch(config, mesh)
   model = make_model(config.model)

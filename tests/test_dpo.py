@@ -10,7 +10,8 @@ import pytest
 
 from llm.data import preference
 from llm.train import train
-from llm.objectives.dpo import dpo_losses, pair_sums
+from llm.objectives.dpo import dpo_losses
+from llm.objectives.pairs import pair_sums
 from tests.helpers import losses
 
 torch = pytest.importorskip("torch")

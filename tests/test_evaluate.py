@@ -79,7 +79,8 @@ def test_scoring_and_perplexity_refuse_data_that_do_not_fit(config, tmp_path):
   from llm.eval.tasks import read_examples
   config.train.update(objective="grpo")
   with pytest.raises(ValueError, match=r"is a train.objective='grpo' run, which llm.evaluate does "
-                                       r"not measure \(it measures pretrain, sft, reward runs\)"):
+                                       r"not measure \(it measures pretrain, sft, distill, orpo, "
+                                       r"simpo, reward runs\)"):
     objectives.heldout(config, None, None, tmp_path)
   (tmp_path / "plain.jsonl").write_text(json.dumps({"text": "no chat here"}) + "\n")
   with pytest.raises(ValueError, match=r"plain.jsonl:1: keys \['text'\] match no chat format"):

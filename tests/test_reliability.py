@@ -109,6 +109,8 @@ def _bad_inputs(tmp_path, tokenizer_path):
                                                        "token store"),
       (["llm.evaluate", f"--workdir={tmp_path / 'dpo_run'}"],
        "dpo_run is a train.objective='dpo' run, which llm.evaluate does not measure"),
+      (["llm.merge", f"--config={tmp_path / 'hf' / 'config.json'}", f"--out={tmp_path / 'm'}"],
+       "the merge config is not valid YAML"),
   ]
 
 

@@ -275,6 +275,19 @@ def hf_to_params(reader: SafetensorsReader, c, dtype=np.float32) -> dict:
   return params
 
 
+# an HF model directory's config file
+HF_CONFIG = "config.json"
+
+
+def hf_names(c) -> list[str]:
+  """The HF names of the model's tensors, in params_to_hf's order."""
+  names = ["model.embed_tokens.weight"]
+  for i in range(c.n_layers):
+    kind = _layer_slot(c, i)[2]
+    names += [f"model.layers.{i}.{suffix}" for suffix, *_ in _layer_map(c, _family(c), kind)]
+  return names + ["model.norm.weight"] + ([] if c.tie_embeddings else ["lm_head.weight"])
+
+
 def params_to_hf(params, c) -> Iterator[tuple[str, np.ndarray]]:
   """(HF name, float32 [out, in] tensor) pairs, one at a time."""
   f32 = lambda x: np.asarray(x, np.float32)

@@ -80,6 +80,29 @@ def assign_rows(lengths, seq_len: int) -> list[list[int]]:
   return rows
 
 
+def empty_rows(n_rows: int, seq_len: int, int_fields=()) -> dict[str, np.ndarray]:
+  """Zeroed rows of inputs/targets/segment_ids/positions (int32), loss_mask (float32) and
+  `int_fields` (int32)."""
+  out = {k: np.zeros((n_rows, seq_len), np.int32)
+         for k in ("inputs", "targets", "segment_ids", "positions", *int_fields)}
+  out["loss_mask"] = np.zeros((n_rows, seq_len), np.float32)
+  return out
+
+
+def place(rows: dict, row: int, pos: int, segment: int, ids: np.ndarray,
+          mask: np.ndarray) -> slice:
+  """Writes one sequence at `pos` of `row` as its own segment: inputs ids[:-1], targets
+  ids[1:], positions from 0, loss mask mask[1:]; returns the span it fills."""
+  n = len(ids) - 1
+  span = slice(pos, pos + n)
+  rows["inputs"][row, span] = ids[:-1]
+  rows["targets"][row, span] = ids[1:]
+  rows["segment_ids"][row, span] = segment
+  rows["positions"][row, span] = np.arange(n)
+  rows["loss_mask"][row, span] = mask[1:]
+  return span
+
+
 class PackedExamples:
   """A grain random-access source over packed example rows."""
 

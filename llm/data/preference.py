@@ -26,7 +26,7 @@ import numpy as np
 
 from llm.data import chat
 from llm.data.pipeline import Corpus, Reader
-from llm.data.packing import PackedExamples, assign_rows, split
+from llm.data.packing import PackedExamples, assign_rows, empty_rows, place, split
 from llm.data.sources import records
 
 
@@ -157,9 +157,7 @@ def pack_pairs(tokenized, seq_len: int) -> dict[str, np.ndarray]:
   """Rows with both sides of each pair, pairs in order, a new row when one does not fit.
   Items with a fifth element (a reward model's margin) also fill a float "margin" row."""
   rows = assign_rows([len(t[0]) - 1 + len(t[2]) - 1 for t in tokenized], seq_len)
-  keys = ("inputs", "targets", "segment_ids", "positions", "pair_ids", "chosen")
-  out = {k: np.zeros((len(rows), seq_len), np.int32) for k in keys}
-  out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
+  out = empty_rows(len(rows), seq_len, ("pair_ids", "chosen"))
   with_margins = any(len(t) > 4 for t in tokenized)
   if with_margins:
     out["margin"] = np.zeros((len(rows), seq_len), np.float32)
@@ -169,18 +167,12 @@ def pack_pairs(tokenized, seq_len: int) -> dict[str, np.ndarray]:
       c_ids, c_mask, r_ids, r_mask = tokenized[i][:4]
       for ids, mask, is_chosen in ((c_ids, c_mask, 1), (r_ids, r_mask, 0)):
         segment += 1
-        n = len(ids) - 1
-        span = slice(pos, pos + n)
-        out["inputs"][row, span] = ids[:-1]
-        out["targets"][row, span] = ids[1:]
-        out["segment_ids"][row, span] = segment
-        out["positions"][row, span] = np.arange(n)
-        out["loss_mask"][row, span] = mask[1:]
+        span = place(out, row, pos, segment, ids, mask)
         out["pair_ids"][row, span] = pair_in_row
         out["chosen"][row, span] = is_chosen
         if with_margins:
           out["margin"][row, span] = tokenized[i][4] if len(tokenized[i]) > 4 else 0.0
-        pos += n
+        pos = span.stop
   return out
 
 

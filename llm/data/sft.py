@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from llm.data import chat
-from llm.data.packing import PackedExamples, assign_rows, split
+from llm.data.packing import PackedExamples, assign_rows, empty_rows, place, split
 from llm.data.pipeline import Corpus, Reader
 from llm.data.sources import records
 
@@ -63,20 +63,11 @@ def pack(ids: list[np.ndarray], masks: list[np.ndarray], seq_len: int) -> dict[s
   """Rows [R, seq_len] of inputs/targets/segment_ids/positions/loss_mask, examples in
   order, a new row whenever the next example does not fit the current one."""
   rows = assign_rows([len(x) - 1 for x in ids], seq_len)  # predictions per example
-  out = {k: np.zeros((len(rows), seq_len), np.int32)
-         for k in ("inputs", "targets", "segment_ids", "positions")}
-  out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
+  out = empty_rows(len(rows), seq_len)
   for r, members in enumerate(rows):
     pos = 0
     for seg, i in enumerate(members, 1):
-      x, m = ids[i], masks[i]
-      n = len(x) - 1
-      out["inputs"][r, pos:pos + n] = x[:-1]
-      out["targets"][r, pos:pos + n] = x[1:]
-      out["segment_ids"][r, pos:pos + n] = seg
-      out["positions"][r, pos:pos + n] = np.arange(n)
-      out["loss_mask"][r, pos:pos + n] = m[1:]
-      pos += n
+      pos = place(out, r, pos, seg, ids[i], masks[i]).stop
   return out
 
 

@@ -8,13 +8,17 @@ import functools
 
 import ml_collections
 
-from llm.objectives import dpo, grpo, pretrain, reward, sft
+from llm.objectives import distill, dpo, grpo, kto, orpo, pretrain, reward, sft, simpo
 from llm.objectives.base import Objective
 
 OBJECTIVES: dict[str, Objective] = {
     "pretrain": pretrain.OBJECTIVE,
     "sft": sft.OBJECTIVE,
     "dpo": dpo.OBJECTIVE,
+    "distill": distill.OBJECTIVE,
+    "kto": kto.OBJECTIVE,
+    "orpo": orpo.OBJECTIVE,
+    "simpo": simpo.OBJECTIVE,
     "reward": reward.OBJECTIVE,
     "grpo": grpo.OBJECTIVE,
 }
@@ -27,8 +31,10 @@ def get(config) -> Objective:
 def loss_fn(config, model):
   """The objective's loss bound to the model and config: (params, batch[, rng]) ->
   (total, sums)."""
-  return functools.partial(get(config).loss, model=model,
-                           config=ml_collections.FrozenConfigDict(config))
+  objective = get(config)
+  return functools.partial(objective.loss, model=model,
+                           config=ml_collections.FrozenConfigDict(config),
+                           **objective.bind(config))
 
 
 def check(config) -> None:

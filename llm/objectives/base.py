@@ -83,6 +83,7 @@ class PackedBatches:
   eval_perplexity where the corpus has a unigram baseline, i.e. next-token targets).
 
   The loop's side of every batch source: `iterator` (checkpointed with the train state),
+  `frozen` and `frozen_shardings` (what the step passes the loss as `frozen=`, if any),
   `checkpoint_problem(step)` (what files kept beside a checkpoint lack), `start(state,
   step)` once the state is restored, `next(state, step)`, `metrics` (what the last batch
   adds to the step's logged metrics), `evaluate(params)`, `evaluate_first` (evaluate
@@ -90,6 +91,8 @@ class PackedBatches:
   closing line (None: none)."""
 
   evaluate_first = False
+  frozen: tuple = ()  # inputs the loss reads and never trains (a teacher's params), if any
+  frozen_shardings = None
 
   def __init__(self, objective: "Objective", run: Run, rows_per_batch: int | None = None):
     self.run = run
@@ -108,7 +111,9 @@ class PackedBatches:
   def start(self, state, step: int) -> None:
     del state, step
     run, c = self.run, self.run.config
-    self.eval_fn = jax.jit(run.loss, in_shardings=(run.param_shardings, run.batch_sharding))
+    frozen = (self.frozen_shardings,) if self.frozen else ()
+    self.eval_fn = jax.jit(lambda p, b, *f: run.loss(p, b, **({"frozen": f[0]} if f else {})),
+                           in_shardings=(run.param_shardings, run.batch_sharding, *frozen))
     self.val = [global_batch(b, run.batch_sharding, self.keys)
                 for b in pipeline.eval_batches(run.corpus.val, c.train.batch_size,
                                                c.train.eval_batches, jax.process_index(),
@@ -119,7 +124,7 @@ class PackedBatches:
     return global_batch(next(self.iterator), self.run.batch_sharding, self.keys)
 
   def evaluate(self, params) -> dict:
-    sums = [jax.device_get(self.eval_fn(params, b)[1]) for b in self.val]
+    sums = [jax.device_get(self.eval_fn(params, b, *self.frozen)[1]) for b in self.val]
     totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
     weight = max(totals.pop("weight"), 1.0)
     out = {f"eval_{k}": v / weight for k, v in totals.items()}
@@ -184,6 +189,8 @@ class Objective:
   heldout: Callable | None = None
   head: str = "lm"
   check: Callable[[Any], None] = _no_checks
+  # config -> what else the loss is bound to besides model and config (a teacher model)
+  bind: Callable[[Any], dict] = lambda config: {}
 
   def batch_fields(self) -> dict[str, str]:
     """Name -> dtype of every [B, T] array in one of its batches."""

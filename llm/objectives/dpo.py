@@ -12,21 +12,12 @@ from llm.config import check_range
 from llm.data.preference import PreferencePairs
 from llm.model.transformer import target_nll
 from llm.objectives.base import Objective, PackedBatches, with_aux
+from llm.objectives.pairs import (PAIR_FIELDS, Pairs, chosen_nll_mean, pair_sums,
+                                  preference_metrics)
 from llm.training import reference
 
 # train.dpo.loss_type -> per-pair loss (dpo_losses)
 LOSS_TYPES = ("sigmoid", "ipo")
-
-
-def pair_sums(value_BT, batch):
-  """Per (row, pair, side) sums of a per-token value over the loss mask: [B, P + 1, 2]
-  (pair 0 is padding; side 1 is the chosen completion, 0 the rejected)."""
-  b, t = value_BT.shape
-  n_pairs = t // 2 + 1
-  index = (jnp.arange(b)[:, None] * n_pairs + batch["pair_ids"]) * 2 + batch["chosen"]
-  sums = jax.ops.segment_sum((value_BT * batch["loss_mask"]).reshape(-1), index.reshape(-1),
-                             num_segments=b * n_pairs * 2)
-  return sums.reshape(b, n_pairs, 2)
 
 
 def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float,
@@ -54,37 +45,32 @@ def dpo_loss(params, batch, *, model, config, rng=None):
   weight: the chosen tokens' NLL, one token mean over the batch."""
   d = config.train.dpo
   nll_BT, aux = target_nll(model, params, batch, chunk_len=config.train.loss_chunk, rng=rng)
+  pairs = Pairs.of(batch)
   policy = pair_sums(-nll_BT, batch)  # summed over each completion's tokens
   ref = pair_sums(batch["ref_logp"], batch)
-  tokens = pair_sums(jnp.ones_like(nll_BT), batch)
-  valid = (tokens[..., 0] > 0) & (tokens[..., 1] > 0)  # [B, P + 1]: real pairs
-  masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731
-  pairs = jnp.sum(valid).astype(jnp.float32)
   if d.loss_type == "ipo":  # TRL's IPO compares per-token average log-probabilities
-    avg_policy, avg_ref = policy / jnp.maximum(tokens, 1), ref / jnp.maximum(tokens, 1)
+    avg_policy, avg_ref = pairs.mean_logps(policy), pairs.mean_logps(ref)
     losses = dpo_losses(avg_policy[..., 1], avg_policy[..., 0], avg_ref[..., 1],
                         avg_ref[..., 0], beta=d.beta, loss_type="ipo")
   else:
     losses = dpo_losses(policy[..., 1], policy[..., 0], ref[..., 1], ref[..., 0], beta=d.beta,
                         loss_type=d.loss_type, label_smoothing=d.label_smoothing)
-  total = masked(losses)
+  total = pairs.total(losses)
   if d.rpo_alpha:  # RPO: TRL's loss_type=["sigmoid", "sft"], loss_weights=[1, rpo_alpha]:
     # the NLL of every chosen token in the batch, one token mean (times the pairs: the
     # step divides this sum by them)
-    chosen_nll = masked(-policy[..., 1]) / jnp.maximum(masked(tokens[..., 1]), 1.0)
-    total = total + d.rpo_alpha * chosen_nll * pairs
+    total = total + d.rpo_alpha * chosen_nll_mean(nll_BT, batch) * pairs.count
   # logged from sums whatever the loss (as TRL logs them, IPO included)
   chosen_rewards = d.beta * (policy[..., 1] - ref[..., 1])
   rejected_rewards = d.beta * (policy[..., 0] - ref[..., 0])
-  sums = {"loss": total, "rewards/chosen": masked(chosen_rewards),
-          "rewards/rejected": masked(rejected_rewards),
-          "rewards/accuracies": masked((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-          "rewards/margins": masked(chosen_rewards - rejected_rewards),
-          "logps/chosen": masked(policy[..., 1]), "logps/rejected": masked(policy[..., 0]),
+  sums = {"loss": total,
+          **preference_metrics(pairs, chosen_rewards, rejected_rewards, policy[..., 1],
+                               policy[..., 0]),
           # the policy itself prefers the chosen completion (at step 0: the reference does)
-          "preference_accuracy": masked((policy[..., 1] > policy[..., 0]).astype(jnp.float32)),
-          "weight": pairs}
-  return with_aux(total, sums, aux, pairs)
+          "preference_accuracy": pairs.total((policy[..., 1] > policy[..., 0])
+                                             .astype(jnp.float32)),
+          "weight": pairs.count}
+  return with_aux(total, sums, aux, pairs.count)
 
 
 class ReferencedBatches(PackedBatches):
@@ -94,8 +80,10 @@ class ReferencedBatches(PackedBatches):
   or computed per batch ("live"; a LoRA run's reference is its own base, any other run
   keeps a copy of the starting weights)."""
 
+  section = "dpo"  # the config section whose `reference` says which (train.<section>)
+
   def __init__(self, objective, run):
-    self.live = run.config.train.dpo.reference == "live"
+    self.live = run.config.train[self.section].reference == "live"
     if not self.live:
       reference.attach(run.config, run.workdir.data, run.corpus, run.model, run.initial_params,
                        run.batch_sharding.mesh, run.batch_sharding, run.param_shardings)
@@ -130,5 +118,5 @@ def check(config) -> None:
 
 
 OBJECTIVE = Objective(loss=dpo_loss, data=PreferencePairs(),
-                      fields={"pair_ids": "int32", "chosen": "int32", "ref_logp": "float32"},
+                      fields={**PAIR_FIELDS, "ref_logp": "float32"},
                       batches=ReferencedBatches, check=check)

@@ -11,7 +11,7 @@ from llm.config import check_range
 from llm.data.preference import PreferencePairs
 from llm.model import forward
 from llm.objectives.base import Objective, validation_metrics, with_aux
-from llm.objectives.dpo import pair_sums
+from llm.objectives.pairs import PAIR_FIELDS, Pairs, pair_sums
 
 
 def bradley_terry_losses(chosen, rejected, center_coefficient: float = 0.0, margin=0.0):
@@ -32,26 +32,22 @@ def reward_loss(params, batch, *, model, config, rng=None):
   batch, averaged over the batches logged, as TRL averages them)."""
   scores_BT, aux = forward(model, params, batch, rng)
   rewards = pair_sums(scores_BT, batch)  # [B, P + 1, 2]: the one masked token's score
-  marked = pair_sums(jnp.ones_like(scores_BT), batch)
-  valid = (marked[..., 0] > 0) & (marked[..., 1] > 0)
+  pairs = Pairs.of(batch)
   chosen, rejected = rewards[..., 1], rewards[..., 0]
   margin = pair_sums(batch["margin"], batch)[..., 1]  # the pair's margin (0 if none given)
   losses = bradley_terry_losses(chosen, rejected, config.train.reward.center_coefficient,
                                 margin)
-  masked = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731
-  pairs = jnp.sum(valid).astype(jnp.float32)
+  masked, n = pairs.total, pairs.count
   total = masked(losses)
   both = jnp.stack([chosen, rejected], -1)
-  valid2 = jnp.stack([valid, valid], -1)
+  valid2 = jnp.stack([pairs.valid, pairs.valid], -1)
   sums = {"loss": total, "accuracy": masked((chosen > rejected).astype(jnp.float32)),
           "margin": masked(chosen - rejected), "mean_reward": masked((chosen + rejected) / 2),
           # the batch's extremes, times the weight (the step divides every sum by it)
-          "min_reward": jnp.where(pairs > 0, pairs * jnp.min(jnp.where(valid2, both, jnp.inf)),
-                                  0.0),
-          "max_reward": jnp.where(pairs > 0, pairs * jnp.max(jnp.where(valid2, both, -jnp.inf)),
-                                  0.0),
-          "weight": pairs}
-  return with_aux(total, sums, aux, pairs)
+          "min_reward": jnp.where(n > 0, n * jnp.min(jnp.where(valid2, both, jnp.inf)), 0.0),
+          "max_reward": jnp.where(n > 0, n * jnp.max(jnp.where(valid2, both, -jnp.inf)), 0.0),
+          "weight": n}
+  return with_aux(total, sums, aux, n)
 
 
 def check(config) -> None:
@@ -59,5 +55,5 @@ def check(config) -> None:
 
 
 OBJECTIVE = Objective(loss=reward_loss, data=PreferencePairs(score_last=True),
-                      fields={"pair_ids": "int32", "chosen": "int32", "margin": "float32"},
+                      fields={**PAIR_FIELDS, "margin": "float32"},
                       head="score", heldout=validation_metrics, check=check)

@@ -163,8 +163,9 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   if jax.process_index() == 0:  # only once the run has really started or resumed
     wd.write_config(config)
   t0 = time.perf_counter()
-  step_fn = jit_train_step(config, run.loss, tx, shardings, batch_sharding).lower(
-      state, objective.abstract_batch(config, batch_sharding)).compile()
+  step_fn = jit_train_step(config, run.loss, tx, shardings, batch_sharding,
+                           source.frozen_shardings if source.frozen else None).lower(
+      state, objective.abstract_batch(config, batch_sharding), *source.frozen).compile()
   compile_seconds = time.perf_counter() - t0
   writer = MetricsWriter(wd.path, config.train.steps, enabled=jax.process_index() == 0,
                          train_cfg=config.train, config_dict=config.to_dict(), first_step=step)
@@ -210,7 +211,7 @@ def _run_steps(config, state, step, step_fn, source, ckpt, writer, stop, rates, 
             flush=True)
   t_last, step_last = time.perf_counter(), step
   while step < total_steps and not stopped_early:
-    state, metrics = step_fn(state, source.next(state, step))
+    state, metrics = step_fn(state, source.next(state, step), *source.frozen)
     step += 1
     skips_in_a_row = 0 if int(metrics["step_finite"]) else skips_in_a_row + 1
     if skips_in_a_row >= t.max_consecutive_skips:

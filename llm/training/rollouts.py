@@ -44,6 +44,7 @@ class Rollouts:
   iterator yields train.batch_size / num_generations prompt indices per round."""
 
   evaluate_first = True  # the held-out reward where training starts
+  frozen, frozen_shardings = (), None  # the loss reads nothing else
 
   def __init__(self, objective, run):
     if jax.process_count() > 1:

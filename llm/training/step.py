@@ -21,15 +21,16 @@ def microbatches(batch, n: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_accum: int,
-               frozen_base: bool = False, dropout_seed: int | None = None):
+def train_step(state: TrainState, batch, frozen_inputs=None, *, objective, tx, lr_schedule,
+               grad_accum: int, frozen_base: bool = False, dropout_seed: int | None = None):
   """One optimizer step on `objective(params, batch) -> (total, sums)` (see llm.objectives.base).
   With `frozen_base` (LoRA) only the adapters are differentiated and updated (`tx` and
   the optimizer state cover them alone); the base passes through untouched (it may even
   be stored quantized). A step whose loss, gradients or update are not finite leaves
   params and optimizer state unchanged and counts as skipped. With `dropout_seed` the
   objective gets `rng=`, a key of (seed, step, microbatch): a resumed run draws the same
-  dropout masks."""
+  dropout masks. `frozen_inputs` (e.g. a teacher's params) reach the objective as
+  `frozen=`, whole in every microbatch, and get no gradient."""
   frozen, trainable = lora.split(state.params) if frozen_base else (None, state.params)
   on_params = objective if not frozen_base else (
       lambda t, b, **kw: objective(lora.join(frozen, t), b, **kw))
@@ -38,6 +39,8 @@ def train_step(state: TrainState, batch, *, objective, tx, lr_schedule, grad_acc
 
   def loss_fn(t, b, i):  # i: the microbatch, for its dropout key
     kw = {} if step_key is None else {"rng": jax.random.fold_in(step_key, i)}
+    if frozen_inputs is not None:
+      kw["frozen"] = frozen_inputs
     return on_params(t, b, **kw)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -84,10 +87,12 @@ def check_batch(config, mesh) -> None:
                      f"mesh.sequence={mesh.shape['sequence']}")
 
 
-def jit_train_step(config, loss, tx, shardings, batch_sharding):
+def jit_train_step(config, loss, tx, shardings, batch_sharding, frozen_shardings=None):
   """The train step for `config` minimising `loss` (the objective bound to its model:
-  llm.objectives.loss_fn), jitted with the state's and batch's shardings (the state is
-  donated): what the loop runs and what llm.plan compiles for a topology."""
+  llm.objectives.loss_fn), jitted with the state's and batch's shardings (and those of the
+  frozen inputs, when the objective has any; the state is donated): what the loop runs
+  and what llm.plan compiles for a topology."""
+  frozen = () if frozen_shardings is None else (frozen_shardings,)
   return jax.jit(
       functools.partial(train_step, objective=loss, tx=tx,
                         lr_schedule=schedule(config.optim, config.train.steps),
@@ -95,5 +100,5 @@ def jit_train_step(config, loss, tx, shardings, batch_sharding):
                         frozen_base=bool(config.model.lora.rank),
                         dropout_seed=config.seed if config.model.lora.rank and
                         config.model.lora.dropout else None),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+      in_shardings=(shardings, batch_sharding, *frozen), out_shardings=(shardings, None),
       donate_argnums=0)
