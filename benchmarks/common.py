@@ -1,5 +1,6 @@
 """What the benchmark scripts share: timing, describing the machine, and appending a
-result with its exact command to BENCHMARKS.md, random params of a model config. (Config
+result with its exact command to BENCHMARKS.md, random params of a model config and random
+prompts. (Config
 files load with llm.config.load_config.)"""
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def random_params(model_cfg):
   from llm.model import init_params, make_model, unbox
   model = make_model(model_cfg)
   return jax.jit(lambda: unbox(init_params(model, jax.random.key(0))))()
+
+
+def random_prompts(vocab_size: int, n: int, min_len: int, max_len: int) -> list[list[int]]:
+  """`n` prompts of random token ids (3 and up: past the special ids) and random lengths
+  in [min_len, max_len], seed 0."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  return [rng.integers(3, vocab_size, int(length)).tolist()
+          for length in rng.integers(min_len, max_len + 1, n)]
 
 
 def machine() -> str:

@@ -15,12 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_result, machine, random_params  # noqa: E402
+from benchmarks.common import append_result, machine, random_params, random_prompts  # noqa: E402
 from llm.config import load_config  # noqa: E402
 from llm.inference import Decoder, SamplingParams  # noqa: E402
 
@@ -36,9 +34,7 @@ def main():
   args = p.parse_args()
   cfg = load_config(args.config, check=False)
   params = random_params(cfg.model)
-  rng = np.random.default_rng(0)
-  prompts = [rng.integers(3, cfg.model.vocab_size, int(n)).tolist()
-             for n in rng.integers(args.min_len, args.max_len + 1, args.prompts)]
+  prompts = random_prompts(cfg.model.vocab_size, args.prompts, args.min_len, args.max_len)
   decoder = Decoder(cfg.model, params)
   times = []
   for _ in range(2):

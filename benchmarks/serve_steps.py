@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_result, machine, random_params  # noqa: E402
+from benchmarks.common import append_result, machine, random_params, random_prompts  # noqa: E402
 from llm.config import load_config  # noqa: E402
 from llm.serve.engine import Engine  # noqa: E402
 from llm.serve.request import SamplingOptions  # noqa: E402
@@ -51,9 +51,7 @@ def main():
   args = p.parse_args()
   cfg = load_config(args.config, check=False)
   params = random_params(cfg.model)
-  rng = np.random.default_rng(0)
-  prompts = [rng.integers(3, cfg.model.vocab_size, int(n)).tolist()
-             for n in rng.integers(32, 257, 16)]
+  prompts = random_prompts(cfg.model.vocab_size, 16, 32, 256)
   rows = [("paged attention (XLA)", *step_times(cfg, params, prompts, 64))]
   import llm.ops.attention.dispatch as dispatch
   real = dispatch.paged_attention
