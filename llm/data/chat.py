@@ -284,6 +284,21 @@ def _assistant_spans_in_render(messages: list[dict], text: str,
   return spans
 
 
+def render_ids(tokenizer, template: str, messages: list[dict], variables: dict,
+               add_generation_prompt: bool = False) -> np.ndarray:
+  """The token ids (int32) of a conversation rendered with `template`."""
+  text, _ = render(template, messages, variables, add_generation_prompt)
+  return np.asarray(tokenizer.encode_with_offsets(text)[0], np.int32)
+
+
+def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+  """How many leading token ids two sequences share (where a completion starts after its
+  tokenized prompt, as TRL 1.16 counts it)."""
+  n = min(len(a), len(b))
+  differ = np.flatnonzero(a[:n] != b[:n])
+  return int(differ[0]) if len(differ) else n
+
+
 def tokenize_chat(tokenizer, template: str, messages: list[dict],
                   loss_on: str = "assistant") -> tuple[np.ndarray, np.ndarray]:
   """(token ids int32, loss mask bool per token) of one conversation."""

@@ -126,19 +126,11 @@ def _tokenize_pair(tokenizer, template: str, chosen: list[dict], rejected: list[
   shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
                 min(len(chosen), len(rejected)))
 
-  def ids(messages, add_generation_prompt=False):
-    text, _ = chat.render(template, messages, variables, add_generation_prompt)
-    return np.asarray(tokenizer.encode_with_offsets(text)[0], np.int32)
-
-  prompt = ids(chosen[:shared], add_generation_prompt=True)
-  c_ids, r_ids = ids(chosen), ids(rejected)
-
-  def common(a, b):
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if len(differ) else n
-
-  start = min(common(prompt, c_ids), common(prompt, r_ids))
+  prompt = chat.render_ids(tokenizer, template, chosen[:shared], variables,
+                          add_generation_prompt=True)
+  c_ids = chat.render_ids(tokenizer, template, chosen, variables)
+  r_ids = chat.render_ids(tokenizer, template, rejected, variables)
+  start = min(chat.common_prefix_length(prompt, c_ids), chat.common_prefix_length(prompt, r_ids))
   return (c_ids, np.arange(len(c_ids)) >= start, r_ids, np.arange(len(r_ids)) >= start)
 
 

@@ -94,8 +94,8 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer, data_cfg,
   variables = chat.special_token_vars(tokenizer)
   kept, dropped = [], 0
   for p in prompts:
-    text, _ = chat.render(template, p.messages, variables, add_generation_prompt=True)
-    ids = np.asarray(tokenizer.encode_with_offsets(text)[0], np.int32)
+    ids = chat.render_ids(tokenizer, template, p.messages, variables,
+                          add_generation_prompt=True)
     if len(ids) == 0 or len(ids) + max_new_tokens > data_cfg.seq_len + 1:
       dropped += 1
       continue

@@ -69,19 +69,14 @@ def tokenize(examples, tokenizer, data_cfg):
   template = chat.template_for(data_cfg.chat, tokenizer)
   variables = chat.special_token_vars(tokenizer)
 
-  def ids(messages, add_generation_prompt=False):
-    text, _ = chat.render(template, messages, variables, add_generation_prompt)
-    return np.asarray(tokenizer.encode_with_offsets(text)[0], np.int32)
-
   out, dropped = [], Counter()
   for prompt, completion, desirable in examples:
     if not completion[-1]["content"].strip():
       dropped["an empty completion"] += 1
       continue
-    p, whole = ids(prompt, add_generation_prompt=True), ids(prompt + completion)
-    n = min(len(p), len(whole))
-    differ = np.flatnonzero(p[:n] != whole[:n])
-    start = int(differ[0]) if len(differ) else n
+    p = chat.render_ids(tokenizer, template, prompt, variables, add_generation_prompt=True)
+    whole = chat.render_ids(tokenizer, template, prompt + completion, variables)
+    start = chat.common_prefix_length(p, whole)
     if start == 0 or start == len(whole):
       dropped["no prompt or no completion token"] += 1
       continue

@@ -52,6 +52,14 @@ def with_aux(total, sums: dict, aux: Aux, weight):
   return total, sums
 
 
+def weighted_means(sums: list[dict]) -> tuple[dict, float]:
+  """(each metric's total over the batches' sums divided by the total weight, that
+  weight): a loss's `sums` read as training's eval_* reads them."""
+  totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
+  weight = totals.pop("weight")
+  return {k: v / max(weight, 1.0) for k, v in totals.items()}, weight
+
+
 def global_batch(local: dict, batch_sharding, keys) -> dict:
   """Assembles each process's rows into global arrays laid out on the mesh."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
@@ -124,10 +132,9 @@ class PackedBatches:
     return global_batch(next(self.iterator), self.run.batch_sharding, self.keys)
 
   def evaluate(self, params) -> dict:
-    sums = [jax.device_get(self.eval_fn(params, b, *self.frozen)[1]) for b in self.val]
-    totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
-    weight = max(totals.pop("weight"), 1.0)
-    out = {f"eval_{k}": v / weight for k, v in totals.items()}
+    means, _ = weighted_means(
+        [jax.device_get(self.eval_fn(params, b, *self.frozen)[1]) for b in self.val])
+    out = {f"eval_{k}": v for k, v in means.items()}
     unigram = self.run.corpus.unigram_loss
     if np.isfinite(unigram):  # next-token targets
       out["eval_perplexity"] = float(np.exp(min(out["eval_loss"], 50.0)))
@@ -161,15 +168,13 @@ def validation_metrics(objective: "Objective", config, params, tokenizer, workdi
   loss = jax.jit(functools.partial(objective.loss, model=make_model(config.model),
                                    config=config))
   keys = objective.batch_fields()
-  totals: dict = {}
+  sums = []
   for i in range(n_batches):
     index = range(i * batch_size, min((i + 1) * batch_size, len(rows)))
     batch = {k: jnp.asarray(np.stack([rows[j][k] for j in index])) for k in keys}
-    for k, v in jax.device_get(loss(params, batch)[1]).items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  weight = totals.pop("weight")
-  out = {k: v / max(weight, 1.0) for k, v in totals.items()}
-  return {**out, "weight": int(weight), "rows": min(n_batches * batch_size, len(rows)),
+    sums.append(jax.device_get(loss(params, batch)[1]))
+  means, weight = weighted_means(sums)
+  return {**means, "weight": int(weight), "rows": min(n_batches * batch_size, len(rows)),
           "val_rows": len(rows)}
 
 

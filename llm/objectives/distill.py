@@ -28,8 +28,7 @@ from llm.config import check_range
 from llm.convert import hf
 from llm.convert.__main__ import read_hf_config
 from llm.data import chat
-from llm.data.packing import assign_rows, empty_rows, place
-from llm.data.sft import CHAT_EXAMPLES
+from llm.data.sft import CHAT_EXAMPLES, pack
 from llm.inference.decoder import Decoder
 from llm.inference.sampling import SamplingParams
 from llm.model import forward, init_params, make_model, unbox
@@ -80,8 +79,11 @@ def _teacher_source(path: str):
 
   def load(target):
     params = hf.hf_to_params(hf.SafetensorsReader(path), cfg.model)
-    return jax.tree.map(lambda a, t: jax.make_array_from_callback(
-        t.shape, t.sharding, lambda index: np.asarray(a, t.dtype)[index]), params, target)
+    def place_on_mesh(a, t):
+      a = np.asarray(a, t.dtype)  # once per leaf, not per shard
+      return jax.make_array_from_callback(t.shape, t.sharding, lambda index: a[index])
+
+    return jax.tree.map(place_on_mesh, params, target)
 
   return cfg.model, tok, load
 
@@ -173,14 +175,12 @@ class DistillBatches(PackedBatches):
         seed=self.run.config.seed * 1_000_003 + step, eos_id=self.stop, keep_stop=True)
     ids = [np.concatenate([p, np.asarray(c, np.int32)]) for p, c in zip(prompts, completions)]
     masks = [np.arange(len(x)) >= len(p) for x, p in zip(ids, prompts)]
-    n_rows = len(rows["inputs"])
-    packed = assign_rows([len(x) - 1 for x in ids], seq_len)[:n_rows]  # the rest: next time
-    out = empty_rows(n_rows, seq_len)
-    for r, members in enumerate(packed):
-      pos = 0
-      for segment, i in enumerate(members, 1):
-        pos = place(out, r, pos, segment, ids[i], masks[i]).stop
-    return out
+    packed = pack(ids, masks, seq_len)
+    n_rows, kept = len(rows["inputs"]), len(packed["inputs"])
+    if kept >= n_rows:  # the rows that fit the batch (the rest: next time)
+      return {k: v[:n_rows] for k, v in packed.items()}
+    return {k: np.concatenate([v, np.zeros((n_rows - kept, *v.shape[1:]), v.dtype)])
+            for k, v in packed.items()}  # padding rows: segment 0, no loss
 
 
 def check(config) -> None:

@@ -15,21 +15,17 @@ from llm.data.unpaired import UNPAIRED_FIELDS, UnpairedExamples
 from llm.model.transformer import target_nll
 from llm.objectives.base import Objective, with_aux
 from llm.objectives.dpo import ReferencedBatches
+from llm.objectives.pairs import group_sums
 
 # train.kto.loss_type: "kto", or APO-zero's unpaired form (no KL term, no KL sequences)
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 def example_sums(value_BT, batch):
-  """Per (row, example, sequence) sums of a per-token value over the loss mask: [B, E + 1,
+  """Per (row, example, sequence) sums of a per-token value over the loss mask: [B, T + 1,
   2] (example 0 is padding; sequence 0 is the example's own completion, 1 its KL
   sequence's)."""
-  b, t = value_BT.shape
-  n = t // 2 + 1
-  index = (jnp.arange(b)[:, None] * n + batch["example_ids"]) * 2 + batch["kl"]
-  sums = jax.ops.segment_sum((value_BT * batch["loss_mask"]).reshape(-1), index.reshape(-1),
-                             num_segments=b * n * 2)
-  return sums.reshape(b, n, 2)
+  return group_sums(value_BT, batch["loss_mask"], batch["example_ids"], batch["kl"])
 
 
 def kto_losses(logratio, kl, desirable, *, beta: float, loss_type: str = "kto",

@@ -17,22 +17,29 @@ import jax.numpy as jnp
 PAIR_FIELDS = {"pair_ids": "int32", "chosen": "int32"}
 
 
+def group_sums(value_BT, mask_BT, group_BT, side_BT):
+  """Per (row, group, side) sums of a per-token value over `mask_BT`: [B, T + 1, 2], where
+  `group_BT` numbers the groups of a row from 1 (0: padding; a group has at least one
+  token, so a row has at most T) and `side_BT` is 0 or 1."""
+  b, t = value_BT.shape
+  n_groups = t + 1
+  index = (jnp.arange(b)[:, None] * n_groups + group_BT) * 2 + side_BT
+  sums = jax.ops.segment_sum((value_BT * mask_BT).reshape(-1), index.reshape(-1),
+                             num_segments=b * n_groups * 2)
+  return sums.reshape(b, n_groups, 2)
+
+
 def pair_sums(value_BT, batch, mask_BT=None):
   """Per (row, pair, side) sums of a per-token value over `mask_BT` (default: the loss
-  mask): [B, P + 1, 2] (pair 0 is padding; side 1 is the chosen sequence, 0 the rejected)."""
-  b, t = value_BT.shape
-  n_pairs = t // 2 + 1
+  mask): [B, T + 1, 2] (pair 0 is padding; side 1 is the chosen sequence, 0 the rejected)."""
   mask_BT = batch["loss_mask"] if mask_BT is None else mask_BT
-  index = (jnp.arange(b)[:, None] * n_pairs + batch["pair_ids"]) * 2 + batch["chosen"]
-  sums = jax.ops.segment_sum((value_BT * mask_BT).reshape(-1), index.reshape(-1),
-                             num_segments=b * n_pairs * 2)
-  return sums.reshape(b, n_pairs, 2)
+  return group_sums(value_BT, mask_BT, batch["pair_ids"], batch["chosen"])
 
 
 @dataclasses.dataclass(frozen=True)
 class Pairs:
-  """The real pairs of a batch: `valid` [B, P + 1] (both sides have tokens in the loss
-  mask), `count` (how many, float: the objectives' weight) and `tokens` [B, P + 1, 2]
+  """The real pairs of a batch: `valid` [B, T + 1] (both sides have tokens in the loss
+  mask), `count` (how many, float: the objectives' weight) and `tokens` [B, T + 1, 2]
   (each side's tokens in the loss mask)."""
   valid: jax.Array
   count: jax.Array

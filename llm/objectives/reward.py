@@ -31,7 +31,7 @@ def reward_loss(params, batch, *, model, config, rng=None):
   r_chosen - r_rejected), mean_reward (over both sides), min_reward and max_reward (per
   batch, averaged over the batches logged, as TRL averages them)."""
   scores_BT, aux = forward(model, params, batch, rng)
-  rewards = pair_sums(scores_BT, batch)  # [B, P + 1, 2]: the one masked token's score
+  rewards = pair_sums(scores_BT, batch)  # [B, T + 1, 2]: the one masked token's score
   pairs = Pairs.of(batch)
   chosen, rejected = rewards[..., 1], rewards[..., 0]
   margin = pair_sums(batch["margin"], batch)[..., 1]  # the pair's margin (0 if none given)

@@ -27,6 +27,7 @@ from llm.config import comma_list
 from llm.data import chat, pipeline
 from llm.inference.decoder import Decoder
 from llm.inference.sampling import SamplingParams
+from llm.objectives.base import global_batch
 from llm.training import reference
 from llm.training.rewards import (REQUIRED_COLUMNS, REWARD_FUNCTIONS, group_advantages,
                                   weighted_rewards)
@@ -120,8 +121,7 @@ class Rollouts:
       self.rows, self.metrics = self._sample(state.params, [self.train_prompts[i] for i in indices],
                                              r)
       self.round = r
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in self.rows.items()}
+    return global_batch(self.rows, self.batch_sharding, self.rows)
 
   def _score(self, prompts, completions: list[str]) -> np.ndarray:
     """[N, F] rewards per function (then the reward model), NaN where one returns None."""
@@ -167,8 +167,7 @@ class Rollouts:
       rows["positions"][i, :length] = np.arange(length)
       rows["loss_mask"][i, len(p.ids) - 1:length] = 1.0
       rows["advantage"][i, :length] = advantages[i]
-    batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-             for k, v in rows.items()}
+    batch = global_batch(rows, self.batch_sharding, rows)
     if g.num_iterations > 1:
       rows["old_logp"] = np.asarray(self.logps.policy_logps(params, batch))
     if g.beta:
