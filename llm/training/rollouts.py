@@ -18,7 +18,6 @@ round's rows in DIR/rollouts/<step>.npz, which a resumed run trains on again.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import jax
 import numpy as np
