@@ -48,6 +48,9 @@ CHOICES = {
     "train.grpo.loss_type": "llm.objectives.grpo:LOSS_TYPES",
     "train.grpo.importance_sampling_level": "llm.objectives.grpo:IMPORTANCE_SAMPLING_LEVELS",
     "train.grpo.scale_rewards": "llm.training.rewards:SCALE_REWARDS",
+    "train.grpo.old_logps": "llm.training.rollouts:OLD_LOGPS",
+    "train.grpo.importance_sampling_correction": "llm.training.rollouts:IS_CORRECTIONS",
+    "train.sampler": "llm.training.samplers:SAMPLERS",
     "optim.schedule": "llm.training.optim:SCHEDULES",
     "train.progress": "llm.training.metrics:PROGRESS",
     "distributed.initialize": "llm.parallel.distributed:MODES",
@@ -192,6 +195,10 @@ def base_config() -> ml_collections.ConfigDict:
       # the LM head and cross-entropy run fused, this many positions per row at a time, so
       # the [B, T, V] logits never exist whole (llm.ops.cross_entropy); 0 = one chunk
       loss_chunk=128,
+      # how on-policy objectives (grpo; distill with lmbda > 0) complete prompts with the
+      # policy: engine (the serving engine, on the trainer's params) | decoder (static
+      # batches); llm/training/samplers.py
+      sampler="engine",
       log_every=10,
       eval_every=100,
       eval_batches=8,
@@ -267,6 +274,17 @@ def base_config() -> ml_collections.ConfigDict:
           epsilon=0.2,  # importance-ratio clip: [1 - epsilon, 1 + epsilon_high]
           epsilon_high=0.0,  # 0: epsilon
           num_iterations=1,  # optimizer steps per sampled batch (mu)
+          # the importance ratio's denominator: trainer (a forward pass over each round,
+          # which also gives the sampler-vs-trainer parity metrics) | sampler (the engine's
+          # own log-probabilities: no pass; where the parity metrics show they agree)
+          old_logps="trainer",
+          # none | token_truncate | token_mask | sequence_truncate | sequence_mask: TRL's
+          # vllm_importance_sampling_mode, weighting each token's policy loss by
+          # exp(trainer - sampler logp), clipped (truncate) or zeroed (mask) outside
+          # [clip_min, clip_max] (0: no lower bound); needs train.sampler=engine
+          importance_sampling_correction="none",
+          importance_sampling_clip_max=3.0,
+          importance_sampling_clip_min=0.0,
           eval_prompts=64,  # held-out prompts answered greedily at each evaluation
       )),
   ))

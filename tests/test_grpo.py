@@ -56,9 +56,10 @@ def test_group_advantages_are_trls(scale):
 
 
 def _trl_loss(logp, old, ref, adv, mask, *, loss_type, level, bias_correction_kl, beta,
-              eps_low, eps_high, max_len):
+              eps_low, eps_high, max_len, is_ratio=None):
   """GRPOTrainer._compute_loss of TRL 1.16, its formulas on torch tensors (one process,
-  no accumulation): (loss, per-token KL, low-clipped, high-clipped)."""
+  no accumulation): (loss, per-token KL, low-clipped, high-clipped). `is_ratio`: its vLLM
+  importance-sampling correction, applied to the policy loss before the KL is added."""
   log_ratio = logp - old
   if level == "sequence":
     log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
@@ -67,7 +68,10 @@ def _trl_loss(logp, old, ref, adv, mask, *, loss_type, level, bias_correction_kl
   if bias_correction_kl:
     kl = kl * coef_1
   coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
-  per_token = -torch.min(coef_1 * adv, coef_2 * adv) + beta * kl
+  per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+  if is_ratio is not None:
+    per_token = per_token * is_ratio
+  per_token = per_token + beta * kl
   if loss_type == "grpo":
     loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
   elif loss_type == "bnpo":
@@ -118,6 +122,111 @@ def test_token_losses_aggregation_and_gradients_are_trls(loss_type, level):
               bias_correction_kl=bias, max_len=max_len, **kw)[0].backward()
     grad = jax.grad(lambda x: ours(x, jax.lax.stop_gradient(x), bias)[0])(J(logp))
     np.testing.assert_allclose(np.asarray(grad), lp.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def _trl_is_ratio(old, sampling, mask, mode, clip_min, clip_max):
+  """TRL 1.16's GRPOTrainer._generate_and_score_completions, its vLLM importance-sampling
+  correction (the lines that compute vllm_importance_sampling_ratio), on torch tensors."""
+  import math
+  diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+  if mode in ("sequence_mask", "sequence_truncate"):
+    diff = diff.sum(dim=-1, keepdim=True)
+  ratio = torch.exp(diff)
+  if mode in ("sequence_truncate", "token_truncate"):
+    return torch.clamp(ratio, min=clip_min, max=clip_max)
+  lo = clip_min if clip_min is not None else -math.inf
+  hi = clip_max if clip_max is not None else math.inf
+  return ratio.masked_fill((ratio < lo) | (ratio > hi), value=0.0)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate",
+                                  "sequence_mask"])
+def test_sampler_correction_is_trls(mode):
+  """The importance-sampling correction for a sampler that is not the trainer
+  (train.grpo.importance_sampling_correction) and the loss it weighs, against TRL 1.16."""
+  from llm.training.rollouts import importance_sampling_ratio
+  rng = np.random.default_rng(3)
+  b, t = 12, 10
+  logp, old, ref = (rng.normal(-2, 0.4, (b, t)).astype(np.float32) for _ in range(3))
+  sampling = old + rng.normal(0, 0.5 if "token" in mode else 0.3, (b, t)).astype(np.float32)
+  adv = np.repeat(rng.normal(size=(b, 1)), t, 1).astype(np.float32)
+  mask = (np.arange(t)[None] >= rng.integers(1, 5, (b, 1))).astype(np.float32)
+  T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+  for clip_min, trl_min in ((0.0, None), (0.5, 0.5)):
+    ours = importance_sampling_ratio(old, sampling, mask, mode, clip_min, 2.0)
+    theirs = _trl_is_ratio(T(old), T(sampling), T(mask), mode, trl_min, 2.0).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    assert 0 < (ours == (0.0 if "mask" in mode else 2.0)).sum() < ours.size  # both bounds bite
+  is_ratio = np.broadcast_to(ours, (b, t))
+  loss, *_ = grpo_token_losses(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(ref),
+                               jnp.asarray(adv), beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
+                               mask=jnp.asarray(mask), is_ratio=jnp.asarray(is_ratio))
+  total, weight = grpo_aggregate(loss, jnp.asarray(mask), "dapo", t)
+  expected = _trl_loss(T(logp), T(old), T(ref), T(adv), T(mask), loss_type="dapo",
+                       level="token", bias_correction_kl=True, beta=0.04, eps_low=0.2,
+                       eps_high=0.2, max_len=t, is_ratio=T(is_ratio))[0]
+  np.testing.assert_allclose(float(total / weight), expected.item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_engine_samples_rounds_with_the_trainers_params_and_log_probabilities(dtype):
+  """The engine sampler (llm.training.samplers) reads the trainer's arrays in place (an
+  unscanned model: nothing copied), shares each prompt's pages among its samples, gives
+  the static decoder's greedy tokens, and reports per sampled token the log-probability
+  the trainer computes for it (logits / temperature): within 1e-5 in fp32."""
+  from llm.model import init_params, make_model, unbox
+  from llm.training.reference import reference_logps
+  from llm.training.samplers import DecoderSampler, EngineSampler
+  from llm.inference.sampling import SamplingParams
+  from tests.helpers import tiny_config
+  cfg = tiny_config().model
+  cfg.update(scan_layers=False, dtype=dtype)
+  model = make_model(cfg)
+  params = unbox(init_params(model, jax.random.key(0), 8))
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(3, 500, int(n)).tolist() for n in (20, 7, 33)]
+  engine = EngineSampler(cfg, None, (), max_model_len=64, max_num_seqs=12)
+  sampling = SamplingParams(temperature=0.7, top_k=0, top_p=1.0)
+  stop = [engine.generate(params, prompts, 4, 12, sampling, seed=5).ids[0][4]]
+  engine.stop = tuple(stop)  # the same draws end the first completion at its 5th token
+  e = engine.engine
+  before = dict(e.counters)
+  out = engine.generate(params, prompts, 4, 12, sampling, seed=5)
+  assert len(out.ids[0]) == 5 and out.ids[0][-1] == stop[0]  # kept, with its logp
+  assert [len(x) for x in out.logps] == [len(x) for x in out.ids]
+  assert e.runner.params is None  # not held between rounds
+  # each prompt ran once: samples 2-4 forked from the first's last position and pages
+  assert e.counters["forked_samples"] - before["forked_samples"] == 3 * 3
+  assert e.counters["batched_tokens"] - before["batched_tokens"] == (
+      sum(map(len, prompts)) + sum(len(c) - 1 for c in out.ids))
+  again = engine.generate(params, prompts, 4, 12, sampling, seed=5)
+  assert again.ids == out.ids  # a round sampled again is the same
+  assert [np.asarray(a).tobytes() for a in again.logps] == [a.tobytes() for a in out.logps]
+  # in place: the runner's leaves are the caller's arrays
+  e.set_params(params)
+  assert all(a is b for a, b in zip(jax.tree.leaves(e.runner.params), jax.tree.leaves(params)))
+  e.set_params(None)
+  rows = [p + out.ids[i * 4 + j] for i, p in enumerate(prompts) for j in range(4)]
+  width = max(map(len, rows))
+  tokens = np.zeros((len(rows), width + 1), np.int32)
+  for i, r in enumerate(rows):
+    tokens[i, :len(r)] = r
+  batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+           "segment_ids": jnp.asarray((np.arange(width)[None] < np.asarray(
+               [len(r) - 1 for r in rows])[:, None]).astype(np.int32)),
+           "positions": jnp.broadcast_to(jnp.arange(width), (len(rows), width))}
+  trainer = np.asarray(reference_logps(params, batch, model=model, temperature=0.7))
+  diffs = []
+  for i, r in enumerate(rows):
+    p = len(prompts[i // 4])
+    diffs.append(np.abs(trainer[i, p - 1:len(r) - 1] - out.logps[i]))
+  diff = np.concatenate(diffs)
+  print(dtype, "max |sampler - trainer| logp", diff.max(), "mean", diff.mean())
+  assert diff.max() < (1e-5 if dtype == "float32" else 0.1)
+  greedy = SamplingParams(temperature=0.0)
+  if dtype == "float32":
+    decoded = DecoderSampler(cfg, None, stop, 64, 3).generate(params, prompts, 1, 12, greedy, 0)
+    assert engine.generate(params, prompts, 1, 12, greedy, 0).ids == decoded.ids
 
 
 def test_scoring_uses_the_sampling_temperature():
@@ -191,6 +300,10 @@ def test_grpo_raises_held_out_reward_and_resumes_exactly_mid_round(config, tmp_p
                "frac_reward_zero_std"):
     assert name in last, name
   assert last["kl"] > 0
+  # the engine (the default sampler) and the trainer agree on the sampled tokens' logps
+  parity = [r["sampling/sampling_logp_difference/max"] for r in records
+            if "sampling/sampling_logp_difference/max" in r]
+  assert parity and max(parity) < 1e-5, parity
   config.train.steps = 3  # a checkpoint in the middle of round 1 (steps 2 and 3)
   train(config, tmp_path / "resumed", devices=devices)
   assert (tmp_path / "resumed" / "rollouts" / "3.npz").is_file()
@@ -218,6 +331,21 @@ def test_grpo_config_errors(config):
     config_lib.validate(config)
   config.train.grpo.update(reward_weights="", max_new_tokens=config.data.seq_len)
   with pytest.raises(ValueError, match="train.grpo.max_new_tokens"):
+    config_lib.validate(config)
+  config.train.grpo.update(max_new_tokens=8, old_logps="sampler")
+  config.train.sampler = "decoder"
+  with pytest.raises(ValueError, match="old_logps='sampler' needs the sampler's log-prob.*"
+                                       "train.sampler='decoder'"):
+    config_lib.validate(config)
+  config.train.sampler = "engine"
+  config.train.grpo.importance_sampling_correction = "token_truncate"
+  with pytest.raises(ValueError, match="computes none of the trainer's"):
+    config_lib.validate(config)
+  config.train.grpo.update(old_logps="trainer", importance_sampling_clip_min=3.0)
+  with pytest.raises(ValueError, match="importance_sampling_clip_min=3.0 must be in"):
+    config_lib.validate(config)
+  config.train.grpo.update(importance_sampling_clip_min=0.0, importance_sampling_correction="x")
+  with pytest.raises(ValueError, match="importance_sampling_correction"):
     config_lib.validate(config)
 
 
@@ -278,3 +406,41 @@ def test_lora_grpo_keeps_no_reference_copy_its_base_is_the_reference(config, tmp
              if "kl" in r}
   assert records[1]["kl"] == pytest.approx(0.0, abs=1e-6)
   assert records[2]["kl"] > 1e-6
+
+
+@pytest.mark.parametrize("old_logps,correction", [("sampler", "none"),
+                                                  ("trainer", "sequence_truncate")])
+def test_old_logps_from_the_sampler_skip_the_trainers_pass(config, tmp_path, monkeypatch,
+                                                           old_logps, correction):
+  """train.grpo.old_logps="sampler": the engine's log-probabilities are the importance
+  ratio's denominator and the trainer makes no pass over the round (nor logs parity); with
+  the trainer's and a correction, the ratios are logged (1 here: the two agree)."""
+  from llm.training import reference
+  calls = []
+  init = reference.LiveReference.__init__
+
+  def counting(self, *a, **k):
+    init(self, *a, **k)
+    fn = self.policy_logps
+    self.policy_logps = lambda *x: (calls.append(1), fn(*x))[1]
+  monkeypatch.setattr(reference.LiveReference, "__init__", counting)
+  with open(tmp_path / "prompts.jsonl", "w") as f:
+    for i in range(20):
+      f.write(json.dumps({"prompt": f"Say {i}", "answer": str(i)}) + "\n")
+  config.train.update(objective="grpo", steps=2, batch_size=8, checkpoint_every=2,
+                      eval_every=2, log_every=1)
+  config.train.grpo.update(num_generations=4, max_new_tokens=6, rewards="similarity",
+                           beta=0.0, num_iterations=2, eval_prompts=2, old_logps=old_logps,
+                           importance_sampling_correction=correction)
+  config.data.update(source="jsonl", paths=str(tmp_path / "prompts.jsonl"), seq_len=32,
+                     val_fraction=0.1)
+  config.data.chat.template = "mistral"
+  train(config, tmp_path / "run", devices=jax.devices()[:1])
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  first = next(r for r in records if r.get("step") == 1 and "loss" in r)
+  assert len(calls) == (old_logps == "trainer")  # one round, one pass (or none)
+  assert ("sampling/sampling_logp_difference/max" in first) == (old_logps == "trainer")
+  if correction != "none":
+    for name in ("min", "mean", "max"):
+      assert first[f"sampling/importance_sampling_ratio/{name}"] == pytest.approx(1.0, abs=1e-4)
+  assert first["clip_ratio/region_mean"] == 0.0  # the first step: old = the policy

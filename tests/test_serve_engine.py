@@ -46,8 +46,8 @@ def _hf_greedy(model, prompt, n):
 
 
 def _engine(config, params, **kw):
-  kw = dict(page_size=4, num_pages=40, max_num_batched_tokens=24, max_num_seqs=6,
-            max_model_len=96, buckets=(8, 24), **kw)
+  kw = {**dict(page_size=4, num_pages=40, max_num_batched_tokens=24, max_num_seqs=6,
+              max_model_len=96, buckets=(8, 24)), **kw}
   return Engine(config.model, params, **kw)
 
 
@@ -153,8 +153,29 @@ def test_async_engine_streams_n_samples_sharing_the_prompt_and_aborts_when_left(
   assert outs[-1].finished
   per_sample = [sum((o.outputs[i].token_ids for o in outs), []) for i in range(3)]
   assert all(len(s) == 5 for s in per_sample) and len({tuple(s) for s in per_sample}) > 1
-  assert engine.pool.hit_tokens >= 2 * 16  # samples 2 and 3 found the prompt's pages
+  # samples 2 and 3 forked from the first at the prompt's end: the prompt ran once
+  assert engine.counters["forked_samples"] == 2
   assert engine.metrics()["pages_used"] == 0
+
+
+def test_samples_fork_from_the_first_as_rows_and_pages_allow(hf_and_ours):
+  """n samples of a prompt fork from the first at its last position (the prompt runs
+  once); those that find no free row wait and reuse the cached prompt pages instead.
+  Either way a seeded sample's tokens are those of the same sample with room for all."""
+  _, config, params, _ = hf_and_ours
+  prompt = list(range(1, 19))
+  options = SamplingOptions(max_tokens=6, temperature=1.0, n=5, seed=11, ignore_eos=True)
+  roomy = _engine(config, params, warm_up=False)
+  tight = _engine(config, params, warm_up=False, max_num_seqs=3)
+  outs = {}
+  for name, engine in (("roomy", roomy), ("tight", tight)):
+    (out,) = engine.generate([prompt], [options])
+    outs[name] = [s.token_ids for s in out.outputs]
+    assert engine.metrics()["pages_used"] == 0
+    engine.pool.check()
+  assert roomy.counters["forked_samples"] == 4 and tight.counters["forked_samples"] == 2
+  assert tight.pool.hit_tokens >= 2 * 16  # the two that waited found the prompt's pages
+  assert outs["tight"] == outs["roomy"] and len({tuple(t) for t in outs["roomy"]}) > 1
 
 
 def _full_forward_greedy(model, params, prompt, n):

@@ -95,16 +95,22 @@ def filter_logits_rows(logits_SV, temperature_S, top_k_S, top_p_S, min_p_S):
   logits_SV = logits_SV / jnp.where(temperature_S > 0, temperature_S, 1.0)[:, None]
   neg_inf = jnp.float32(-jnp.inf)
   vocab = logits_SV.shape[-1]
-  sorted_SV = jnp.sort(logits_SV, axis=-1)[:, ::-1]
   k_S = jnp.where((top_k_S > 0) & (top_k_S < vocab), top_k_S, vocab)
-  kth_S1 = jnp.take_along_axis(sorted_SV, (k_S - 1)[:, None], axis=-1)
-  logits_SV = jnp.where(logits_SV < kth_S1, neg_inf, logits_SV)
-  sorted_SV = jnp.where(jnp.arange(vocab)[None, :] < k_S[:, None], sorted_SV, neg_inf)
-  probs_SV = jax.nn.softmax(sorted_SV, axis=-1)
-  mass_before_SV = jnp.cumsum(probs_SV, axis=-1) - probs_SV
-  keep_S1 = jnp.sum(mass_before_SV < top_p_S[:, None], axis=-1, keepdims=True)
-  cutoff_S1 = jnp.take_along_axis(sorted_SV, jnp.maximum(keep_S1, 1) - 1, axis=-1)
-  logits_SV = jnp.where((top_p_S[:, None] < 1.0) & (logits_SV < cutoff_S1), neg_inf, logits_SV)
+
+  def truncate(logits_SV):  # top-k, then top-p, over the sorted logits
+    sorted_SV = jnp.sort(logits_SV, axis=-1)[:, ::-1]
+    kth_S1 = jnp.take_along_axis(sorted_SV, (k_S - 1)[:, None], axis=-1)
+    logits_SV = jnp.where(logits_SV < kth_S1, neg_inf, logits_SV)
+    sorted_SV = jnp.where(jnp.arange(vocab)[None, :] < k_S[:, None], sorted_SV, neg_inf)
+    probs_SV = jax.nn.softmax(sorted_SV, axis=-1)
+    mass_before_SV = jnp.cumsum(probs_SV, axis=-1) - probs_SV
+    keep_S1 = jnp.sum(mass_before_SV < top_p_S[:, None], axis=-1, keepdims=True)
+    cutoff_S1 = jnp.take_along_axis(sorted_SV, jnp.maximum(keep_S1, 1) - 1, axis=-1)
+    return jnp.where((top_p_S[:, None] < 1.0) & (logits_SV < cutoff_S1), neg_inf, logits_SV)
+
+  # the sort only when some row truncates (it is most of a small model's sampling time)
+  logits_SV = jax.lax.cond(jnp.any((k_S < vocab) | (top_p_S < 1.0)), truncate, lambda x: x,
+                           logits_SV)
   probs_SV = jax.nn.softmax(logits_SV, axis=-1)
   threshold_S1 = min_p_S[:, None] * jnp.max(probs_SV, axis=-1, keepdims=True)
   return jnp.where(probs_SV < threshold_S1, neg_inf, logits_SV)
@@ -128,8 +134,12 @@ def sample_rows(keys_S, logits_SV, rows: dict):
   top_p, min_p, repetition, presence, frequency, top_logprobs (alternatives wanted);
   counts [S, V] and seen [S, V]; allowed [S, V]: the tokens a row's grammar allows) and its
   own key, so a row's draw does not depend on the others. Log-probabilities are the
-  model's, before penalties and filtering (as vLLM reports them)."""
-  logprobs_SV = jax.nn.log_softmax(logits_SV.astype(jnp.float32), axis=-1)
+  model's, before penalties and filtering (as vLLM reports them); a row with
+  `scaled_logprobs` set gets those of logits / its temperature instead (when positive), as
+  an RL trainer scores its samples (llm.training.samplers)."""
+  divisor_S1 = jnp.where((rows["scaled_logprobs"] > 0) & (rows["temperature"] > 0),
+                         rows["temperature"], 1.0)[:, None]
+  logprobs_SV = jax.nn.log_softmax(logits_SV.astype(jnp.float32) / divisor_S1, axis=-1)
   penalised_SV = penalize_rows(logits_SV, rows["counts"], rows["seen"], rows["repetition"],
                                rows["presence"], rows["frequency"])
   penalised_SV = jnp.where(rows["allowed"], penalised_SV, -jnp.inf)

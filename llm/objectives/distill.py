@@ -10,8 +10,8 @@ that mixture weight; llm.ops.divergence, both heads fused and chunked), one toke
 over the batch, as TRL's generalized_jsd_loss reduces it ("batchmean" over the tokens).
 On-policy (train.distill.lmbda, GKD's): at each step, with that probability (drawn from
 the seed and the step, so a resumed run draws the same), the batch's completions are
-replaced by the student's own samples (train.distill.temperature,
-train.distill.max_new_tokens) before the loss reads them.
+replaced by the student's own samples (drawn by train.sampler, llm.training.samplers;
+train.distill.temperature, train.distill.max_new_tokens) before the loss reads them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from llm.convert import hf
 from llm.convert.__main__ import read_hf_config
 from llm.data import chat
 from llm.data.sft import CHAT_EXAMPLES, pack
-from llm.inference.decoder import Decoder
 from llm.inference.sampling import SamplingParams
 from llm.model import forward, init_params, make_model, unbox
 from llm.model.transformer import unembedding
@@ -37,6 +36,7 @@ from llm.objectives.base import Objective, PackedBatches, global_batch, with_aux
 from llm.objectives.pretrain import perplexity
 from llm.ops.divergence import generalized_jsd
 from llm.parallel.rules import logical_to_sharding
+from llm.training.samplers import SAMPLERS
 from llm.workdir import Workdir, load_params
 
 
@@ -130,8 +130,9 @@ class DistillBatches(PackedBatches):
       print(f"distilling from {d.teacher} ({n:,} params, beta {d.beta}, on-policy fraction "
             f"lmbda {d.lmbda})", flush=True)
     super().__init__(objective, run)
-    self.stop = chat.stop_ids(run.corpus.tokenizer)
-    self.decoder = None
+    self.sampler = SAMPLERS[run.config.train.sampler](
+        run.config.model, mesh, chat.stop_ids(run.corpus.tokenizer),
+        max_model_len=run.config.data.seq_len, max_num_seqs=2 * run.config.train.batch_size)
 
   def evaluate(self, params) -> dict:
     """eval_loss: the mean divergence per held-out completion token (no perplexity: it is
@@ -167,12 +168,9 @@ class DistillBatches(PackedBatches):
         if len(learned):  # inputs up to and with the token before the first target
           prompts.append(np.asarray(rows["inputs"][r][where[:learned[0] + 1]]))
     prompts = [p[-(seq_len - d.max_new_tokens):] for p in prompts]
-    if self.decoder is None:
-      self.decoder = Decoder(self.run.config.model, None)
-    self.decoder.params = params
-    completions = self.decoder.generate(
-        [p.tolist() for p in prompts], d.max_new_tokens, SamplingParams(temperature=d.temperature),
-        seed=self.run.config.seed * 1_000_003 + step, eos_id=self.stop, keep_stop=True)
+    completions = self.sampler.generate(
+        params, prompts, 1, d.max_new_tokens, SamplingParams(temperature=d.temperature),
+        seed=self.run.config.seed * 1_000_003 + step).ids
     ids = [np.concatenate([p, np.asarray(c, np.int32)]) for p, c in zip(prompts, completions)]
     masks = [np.arange(len(x)) >= len(p) for x, p in zip(ids, prompts)]
     packed = pack(ids, masks, seq_len)

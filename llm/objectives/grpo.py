@@ -15,8 +15,9 @@ from llm.config import check_range, comma_list
 from llm.data.prompts import PROMPTS
 from llm.model.transformer import target_nll
 from llm.objectives.base import Objective, with_aux
+from llm.serve.request import MAX_N
 from llm.training.rewards import REWARD_FUNCTIONS
-from llm.training.rollouts import Rollouts
+from llm.training.rollouts import Rollouts, uses_old_logp
 
 # train.grpo.loss_type -> how per-token losses are averaged (see grpo_loss)
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
@@ -26,11 +27,12 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 def grpo_token_losses(logp, old_logp, ref_logp, advantage, *, beta: float, epsilon_low: float,
                       epsilon_high: float, mask=None, level: str = "token",
-                      bias_correction_kl: bool = True):
+                      bias_correction_kl: bool = True, is_ratio=None):
   """(per-token loss, per-token k3 KL, low-clipped, high-clipped) of GRPO as TRL 1.16
   computes them: the importance ratio r = exp(logp - old_logp) per token, or with
   level="sequence" (GSPO) exp of the mean of logp - old_logp over each row's `mask`ed
-  tokens, one per row; loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta x KL,
+  tokens, one per row; loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) x is_ratio
+  (the sampler correction, importance_sampling_ratio; None: 1) + beta x KL,
   KL = exp(ref - logp) - (ref - logp) - 1, times r with `bias_correction_kl` (TRL's
   use_bias_correction_kl, on by default: the unbiased reverse-KL gradient)."""
   log_ratio = logp - old_logp
@@ -40,6 +42,8 @@ def grpo_token_losses(logp, old_logp, ref_logp, advantage, *, beta: float, epsil
   ratio = jnp.exp(log_ratio)
   clipped = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
   loss = -jnp.minimum(ratio * advantage, clipped * advantage)
+  if is_ratio is not None:
+    loss = loss * is_ratio
   delta = ref_logp - logp
   kl = jnp.exp(delta) - delta - 1.0
   if bias_correction_kl:
@@ -70,9 +74,10 @@ def grpo_aggregate(loss_BT, mask_BT, loss_type: str, max_new_tokens: int):
 def grpo_loss(params, batch, *, model, config, rng=None):
   """Group relative policy optimisation on rollouts (llm.training.rollouts): one completion
   per row, its tokens in the loss mask, with per-token "advantage" (the completion's
-  group-normalised reward), "old_logp" (the sampling policy's; with num_iterations=1 the
-  policy's own, detached, as TRL does) and "ref_logp" (the reference's, for the KL
-  penalty). train.grpo.loss_type aggregates like TRL: dapo, sum over all completion tokens
+  group-normalised reward), "old_logp" (the sampling policy's, by the trainer or the
+  sampler, train.grpo.old_logps; unless uses_old_logp, the policy's own, detached, as TRL
+  does), "ref_logp" (the reference's, for the KL penalty) and "is_ratio" (the sampler
+  correction, train.grpo.importance_sampling_correction). train.grpo.loss_type aggregates like TRL: dapo, sum over all completion tokens
   / their count (weight: tokens); grpo, each completion's token mean, averaged (weight:
   completions); dr_grpo, sum / max_new_tokens per completion (weight: completions); bnpo,
   the batch's token mean (weight: 1 per batch). Log-probabilities are of logits /
@@ -84,12 +89,13 @@ def grpo_loss(params, batch, *, model, config, rng=None):
   nll_BT, aux = target_nll(model, params, batch, chunk_len=config.train.loss_chunk, rng=rng,
                            temperature=g.temperature)
   logp_BT = -nll_BT
-  old_BT = batch["old_logp"] if g.num_iterations > 1 else jax.lax.stop_gradient(logp_BT)
+  old_BT = batch["old_logp"] if uses_old_logp(g) else jax.lax.stop_gradient(logp_BT)
   mask_BT = batch["loss_mask"]
   loss_BT, kl_BT, low_BT, high_BT = grpo_token_losses(
       logp_BT, old_BT, batch["ref_logp"], batch["advantage"], beta=g.beta,
       epsilon_low=g.epsilon, epsilon_high=g.epsilon_high or g.epsilon, mask=mask_BT,
-      level=g.importance_sampling_level, bias_correction_kl=g.use_bias_correction_kl)
+      level=g.importance_sampling_level, bias_correction_kl=g.use_bias_correction_kl,
+      is_ratio=batch["is_ratio"] if g.importance_sampling_correction != "none" else None)
   loss_BT = jnp.broadcast_to(loss_BT, mask_BT.shape)
   total, weight = grpo_aggregate(loss_BT, mask_BT, g.loss_type, g.max_new_tokens)
   tokens = jnp.sum(mask_BT)
@@ -125,6 +131,26 @@ def check(config) -> None:
   check_range("train.grpo.epsilon_high", g.epsilon_high, lo=0, note="0 = epsilon")
   check_range("train.grpo.num_iterations", g.num_iterations, lo=1)
   check_range("train.grpo.eval_prompts", g.eval_prompts, lo=1)
+  check_range("train.grpo.importance_sampling_clip_max", g.importance_sampling_clip_max,
+              lo=0, lo_open=True)
+  check_range("train.grpo.importance_sampling_clip_min", g.importance_sampling_clip_min,
+              lo=0, hi=g.importance_sampling_clip_max, hi_open=True,
+              note="0 is no lower bound; below clip_max")
+  if t.sampler == "engine" and g.num_generations > MAX_N:
+    raise ValueError(f"train.grpo.num_generations={g.num_generations} exceeds the engine's "
+                     f"{MAX_N} samples per prompt (train.sampler='engine')")
+  needs = [f"{k}={v!r}" for k, v in (("old_logps", g.old_logps),
+                                     ("importance_sampling_correction",
+                                      g.importance_sampling_correction))
+           if v not in ("trainer", "none")]
+  if needs and t.sampler != "engine":
+    raise ValueError(f"train.grpo.{needs[0]} needs the sampler's log-probabilities, which "
+                     f"train.sampler={t.sampler!r} does not return; use train.sampler='engine'")
+  if len(needs) == 2:
+    raise ValueError(f"train.grpo.importance_sampling_correction="
+                     f"{g.importance_sampling_correction!r} weighs the trainer's log-"
+                     "probabilities against the sampler's, but old_logps='sampler' computes "
+                     "none of the trainer's; use old_logps='trainer' with a correction")
   names = comma_list(g.rewards)
   allowed = REWARD_FUNCTIONS
   if any(n not in allowed for n in names):
@@ -152,5 +178,5 @@ def check(config) -> None:
 
 OBJECTIVE = Objective(loss=grpo_loss, data=PROMPTS,
                       fields={"advantage": "float32", "old_logp": "float32",
-                              "ref_logp": "float32"},
+                              "ref_logp": "float32", "is_ratio": "float32"},
                       batches=Rollouts, check=check)

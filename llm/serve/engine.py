@@ -42,6 +42,8 @@ class SampleOutput:
   text: str  # new since the last output
   logprobs: list[dict]  # per new token: {"token", "logprob", "top": [(id, logprob), ...]}
   finish_reason: str | None
+  stop_reason: int | str | None = None  # the stop token id or string that ended it (vLLM's)
+  stop_logprob: float | None = None  # that token's log-probability, when logprobs were asked
 
 
 @dataclasses.dataclass
@@ -112,7 +114,7 @@ class Engine:
     self._requests: dict[str, list[Sequence]] = {}
     self._ids = itertools.count()
     self.counters = dict(requests=0, finished=0, aborted=0, prompt_tokens=0, generation_tokens=0,
-                         steps=0, batched_tokens=0)
+                         steps=0, batched_tokens=0, forked_samples=0)
     self.latencies = _recent_latencies()
     self._siblings: dict[str, list[Sequence]] = {}  # samples 2..n, until 1 ran the prompt
     self._grammars = None
@@ -233,6 +235,44 @@ class Engine:
         self.scheduler.finish(seq, "abort")
     self.counters["aborted"] += 1
 
+  def set_params(self, params) -> None:
+    """New weights for the next steps (a trainer's, read in place: see
+    ModelRunner.set_params); the prefix cache, computed with the old ones, is forgotten.
+    None drops the engine's hold on them (nothing may run until new ones are set)."""
+    self.runner.set_params(params)
+    self.pool.reset_cache()
+
+  def reset_state(self) -> None:
+    """Forgets every page and cached prefix, so that the next requests are laid out and
+    computed exactly as in a fresh engine (an RL round sampled again after a resume is the
+    same, bit for bit). No request may be unfinished."""
+    if self.has_unfinished():
+      raise RuntimeError("reset_state() with requests unfinished; abort them first")
+    self.pool = PagePool(self.pool.num_pages, self.pool.page_size)
+    s = self.scheduler
+    self.scheduler = Scheduler(self.pool, s.max_num_batched_tokens, s.max_num_seqs,
+                               s.prefix_caching)
+    self.scheduler.preemptions = s.preemptions
+
+  def generate(self, prompts: list, options: list[SamplingOptions]) -> list[RequestOutput]:
+    """Runs the prompts (each with its options) to completion: one RequestOutput each,
+    in order, holding each sample's whole output (offline use: RL rollouts, evaluation,
+    benchmarks)."""
+    ids = [self.add_request(p, o) for p, o in zip(prompts, options, strict=True)]
+    done: dict[str, RequestOutput] = {}
+    while self.has_unfinished():
+      for out in self.step():
+        whole = done.setdefault(out.request_id, out)
+        if whole is not out:
+          for total, new in zip(whole.outputs, out.outputs):
+            total.token_ids = total.token_ids + new.token_ids
+            total.text += new.text
+            total.logprobs = total.logprobs + new.logprobs
+            total.finish_reason, total.stop_reason = new.finish_reason, new.stop_reason
+            total.stop_logprob = new.stop_logprob
+          whole.finished = out.finished
+    return [done[i] for i in ids]
+
   def reset_prefix_cache(self) -> int:
     """Forgets every cached prefix (after new weights, or between benchmark runs);
     returns how many pages' keys were dropped. Running requests keep their pages."""
@@ -249,6 +289,7 @@ class Engine:
     if not batch:
       return []
     inputs, rows, samplers = self._lay_out(batch)
+    forks = self._fork(samplers, rows)
     counts = seen = allowed = None
     if any(seq.options.uses_penalties for seq, _ in samplers):
       counts, seen = self._penalty_arrays(samplers)
@@ -268,6 +309,8 @@ class Engine:
       if seq.computed >= len(seq.prompt) and seq.request_id in self._siblings:
         for sibling in self._siblings.pop(seq.request_id):
           self.scheduler.add(sibling)
+    if forks:
+      self._place_forks(forks)
     now = time.monotonic()
     for row, (seq, _) in enumerate(samplers):
       self._append(seq, int(tokens[row]), float(logprobs[row]), top[row], top_ids[row], now)
@@ -301,10 +344,61 @@ class Engine:
                             ("presence", o.presence_penalty),
                             ("frequency", o.frequency_penalty),
                             ("seed", seq.seed % 2**32), ("draw", len(seq.output)),
-                            ("top_logprobs", o.logprobs or 0)):
+                            ("top_logprobs", o.logprobs or 0),
+                            ("scaled_logprobs", o.scaled_logprobs)):
           rows[name][len(samplers)] = value
         samplers.append((seq, n))
     return inputs, rows, samplers
+
+  def _fork(self, samplers, rows) -> list[tuple[Sequence, Sequence]]:
+    """The samples 2..n of requests whose first sample reaches the end of its prompt in
+    this step, as many as there are rows and pages for: each gets a sampling row reading
+    the same position (its own key), so its prompt is never run again. Returns
+    (first, sibling) pairs, for _place_forks once the step has written the prompt."""
+    forks = []
+    free_rows = self.runner.max_num_seqs - len(self.scheduler.running)
+    free_pages = self.pool.available
+    for first_row, (seq, _) in enumerate(list(samplers)):
+      siblings = self._siblings.get(seq.request_id)
+      if not siblings or seq.output:  # (sampling its first token: its prompt ends here)
+        continue
+      partial = len(seq.prompt) % self.pool.page_size > 0  # its last page is copied
+      k = min(len(siblings), free_rows, free_pages if partial else len(siblings))
+      free_pages -= k * partial
+      for sibling in siblings[:k]:
+        row = len(samplers)
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition", "presence",
+                     "frequency", "top_logprobs", "scaled_logprobs", "sample_index"):
+          rows[name][row] = rows[name][first_row]
+        rows["draw"][row] = 0
+        rows["seed"][row] = sibling.seed % 2**32
+        samplers.append((sibling, 0))
+        forks.append((seq, sibling))
+      del siblings[:k]
+      if not siblings:
+        del self._siblings[seq.request_id]
+      free_rows -= k
+    return forks
+
+  def _place_forks(self, forks) -> None:
+    """Gives each forked sample its first sample's prompt pages: the full ones shared
+    (retained), the partial last one copied into a page of its own; it runs from there."""
+    size, copies = self.pool.page_size, []
+    for first, sibling in forks:
+      full = len(first.prompt) // size
+      for page in first.pages[:full]:
+        self.pool.retain(page)
+      sibling.pages = first.pages[:full]
+      if len(first.prompt) % size:
+        (page,) = self.pool.allocate(1)
+        copies.append((first.pages[full], page))
+        sibling.pages = sibling.pages + [page]
+      sibling.computed, sibling.committed_pages = len(first.prompt), first.committed_pages
+      sibling.page_keys = list(first.page_keys[:full])
+      self.scheduler.admit(sibling)
+    self.counters["forked_samples"] += len(forks)
+    if copies:
+      self.runner.copy_pages(copies)
 
   def _penalty_arrays(self, samplers):
     s, v = self.runner.max_num_seqs, self.vocab_size
@@ -324,6 +418,8 @@ class Engine:
     seq.last_token_time = now
     self.counters["generation_tokens"] += 1
     if token in o.stop_token_ids or (not o.ignore_eos and token in self.stop_ids):
+      seq.stop_reason = token
+      seq.stop_logprob = logprob if o.logprobs is not None else None
       return self._finish(seq, "stop")
     seq.output.append(token)
     if seq.matcher is not None:
@@ -337,6 +433,7 @@ class Engine:
       cut = min((i for i in (text.find(s) for s in o.stop) if i >= 0), default=-1)
       if cut >= 0:
         seq.text = text[:cut]
+        seq.stop_reason = next(s for s in o.stop if text.find(s) == cut)
         return self._finish(seq, "stop")
       held = max((len(s) - 1 for s in o.stop), default=0)  # could still grow into a stop
       seq.text = text[:len(text) - held] if held else text
@@ -357,7 +454,8 @@ class Engine:
       new_ids, new_lp = seq.output[seq.sent_ids:], seq.logprobs[seq.sent_logprobs:]
       seq.sent_ids, seq.sent_logprobs = len(seq.output), len(seq.logprobs)
       text, seq.sent = seq.text[seq.sent:], len(seq.text)
-      outs.append(SampleOutput(seq.sample, new_ids, text, new_lp, seq.finish_reason))
+      outs.append(SampleOutput(seq.sample, new_ids, text, new_lp, seq.finish_reason,
+                               seq.stop_reason, seq.stop_logprob))
     finished = all(s.status is Status.FINISHED for s in seqs)
     if finished:
       del self._requests[request_id]

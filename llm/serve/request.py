@@ -32,6 +32,7 @@ class SamplingOptions:
   ignore_eos: bool = False
   n: int = 1  # samples of the prompt, sharing its KV pages
   logprobs: int | None = None  # None: none; k: the sampled token's and the top k
+  scaled_logprobs: bool = False  # log-probabilities of logits / temperature (as RL scores)
   grammar: str | None = None  # structured output: a spec of llm.serve.structured
 
   def __post_init__(self):
@@ -78,6 +79,8 @@ class Sequence:
   adapter: int = 0  # its LoRA adapter's slot (llm.serve.lora; 0: the base model)
   status: Status = Status.WAITING
   finish_reason: str | None = None  # "stop" | "length" | "abort"
+  stop_reason: int | str | None = None  # the stop token id or string that ended it
+  stop_logprob: float | None = None  # the stop token's log-probability (with `logprobs`)
   text: str = ""  # the output decoded, up to what may be shown (stop strings held back)
   sent: int = 0  # characters of `text` already handed out
   sent_ids: int = 0  # output tokens already handed out

@@ -41,10 +41,10 @@ from llm.serve.lora import apply_with_adapters
 ROW_FIELDS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
               "min_p": np.float32, "repetition": np.float32, "presence": np.float32,
               "frequency": np.float32, "seed": np.uint32, "draw": np.int32,
-              "sample_index": np.int32, "top_logprobs": np.int32}
+              "sample_index": np.int32, "top_logprobs": np.int32, "scaled_logprobs": np.int32}
 ROW_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition": 1.0,
                 "presence": 0.0, "frequency": 0.0, "seed": 0, "draw": 0, "sample_index": 0,
-                "top_logprobs": 0}
+                "top_logprobs": 0, "scaled_logprobs": 0}
 
 
 def _step(model, model_cfg, params, pages, batch, rows, adapters):
@@ -66,6 +66,10 @@ def _step(model, model_cfg, params, pages, batch, rows, adapters):
   return pages, sample_rows(keys_S, logits_SV, rows)
 
 
+def _copy_pages(pages, src_N, dst_N):
+  return [{"kv": p["kv"].at[dst_N].set(p["kv"][src_N])} for p in pages]
+
+
 class ModelRunner:
   """Params (unstacked), the per-layer KV page pools and the jitted step per bucket."""
 
@@ -76,10 +80,10 @@ class ModelRunner:
     `adapters` (llm.serve.lora.Adapters): LoRA adapters served over these weights."""
     require_lm_head(model_cfg, "serving")
     cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
-    params = unstack_layers(params, cfg) if cfg.scan_layers else params
+    self._stacked_cfg = ml_collections.ConfigDict(cfg.to_dict()) if cfg.scan_layers else None
     cfg.scan_layers = False
     cfg.remat = "none"  # no backward pass: rematerialisation would only cost compile time
-    self.cfg, self.params = cfg, params
+    self.cfg = cfg
     self.page_size, self.num_pages = page_size, num_pages
     self.max_num_seqs, self.buckets = max_num_seqs, tuple(sorted(buckets))
     self.pages_per_seq = -(-max_model_len // page_size)
@@ -87,17 +91,40 @@ class ModelRunner:
     dtype = jnp.dtype(cfg.dtype)
     model = make_model(cfg)
     self.mesh = mesh
-    page_sharding = None
+    page_sharding = self.param_shardings = None
     if mesh is not None:
       boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-      self.params = jax.device_put(params, logical_to_sharding(boxed, mesh))
+      self.param_shardings = logical_to_sharding(boxed, mesh)
       page_sharding = NamedSharding(mesh, kv_pages_spec(shape, mesh))
+    self._unstack = None
+    if self._stacked_cfg is not None:  # one program: every layer's slices in one go
+      self._unstack = jax.jit(functools.partial(unstack_layers, model_cfg=self._stacked_cfg),
+                              out_shardings=self.param_shardings)
+    self.params = None
+    self.set_params(params)
     self.pages = [{"kv": jnp.zeros(shape, dtype, device=page_sharding)}
                   for _ in range(cfg.n_layers)]
     self._step = jax.jit(functools.partial(_step, model, cfg), donate_argnums=(1,))
+    self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
     self.compile_seconds: dict[int, float] = {}
     self.adapters = adapters.stacked if adapters is not None else {}
     self._zeros_SV = None
+
+  def set_params(self, params) -> None:
+    """Weights for the next steps, the caller's own arrays where their layout is this
+    runner's: nothing is copied for an unscanned model whose arrays are already sharded
+    as the mesh's rules shard them (a trainer's, on the same mesh). A scanned model's
+    layers are sliced out of their stack, one copy of the layer weights per call; arrays
+    laid out otherwise are moved. None drops the runner's hold on the weights."""
+    if params is not None:
+      if self._unstack is not None:
+        params = self._unstack(params)
+      elif self.param_shardings is not None:
+        params = jax.tree.map(
+            lambda x, s: x if getattr(x, "sharding", None) is not None
+            and x.sharding.is_equivalent_to(s, x.ndim) else jax.device_put(x, s),
+            params, self.param_shardings)
+    self.params = params
 
   @staticmethod
   def kv_bytes_per_page(model_cfg, page_size: int) -> int:
@@ -129,6 +156,18 @@ class ModelRunner:
       self.run(batch, rows)
       self.compile_seconds[b] = time.perf_counter() - t0
     return self.compile_seconds
+
+  def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
+    """Copies each (source, destination) page's K/V, every layer, in one program (pairs
+    padded to max_num_seqs with page 0 onto itself: one compile)."""
+    for start in range(0, len(pairs), self.max_num_seqs):
+      chunk = pairs[start:start + self.max_num_seqs]
+      src, dst = np.zeros((2, self.max_num_seqs), np.int32)
+      src[:len(chunk)], dst[:len(chunk)] = zip(*chunk)
+      with contextlib.ExitStack() as stack:
+        if self.mesh is not None:
+          stack.enter_context(use_mesh(self.mesh))
+        self.pages = self._copy(self.pages, jnp.asarray(src), jnp.asarray(dst))
 
   def run(self, batch: dict, rows: dict, counts_SV=None, seen_SV=None, allowed_SV=None):
     """One step; returns host arrays (tokens, logprobs, top logprobs, top ids) [S, ...].

@@ -57,13 +57,17 @@ class Scheduler:
       except OutOfPages:
         break  # it waits for pages (running sequences finish or are preempted)
       self.waiting.popleft()
-      seq.status = Status.RUNNING
-      self._admissions += 1
-      seq.admitted = self._admissions
-      self.running.append(seq)
+      self.admit(seq)
       batch.append((seq, n))
       budget -= n
     return batch
+
+  def admit(self, seq: Sequence) -> None:
+    """Makes `seq` (holding its pages) a running sequence, the newest."""
+    seq.status = Status.RUNNING
+    self._admissions += 1
+    seq.admitted = self._admissions
+    self.running.append(seq)
 
   def _pages_needed(self, seq: Sequence, n: int) -> int:
     return max(-(-(seq.computed + n) // self.pool.page_size) - len(seq.pages), 0)

@@ -2,13 +2,22 @@
 
 Every `train.grpo.num_iterations` steps a round begins: the next
 train.batch_size / num_generations prompts are each completed num_generations times by
-the current policy (the project's KV-cache decoder, jitted, on the training mesh), the
-completions are scored by the reward functions and/or reward model, and their rewards
-normalised within each prompt's group into advantages (llm.training.rewards). The round's
-rows (prompt + completion, the completion's tokens in the loss mask) carry per token the
-advantage, the sampling policy's log-probabilities (old_logp, when num_iterations > 1)
-and the reference's (ref_logp, when beta > 0: the starting weights; with LoRA the base
-without adapters, so no second copy is held). The loss is llm.objectives.grpo's.
+the current policy (train.sampler, llm.training.samplers: by default the serving engine,
+continuously batched over the round, the samples of a prompt sharing its prompt's pages,
+reading the trainer's params in place), the completions are scored by the reward
+functions and/or reward model, and their rewards normalised within each prompt's group
+into advantages (llm.training.rewards). The round's rows (prompt + completion, the
+completion's tokens in the loss mask) carry per token the advantage, the sampling
+policy's log-probabilities (old_logp: the trainer's forward pass over the round, or with
+train.grpo.old_logps="sampler" the engine's own), the sampler correction (is_ratio) and
+the reference's log-probabilities (ref_logp, when beta > 0: the starting weights; with
+LoRA the base without adapters, so no second copy is held). The loss is
+llm.objectives.grpo's.
+
+Parity: with the engine and old_logps="trainer", each round logs how far the engine's
+log-probabilities of the sampled tokens are from the trainer's (TRL's names,
+sampling/sampling_logp_difference/mean|max, over the completion tokens), and with a
+correction the importance ratios' min/mean/max (sampling/importance_sampling_ratio/*).
 
 Exact resume: the prompts come from the checkpointed grain iterator, round r samples
 with a key of (seed, r), and a checkpoint saved in the middle of a round stores that
@@ -24,13 +33,45 @@ import numpy as np
 
 from llm.config import comma_list
 from llm.data import chat, pipeline
-from llm.inference.decoder import Decoder
 from llm.inference.sampling import SamplingParams
 from llm.objectives.base import global_batch
 from llm.training import reference
 from llm.training.rewards import (REQUIRED_COLUMNS, REWARD_FUNCTIONS, group_advantages,
                                   weighted_rewards)
+from llm.training.samplers import SAMPLERS
 from llm.workdir import Workdir
+
+
+# train.grpo.old_logps -> the importance ratio's denominator: the trainer's forward pass over
+# the round, or the sampler's own log-probabilities (llm.training.samplers)
+OLD_LOGPS = ("trainer", "sampler")
+# train.grpo.importance_sampling_correction -> TRL's vllm_importance_sampling_mode (or none)
+IS_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def uses_old_logp(g) -> bool:
+  """Whether the loss's importance ratio divides by the batch's "old_logp" (else by the
+  policy's own, detached, as TRL does when the round is trained on once and no sampler
+  correction applies)."""
+  return (g.num_iterations > 1 or g.old_logps == "sampler"
+          or g.importance_sampling_correction != "none")
+
+
+def importance_sampling_ratio(trainer_BT, sampler_BT, mask_BT, mode: str, clip_min: float,
+                              clip_max: float) -> np.ndarray:
+  """TRL's correction for a sampler that is not the trainer (its vLLM path, GRPOTrainer
+  with vllm_importance_sampling_mode=`mode`): exp(trainer - sampler log-probability) per
+  completion token, or exp of their sum per sequence ([B, 1]); *_truncate clips it to
+  [clip_min, clip_max], *_mask sets it to 0 outside. clip_min 0 is no lower bound."""
+  diff_BT = np.nan_to_num((trainer_BT - sampler_BT) * mask_BT, nan=0.0).astype(np.float64)
+  if mode.startswith("sequence"):
+    diff_BT = diff_BT.sum(axis=-1, keepdims=True)
+  ratio = np.exp(diff_BT)
+  if mode.endswith("truncate"):
+    ratio = np.clip(ratio, clip_min, clip_max)
+  else:
+    ratio = np.where((ratio < clip_min) | (ratio > clip_max), 0.0, ratio)
+  return ratio.astype(np.float32)
 
 
 def _nan_stat(fn, x) -> float:
@@ -79,7 +120,9 @@ class Rollouts:
     self.reward_labels = self.reward_names + ["reward_model"] * (self.scorer is not None)
     weights = [float(w) for w in comma_list(self.g.reward_weights)]
     self.weights = np.asarray(weights or [1.0] * len(self.reward_labels), np.float64)
-    self.decoder = Decoder(config.model, None)
+    self.sampler = SAMPLERS[config.train.sampler](
+        config.model, run.batch_sharding.mesh, self.stop, max_model_len=config.data.seq_len + 1,
+        max_num_seqs=config.train.batch_size)
     self.sampling = SamplingParams(temperature=self.g.temperature, top_k=self.g.top_k,
                                    top_p=self.g.top_p)
     self.batch_sharding = run.batch_sharding
@@ -139,24 +182,27 @@ class Rollouts:
                                     for c, x in zip(convs, completions)]))
     return np.asarray(out, np.float64).T
 
-  def _generate(self, params, prompts, seed: int, sampling) -> tuple[list[list[int]], list[str]]:
-    """(completion ids, with the stop token when one ended them; their texts, without it)."""
-    self.decoder.params = params
-    ids = self.decoder.generate([p.ids.tolist() for p in prompts], self.g.max_new_tokens,
-                                sampling, seed=seed, eos_id=self.stop, keep_stop=True)
-    texts = [self.tok.decode(c[:-1] if c and c[-1] in self.stop else c) for c in ids]
-    return ids, texts
+  def _generate(self, params, prompts, n: int, seed: int, sampling):
+    """(Completions: ids with the stop token when one ended them, the sampler's logps;
+    their texts, without the stop token), `n` per prompt in prompt order."""
+    out = self.sampler.generate(params, [p.ids for p in prompts], n, self.g.max_new_tokens,
+                                sampling, seed)
+    texts = [self.tok.decode(c[:-1] if c and c[-1] in self.stop else c) for c in out.ids]
+    return out, texts
 
   def _sample(self, params, prompts, r: int) -> tuple[dict, dict]:
     g, seq_len = self.g, self.config.data.seq_len
     group = [p for p in prompts for _ in range(g.num_generations)]  # TRL's repeat_interleave
-    completions, texts = self._generate(params, group, self.config.seed * 1_000_003 + r,
-                                        self.sampling)
+    sampled, texts = self._generate(params, prompts, g.num_generations,
+                                    self.config.seed * 1_000_003 + r, self.sampling)
+    completions = sampled.ids
     per_function = self._score(group, texts)
     rewards = weighted_rewards(per_function, self.weights)
     advantages, std, _ = group_advantages(rewards, g.num_generations, g.scale_rewards)
     n = len(group)
     rows = {k: np.zeros((n, seq_len), dtype) for k, dtype in self.fields.items()}
+    rows["is_ratio"][:] = 1.0
+    sampler_logp = np.zeros((n, seq_len), np.float32)
     for i, (p, c) in enumerate(zip(group, completions)):
       ids = np.concatenate([p.ids, np.asarray(c, np.int32)])
       length = len(ids) - 1
@@ -166,14 +212,21 @@ class Rollouts:
       rows["positions"][i, :length] = np.arange(length)
       rows["loss_mask"][i, len(p.ids) - 1:length] = 1.0
       rows["advantage"][i, :length] = advantages[i]
+      if sampled.logps is not None:
+        sampler_logp[i, len(p.ids) - 1:length] = sampled.logps[i]
     batch = global_batch(rows, self.batch_sharding, rows)
-    if g.num_iterations > 1:
+    metrics = {}
+    if g.old_logps == "sampler":
+      rows["old_logp"] = sampler_logp
+    elif uses_old_logp(g) or sampled.logps is not None:  # the trainer's pass over the round
       rows["old_logp"] = np.asarray(self.logps.policy_logps(params, batch))
+      if sampled.logps is not None:
+        metrics.update(self._parity(rows, sampler_logp))
     if g.beta:
       rows["ref_logp"] = np.asarray(self.logps.logps(params, batch))
     lengths = np.asarray([len(c) for c in completions])
     stopped = np.asarray([bool(c) and c[-1] in self.stop for c in completions])
-    metrics = {"reward": _nan_stat(np.nanmean, rewards),
+    metrics |= {"reward": _nan_stat(np.nanmean, rewards),
                "reward_std": _nan_stat(lambda x: np.nanstd(x, ddof=1), rewards),
                "frac_reward_zero_std": float(np.mean(np.isclose(std, 0.0))),
                "completions/mean_length": float(lengths.mean()),
@@ -186,18 +239,31 @@ class Rollouts:
                                                  per_function[:, j])
     return rows, metrics
 
+  def _parity(self, rows: dict, sampler_logp) -> dict:
+    """The round's sampler-vs-trainer metrics (TRL's names); sets rows["is_ratio"] when
+    a correction is on."""
+    g, mask = self.g, rows["loss_mask"] > 0
+    delta = np.abs(rows["old_logp"] - sampler_logp)[mask]
+    out = {"sampling/sampling_logp_difference/mean": float(delta.mean()) if delta.size else 0.0,
+           "sampling/sampling_logp_difference/max": float(delta.max()) if delta.size else 0.0}
+    if g.importance_sampling_correction != "none":
+      ratio = importance_sampling_ratio(rows["old_logp"], sampler_logp, rows["loss_mask"],
+                                        g.importance_sampling_correction,
+                                        g.importance_sampling_clip_min,
+                                        g.importance_sampling_clip_max)
+      flat = ratio.ravel() if ratio.shape[-1] == 1 else ratio[mask]
+      rows["is_ratio"][:] = np.broadcast_to(ratio, rows["is_ratio"].shape)
+      for name, fn in (("min", np.min), ("mean", np.mean), ("max", np.max)):
+        out[f"sampling/importance_sampling_ratio/{name}"] = float(fn(flat)) if flat.size else 0.0
+    return out
+
   # ----------------------------------------------------------------------------- evaluation
 
   def evaluate(self, params) -> dict:
     """Mean rewards of greedy replies to the first train.grpo.eval_prompts held-out
     prompts: eval_reward (weighted sum) and eval_rewards/<name>/mean."""
     prompts = self.val_prompts[:self.g.eval_prompts]
-    b = self.config.train.batch_size
-    texts: list[str] = []
-    for start in range(0, len(prompts), b):
-      chunk = prompts[start:start + b]
-      padded = chunk + [chunk[-1]] * (b - len(chunk))  # one compiled batch shape
-      texts += self._generate(params, padded, 0, SamplingParams(temperature=0.0))[1][:len(chunk)]
+    texts = self._generate(params, prompts, 1, 0, SamplingParams(temperature=0.0))[1]
     per_function = self._score(prompts, texts)
     out = {"eval_reward": _nan_stat(np.nanmean, weighted_rewards(per_function, self.weights))}
     for j, name in enumerate(self.reward_labels):
