@@ -178,6 +178,31 @@ def test_samples_fork_from_the_first_as_rows_and_pages_allow(hf_and_ours):
   assert outs["tight"] == outs["roomy"] and len({tuple(t) for t in outs["roomy"]}) > 1
 
 
+def test_forked_samples_follow_the_models_distribution(hf_and_ours):
+  """The first tokens of many samples (forked ones drawn from the first's logits, each
+  with its own key, and ones that reran the prompt's last page) follow transformers' next-token distribution, here truncated to
+  its top 8 at temperature 0.8: a chi-square test over 8 x 128 draws (critical value at
+  p = 0.001 for 7 degrees of freedom: 24.32)."""
+  model, config, params, _ = hf_and_ours
+  prompt = list(range(5, 27))
+  with torch.no_grad():
+    logits = model(torch.tensor([prompt])).logits[0, -1].double() / 0.8
+  top = torch.topk(logits, 8)
+  expected = torch.softmax(top.values, -1).numpy()
+  engine = _engine(config, params, warm_up=False, max_num_seqs=32, num_pages=64)
+  outs = engine.generate([prompt] * 8, [SamplingOptions(max_tokens=1, temperature=0.8,
+                                                        top_k=8, n=128, seed=1000 * i,
+                                                        ignore_eos=True) for i in range(8)])
+  drawn = [s.token_ids[0] for out in outs for s in out.outputs]
+  # the first rows' worth forked; the rest waited for rows and reused the cached prompt
+  assert engine.counters["forked_samples"] >= 24 and engine.pool.hit_tokens > 0
+  ids = top.indices.tolist()
+  assert set(drawn) <= set(ids)  # nothing outside the top 8
+  counts = np.asarray([drawn.count(i) for i in ids])
+  chi2 = float(((counts - len(drawn) * expected) ** 2 / (len(drawn) * expected)).sum())
+  assert chi2 < 24.32, (chi2, counts, expected)
+
+
 def _full_forward_greedy(model, params, prompt, n):
   """Greedy continuation by full forwards over what precedes each token (no cache)."""
   import jax
