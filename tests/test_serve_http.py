@@ -152,6 +152,8 @@ def test_completions_match_transformers_and_stream_equals_whole(client, served, 
                                       temperature=0, stop=[stop], extra_body={"ignore_eos": True})
   assert stopped.choices[0].text == choice.text[:choice.text.find(stop)]
   assert stopped.choices[0].finish_reason == "stop"
+  assert stopped.choices[0].model_extra["stop_reason"] == stop  # vLLM's field
+  assert choice.model_extra["stop_reason"] is None  # ended by length
 
 
 def test_batched_prompts_n_seeds_and_logprobs(client):

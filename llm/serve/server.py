@@ -95,6 +95,7 @@ class _Choice:
     self.index = index
     self.text, self.token_ids, self.logprobs = "", [], []
     self.finish_reason: str | None = None
+    self.stop_reason: int | str | None = None  # the stop string or token id (vLLM's field)
 
 
 def _merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
@@ -347,6 +348,7 @@ def build_app(state: ServerState) -> FastAPI:
         c.text += sample.text
         if sample.finish_reason is not None and c.finish_reason is None:
           c.finish_reason = "stop" if sample.finish_reason == "stop" else "length"
+          c.stop_reason = sample.stop_reason
         changed.append((c, sample))
       observe_tokens(max((len(s.token_ids) for s in out.outputs), default=0))
       return changed
@@ -469,7 +471,8 @@ def _tool_delta_body(c: _Choice, tool_mode) -> dict:
   delta = {"role": "assistant", "content": message["content"]}
   if "tool_calls" in message:
     delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-  return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+  return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish,
+          "stop_reason": c.stop_reason}
 
 
 def _choice_body(kind: str, c: _Choice, tokenizer, body, prompt_ids: list[int],
@@ -479,10 +482,11 @@ def _choice_body(kind: str, c: _Choice, tokenizer, body, prompt_ids: list[int],
   if kind == "chat.completion":
     message, finish = ({"role": "assistant", "content": c.text}, c.finish_reason) \
         if tool_mode is None else _tool_message(c, tool_mode)
-    out = {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+    out = {"index": c.index, "message": message, "logprobs": logprobs, "finish_reason": finish,
+           "stop_reason": c.stop_reason}
   else:
     out = {"index": c.index, "text": c.text, "logprobs": logprobs,
-           "finish_reason": c.finish_reason}
+           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
     if body.return_token_ids:
       out["prompt_token_ids"] = prompt_ids
   if body.return_token_ids:
@@ -497,11 +501,14 @@ def _delta_body(kind: str, c: _Choice, sample, tokenizer, body) -> dict | None:
   logprobs = (_logprobs_body(kind, sample.logprobs, tokenizer)
               if wants_logprobs and sample.logprobs else None)
   finish = c.finish_reason if sample.finish_reason is not None else None
+  stop_reason = c.stop_reason if finish is not None else None
   if kind == "chat.completion":
     delta = {"content": sample.text} if sample.text or finish is None else {}
-    out = {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    out = {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
+           "stop_reason": stop_reason}
   else:
-    out = {"index": c.index, "text": sample.text, "logprobs": logprobs, "finish_reason": finish}
+    out = {"index": c.index, "text": sample.text, "logprobs": logprobs, "finish_reason": finish,
+           "stop_reason": stop_reason}
   if body.return_token_ids:
     out["token_ids"] = sample.token_ids
   return out
