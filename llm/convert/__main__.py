@@ -2,6 +2,7 @@
 
   python -m llm.convert hf-to-llm --hf_dir=IN --workdir=OUT [--peft_dir=ADAPTER]
   python -m llm.convert llm-to-hf --workdir=IN --hf_dir=OUT [--peft]
+  python -m llm.convert llm-to-gguf --workdir=IN --out=model.gguf [--type=f32|f16|q8_0]
 
 hf-to-llm writes OUT/config.json, OUT/config.py (a config file for
 `llm.train --config=OUT/config.py`, starting from the converted params),
@@ -14,6 +15,8 @@ LoRA: `llm-to-hf --peft` writes a LoRA run's adapters as a PEFT adapter director
 (adapter_config.json + adapter_model.safetensors) that `peft.PeftModel.from_pretrained`
 loads onto the transformers base; `hf-to-llm --peft_dir=ADAPTER` folds a PEFT LoRA
 adapter into the imported weights.
+
+llm-to-gguf writes one GGUF file for llama.cpp (llm.convert.gguf_export).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from llm import cli
 from llm import config as config_lib
 from llm import workdir as workdir_lib
 from llm.convert import hf
+from llm.convert.gguf_export import TYPES as GGUF_TYPES, llm_to_gguf
 from llm.model import require_lm_head
 from llm.workdir import Workdir, load_params, load_tokenizer, save_params
 
-COMMANDS = ("hf-to-llm", "llm-to-hf")
+COMMANDS = ("hf-to-llm", "llm-to-hf", "llm-to-gguf")
 
 CONFIG_PY = '''"""Config of a model converted from {hf_dir}."""
 from pathlib import Path
@@ -174,6 +178,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"give one command, one of {list(COMMANDS)}; got {argv[1:]}")
+  if argv[1] == "llm-to-gguf":
+    if not FLAGS.workdir or not FLAGS.out:
+      raise app.UsageError("--workdir and --out are both required")
+    return llm_to_gguf(FLAGS.workdir, FLAGS.out, FLAGS.type)
   if not FLAGS.hf_dir or not FLAGS.workdir:
     raise app.UsageError("--hf_dir and --workdir are both required")
   if argv[1] == "hf-to-llm":
@@ -187,4 +195,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "An llm workdir.")
   flags.DEFINE_string("peft_dir", "", "hf-to-llm: a PEFT LoRA adapter to fold into the weights.")
   flags.DEFINE_bool("peft", False, "llm-to-hf: write a LoRA run's adapters as a PEFT adapter.")
+  flags.DEFINE_string("out", "", "llm-to-gguf: the GGUF file to write (a new one).")
+  flags.DEFINE_enum("type", "f32", list(GGUF_TYPES), "llm-to-gguf: how matrices are stored.")
   cli.run(main)
