@@ -29,6 +29,16 @@ def trained(tmp_path_factory, tokenizer_path):
   return root
 
 
+def _our_logits(config, params, ids: list[int]) -> np.ndarray:
+  """Our model's logits [T, V] at every position of one sequence."""
+  import jax.numpy as jnp
+  from llm.model import forward, make_model
+  t, n = jnp.asarray([ids]), len(ids)
+  batch = {"inputs": t, "targets": t, "segment_ids": jnp.ones((1, n), jnp.int32),
+           "positions": jnp.arange(n)[None]}
+  return np.asarray(forward(make_model(config.model), params, batch)[0][0], np.float32)
+
+
 def _reinterleave_inverse(w, n_heads):
   """The inverse of llama.cpp's q/k permutation, written independently."""
   d = w.shape[0] // n_heads
@@ -85,17 +95,12 @@ def test_llama_cpp_logits_and_greedy_tokens_equal_ours(trained):
   f16 and q8_0 files with llama.cpp's default f16 cache, looser),
   and its greedy tokens equal ours."""
   llama_cpp = pytest.importorskip("llama_cpp")
-  import jax.numpy as jnp
   from llm.inference.decoder import Decoder
   from llm.inference.sampling import SamplingParams
-  from llm.model import forward, make_model
   config, params = load_params(trained / "w")
   prompt = [1, 40, 141, 242, 43, 344, 45, 300, 12, 99]
-  tokens = jnp.asarray([prompt])
   n = len(prompt)
-  batch = {"inputs": tokens, "targets": tokens, "segment_ids": jnp.ones((1, n), jnp.int32),
-           "positions": jnp.arange(n)[None]}
-  ours = np.asarray(forward(make_model(config.model), params, batch)[0][0], np.float32)
+  ours = _our_logits(config, params, prompt)
   greedy = Decoder(config.model, params).generate([prompt], 8, SamplingParams(temperature=0.0))[0]
   spread = ours.std()
   assert spread > 0.5  # logits that tell tokens apart
@@ -150,8 +155,6 @@ def test_bpe_tokenizer_travels_as_gpt2_vocabulary(bpe_export):
 @pytest.mark.slow
 def test_llama_cpp_tokenizes_and_scores_the_bpe_export_as_we_do(bpe_export):
   llama_cpp = pytest.importorskip("llama_cpp")
-  import jax.numpy as jnp
-  from llm.model import forward, make_model
   from llm.workdir import load_tokenizer
   config, params = load_params(bpe_export / "w")
   tok = load_tokenizer(bpe_export / "w", config)
@@ -161,10 +164,7 @@ def test_llama_cpp_tokenizes_and_scores_the_bpe_export_as_we_do(bpe_export):
                         n_threads=2, logits_all=True, type_k=0, type_v=0)  # f32 KV cache
   assert llm.tokenize(text.encode(), add_bos=True, special=False) == ours
   n = len(ours)
-  t = jnp.asarray([ours])
-  batch = {"inputs": t, "targets": t, "segment_ids": jnp.ones((1, n), jnp.int32),
-           "positions": jnp.arange(n)[None]}
-  logits = np.asarray(forward(make_model(config.model), params, batch)[0][0], np.float32)
+  logits = _our_logits(config, params, ours)
   llm.eval(ours)
   err = np.abs(np.asarray(llm.scores[:n], np.float32) - logits).max() / logits.std()
   assert err < 1e-5, err

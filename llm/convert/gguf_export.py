@@ -10,7 +10,7 @@ Matrices are written in the chosen type, norms in f32 (as llama.cpp does). The
 tokenizer travels in the file: a SentencePiece model as llama.cpp's "llama" vocabulary
 (pieces, scores, types), a byte-level BPE tokenizer.json splitting with GPT-2's regex as
 its "gpt2" vocabulary (tokens and merges; other pre-tokenizers are refused), with the
-BOS/EOS ids and the chat template.
+BOS/EOS ids and the chat template (the run's, else the tokenizer's own).
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
+
+from llm.config import head_dim
+from llm.convert import hf
+from llm.data.chat import TEMPLATES
+from llm.model import require_lm_head
+from llm.workdir import Workdir, load_params, load_tokenizer
 
 # --type -> how matrices are stored
 TYPES = ("f32", "f16", "q8_0")
@@ -62,14 +69,12 @@ def check_exportable(c) -> None:
     problems.append("model.qk_norm=True")
   if c.rope_scaling.type not in ("none", ""):
     problems.append(f"model.rope_scaling.type={c.rope_scaling.type!r}")
-  if c.head != "lm":
-    problems.append(f"model.head={c.head!r}")
   if problems:
     raise ValueError(f"llm-to-gguf writes dense Llama-family models; this one has "
                      f"{', '.join(problems)}")
 
 
-def _tokenizer_fields(writer, tok_path: Path, vocab_size: int) -> None:
+def _tokenizer_fields(writer, tok, tok_path: Path, vocab_size: int) -> None:
   import gguf
   if tok_path.name.endswith(".model"):
     import sentencepiece as spm
@@ -107,8 +112,6 @@ def _tokenizer_fields(writer, tok_path: Path, vocab_size: int) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_merges(merges)
-    from llm.data.tokenizer import open_tokenizer
-    tok = open_tokenizer(tok_path)
     bos, eos, unk = tok.bos_id, tok.eos_id, -1
   if len(tokens) > vocab_size:
     raise ValueError(f"{tok_path} has {len(tokens)} tokens, more than model.vocab_size="
@@ -135,10 +138,6 @@ def llm_to_gguf(workdir: str, out: str, dtype: str = "f32") -> None:
   out_path = Path(out)
   if out_path.exists():
     raise ValueError(f"--out={out!r} exists; llm-to-gguf writes a new file")
-  from llm.workdir import Workdir, load_params
-  from llm.model import require_lm_head
-  import jax
-
   try:
     import gguf
   except ImportError:
@@ -147,13 +146,11 @@ def llm_to_gguf(workdir: str, out: str, dtype: str = "f32") -> None:
   c = config.model
   require_lm_head(c, "export to GGUF")
   check_exportable(c)
-
-  from llm.convert import hf
   kind = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
   file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
-  head_dim = c.head_dim or c.d_model // c.n_heads
+  dim = head_dim(c)
   tmp = out_path.with_name(out_path.name + ".partial")
   writer = gguf.GGUFWriter(str(tmp), "llama")
   try:
@@ -164,18 +161,19 @@ def llm_to_gguf(workdir: str, out: str, dtype: str = "f32") -> None:
     writer.add_feed_forward_length(c.d_ff)
     writer.add_head_count(c.n_heads)
     writer.add_head_count_kv(c.n_kv_heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(dim)
+    writer.add_value_length(dim)
+    writer.add_rope_dimension_count(dim)
     writer.add_rope_freq_base(float(c.rope_theta))
     writer.add_layer_norm_rms_eps(float(c.norm_eps))
     writer.add_vocab_size(c.vocab_size)
     writer.add_file_type(file_type)
     tok_path = Workdir(workdir).tokenizer(config)
     if tok_path.is_file():
-      _tokenizer_fields(writer, tok_path, c.vocab_size)
-      from llm.data.chat import TEMPLATES
-      template = TEMPLATES.get(config.data.chat.template)
+      tok = load_tokenizer(workdir, config)
+      _tokenizer_fields(writer, tok, tok_path, c.vocab_size)
+      # the run's template, else the tokenizer's own (chat.template_for, without its refusal)
+      template = TEMPLATES.get(config.data.chat.template) or getattr(tok, "chat_template", None)
       if template:
         writer.add_chat_template(template)
     for name, w in hf.params_to_hf(jax.device_get(params), c):

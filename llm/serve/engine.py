@@ -367,8 +367,7 @@ class Engine:
       free_pages -= k * partial
       for sibling in siblings[:k]:
         row = len(samplers)
-        for name in ("temperature", "top_k", "top_p", "min_p", "repetition", "presence",
-                     "frequency", "top_logprobs", "scaled_logprobs", "sample_index"):
+        for name in rows:  # the first's settings and position; the sibling's own key
           rows[name][row] = rows[name][first_row]
         rows["draw"][row] = 0
         rows["seed"][row] = sibling.seed % 2**32
