@@ -31,6 +31,8 @@ CHOICES = {
     "model.head": "llm.model.transformer:HEADS",
     "model.moe.compute": "llm.ops.moe:COMPUTE",
     "model.lora.base_quant": "llm.model.quant:BASE_QUANT",
+    "model.weight_quant": "llm.model.quant:WEIGHT_QUANT",
+    "model.kv_quant": "llm.model.quant:KV_QUANT",
     "model.remat": "llm.model.transformer:REMAT_POLICIES",
     "model.dtype": "llm.model.layers:DTYPES",
     "model.param_dtype": "llm.model.layers:DTYPES",
@@ -117,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
           targets="q,v",  # comma-separated: any of q, k, v, o, gate, up, down
           base_quant="none",  # QLoRA: the frozen base stored as int8 | nf4 (none: as is)
       )),
+      # projection kernels stored int8 (per channel) | int4 (groups of 128) for serving:
+      # weight-only quantized inference, written by `python -m llm.quantize` (llm/model/quant.py)
+      weight_quant="none",
+      kv_quant="none",  # int8: cached keys/values int8 with a scale per token and head
       flash_block_q=0,  # flash kernel block sizes; 0 = the kernel's default
       flash_block_k=0,
       sliding_window=0,  # attend to the last N positions only (Mistral); 0 = full
@@ -466,6 +472,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("model.out_major_kernels with model.lora.rank > 0: LoRA and QLoRA keep "
                      "[in, out] kernels; merge the adapters first (llm.model.lora)")
   _check_unused_sections(config)
+  if m.weight_quant != "none" and m.lora.rank:
+    raise ValueError(f"model.weight_quant={m.weight_quant!r} with model.lora.rank > 0: a LoRA "
+                     "run's frozen base is quantized by model.lora.base_quant (QLoRA)")
   if m.lora.base_quant != "none" and not m.lora.rank:
     raise ValueError(f"model.lora.base_quant={m.lora.base_quant!r} quantizes the frozen base "
                      "of a LoRA run: set model.lora.rank > 0")

@@ -298,14 +298,16 @@ def test_health_loading_and_queue_full(served):
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(hf_dir):
-  """`python -m llm.serve` under load: SIGTERM, then new requests get 503 while every
-  in-flight stream still ends with [DONE], and the process exits 0."""
+  """`python -m llm.serve` under load (speculating by prompt lookup): SIGTERM, then new
+  requests get 503 while every in-flight stream still ends with [DONE], and the process
+  exits 0."""
   import concurrent.futures
   port_file = hf_dir.parent / "port"
   proc = subprocess.Popen(
       [sys.executable, "-m", "llm.serve", f"--hf_dir={hf_dir}", "--port=0", "--max_num_seqs=2",
        "--max_num_batched_tokens=64", "--max_model_len=192", "--page_size=8",
-       "--kv_cache_gib=0.01", "--grace_seconds=120", f"--port_file={port_file}"],
+       "--kv_cache_gib=0.01", "--grace_seconds=120", f"--port_file={port_file}",
+       "--speculative_method=ngram", "--num_speculative_tokens=3", "--prompt_lookup_min=1"],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   first_chunk = threading.Event()
 
@@ -335,6 +337,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(hf_dir):
       while _gauge(url, "llm_requests_running") + _gauge(url, "llm_requests_waiting") < 6:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+      assert _gauge(url, "llm_spec_decode_num_draft_tokens_total") >= 0
       proc.send_signal(signal.SIGTERM)
       time.sleep(0.3)
       refused = httpx.post(url + "/v1/completions", json={"model": "tiny-llama", "prompt": "x"})

@@ -34,7 +34,7 @@ from llm import config as config_lib
 from llm import workdir as workdir_lib
 from llm.convert import hf
 from llm.convert.gguf_export import TYPES as GGUF_TYPES, llm_to_gguf
-from llm.model import require_lm_head
+from llm.model import quant, require_lm_head
 from llm.workdir import Workdir, load_params, load_tokenizer, save_params
 
 COMMANDS = ("hf-to-llm", "llm-to-hf", "llm-to-gguf")
@@ -136,6 +136,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
 def llm_to_hf(workdir: str, hf_dir: str, peft: bool = False) -> None:
   if peft:
     return _write_peft(workdir, Path(hf_dir))
+  quant.require_float_weights(Workdir(workdir).read_config().model, workdir, "export")
   config, params = load_params(workdir)
   require_lm_head(config.model, "export to a Hugging Face causal LM")
   out = Path(hf_dir)

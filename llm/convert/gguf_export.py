@@ -24,7 +24,7 @@ import numpy as np
 from llm.config import head_dim
 from llm.convert import hf
 from llm.data.chat import TEMPLATES
-from llm.model import require_lm_head
+from llm.model import quant, require_lm_head
 from llm.workdir import Workdir, load_params, load_tokenizer
 
 # --type -> how matrices are stored
@@ -142,6 +142,8 @@ def llm_to_gguf(workdir: str, out: str, dtype: str = "f32") -> None:
     import gguf
   except ImportError:
     raise ValueError("llm-to-gguf needs the gguf package: pip install 'llm[gguf]'") from None
+  quant.require_float_weights(Workdir(workdir).read_config().model, workdir,
+                              "export (--type=q8_0 quantizes for llama.cpp)")
   config, params = load_params(workdir)
   c = config.model
   require_lm_head(c, "export to GGUF")

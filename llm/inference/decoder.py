@@ -99,9 +99,9 @@ class Decoder:
     if unroll is None:
       unroll = jax.default_backend() == "cpu"
     self.unrolled = bool(unroll and model_cfg.scan_layers)
-    # LoRA keeps [in, out] kernels: an unmerged LoRA model decodes in its own layout
+    # LoRA and quantized kernels keep [in, out]: such a model decodes in its own layout
     self.out_major = (self.unrolled and not model_cfg.lora.rank
-                      and not model_cfg.out_major_kernels)
+                      and model_cfg.weight_quant == "none" and not model_cfg.out_major_kernels)
     self._params_cfg = model_cfg  # the layout of the params callers pass
     # Rematerialisation only matters for a backward pass. Under it the decode arguments
     # become tracers, so a prefill into an empty cache (slot 0) could no longer skip the
@@ -138,19 +138,29 @@ class Decoder:
 
   def init_cache(self, batch: int, max_len: int):
     """{"k", "v"} of [L, B, K, S, E], or (unrolled) a list of L {"k", "v"} of [B, K, S, E]
-    (heads-major: a decode step reads each head's keys and values contiguously)."""
+    (heads-major: a decode step reads each head's keys and values contiguously); int8
+    with "k_scale", "v_scale" [(L,) B, K, S] under model.kv_quant."""
     c = self.cfg
     shape = (batch, c.n_kv_heads, max_len, head_dim(c))
     dtype = jnp.dtype(c.dtype)
+
+    def layer(lead=()):
+      if c.kv_quant == "int8":  # int8 values, an f32 scale per token and head
+        return {"k": jnp.zeros(lead + shape, jnp.int8), "v": jnp.zeros(lead + shape, jnp.int8),
+                "k_scale": jnp.zeros(lead + shape[:3], jnp.float32),
+                "v_scale": jnp.zeros(lead + shape[:3], jnp.float32)}
+      return {"k": jnp.zeros(lead + shape, dtype), "v": jnp.zeros(lead + shape, dtype)}
+
     if not c.scan_layers:
-      return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-              for _ in range(c.n_layers)]
-    return {"k": jnp.zeros((c.n_layers, *shape), dtype), "v": jnp.zeros((c.n_layers, *shape), dtype)}
+      return [layer() for _ in range(c.n_layers)]
+    return layer((c.n_layers,))
 
   def _check_cache_fits(self, batch: int, prompt_len: int, cache_len: int, max_tokens: int):
     """Refuses, before allocating, a KV cache larger than half the device's memory."""
     c = self.cfg
-    per_slot = 2 * c.n_layers * batch * c.n_kv_heads * head_dim(c) * jnp.dtype(c.dtype).itemsize
+    per_vector = (head_dim(c) + 4 if c.kv_quant == "int8"
+                  else head_dim(c) * jnp.dtype(c.dtype).itemsize)
+    per_slot = 2 * c.n_layers * batch * c.n_kv_heads * per_vector
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     memory = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

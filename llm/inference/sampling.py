@@ -155,10 +155,22 @@ def sample_rows(keys_S, logits_SV, rows: dict):
                          penalised_SV)
   token_S = jnp.where(rows["temperature"] > 0, drawn_S, greedy_S).astype(jnp.int32)
   chosen_S = jnp.take_along_axis(logprobs_SV, token_S[:, None], axis=-1)[:, 0]
-  s = logprobs_SV.shape[0]
-  top_SK, top_ids_SK = jax.lax.cond(  # only when some row asks for alternatives
-      jnp.any(rows["top_logprobs"] > 0),
-      lambda x: tuple(jax.lax.top_k(x, MAX_TOP_LOGPROBS)),
-      lambda x: (jnp.zeros((s, MAX_TOP_LOGPROBS), x.dtype),
-                 jnp.zeros((s, MAX_TOP_LOGPROBS), jnp.int32)), logprobs_SV)
-  return token_S, chosen_S, top_SK, top_ids_SK.astype(jnp.int32)
+  top_SK, top_ids_SK = top_logprobs(logprobs_SV, jnp.any(rows["top_logprobs"] > 0))
+  return token_S, chosen_S, top_SK, top_ids_SK
+
+
+def top_logprobs(logprobs_XV, wanted):
+  """The MAX_TOP_LOGPROBS largest log-probabilities over the last axis and their ids
+  (int32), computed only when `wanted` (a traced bool; zeros otherwise); a vocabulary
+  smaller than that pads with -inf and id 0."""
+  k = min(MAX_TOP_LOGPROBS, logprobs_XV.shape[-1])
+  pad = [(0, 0)] * (logprobs_XV.ndim - 1) + [(0, MAX_TOP_LOGPROBS - k)]
+  shape = logprobs_XV.shape[:-1] + (MAX_TOP_LOGPROBS,)
+
+  def top(x):
+    values, ids = jax.lax.top_k(x, k)
+    return (jnp.pad(values, pad, constant_values=-jnp.inf),
+            jnp.pad(ids.astype(jnp.int32), pad))
+
+  return jax.lax.cond(wanted, top, lambda x: (jnp.zeros(shape, x.dtype),
+                                              jnp.zeros(shape, jnp.int32)), logprobs_XV)

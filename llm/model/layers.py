@@ -64,8 +64,9 @@ class Projection(nn.Module):
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0  # on the adapter's input, when a "dropout" rng is given
-  base_quant: str = "none"  # QLoRA: the kernel stored quantized (llm.model.quant)
+  base_quant: str = "none"  # the kernel stored quantized (llm.model.quant): QLoRA, serving
   out_major: bool = False  # the kernel stored [out..., in...]
+  quant_chunks: int = 0  # a served quantized kernel: dequantized in slices (quant.chunked_matmul)
 
   @nn.compact
   def __call__(self, x):
@@ -95,6 +96,10 @@ class Projection(nn.Module):
                                  jnp.dtype(q_dtype))
       scale = param_with_axes(self, "kernel_scale", nn.initializers.ones, s_shape, scale_axes,
                               jnp.float32)
+      out = quant.chunked_matmul(x, kernel_q, scale, self.base_quant, n_in, self.dtype,
+                                 self.quant_chunks)
+      if out is not None and not self.lora_rank:
+        return out
       kernel = quant.dequantize(kernel_q, scale, self.base_quant, n_in, self.dtype)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     x = x.astype(self.dtype)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from llm.config import base_config, comma_list
+from llm.model import quant
 
 # what a LoRA run trains: the adapters, and a reward model's "score" head (PEFT's
 # modules_to_save), which starts from scratch
@@ -29,9 +30,12 @@ def targets(model_cfg) -> tuple[str, ...]:
 
 def projection_kwargs(model_cfg, target: str) -> dict:
   """Projection arguments for the projection named `target`: an adapter if it is a
-  target, a quantized kernel for every projection under QLoRA; the kernel layout."""
+  target, a quantized kernel for every projection under QLoRA or weight-only quantized
+  serving (model.weight_quant); the kernel layout."""
   lora = model_cfg.lora
   if not lora.rank:
+    if model_cfg.weight_quant != "none":
+      return {"base_quant": model_cfg.weight_quant, "quant_chunks": quant.SERVE_CHUNKS}
     return {"out_major": True} if model_cfg.out_major_kernels else {}
   kwargs = {} if lora.base_quant == "none" else {"base_quant": lora.base_quant}
   if target in targets(model_cfg):
@@ -83,7 +87,6 @@ def _delta(a, b, kernel_shape, scale):
 def merge(params, model_cfg):
   """(params with every adapter folded into its kernel, the model config without LoRA);
   a quantized base (QLoRA) is dequantized first."""
-  from llm.model import quant
   scale = model_cfg.lora.alpha / max(model_cfg.lora.rank, 1)
   params = quant.dequantize_base(params, model_cfg.lora.base_quant,
                                  jnp.dtype(model_cfg.param_dtype))

@@ -2,6 +2,7 @@
 
   python -m llm.serve --workdir=runs/tiny [--port=8000 --api_key=KEY --max_num_seqs=16]
   python -m llm.serve --hf_dir=path/to/hf_model
+  python -m llm.serve --workdir=runs/125m --speculative_method=draft --draft_workdir=runs/draft
 
 It binds at once and answers /health with 503 while the model loads and every token
 bucket compiles, then 200. SIGTERM (or Ctrl-C) drains: new requests get 503, in-flight
@@ -37,10 +38,19 @@ def _define_flags():
   flags.DEFINE_integer("max_model_len", 0, "Longest prompt + output (0: the model's "
                        "data.seq_len, or the HF max_position_embeddings).")
   flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+  flags.DEFINE_string("kv_cache_dtype", "auto", "auto (the model's) | int8 (a scale per token "
+                      "and head).")
   flags.DEFINE_integer("max_queued", 256, "Requests waiting beyond this get 429.")
   flags.DEFINE_float("grace_seconds", 30.0, "On SIGTERM, how long in-flight requests may "
                      "take to finish.")
   flags.DEFINE_multi_string("lora", [], "NAME=WORKDIR: serve a LoRA adapter (repeatable).")
+  flags.DEFINE_string("speculative_method", "", "Speculative decoding: ngram (prompt lookup) "
+                      "or draft (a --draft_workdir model); empty: off.")
+  flags.DEFINE_integer("num_speculative_tokens", 4, "Draft tokens verified per step.")
+  flags.DEFINE_string("draft_workdir", "", "The draft model (same tokenizer) for "
+                      "--speculative_method=draft.")
+  flags.DEFINE_integer("prompt_lookup_max", 4, "ngram: the longest suffix looked up.")
+  flags.DEFINE_integer("prompt_lookup_min", 2, "ngram: the shortest suffix looked up.")
   flags.DEFINE_string("log_level", "info", "debug | info | warning")
 
 
@@ -66,15 +76,32 @@ def check_flags() -> None:
       raise ValueError("--lora serves adapters over a --workdir base (LoRA runs name theirs)")
     if not Path(path).is_dir():
       raise ValueError(f"--lora={spec!r}: {path!r} is not a directory")
+  speculative_config()
+  from llm.serve.engine import KV_CACHE_DTYPES
+  if FLAGS.kv_cache_dtype not in KV_CACHE_DTYPES:
+    raise ValueError(f"--kv_cache_dtype={FLAGS.kv_cache_dtype!r}; allowed: "
+                     f"{', '.join(KV_CACHE_DTYPES)}")
   if FLAGS.log_level not in ("debug", "info", "warning"):
     raise ValueError(f"--log_level={FLAGS.log_level!r}; allowed: debug, info, warning")
+
+
+def speculative_config():
+  """The --speculative_* flags as a SpeculativeConfig (None when off), or a ValueError."""
+  if not FLAGS.speculative_method:
+    if FLAGS.draft_workdir:
+      raise ValueError("--draft_workdir needs --speculative_method=draft")
+    return None
+  from llm.serve.speculative import SpeculativeConfig
+  return SpeculativeConfig(FLAGS.speculative_method, FLAGS.num_speculative_tokens,
+                           FLAGS.draft_workdir, FLAGS.prompt_lookup_max, FLAGS.prompt_lookup_min)
 
 
 def make_engine():
   from llm.serve.async_engine import AsyncEngine
   from llm.serve.engine import Engine
   kwargs = dict(max_num_seqs=FLAGS.max_num_seqs, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                kv_cache_gib=FLAGS.kv_cache_gib, page_size=FLAGS.page_size)
+                kv_cache_gib=FLAGS.kv_cache_gib, page_size=FLAGS.page_size,
+                speculative=speculative_config(), kv_cache_dtype=FLAGS.kv_cache_dtype)
   if FLAGS.max_model_len:
     kwargs["max_model_len"] = FLAGS.max_model_len
   t0 = time.monotonic()

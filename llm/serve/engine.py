@@ -44,6 +44,22 @@ class SampleOutput:
   finish_reason: str | None
   stop_reason: int | str | None = None  # the stop token id or string that ended it (vLLM's)
   stop_logprob: float | None = None  # that token's log-probability, when logprobs were asked
+  # speculative decoding, so far: verification steps that carried drafts, draft tokens
+  # proposed, and accepted (see acceptance_rate / mean_accepted_length)
+  spec_steps: int = 0
+  spec_draft_tokens: int = 0
+  spec_accepted_tokens: int = 0
+
+  @property
+  def acceptance_rate(self) -> float:
+    """Accepted / proposed draft tokens (nan before any)."""
+    return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else math.nan
+
+  @property
+  def mean_accepted_length(self) -> float:
+    """Tokens emitted per verification step that carried drafts, its own token included
+    (vLLM's mean acceptance length: 1 + accepted / steps; nan before any)."""
+    return 1 + self.spec_accepted_tokens / self.spec_steps if self.spec_steps else math.nan
 
 
 @dataclasses.dataclass
@@ -52,6 +68,10 @@ class RequestOutput:
   prompt_token_ids: list[int]
   outputs: list[SampleOutput]
   finished: bool
+
+
+# kv_cache_dtype -> model.kv_quant ("auto": the model config's own)
+KV_CACHE_DTYPES = {"auto": None, "int8": "int8"}
 
 
 def _default_buckets(max_num_batched_tokens: int) -> tuple[int, ...]:
@@ -68,21 +88,39 @@ class Engine:
   (optional) shards weights and KV pages by the logical-axis rules (llm.parallel).
   `chat_template` (default: the tokenizer's own) renders a server's chat requests.
   `adapters` ({name: (model config, params)} of LoRA runs on this base, see
-  `load_adapter`) are served over the base weights, a request choosing one by name."""
+  `load_adapter`) are served over the base weights, a request choosing one by name.
+  `speculative` (llm.serve.speculative.SpeculativeConfig) turns on speculative decoding;
+  its draft model comes from its draft_workdir, or `draft_model` = (model config, params).
+  `kv_cache_dtype` (vLLM's name): auto (the model's dtype, or its model.kv_quant) | int8
+  (keys and values int8 with a scale per token and head: about half of bf16's pages)."""
 
   def __init__(self, model_cfg, params, tokenizer=None, *, page_size: int = 16,
                num_pages: int = 0, kv_cache_gib: float = 0.0, max_num_batched_tokens: int = 256,
                max_num_seqs: int = 16, max_model_len: int = 0, prefix_caching: bool = True,
                buckets: tuple[int, ...] = (), seed: int = 0, warm_up: bool = True,
-               mesh=None, chat_template: str | None = None, adapters: dict | None = None):
+               mesh=None, chat_template: str | None = None, adapters: dict | None = None,
+               speculative=None, draft_model: tuple | None = None,
+               kv_cache_dtype: str = "auto"):
     check_range("page_size", page_size, lo=1)
     check_range("max_num_batched_tokens", max_num_batched_tokens, lo=1)
     check_range("max_num_seqs", max_num_seqs, lo=1)
     check_range("kv_cache_gib", kv_cache_gib, lo=0, note="0: num_pages, or memory left")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+      raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}; allowed: {', '.join(KV_CACHE_DTYPES)}")
+    if kv_cache_dtype != "auto":
+      import ml_collections
+      model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+      model_cfg.kv_quant = KV_CACHE_DTYPES[kv_cache_dtype]
     max_model_len = max_model_len or 2048
     check_range("max_model_len", max_model_len, lo=2)
+    self.speculative = speculative
+    if speculative is not None and speculative.method == "draft":
+      from llm.serve.speculative import load_draft
+      draft_model = load_draft(speculative, model_cfg, tokenizer, draft_model)
     if not num_pages:
       per_page = ModelRunner.kv_bytes_per_page(model_cfg, page_size)
+      if speculative is not None and speculative.method == "draft":
+        per_page += ModelRunner.kv_bytes_per_page(draft_model[0], page_size)
       budget = kv_cache_gib * 2**30 if kv_cache_gib else _memory_left(params) * 0.5
       num_pages = int(budget // per_page)
     pages_per_seq = -(-max_model_len // page_size)
@@ -102,9 +140,19 @@ class Engine:
                        f"{max_num_batched_tokens}")
     from llm.serve.lora import Adapters
     self.adapters = Adapters(model_cfg, adapters or {})
+    head_kwargs = {}
+    if speculative is not None:
+      from llm.serve import speculative as spec_lib
+      head_kwargs = dict(head=spec_lib.verify_head,
+                         row_fields=spec_lib.verify_row_fields(speculative, model_cfg.vocab_size))
     self.runner = ModelRunner(model_cfg, params, num_pages, page_size, max_num_seqs,
                               max_model_len, buckets, mesh,
-                              self.adapters if adapters else None)
+                              self.adapters if adapters else None, **head_kwargs)
+    self.proposer = None
+    if speculative is not None:
+      proposer_cls = spec_lib.PROPOSERS[speculative.method]
+      self.proposer = (proposer_cls(speculative, self, *draft_model)
+                       if speculative.method == "draft" else proposer_cls(speculative, self))
     self.vocab_size = model_cfg.vocab_size
     self.stop_ids: set[int] = set()
     if tokenizer is not None:
@@ -114,12 +162,15 @@ class Engine:
     self._requests: dict[str, list[Sequence]] = {}
     self._ids = itertools.count()
     self.counters = dict(requests=0, finished=0, aborted=0, prompt_tokens=0, generation_tokens=0,
-                         steps=0, batched_tokens=0, forked_samples=0)
+                         steps=0, batched_tokens=0, forked_samples=0, spec_decode_num_drafts=0,
+                         spec_decode_num_draft_tokens=0, spec_decode_num_accepted_tokens=0)
     self.latencies = _recent_latencies()
     self._siblings: dict[str, list[Sequence]] = {}  # samples 2..n, until 1 ran the prompt
     self._grammars = None
     if warm_up:
       self.runner.warm_up()
+      if self.proposer is not None:
+        self.proposer.warm_up()
 
   # ----------------------------------------------------------------- construction
 
@@ -187,6 +238,9 @@ class Engine:
     seqs = [Sequence(request_id, ids, options, seed + i, now, sample=i, adapter=slot,
                      matcher=self.grammars().matcher(options.grammar) if options.grammar else None)
             for i in range(options.n)]
+    for seq in seqs:
+      seq.speculates = (self.speculative is not None and not options.uses_penalties
+                        and options.grammar is None)
     self._requests[request_id] = seqs
     # the other samples wait until the first has run the prompt, then find its pages
     self.scheduler.add(seqs[0])
@@ -270,6 +324,8 @@ class Engine:
             total.logprobs = total.logprobs + new.logprobs
             total.finish_reason, total.stop_reason = new.finish_reason, new.stop_reason
             total.stop_logprob = new.stop_logprob
+            total.spec_steps, total.spec_draft_tokens = new.spec_steps, new.spec_draft_tokens
+            total.spec_accepted_tokens = new.spec_accepted_tokens
           whole.finished = out.finished
     return [done[i] for i in ids]
 
@@ -285,10 +341,24 @@ class Engine:
 
   def step(self) -> list[RequestOutput]:
     """Runs one engine step; returns each request's gain (finished ones last time)."""
-    batch = self.scheduler.schedule()
+    batch = self.scheduler.schedule(self._lookahead if self.proposer is not None else None)
     if not batch:
       return []
+    # speculating rows: {id(seq): (sampling row, drafts)}, drafts = tokens run after the
+    # pending one (the scheduler counted them in n)
+    spec_rows, drafts, q = {}, {}, None
+    if self.proposer is not None:
+      row = 0
+      for seq, n in batch:
+        if seq.computed + n >= len(seq.tokens):  # it samples in this step
+          if n > seq.remaining_prefill:
+            spec_rows[id(seq)] = (row, n - seq.remaining_prefill)
+          row += 1
     inputs, rows, samplers = self._lay_out(batch)
+    if self.proposer is not None:
+      drafts, q = self.proposer.propose(batch, spec_rows, rows,
+                                        self.speculative.num_speculative_tokens)
+      self._lay_out_drafts(inputs, rows, batch, spec_rows, drafts, q)
     forks = self._fork(samplers, rows)
     counts = seen = allowed = None
     if any(seq.options.uses_penalties for seq, _ in samplers):
@@ -298,13 +368,29 @@ class Engine:
       for row, (seq, _) in enumerate(samplers):
         if seq.matcher is not None:
           allowed[row] = seq.matcher.allowed()
-    tokens, logprobs, top, top_ids = self.runner.run(inputs, rows, counts, seen, allowed)
+    out = self.runner.run(inputs, rows, counts, seen, allowed)
+    if self.proposer is None:  # one token per row
+      tokens, logprobs, top, top_ids = (x[:, None] for x in out)
+      emitted = np.ones(len(tokens), np.int32)
+    else:
+      tokens, emitted, logprobs, top, top_ids = out
     self.counters["steps"] += 1
     self.counters["batched_tokens"] += sum(n for _, n in batch)
     changed: dict[str, None] = {}
     for seq, n in batch:
+      if id(seq) in spec_rows:  # its pending token and the drafts accepted
+        row, k = spec_rows[id(seq)]
+        n = int(emitted[row])
+        seq.spec_steps += 1
+        seq.spec_draft_tokens += k
+        seq.spec_accepted_tokens += n - 1
+        self.counters["spec_decode_num_drafts"] += 1
+        self.counters["spec_decode_num_draft_tokens"] += k
+        self.counters["spec_decode_num_accepted_tokens"] += n - 1
       seq.computed += n
-      self.scheduler.commit_full_pages(seq)
+      seq.draft_computed = min(seq.draft_computed, seq.computed)
+      if id(seq) not in spec_rows:  # (its accepted drafts are not among its tokens yet)
+        self.scheduler.commit_full_pages(seq)
       changed[seq.request_id] = None
       if seq.computed >= len(seq.prompt) and seq.request_id in self._siblings:
         for sibling in self._siblings.pop(seq.request_id):
@@ -313,7 +399,13 @@ class Engine:
       self._place_forks(forks)
     now = time.monotonic()
     for row, (seq, _) in enumerate(samplers):
-      self._append(seq, int(tokens[row]), float(logprobs[row]), top[row], top_ids[row], now)
+      for j in range(int(emitted[row])):
+        if seq.status is Status.FINISHED:
+          break
+        self._append(seq, int(tokens[row, j]), float(logprobs[row, j]), top[row, j],
+                     top_ids[row, j], now)
+      if id(seq) in spec_rows and seq.status is not Status.FINISHED:
+        self.scheduler.commit_full_pages(seq)
     return [self._output(rid) for rid in changed if rid in self._requests]
 
   def _lay_out(self, batch):
@@ -326,7 +418,8 @@ class Engine:
     for row, (seq, n) in enumerate(batch):
       tokens = seq.tokens
       positions = np.arange(seq.computed, seq.computed + n)
-      inputs["tokens"][t:t + n] = tokens[seq.computed:seq.computed + n]
+      have = tokens[seq.computed:seq.computed + n]  # (a speculating row's drafts follow)
+      inputs["tokens"][t:t + len(have)] = have
       inputs["positions"][t:t + n] = positions
       inputs["page"][t:t + n] = np.asarray(seq.pages)[positions // self.pool.page_size]
       inputs["slot"][t:t + n] = positions % self.pool.page_size
@@ -335,7 +428,7 @@ class Engine:
       inputs["adapter"][t:t + n] = seq.adapter
       t += n
       inputs["cu_q_lens"][row + 1:] = t
-      if seq.computed + n == len(tokens):  # its last token runs: sample the next one
+      if seq.computed + n >= len(tokens):  # its last token runs: sample the next one
         o = seq.options
         rows["sample_index"][len(samplers)] = t - 1
         for name, value in (("temperature", o.temperature), ("top_k", o.top_k),
@@ -349,6 +442,37 @@ class Engine:
           rows[name][len(samplers)] = value
         samplers.append((seq, n))
     return inputs, rows, samplers
+
+  def _lookahead(self, seq: Sequence, budget: int) -> int:
+    """How many draft tokens a decoding sequence carries in this step (the scheduler's
+    hook): none when it does not speculate, is about to fork its siblings, or is at its
+    last token; never past max_tokens or max_model_len."""
+    if not seq.speculates or (not seq.output and seq.request_id in self._siblings):
+      return 0
+    k = min(self.speculative.num_speculative_tokens, budget,
+            seq.options.max_tokens - len(seq.output) - 1,
+            self.max_model_len - len(seq.tokens) - 1)
+    return self.proposer.lookahead(seq, k) if k > 0 else 0
+
+  def _lay_out_drafts(self, inputs, rows, batch, spec_rows, drafts, q) -> None:
+    """Each sampling row's window (the flat positions whose logits it verifies: its
+    pending token's, then its drafts'), the drafts into the token batch, and q."""
+    t = 0
+    row = 0
+    for seq, n in batch:
+      t += n
+      if seq.computed + n < len(seq.tokens):
+        continue  # a prompt chunk: samples nothing
+      k = n - seq.remaining_prefill if id(seq) in spec_rows else 0
+      last = t - 1 - k  # its pending token
+      if k:
+        inputs["tokens"][last + 1:t] = drafts[id(seq)]
+        rows["drafts"][row, :k] = drafts[id(seq)]
+      rows["n_drafts"][row] = k
+      rows["window"][row] = last + np.minimum(np.arange(rows["window"].shape[1]), k)
+      row += 1
+    if q is not None:
+      rows["draft_probs"] = q
 
   def _fork(self, samplers, rows) -> list[tuple[Sequence, Sequence]]:
     """The samples 2..n of requests whose first sample reaches the end of its prompt in
@@ -368,7 +492,8 @@ class Engine:
       for sibling in siblings[:k]:
         row = len(samplers)
         for name in rows:  # the first's settings and position; the sibling's own key
-          rows[name][row] = rows[name][first_row]
+          if name != "draft_probs":  # (a device array; the first row carries no drafts)
+            rows[name][row] = rows[name][first_row]
         rows["draw"][row] = 0
         rows["seed"][row] = sibling.seed % 2**32
         samplers.append((sibling, 0))
@@ -393,11 +518,14 @@ class Engine:
         copies.append((first.pages[full], page))
         sibling.pages = sibling.pages + [page]
       sibling.computed, sibling.committed_pages = len(first.prompt), first.committed_pages
+      sibling.draft_computed = first.draft_computed
       sibling.page_keys = list(first.page_keys[:full])
       self.scheduler.admit(sibling)
     self.counters["forked_samples"] += len(forks)
     if copies:
       self.runner.copy_pages(copies)
+      if self.proposer is not None:
+        self.proposer.copy_pages(copies)
 
   def _penalty_arrays(self, samplers):
     s, v = self.runner.max_num_seqs, self.vocab_size
@@ -454,7 +582,8 @@ class Engine:
       seq.sent_ids, seq.sent_logprobs = len(seq.output), len(seq.logprobs)
       text, seq.sent = seq.text[seq.sent:], len(seq.text)
       outs.append(SampleOutput(seq.sample, new_ids, text, new_lp, seq.finish_reason,
-                               seq.stop_reason, seq.stop_logprob))
+                               seq.stop_reason, seq.stop_logprob, seq.spec_steps,
+                               seq.spec_draft_tokens, seq.spec_accepted_tokens))
     finished = all(s.status is Status.FINISHED for s in seqs)
     if finished:
       del self._requests[request_id]

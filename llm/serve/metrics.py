@@ -3,7 +3,8 @@
 Latencies are observed by the server as its clients see them: time to first token,
 inter-token latency and end-to-end latency per request. Requests are counted by endpoint
 and HTTP status, and finished ones by finish reason. The engine's own counters and
-gauges (tokens, running and waiting requests, KV pages, prefix-cache hits, preemptions)
+gauges (tokens, running and waiting requests, KV pages, prefix-cache hits, preemptions,
+speculative decoding's drafts and acceptances)
 are read from `Engine.metrics()` at scrape time.
 """
 
@@ -31,7 +32,13 @@ class _EngineCollector:
                             "Prompt tokens looked up in the prefix cache"),
                            ("prefix_cache_hits", "prefix_cache_hit_tokens",
                             "Prompt tokens found in the prefix cache"),
-                           ("engine_steps", "steps", "Engine steps run")):
+                           ("engine_steps", "steps", "Engine steps run"),
+                           ("spec_decode_num_drafts", "spec_decode_num_drafts",
+                            "Verification steps of a sequence that carried draft tokens"),
+                           ("spec_decode_num_draft_tokens", "spec_decode_num_draft_tokens",
+                            "Draft tokens proposed"),
+                           ("spec_decode_num_accepted_tokens",
+                            "spec_decode_num_accepted_tokens", "Draft tokens accepted")):
       c = CounterMetricFamily(f"llm_{name}", doc)
       c.add_metric([], m[key])
       yield c

@@ -89,6 +89,13 @@ class Sequence:
   last_token_time: float = math.nan
   admitted: int = 0  # the order of the latest admission (preemption takes the newest)
   sample: int = 0  # its index among the request's n
+  # speculative decoding (llm.serve.speculative)
+  speculates: bool = False  # its rows carry drafts (no penalties, no grammar)
+  drafts: list[int] = dataclasses.field(default_factory=list)  # the step's proposal
+  draft_computed: int = 0  # tokens whose K/V the draft model has in its pages
+  spec_steps: int = 0  # verification steps that carried drafts
+  spec_draft_tokens: int = 0  # draft tokens proposed
+  spec_accepted_tokens: int = 0  # and accepted
 
   @property
   def tokens(self) -> list[int]:

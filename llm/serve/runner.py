@@ -47,7 +47,16 @@ ROW_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "rep
                 "top_logprobs": 0, "scaled_logprobs": 0}
 
 
-def _step(model, model_cfg, params, pages, batch, rows, adapters):
+def sample_head(params, model_cfg, x_TD, rows):
+  """One token per sampling row from the hidden state at its `sample_index`."""
+  h_SD = x_TD[rows["sample_index"]]
+  logits_SV = jnp.dot(h_SD, unembedding(params, model_cfg), preferred_element_type=jnp.float32)
+  keys_S = jax.vmap(lambda s, d: jax.random.fold_in(jax.random.key(s), d))(rows["seed"],
+                                                                          rows["draw"])
+  return sample_rows(keys_S, logits_SV, rows)
+
+
+def _step(model, model_cfg, head, params, pages, batch, rows, adapters):
   paged = {k: batch[k] for k in ("page", "slot", "kv_lens", "page_table", "cu_q_lens",
                                   "num_seqs")}
 
@@ -59,25 +68,26 @@ def _step(model, model_cfg, params, pages, batch, rows, adapters):
     x_1TD, pages = apply_with_adapters(adapters, batch["adapter"], forward)
   else:
     x_1TD, pages = forward()
-  h_SD = x_1TD[0][rows["sample_index"]]
-  logits_SV = jnp.dot(h_SD, unembedding(params, model_cfg), preferred_element_type=jnp.float32)
-  keys_S = jax.vmap(lambda s, d: jax.random.fold_in(jax.random.key(s), d))(rows["seed"],
-                                                                          rows["draw"])
-  return pages, sample_rows(keys_S, logits_SV, rows)
+  return pages, head(params, model_cfg, x_1TD[0], rows)
 
 
 def _copy_pages(pages, src_N, dst_N):
-  return [{"kv": p["kv"].at[dst_N].set(p["kv"][src_N])} for p in pages]
+  return [{k: x.at[dst_N].set(x[src_N]) for k, x in p.items()} for p in pages]
 
 
 class ModelRunner:
   """Params (unstacked), the per-layer KV page pools and the jitted step per bucket."""
 
   def __init__(self, model_cfg, params, num_pages: int, page_size: int, max_num_seqs: int,
-               max_model_len: int, buckets: tuple[int, ...], mesh=None, adapters=None):
+               max_model_len: int, buckets: tuple[int, ...], mesh=None, adapters=None,
+               head=sample_head, row_fields: dict | None = None):
     """With a `mesh`, weights and KV pages are sharded by the logical-axis rules (tensor
     parallel over heads; the KV pages over kv_heads) and the step runs under it.
-    `adapters` (llm.serve.lora.Adapters): LoRA adapters served over these weights."""
+    `adapters` (llm.serve.lora.Adapters): LoRA adapters served over these weights.
+    `head(params, model_cfg, x_TD, rows)` turns the step's hidden states into its outputs
+    (default: one sampled token per row; llm.serve.speculative has the others), and
+    `row_fields` ({name: (shape after the row axis, dtype, default)}) are the per-row
+    inputs it reads beyond ROW_FIELDS."""
     require_lm_head(model_cfg, "serving")
     cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
     self._stacked_cfg = ml_collections.ConfigDict(cfg.to_dict()) if cfg.scan_layers else None
@@ -102,13 +112,23 @@ class ModelRunner:
                               out_shardings=self.param_shardings)
     self.params = None
     self.set_params(params)
-    self.pages = [{"kv": jnp.zeros(shape, dtype, device=page_sharding)}
-                  for _ in range(cfg.n_layers)]
-    self._step = jax.jit(functools.partial(_step, model, cfg), donate_argnums=(1,))
+    self.pages = [self._empty_pages(shape, dtype, page_sharding) for _ in range(cfg.n_layers)]
+    self.row_fields = row_fields or {}
+    self._step = jax.jit(functools.partial(_step, model, cfg, head), donate_argnums=(1,))
     self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
     self.compile_seconds: dict[int, float] = {}
     self.adapters = adapters.stacked if adapters is not None else {}
     self._zeros_SV = None
+
+  def _empty_pages(self, shape, dtype, sharding) -> dict:
+    """One layer's page pool: {"kv"}, or int8 {"kv", "kv_scale"} (model.kv_quant)."""
+    if self.cfg.kv_quant == "none":
+      return {"kv": jnp.zeros(shape, dtype, device=sharding)}
+    scale_sharding = None
+    if sharding is not None:
+      scale_sharding = NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[:3]))
+    return {"kv": jnp.zeros(shape, jnp.int8, device=sharding),
+            "kv_scale": jnp.zeros(shape[:3], jnp.float32, device=scale_sharding)}
 
   def set_params(self, params) -> None:
     """Weights for the next steps, the caller's own arrays where their layout is this
@@ -128,8 +148,10 @@ class ModelRunner:
 
   @staticmethod
   def kv_bytes_per_page(model_cfg, page_size: int) -> int:
-    return (2 * model_cfg.n_layers * page_size * model_cfg.n_kv_heads * head_dim(model_cfg)
-            * jnp.dtype(model_cfg.dtype).itemsize)
+    per_vector = head_dim(model_cfg) * jnp.dtype(model_cfg.dtype).itemsize
+    if model_cfg.kv_quant == "int8":
+      per_vector = head_dim(model_cfg) + 4  # int8 values and an f32 scale
+    return 2 * model_cfg.n_layers * page_size * model_cfg.n_kv_heads * per_vector
 
   def bucket(self, n_tokens: int) -> int:
     for b in self.buckets:
@@ -145,7 +167,9 @@ class ModelRunner:
              "kv_lens": np.zeros(s, np.int32), "cu_q_lens": np.zeros(s + 1, np.int32),
              "num_seqs": np.zeros(1, np.int32), "adapter": np.zeros(t_bucket, np.int32),
              "page_table": np.zeros((s, self.pages_per_seq), np.int32)}
-    rows = {k: np.full(self.max_num_seqs, ROW_DEFAULTS[k], dtype) for k, dtype in ROW_FIELDS.items()}
+    rows = {k: np.full(s, ROW_DEFAULTS[k], dtype) for k, dtype in ROW_FIELDS.items()}
+    for k, (shape, dtype, default) in self.row_fields.items():
+      rows[k] = np.full((s, *shape), default, dtype)
     return batch, rows
 
   def warm_up(self) -> dict[int, float]:
@@ -170,8 +194,14 @@ class ModelRunner:
         self.pages = self._copy(self.pages, jnp.asarray(src), jnp.asarray(dst))
 
   def run(self, batch: dict, rows: dict, counts_SV=None, seen_SV=None, allowed_SV=None):
-    """One step; returns host arrays (tokens, logprobs, top logprobs, top ids) [S, ...].
-    counts / seen (penalties) and allowed (grammars): [S, V], None when no row uses them."""
+    """One step; returns the head's outputs as host arrays (by default: tokens, logprobs,
+    top logprobs, top ids [S, ...]). counts / seen (penalties) and allowed (grammars):
+    [S, V], None when no row uses them."""
+    return jax.device_get(self.run_on_device(batch, rows, counts_SV, seen_SV, allowed_SV))
+
+  def run_on_device(self, batch: dict, rows: dict, counts_SV=None, seen_SV=None,
+                    allowed_SV=None):
+    """`run`, its outputs left on the device (rows may hold device arrays too)."""
     if self._zeros_SV is None:
       shape = (self.max_num_seqs, self.cfg.vocab_size)
       self._zeros_SV = (jnp.zeros(shape, jnp.int32), jnp.zeros(shape, bool),
@@ -187,4 +217,4 @@ class ModelRunner:
       self.pages, out = self._step(self.params, self.pages,
                                    {k: jnp.asarray(v) for k, v in batch.items()}, rows,
                                    self.adapters)
-    return jax.device_get(out)
+    return out

@@ -33,8 +33,10 @@ class Scheduler:
   def add(self, seq: Sequence) -> None:
     self.waiting.append(seq)
 
-  def schedule(self) -> list[tuple[Sequence, int]]:
-    """(sequence, tokens to run) for the next step; at most one entry per sequence."""
+  def schedule(self, lookahead=None) -> list[tuple[Sequence, int]]:
+    """(sequence, tokens to run) for the next step; at most one entry per sequence.
+    `lookahead(seq, budget)` (speculative decoding): how many draft tokens a decoding
+    sequence carries after its pending one, at most `budget`; they count in its tokens."""
     budget = self.max_num_batched_tokens
     batch: list[tuple[Sequence, int]] = []
     for seq in sorted(self.running, key=lambda s: (s.remaining_prefill > 1, s.admitted)):
@@ -43,6 +45,11 @@ class Scheduler:
       if seq.status is not Status.RUNNING:  # preempted below, for an older one
         continue
       n = min(seq.remaining_prefill, budget)
+      if lookahead is not None and seq.remaining_prefill == 1 and budget > 1:
+        drafts = lookahead(seq, budget - 1)
+        # drafts take free pages only: they never preempt anyone
+        if self._pages_needed(seq, 1 + drafts) - self._pages_needed(seq, 1) <= self.pool.available:
+          n += drafts
       if not self._grow(seq, n, batch):
         continue  # it was preempted itself
       batch.append((seq, n))
@@ -54,8 +61,9 @@ class Scheduler:
       n = min(seq.remaining_prefill, budget)
       try:
         seq.pages += self.pool.allocate(self._pages_needed(seq, n))
-      except OutOfPages:
-        break  # it waits for pages (running sequences finish or are preempted)
+      except OutOfPages:  # it waits for pages (running sequences finish or are preempted),
+        self._unreuse(seq)  # holding none: waiting sequences holding cached pages could
+        break  # leave nothing for anyone once the running ones are gone
       self.waiting.popleft()
       self.admit(seq)
       batch.append((seq, n))
@@ -97,12 +105,18 @@ class Scheduler:
       self.pool.release(hits[-1:])  # recomputed into a page of its own, not written shared
       hits = hits[:-1]
     seq.pages, seq.computed, seq.committed_pages = hits, len(hits) * self.pool.page_size, len(hits)
+    seq.draft_computed = seq.computed  # a draft model's K/V sit in the same pages
+
+  def _unreuse(self, seq: Sequence) -> None:
+    """Lets a waiting sequence's reused prefix pages go (they stay cached)."""
+    self.pool.release(seq.pages)
+    seq.pages, seq.computed, seq.committed_pages, seq.draft_computed = [], 0, 0, 0
 
   def preempt(self, seq: Sequence) -> None:
     """Frees a running sequence's pages; it waits at the front, to be recomputed."""
     self.running.remove(seq)
     self.pool.release(seq.pages)
-    seq.pages, seq.computed, seq.committed_pages = [], 0, 0
+    seq.pages, seq.computed, seq.committed_pages, seq.draft_computed = [], 0, 0, 0
     seq.status = Status.WAITING
     self.waiting.appendleft(seq)
     self.preemptions += 1

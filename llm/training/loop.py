@@ -119,6 +119,10 @@ def train(config, workdir: str, devices=None) -> dict:
   TrainingDiverged after train.max_consecutive_skips non-finite steps in a row.
   """
   config_lib.validate(config)
+  if config.model.weight_quant != "none":
+    raise ValueError(f"model.weight_quant={config.model.weight_quant!r} is a served model's "
+                     "quantized kernels (python -m llm.quantize), which do not train: train the "
+                     "float workdir, or a LoRA on it with model.lora.base_quant (QLoRA)")
   if config.data.curate.stages and not config.data.store:
     raise ValueError(f"data.curate.stages={config.data.curate.stages!r} curates a token store "
                      "as llm.data.prepare builds it; training from data.source does not curate. "

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels.flash_attention as flash
-from llm.ops.attention.paged import paged_attention, write_pages
+from llm.ops.attention.paged import dequantize_kv, paged_attention, quantize_kv, write_pages
 from llm.ops.attention.ring import flash_blocks, merge, ring_attention
 from llm.ops.attention.xla import Blocks, xla_attention, xla_blocks
 from llm.parallel.rules import logical_to_spec
@@ -81,23 +81,40 @@ def attend_cached(impl: str, q_BTHE, k_BTKE, v_BTKE, cache, kv_valid_BS, slot, *
   """Queries at cache slots slot..slot+T-1 attending, causally, to the cache's filled slots
   and to this step's keys/values [B, T, K, E], which are written into the cache at `slot`.
 
-  cache: {"k", "v"} of [B, K, S, E]; kv_valid_BS: the filled slots, this step's included
+  cache: {"k", "v"} of [B, K, S, E] (int8 with "k_scale", "v_scale" [B, K, S]: see
+  llm.ops.attention.paged.quantize_kv); kv_valid_BS: the filled slots, this step's included
   (left-padded prompt slots are not); slot: an int32 scalar, or the Python int 0 for a
   prefill into an empty cache (then the cache is not read). Returns (out_BTHE, cache)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
   b, t = q_BTHE.shape[:2]
+  quantized = "k_scale" in cache  # int8 (model.kv_quant), with a scale per token and head
 
   def update(cache, k_BTKE, v_BTKE):
-    return {name: jax.lax.dynamic_update_slice(
-        cache[name], jnp.swapaxes(new_BTKE, 1, 2).astype(cache[name].dtype), (0, 0, slot, 0))
-            for name, new_BTKE in (("k", k_BTKE), ("v", v_BTKE))}
+    out = {}
+    for name, new_BTKE in (("k", k_BTKE), ("v", v_BTKE)):
+      new_BKTE = jnp.swapaxes(new_BTKE, 1, 2)
+      if quantized:
+        new_BKTE, scale_BKT = quantize_kv(new_BKTE)
+        out[f"{name}_scale"] = jax.lax.dynamic_update_slice(cache[f"{name}_scale"], scale_BKT,
+                                                            (0, 0, slot))
+      out[name] = jax.lax.dynamic_update_slice(cache[name], new_BKTE.astype(cache[name].dtype),
+                                               (0, 0, slot, 0))
+    return out
+
+  def read(cache, name):  # [B, K, S, E] in the compute dtype
+    if not quantized:
+      return cache[name]
+    return dequantize_kv(cache[name], cache[f"{name}_scale"], q_BTHE.dtype)
+
+  if quantized:  # this step's own keys/values as the cache will hold them (as paged does)
+    k_BTKE, v_BTKE = (dequantize_kv(*quantize_kv(x), x.dtype) for x in (k_BTKE, v_BTKE))
 
   s = cache["k"].shape[2]
   chosen = IMPLEMENTATIONS[impl](t, s, q_BTHE.shape[3], window, block_q, block_k)
   if chosen.whole is not None:  # a kernel ([B, S, K, E]): one pass over the updated cache
     updated = update(cache, k_BTKE, v_BTKE)
-    k_BSKE, v_BSKE = (jnp.swapaxes(updated[name], 1, 2) for name in ("k", "v"))
+    k_BSKE, v_BSKE = (jnp.swapaxes(read(updated, name), 1, 2) for name in ("k", "v"))
     out = attend(impl, q_BTHE, k_BSKE, v_BSKE, jnp.ones((b, t), jnp.int32),
                  kv_segment_ids_BS=kv_valid_BS.astype(jnp.int32), q_offset=slot, window=window,
                  block_q=block_q, block_k=block_k)
@@ -110,7 +127,7 @@ def attend_cached(impl: str, q_BTHE, k_BTKE, v_BTKE, cache, kv_valid_BS, slot, *
     return o_new, update(cache, k_BTKE, v_BTKE)
   before_BS = kv_valid_BS & (jnp.arange(s)[None, :] < slot)  # the slots filled earlier
   o_cache, lse_cache = xla_blocks(window, kv="bkse").fwd(
-      q_BTHE, cache["k"], cache["v"], ones_BT, before_BS.astype(jnp.int32), slot, 0)
+      q_BTHE, read(cache, "k"), read(cache, "v"), ones_BT, before_BS.astype(jnp.int32), slot, 0)
   out, _ = merge(o_cache.astype(jnp.float32), lse_cache, o_new, lse_new)
   # The write must follow the reads of the old cache, and XLA orders them only by data
   # dependence (an optimization barrier does not do it): without one it copies every
@@ -168,13 +185,22 @@ def attend_paged(impl: str, q_THE, k_TKE, v_TKE, pages, paged: dict, *,
   value into its page (`paged["page"]`, `paged["slot"]`: [T]), then attends each token
   over its sequence's pages (`paged["kv_lens"]`, `paged["page_table"]`,
   `paged["cu_q_lens"]`, `paged["num_seqs"]`: see llm.ops.attention.paged). pages:
-  {"kv": [num_pages, page_size, 2K, E]}. Returns (out_THE, pages).
+  {"kv": [num_pages, page_size, 2K, E]}, int8 with "kv_scale" [num_pages, page_size, 2K].
+  Returns (out_THE, pages).
 
   "flash" on a TPU runs JAX's Pallas ragged paged attention kernel (per shard of heads on
-  a mesh); everywhere else, and for "xla", the XLA implementation runs."""
+  a mesh) over float pages; everywhere else, for "xla" and for int8 pages, the XLA
+  implementation runs."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
-  kv_pages = write_pages(pages["kv"], k_TKE, v_TKE, paged["page"], paged["slot"])
+  args = (paged["page"], paged["slot"])
+  if "kv_scale" in pages:  # int8 pages (model.kv_quant): always the XLA implementation
+    kv_pages, kv_scale = write_pages(pages["kv"], k_TKE, v_TKE, *args, pages["kv_scale"])
+    out_THE = paged_attention(q_THE, kv_pages, paged["kv_lens"], paged["page_table"],
+                              paged["cu_q_lens"], paged["num_seqs"], window=window,
+                              kv_scale_PNC=kv_scale)
+    return out_THE, {"kv": kv_pages, "kv_scale": kv_scale}
+  kv_pages = write_pages(pages["kv"], k_TKE, v_TKE, *args)
   args = (q_THE, kv_pages, paged["kv_lens"], paged["page_table"], paged["cu_q_lens"],
           paged["num_seqs"])
   xla = functools.partial(paged_attention, window=window)

@@ -45,21 +45,43 @@ def split_kv(kv_NCE):
   return kv[..., 0, :], kv[..., 1, :]
 
 
-def write_pages(kv_pages_PNCE, k_TKE, v_TKE, page_T, slot_T):
+def quantize_kv(x_XE):
+  """int8 values and f32 scales [...] of key/value vectors [..., E]: symmetric, one scale
+  per token and head (max |x| / 127), the int8 KV cache's storage."""
+  x = x_XE.astype(jnp.float32)
+  scale_X = jnp.max(jnp.abs(x), axis=-1) / 127.0
+  scale_X = jnp.where(scale_X > 0, scale_X, 1.0)
+  q = jnp.clip(jnp.round(x / scale_X[..., None]), -127, 127).astype(jnp.int8)
+  return q, scale_X
+
+
+def dequantize_kv(q_XE, scale_X, dtype):
+  return (q_XE.astype(jnp.float32) * scale_X[..., None]).astype(dtype)
+
+
+def write_pages(kv_pages_PNCE, k_TKE, v_TKE, page_T, slot_T, kv_scale_PNC=None):
   """The pages with each token's key and value written at (its page, its slot). Padding
-  tokens are pointed at page 0."""
-  kv_TCE = combine_kv(k_TKE, v_TKE).astype(kv_pages_PNCE.dtype)
-  return kv_pages_PNCE.at[page_T, slot_T].set(kv_TCE, mode="promise_in_bounds")
+  tokens are pointed at page 0. With `kv_scale_PNC` the pages are int8 (quantize_kv):
+  returns (pages, scales)."""
+  kv_TCE = combine_kv(k_TKE, v_TKE)
+  if kv_scale_PNC is None:
+    return kv_pages_PNCE.at[page_T, slot_T].set(kv_TCE.astype(kv_pages_PNCE.dtype),
+                                                mode="promise_in_bounds")
+  q_TCE, scale_TC = quantize_kv(kv_TCE)
+  return (kv_pages_PNCE.at[page_T, slot_T].set(q_TCE, mode="promise_in_bounds"),
+          kv_scale_PNC.at[page_T, slot_T].set(scale_TC, mode="promise_in_bounds"))
 
 
 def paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1, num_seqs_1,
                     *, window: int | None = None, keys_per_block: int = 0,
-                    queries_per_block: int = 0, decode_keys_per_block: int = 0):
+                    queries_per_block: int = 0, decode_keys_per_block: int = 0,
+                    kv_scale_PNC=None):
   """[T, H, E] ragged paged attention (see the module docstring); GQA without repeating
   K/V. Each inner step reads `keys_per_block` keys (rounded to whole pages; 0:
   KEYS_PER_BLOCK) of one sequence for a block of `queries_per_block` of its queries (0:
   QUERIES_PER_BLOCK), or `decode_keys_per_block` (0: DECODE_KEYS_PER_BLOCK) for a row's
-  single (decode) query."""
+  single (decode) query. int8 pages come with their scales (`kv_scale_PNC`) and are
+  dequantized block by block as they are read."""
   t, h, e = q_THE.shape
   n, c = kv_pages_PNCE.shape[1], kv_pages_PNCE.shape[2]
   kh = c // 2
@@ -91,6 +113,9 @@ def paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1
                                                pages_per_block)
         # page ids are in range by construction: no out-of-bounds handling (faster on CPU)
         kv_BNCE = kv_pages_PNCE.at[pages_B].get(mode="promise_in_bounds")
+        if kv_scale_PNC is not None:
+          kv_BNCE = dequantize_kv(kv_BNCE, kv_scale_PNC.at[pages_B].get(
+              mode="promise_in_bounds"), q_THE.dtype)
         k_NKE, v_NKE = split_kv(kv_BNCE.reshape(keys, c, e))
         kpos_N = j * keys + jnp.arange(keys)
         # one sequence per block: segments always match
