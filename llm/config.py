@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
       )),
       tie_embeddings=False,
       qk_norm=False,
+      qkv_bias=False,  # biases on the q, k and v projections (Qwen2 / Qwen2.5)
       attention="xla",  # xla | flash (Pallas kernel; interpreted on CPU)
       mlp="dense",  # the feed-forward kind (llm.model.mlp.MLPS)
       head="lm",  # lm (next-token logits) | score (a reward model's scalar; train.objective=reward)

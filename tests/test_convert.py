@@ -226,6 +226,42 @@ def test_moe_import_matches_transformers_and_round_trips(tmp_path, family, overr
   assert type(reloaded).__name__ == type(model).__name__
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_dense_imports_like_transformers_and_round_trips(tmp_path, family):
+  """Qwen2ForCausalLM (Llama with q/k/v biases) and Qwen3ForCausalLM (Llama with QK-norm
+  and an explicit head_dim): logits within 1e-4 of transformers, and exported back as
+  the same architecture with the same tensors and logits."""
+  torch.manual_seed(0)
+  common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  if family == "qwen2":
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
+  else:
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=24)).eval()
+  with torch.no_grad():  # non-trivial norms and biases
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(tmp_path / "hf")
+  hf_to_llm(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  config = config_lib.from_json((tmp_path / "ours" / "config.json").read_text())
+  assert config.model.qk_norm == (family == "qwen3") and config.model.mlp == "dense"
+  assert config.model.qkv_bias == (family == "qwen2")
+  ids = np.random.default_rng(0).integers(0, 128, (2, 24))
+  ref = _hf_logits(model, ids)
+  assert np.max(np.abs(_our_logits(tmp_path / "ours", ids) - ref)) <= 1e-4
+  reloaded = _check_round_trip(tmp_path, ids, ref)
+  assert type(reloaded).__name__ == type(model).__name__
+  from llm.inference.decoder import Decoder  # the cached path, out-major kernels on a CPU
+  from llm.inference.sampling import SamplingParams
+  config, params = load_params(tmp_path / "ours")
+  prompt = ids[0, :9].tolist()
+  hf_tokens = model.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False, pad_token_id=0)[0, 9:].tolist()
+  ours = Decoder(config.model, params).generate([prompt], 6, SamplingParams(temperature=0))
+  assert list(ours[0]) == hf_tokens
+
+
 def test_lora_run_exports_a_peft_adapter_and_imports_one(tmp_path, config):
   """A LoRA run on a converted Llama: `llm-to-hf --peft` writes an adapter that peft loads
   onto the transformers base with our merged model's logits; `hf-to-llm --peft_dir`

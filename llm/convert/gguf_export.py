@@ -67,6 +67,8 @@ def check_exportable(c) -> None:
     problems.append(f"model.sliding_window={c.sliding_window}")
   if c.qk_norm:
     problems.append("model.qk_norm=True")
+  if c.qkv_bias:
+    problems.append("model.qkv_bias=True")
   if c.rope_scaling.type not in ("none", ""):
     problems.append(f"model.rope_scaling.type={c.rope_scaling.type!r}")
   if problems:

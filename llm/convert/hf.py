@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Mistral / Mixtral / Qwen3-MoE checkpoints <-> our params, one
+"""Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE checkpoints <-> our params, one
 tensor at a time.
 
 HF stores Linear weights as [out, in]; our Projection kernels are [in, out...]
@@ -17,9 +17,9 @@ from typing import Iterator
 
 import numpy as np
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
-                           "Qwen3MoeForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen3_moe")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -31,7 +31,7 @@ def model_updates_from_hf(hf: dict) -> dict:
     raise ValueError(f"unsupported architecture {arch!r} (model_type {hf.get('model_type')!r}); "
                      f"supported: {list(SUPPORTED_ARCHITECTURES)}")
   for flag in ("attention_bias", "mlp_bias"):
-    if hf.get(flag):
+    if hf.get(flag) and not (flag == "attention_bias" and hf.get("model_type") == "qwen2"):
       raise ValueError(f"config.json sets {flag}=true; Llama-family models here have no biases")
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
@@ -51,6 +51,12 @@ def model_updates_from_hf(hf: dict) -> dict:
       d_ff=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
       rope_theta=theta, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=False,
       sliding_window=int(hf.get("sliding_window") or 0))
+  if hf["model_type"] in ("qwen2", "qwen3"):  # Llama with q/k/v biases (2), QK-norm (3)
+    if hf.get("use_sliding_window"):
+      raise ValueError(f"{arch} use_sliding_window=true (windows on some layers) is not "
+                       "supported; every layer attends fully here")
+    updates.update(qk_norm=hf["model_type"] == "qwen3", qkv_bias=hf["model_type"] == "qwen2",
+                   sliding_window=0)
   if hf["model_type"] in ("mixtral", "qwen3_moe"):
     updates.update(mlp="moe", moe=_moe_updates_from_hf(hf))
     updates["qk_norm"] = hf["model_type"] == "qwen3_moe"
@@ -108,11 +114,20 @@ def _hf_moe_config(c) -> dict:
 
 def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: int = 2) -> dict:
   c = model_cfg
-  if c.qk_norm and c.mlp != "moe":
-    raise ValueError("model.qk_norm=True has no Llama equivalent in transformers")
+  if c.qk_norm and c.mlp != "moe" and c.sliding_window:
+    raise ValueError("model.qk_norm=True exports as Qwen3, whose sliding window is per "
+                     "layer: model.sliding_window must be 0")
   head_dim = c.head_dim or c.d_model // c.n_heads
   arch, model_type = ("MistralForCausalLM", "mistral") if c.sliding_window else (
       "LlamaForCausalLM", "llama")
+  qwen = {}
+  if c.qkv_bias and (c.qk_norm or c.mlp == "moe" or c.sliding_window):
+    raise ValueError("model.qkv_bias=True exports as Qwen2: a dense model without QK-norm "
+                     "or sliding window")
+  if (c.qk_norm and c.mlp != "moe") or c.qkv_bias:
+    arch, model_type = ("Qwen3ForCausalLM", "qwen3") if c.qk_norm else ("Qwen2ForCausalLM",
+                                                                         "qwen2")
+    qwen = {"use_sliding_window": False, "layer_types": ["full_attention"] * c.n_layers}
   rope = {"rope_type": "default", "rope_theta": float(c.rope_theta)}
   if c.rope_scaling.type == "llama3":
     s = c.rope_scaling
@@ -127,9 +142,9 @@ def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: 
       "num_key_value_heads": c.n_kv_heads, "head_dim": head_dim, "hidden_act": "silu",
       "rms_norm_eps": c.norm_eps, "rope_parameters": rope, "rope_theta": float(c.rope_theta),
       "tie_word_embeddings": bool(c.tie_embeddings), "max_position_embeddings": max_position,
-      "attention_bias": False, "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
+      "attention_bias": bool(c.qkv_bias), "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
       "torch_dtype": "float32", "dtype": "float32",
-      **(_hf_moe_config(c) if c.mlp == "moe" else {}),
+      **(_hf_moe_config(c) if c.mlp == "moe" else {}), **qwen,
   }
 
 
@@ -155,6 +170,13 @@ def _layer_map(c, family: str, mlp: str):
       ("input_layernorm.weight", ("attn_norm", "scale"), (), same, same),
       ("post_attention_layernorm.weight", ("mlp_norm", "scale"), (), same, same),
   ]
+  if c.qkv_bias:
+    out += [("self_attn.q_proj.bias", ("attn", "q", "bias"), (), lambda b: b.reshape(h, e),
+             lambda x: x.reshape(-1)),
+            ("self_attn.k_proj.bias", ("attn", "k", "bias"), (), lambda b: b.reshape(k, e),
+             lambda x: x.reshape(-1)),
+            ("self_attn.v_proj.bias", ("attn", "v", "bias"), (), lambda b: b.reshape(k, e),
+             lambda x: x.reshape(-1))]
   if c.qk_norm:
     out += [("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), (), same, same),
             ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), (), same, same)]

@@ -67,9 +67,19 @@ class Projection(nn.Module):
   base_quant: str = "none"  # the kernel stored quantized (llm.model.quant): QLoRA, serving
   out_major: bool = False  # the kernel stored [out..., in...]
   quant_chunks: int = 0  # a served quantized kernel: dequantized in slices (quant.chunked_matmul)
+  use_bias: bool = False  # a bias [out...] added (fp32 storage as param_dtype; never quantized)
 
   @nn.compact
   def __call__(self, x):
+    out = self._matmul(x)
+    if not self.use_bias:
+      return out
+    n_in = len(self.in_shape)
+    bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape,
+                           self.axes[n_in:], self.param_dtype)
+    return out + bias.astype(out.dtype)
+
+  def _matmul(self, x):
     n_in = len(self.in_shape)
     shape = self.in_shape + self.out_shape
     if self.out_major:
