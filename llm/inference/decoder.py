@@ -29,7 +29,7 @@ import numpy as np
 
 from llm.config import head_dim
 from llm.inference.sampling import SamplingParams, sample
-from llm.model import make_model, require_lm_head
+from llm.model import make_model, quant, require_lm_head
 from llm.model.transformer import to_out_major, unstack_layers
 
 
@@ -158,9 +158,7 @@ class Decoder:
   def _check_cache_fits(self, batch: int, prompt_len: int, cache_len: int, max_tokens: int):
     """Refuses, before allocating, a KV cache larger than half the device's memory."""
     c = self.cfg
-    per_vector = (head_dim(c) + 4 if c.kv_quant == "int8"
-                  else head_dim(c) * jnp.dtype(c.dtype).itemsize)
-    per_slot = 2 * c.n_layers * batch * c.n_kv_heads * per_vector
+    per_slot = 2 * c.n_layers * batch * c.n_kv_heads * quant.kv_bytes_per_vector(c)
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     memory = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

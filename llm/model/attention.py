@@ -32,14 +32,13 @@ class Attention(nn.Module):
     c = self.cfg
     h, k, e, d = c.n_heads, c.n_kv_heads, self.head_dim, c.d_model
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    kw = dict(kw, use_bias=c.qkv_bias)
+    qkv = dict(kw, use_bias=c.qkv_bias)
     q_BTHE = Projection((d,), (h, e), ("embed", "heads", "head_dim"), init_std=c.init_std,
-                        name="q", **kw, **projection_kwargs(c, "q"))(x_BTD)
+                        name="q", **qkv, **projection_kwargs(c, "q"))(x_BTD)
     k_BTKE = Projection((d,), (k, e), ("embed", "kv_heads", "head_dim"), init_std=c.init_std,
-                        name="k", **kw, **projection_kwargs(c, "k"))(x_BTD)
+                        name="k", **qkv, **projection_kwargs(c, "k"))(x_BTD)
     v_BTKE = Projection((d,), (k, e), ("embed", "kv_heads", "head_dim"), init_std=c.init_std,
-                        name="v", **kw, **projection_kwargs(c, "v"))(x_BTD)
-    kw.pop("use_bias")
+                        name="v", **qkv, **projection_kwargs(c, "v"))(x_BTD)
     if c.qk_norm:
       q_BTHE = RMSNorm(c.norm_eps, axis_name="head_dim", name="q_norm", **kw)(q_BTHE)
       k_BTKE = RMSNorm(c.norm_eps, axis_name="head_dim", name="k_norm", **kw)(k_BTKE)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm.config import head_dim
+
 # model.lora.base_quant -> how frozen base kernels are stored
 BASE_QUANT = ("none", "int8", "nf4")
 # model.weight_quant -> how a served model's projection kernels are stored
@@ -90,10 +92,7 @@ def quantize(kernel, kind: str, n_in: int, n_lead: int = 0) -> tuple[jax.Array, 
     axis = n_lead + n_in - 1
     q = qwix.quantize(w, jnp.int4, tiled_axes={axis: int4_group(w.shape[axis])},
                       channelwise_axes=[i for i in range(w.ndim) if i != axis])
-    codes = (q.qvalue.astype(jnp.int8) + 8).astype(jnp.uint8)
-    pairs = codes.reshape(w.shape[:axis] + (w.shape[axis] // 2, 2) + w.shape[axis + 1:])
-    low, high = jnp.take(pairs, 0, axis=axis + 1), jnp.take(pairs, 1, axis=axis + 1)
-    return (low | (high << 4)).astype(jnp.uint8), q.scale
+    return _pack_nibbles((q.qvalue.astype(jnp.int8) + 8).astype(jnp.uint8), axis), q.scale
   first = w.shape[n_lead]
   block = nf4_block(first)
   blocked = w.reshape(w.shape[:n_lead] + (first // block, block) + w.shape[n_lead + 1:])
@@ -101,11 +100,7 @@ def quantize(kernel, kind: str, n_in: int, n_lead: int = 0) -> tuple[jax.Array, 
   scale = jnp.where(scale > 0, scale, 1.0)
   normed = blocked / jnp.expand_dims(scale, n_lead + 1)
   codes = jnp.argmin(jnp.abs(normed[..., None] - jnp.asarray(NF4_LEVELS)), axis=-1)
-  codes = codes.reshape(w.shape).astype(jnp.uint8)
-  pairs = codes.reshape(w.shape[:n_lead] + (first // 2, 2) + w.shape[n_lead + 1:])
-  low = jnp.take(pairs, 0, axis=n_lead + 1)
-  high = jnp.take(pairs, 1, axis=n_lead + 1)
-  return (low | (high << 4)).astype(jnp.uint8), scale
+  return _pack_nibbles(codes.reshape(w.shape).astype(jnp.uint8), n_lead), scale
 
 
 def dequantize(kernel_q, scale, kind: str, n_in: int, dtype, n_lead: int = 0):
@@ -115,22 +110,40 @@ def dequantize(kernel_q, scale, kind: str, n_in: int, dtype, n_lead: int = 0):
     return (kernel_q.astype(jnp.float32) * jnp.expand_dims(scale, in_axes)).astype(dtype)
   if kind == "int4":
     axis = n_lead + n_in - 1
-    values = jnp.stack([kernel_q & 0xF, kernel_q >> 4], axis=axis + 1).astype(jnp.int8) - 8
-    last = kernel_q.shape[axis] * 2
-    groups = scale.shape[axis]
-    values = values.reshape(kernel_q.shape[:axis] + (groups, last // groups)
-                            + kernel_q.shape[axis + 1:])
-    out = values.astype(jnp.float32) * jnp.expand_dims(scale, axis + 1)
-    return out.reshape(kernel_q.shape[:axis] + (last,) + kernel_q.shape[axis + 1:]).astype(dtype)
-  low, high = kernel_q & 0xF, kernel_q >> 4
-  codes = jnp.stack([low, high], axis=n_lead + 1)
-  first = kernel_q.shape[n_lead] * 2
-  codes = codes.reshape(kernel_q.shape[:n_lead] + (first,) + kernel_q.shape[n_lead + 1:])
+    values = _unpack_nibbles(kernel_q, axis).astype(jnp.int8) - 8
+    return _scale_groups(values.astype(jnp.float32), scale, axis).astype(dtype)
+  codes = _unpack_nibbles(kernel_q, n_lead)
   values = jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)]
-  block = first // scale.shape[n_lead]
-  values = values.reshape(kernel_q.shape[:n_lead] + (first // block, block)
-                          + kernel_q.shape[n_lead + 1:])
-  return (values * jnp.expand_dims(scale, n_lead + 1)).reshape(codes.shape).astype(dtype)
+  return _scale_groups(values, scale, n_lead).astype(dtype)
+
+
+def _pack_nibbles(codes, axis: int):
+  """4-bit codes (uint8) two per byte along `axis`: even positions low, odd high."""
+  pairs = codes.reshape(codes.shape[:axis] + (codes.shape[axis] // 2, 2) + codes.shape[axis + 1:])
+  low, high = jnp.take(pairs, 0, axis=axis + 1), jnp.take(pairs, 1, axis=axis + 1)
+  return (low | (high << 4)).astype(jnp.uint8)
+
+
+def _unpack_nibbles(packed, axis: int):
+  """The inverse of _pack_nibbles: `axis` doubled."""
+  codes = jnp.stack([packed & 0xF, packed >> 4], axis=axis + 1)
+  return codes.reshape(packed.shape[:axis] + (packed.shape[axis] * 2,) + packed.shape[axis + 1:])
+
+
+def _scale_groups(values, scale, axis: int):
+  """values times scale, each run of values.shape[axis] // scale.shape[axis] consecutive
+  entries along `axis` sharing one scale."""
+  n, groups = values.shape[axis], scale.shape[axis]
+  grouped = values.reshape(values.shape[:axis] + (groups, n // groups) + values.shape[axis + 1:])
+  return (grouped * jnp.expand_dims(scale, axis + 1)).reshape(values.shape)
+
+
+def kv_bytes_per_vector(model_cfg) -> int:
+  """Bytes one cached key (or value) vector of one head takes: model.kv_quant=int8 holds
+  int8 values and an f32 scale, otherwise head_dim values of the compute dtype."""
+  if model_cfg.kv_quant == "int8":
+    return head_dim(model_cfg) + 4
+  return head_dim(model_cfg) * jnp.dtype(model_cfg.dtype).itemsize
 
 
 def require_float_weights(model_cfg, workdir, what: str) -> None:

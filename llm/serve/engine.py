@@ -344,21 +344,15 @@ class Engine:
     batch = self.scheduler.schedule(self._lookahead if self.proposer is not None else None)
     if not batch:
       return []
+    inputs, rows, samplers = self._lay_out(batch)
     # speculating rows: {id(seq): (sampling row, drafts)}, drafts = tokens run after the
     # pending one (the scheduler counted them in n)
-    spec_rows, drafts, q = {}, {}, None
-    if self.proposer is not None:
-      row = 0
-      for seq, n in batch:
-        if seq.computed + n >= len(seq.tokens):  # it samples in this step
-          if n > seq.remaining_prefill:
-            spec_rows[id(seq)] = (row, n - seq.remaining_prefill)
-          row += 1
-    inputs, rows, samplers = self._lay_out(batch)
+    spec_rows = {id(seq): (row, n - seq.remaining_prefill)
+                 for row, (seq, n) in enumerate(samplers) if n > seq.remaining_prefill}
     if self.proposer is not None:
       drafts, q = self.proposer.propose(batch, spec_rows, rows,
                                         self.speculative.num_speculative_tokens)
-      self._lay_out_drafts(inputs, rows, batch, spec_rows, drafts, q)
+      self._lay_out_drafts(inputs, rows, samplers, spec_rows, drafts, q)
     forks = self._fork(samplers, rows)
     counts = seen = allowed = None
     if any(seq.options.uses_penalties for seq, _ in samplers):
@@ -454,23 +448,18 @@ class Engine:
             self.max_model_len - len(seq.tokens) - 1)
     return self.proposer.lookahead(seq, k) if k > 0 else 0
 
-  def _lay_out_drafts(self, inputs, rows, batch, spec_rows, drafts, q) -> None:
+  def _lay_out_drafts(self, inputs, rows, samplers, spec_rows, drafts, q) -> None:
     """Each sampling row's window (the flat positions whose logits it verifies: its
     pending token's, then its drafts'), the drafts into the token batch, and q."""
-    t = 0
-    row = 0
-    for seq, n in batch:
-      t += n
-      if seq.computed + n < len(seq.tokens):
-        continue  # a prompt chunk: samples nothing
-      k = n - seq.remaining_prefill if id(seq) in spec_rows else 0
-      last = t - 1 - k  # its pending token
+    for row, (seq, _) in enumerate(samplers):
+      k = spec_rows[id(seq)][1] if id(seq) in spec_rows else 0
+      end = rows["sample_index"][row] + 1  # past its last token in the flat batch
+      last = end - 1 - k  # its pending token
       if k:
-        inputs["tokens"][last + 1:t] = drafts[id(seq)]
+        inputs["tokens"][last + 1:end] = drafts[id(seq)]
         rows["drafts"][row, :k] = drafts[id(seq)]
       rows["n_drafts"][row] = k
       rows["window"][row] = last + np.minimum(np.arange(rows["window"].shape[1]), k)
-      row += 1
     if q is not None:
       rows["draft_probs"] = q
 

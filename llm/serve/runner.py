@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 
 from llm.config import head_dim
 from llm.inference.sampling import sample_rows
-from llm.model import make_model, require_lm_head
+from llm.model import make_model, quant, require_lm_head
 from llm.model.transformer import init_params, unembedding, unstack_layers
 from llm.parallel.mesh import use_mesh
 from llm.ops.attention.dispatch import kv_pages_spec
@@ -148,10 +148,8 @@ class ModelRunner:
 
   @staticmethod
   def kv_bytes_per_page(model_cfg, page_size: int) -> int:
-    per_vector = head_dim(model_cfg) * jnp.dtype(model_cfg.dtype).itemsize
-    if model_cfg.kv_quant == "int8":
-      per_vector = head_dim(model_cfg) + 4  # int8 values and an f32 scale
-    return 2 * model_cfg.n_layers * page_size * model_cfg.n_kv_heads * per_vector
+    return (2 * model_cfg.n_layers * page_size * model_cfg.n_kv_heads
+            * quant.kv_bytes_per_vector(model_cfg))
 
   def bucket(self, n_tokens: int) -> int:
     for b in self.buckets:

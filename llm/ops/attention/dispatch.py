@@ -193,14 +193,14 @@ def attend_paged(impl: str, q_THE, k_TKE, v_TKE, pages, paged: dict, *,
   implementation runs."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
-  args = (paged["page"], paged["slot"])
+  where = (paged["page"], paged["slot"])
   if "kv_scale" in pages:  # int8 pages (model.kv_quant): always the XLA implementation
-    kv_pages, kv_scale = write_pages(pages["kv"], k_TKE, v_TKE, *args, pages["kv_scale"])
+    kv_pages, kv_scale = write_pages(pages["kv"], k_TKE, v_TKE, *where, pages["kv_scale"])
     out_THE = paged_attention(q_THE, kv_pages, paged["kv_lens"], paged["page_table"],
                               paged["cu_q_lens"], paged["num_seqs"], window=window,
                               kv_scale_PNC=kv_scale)
     return out_THE, {"kv": kv_pages, "kv_scale": kv_scale}
-  kv_pages = write_pages(pages["kv"], k_TKE, v_TKE, *args)
+  kv_pages = write_pages(pages["kv"], k_TKE, v_TKE, *where)
   args = (q_THE, kv_pages, paged["kv_lens"], paged["page_table"], paged["cu_q_lens"],
           paged["num_seqs"])
   xla = functools.partial(paged_attention, window=window)
