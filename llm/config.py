@@ -37,6 +37,7 @@ CHOICES = {
     "model.dtype": "llm.model.layers:DTYPES",
     "model.param_dtype": "llm.model.layers:DTYPES",
     "model.rope_scaling.type": "llm.model.layers:ROPE_SCALINGS",
+    "model.mlp_activation": "llm.model.layers:ACTIVATIONS",
     "data.source": "llm.data.sources:SOURCES",
     "data.tokenizer_model_type": "llm.data.tokenizer:MODEL_TYPES",
     "data.chat.template": "llm.data.chat:TEMPLATE_CHOICES",
@@ -85,18 +86,51 @@ def base_config() -> ml_collections.ConfigDict:
       norm_eps=1e-5,
       rope_theta=10000.0,
       rope_scaling=ml_collections.ConfigDict(dict(
-          type="none",  # none | llama3
+          type="none",  # none | linear | dynamic (NTK) | yarn | llama3
           factor=8.0,
-          low_freq_factor=1.0,
-          high_freq_factor=4.0,
-          original_max_position=8192,
+          low_freq_factor=1.0,  # llama3
+          high_freq_factor=4.0,  # llama3
+          original_max_position=8192,  # the pre-training context (dynamic: where scaling starts)
+          beta_fast=32.0,  # yarn: the ramp between the dimensions turning this many times ...
+          beta_slow=1.0,  # ... and this many times over the original context
+          mscale=0.0,  # yarn: with mscale_all_dim, attention factor = m(mscale) / m(mscale_all_dim)
+          mscale_all_dim=0.0,
+          attention_factor=0.0,  # yarn: cos/sin scaled by this; 0 = 0.1 ln(factor) + 1
+          truncate=True,  # yarn: the ramp's ends rounded to whole dimensions
       )),
+      # local (sliding-window) layers' RoPE base, unscaled (Gemma 3); 0: rope_theta and
+      # rope_scaling, as the global layers
+      rope_local_theta=0.0,
       tie_embeddings=False,
       qk_norm=False,
       qkv_bias=False,  # biases on the q, k and v projections (Qwen2 / Qwen2.5)
+      # Gemma: norms x (1 + scale) (scales stored as Gemma stores them), norms on the
+      # attention and MLP outputs too (before the residual add), embeddings x sqrt(d_model),
+      # a GeGLU MLP, logits soft-capped (cap x tanh(x / cap); 0 = off), the attention's
+      # 1/sqrt scale from query_pre_attn_scalar (0: head dim)
+      norm_plus_one=False,
+      post_norms=False,
+      embed_scale=False,
+      mlp_activation="silu",  # silu (SwiGLU) | gelu_tanh (GeGLU)
+      attn_logit_softcap=0.0,
+      final_logit_softcap=0.0,
+      query_pre_attn_scalar=0.0,
       attention="xla",  # xla | flash (Pallas kernel; interpreted on CPU)
+      # multi-head latent attention (DeepSeek-V2/V3; llm.model.attention.LatentAttention):
+      # kv_lora_rank > 0 replaces the q/k/v projections (head_dim and n_kv_heads unused)
+      mla=ml_collections.ConfigDict(dict(
+          kv_lora_rank=0,  # the cached latent's width; 0 = MLA off
+          q_lora_rank=0,  # queries through a rank-q_lora_rank bottleneck; 0 = one projection
+          qk_nope_head_dim=128,  # each head's query/key part without RoPE
+          qk_rope_head_dim=64,  # and with RoPE (the key part is one, shared by the heads)
+          v_head_dim=128,
+      )),
       mlp="dense",  # the feed-forward kind (llm.model.mlp.MLPS)
       head="lm",  # lm (next-token logits) | score (a reward model's scalar; train.objective=reward)
+      # multi-token prediction (DeepSeek-V3): D extra training heads, module k predicting
+      # the token k+1 ahead; their mean cross-entropy x mtp_loss_weight joins the loss
+      mtp_layers=0,
+      mtp_loss_weight=0.3,
       moe=ml_collections.ConfigDict(dict(  # used when mlp="moe" (llm/model/moe.py)
           n_experts=8,
           top_k=2,  # experts per token
@@ -110,6 +144,14 @@ def base_config() -> ml_collections.ConfigDict:
           compute="dropless",
           capacity_factor=1.25,  # compute="capacity": slots per expert / (tokens * k / experts)
           every=1,  # every n-th layer is MoE (layers n-1, 2n-1, ...), the others dense d_ff
+          first_dense=0,  # the first n layers dense d_ff (DeepSeek's first_k_dense_replace)
+          router="softmax",  # softmax (then top-k) | sigmoid (DeepSeek-V3; llm.model.moe.ROUTERS)
+          n_groups=1,  # group-limited routing: experts in n groups, tokens choose among ...
+          topk_groups=1,  # ... the topk_groups groups with the best two-expert score sums
+          routed_scaling=1.0,  # the routed experts' weights times this (routed_scaling_factor)
+          # auxiliary-loss-free balancing (sigmoid router): a per-expert bias added to the
+          # scores for choosing only, moved by this much per step towards even load
+          routed_bias_update_rate=0.0,
       )),
       # LoRA adapters (llm/model/lora.py): rank 0 = off; with rank > 0 only the adapters
       # train (the base weights are frozen) and they are merged for generation and export
@@ -127,6 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
       flash_block_q=0,  # flash kernel block sizes; 0 = the kernel's default
       flash_block_k=0,
       sliding_window=0,  # attend to the last N positions only (Mistral); 0 = full
+      # with sliding_window: every n-th layer (n-1, 2n-1, ...) attends globally, the others
+      # within the window (Gemma 2: 2, Gemma 3: 6); 0: every layer uses the window
+      sliding_window_pattern=0,
       scan_layers=True,
       # projection kernels stored [out..., in...] (torch Linear's layout) instead of
       # [in..., out...]: XLA:CPU runs matrix-vector products over them up to 1.3x faster.
@@ -337,6 +382,24 @@ def flatten(section) -> dict:
   return out
 
 
+def _scanned_group(m) -> int:
+  every = m.moe.every if m.mlp == "moe" else 1
+  return math.lcm(every, m.sliding_window_pattern or 1)
+
+
+def _scanned_layers(m) -> int:
+  return m.n_layers - (m.moe.first_dense if m.mlp == "moe" else 0)
+
+
+def kv_cache_vectors(model_cfg) -> tuple[int, int, bool]:
+  """(vectors per token and layer, their width, shared): what a KV cache holds. Keys and
+  values of n_kv_heads heads; with MLA one vector, the latent and the RoPE key, that is
+  its own value (shared)."""
+  if model_cfg.mla.kv_lora_rank:
+    return 1, model_cfg.mla.kv_lora_rank + model_cfg.mla.qk_rope_head_dim, True
+  return 2 * model_cfg.n_kv_heads, head_dim(model_cfg), False
+
+
 def head_dim(model_cfg) -> int:
   return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
 
@@ -462,12 +525,52 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.rope_scaling.type != "none":
     r = m.rope_scaling
     check_range("model.rope_scaling.factor", r.factor, lo=1)
-    _positive("model.rope_scaling.low_freq_factor", r.low_freq_factor)
-    check_range("model.rope_scaling.high_freq_factor", r.high_freq_factor, lo=r.low_freq_factor,
-                lo_open=True, note="must exceed low_freq_factor")
     _positive("model.rope_scaling.original_max_position", r.original_max_position)
-  for name in ("flash_block_q", "flash_block_k", "sliding_window"):
+    if r.type == "llama3":
+      _positive("model.rope_scaling.low_freq_factor", r.low_freq_factor)
+      check_range("model.rope_scaling.high_freq_factor", r.high_freq_factor,
+                  lo=r.low_freq_factor, lo_open=True, note="must exceed low_freq_factor")
+    if r.type == "yarn":
+      _positive("model.rope_scaling.beta_slow", r.beta_slow)
+      check_range("model.rope_scaling.beta_fast", r.beta_fast, lo=r.beta_slow, lo_open=True,
+                  note="must exceed beta_slow")
+      for name in ("mscale", "mscale_all_dim", "attention_factor"):
+        check_range(f"model.rope_scaling.{name}", r[name], lo=0, note="0 = derived")
+  if m.rope_scaling.type == "dynamic" and head_dim(m) <= 2:
+    raise ValueError("model.rope_scaling.type='dynamic' needs a head dim above 2")
+  for name in ("flash_block_q", "flash_block_k", "sliding_window", "sliding_window_pattern"):
     check_range(f"model.{name}", m[name], lo=0, note="0 = default / off")
+  for name in ("rope_local_theta", "attn_logit_softcap", "final_logit_softcap",
+               "query_pre_attn_scalar"):
+    check_range(f"model.{name}", m[name], lo=0, note="0 = off / default")
+  check_range("model.mtp_layers", m.mtp_layers, lo=0, note="0 = off")
+  check_range("model.mtp_loss_weight", m.mtp_loss_weight, lo=0)
+  if m.mtp_layers and m.head != "lm":
+    raise ValueError(f"model.mtp_layers={m.mtp_layers} predicts tokens: it needs "
+                     f"model.head='lm', not {m.head!r}")
+  if m.mla.kv_lora_rank:
+    ml = m.mla
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+      _positive(f"model.mla.{name}", ml[name])
+    check_range("model.mla.q_lora_rank", ml.q_lora_rank, lo=0, note="0 = one q projection")
+    if ml.qk_rope_head_dim % 2:
+      raise ValueError(f"model.mla.qk_rope_head_dim={ml.qk_rope_head_dim} must be even for RoPE")
+    unsupported = [f"{k}={v!r}" for k, v in (
+        ("model.sliding_window", m.sliding_window), ("model.qk_norm", m.qk_norm),
+        ("model.qkv_bias", m.qkv_bias), ("model.attn_logit_softcap", m.attn_logit_softcap),
+        ("model.query_pre_attn_scalar", m.query_pre_attn_scalar),
+        ("model.lora.rank", m.lora.rank), ("model.weight_quant", m.weight_quant),
+        ("model.kv_quant", m.kv_quant), ("model.out_major_kernels", m.out_major_kernels)) if v
+        and v != "none"]
+    if unsupported:
+      raise ValueError(f"model.mla (latent attention) does not take {', '.join(unsupported)}")
+  elif m.mla.q_lora_rank:
+    raise ValueError(f"model.mla.q_lora_rank={m.mla.q_lora_rank} without model.mla.kv_lora_rank: "
+                     "MLA is on when kv_lora_rank > 0")
+  if (m.sliding_window_pattern or m.rope_local_theta) and not m.sliding_window:
+    raise ValueError(f"model.sliding_window_pattern={m.sliding_window_pattern} / "
+                     f"model.rope_local_theta={m.rope_local_theta} describe local "
+                     "(sliding-window) layers, but model.sliding_window=0")
   registry(OBJECTIVE_CHECKS)(config)  # its data, its head, its own settings
   if m.out_major_kernels and m.lora.rank:
     raise ValueError("model.out_major_kernels with model.lora.rank > 0: LoRA and QLoRA keep "
@@ -501,9 +604,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_range("model.moe.router_z_weight", e.router_z_weight, lo=0)
     check_range("model.moe.capacity_factor", e.capacity_factor, lo=0, lo_open=True)
     check_range("model.moe.every", e.every, lo=1, hi=m.n_layers, note="at most model.n_layers")
-    if m.n_layers % e.every:
-      raise ValueError(f"model.n_layers={m.n_layers} must be divisible by model.moe.every="
-                       f"{e.every} (every n-th layer is MoE; layers are scanned in groups of n)")
+    check_range("model.moe.first_dense", e.first_dense, lo=0, hi=m.n_layers - 1,
+                note="dense layers before the MoE ones")
+    check_range("model.moe.n_groups", e.n_groups, lo=1)
+    if e.n_experts % e.n_groups:
+      raise ValueError(f"model.moe.n_groups={e.n_groups} does not divide model.moe.n_experts="
+                       f"{e.n_experts} (experts are split into equal groups)")
+    check_range("model.moe.topk_groups", e.topk_groups, lo=1, hi=e.n_groups,
+                note="at most n_groups")
+    if e.n_groups > 1 and e.top_k > e.topk_groups * (e.n_experts // e.n_groups):
+      raise ValueError(f"model.moe.top_k={e.top_k} exceeds the {e.topk_groups} x "
+                       f"{e.n_experts // e.n_groups} experts of the chosen groups")
+    check_range("model.moe.routed_scaling", e.routed_scaling, lo=0, lo_open=True)
+    check_range("model.moe.routed_bias_update_rate", e.routed_bias_update_rate, lo=0,
+                note="0 = no balancing bias")
+    if e.routed_bias_update_rate and e.router != "sigmoid":
+      raise ValueError("model.moe.routed_bias_update_rate > 0 balances a sigmoid router "
+                       "(DeepSeek-V3); set model.moe.router='sigmoid'")
+    if e.first_dense and (e.every > 1 or m.sliding_window_pattern):
+      raise ValueError("model.moe.first_dense with moe.every > 1 or sliding_window_pattern: "
+                       "one layer pattern at a time")
+  group = _scanned_group(m)
+  if m.scan_layers and _scanned_layers(m) % group:
+    raise ValueError(f"model.n_layers={m.n_layers} (less moe.first_dense) is not a multiple "
+                     f"of {group}, the layers' repeating pattern (moe.every, "
+                     "sliding_window_pattern), which model.scan_layers=True scans as one "
+                     "unit; set model.scan_layers=False")
   if d.source in ("text", "jsonl") and not d.paths:
     raise ValueError(f"data.source={d.source!r} needs data.paths (comma-separated files or globs)")
   if d.source == "tfds" and not d.tfds_name:

@@ -27,14 +27,25 @@ VARIANTS = {
     "llama3_scaling": dict(num_key_value_heads=2, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8}),
+    "linear_scaling": dict(num_key_value_heads=2, rope_parameters={
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    # positions up to 23 past max_position_embeddings=16: the base grows with the length
+    "dynamic_ntk": dict(num_key_value_heads=2, max_position_embeddings=16, rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}),
+    "yarn": dict(num_key_value_heads=2, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+        "original_max_position_embeddings": 16, "beta_fast": 16.0, "beta_slow": 2.0}),
+    "yarn_deepseek_mscale": dict(num_key_value_heads=2, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "mscale": 1.0,
+        "mscale_all_dim": 0.5, "original_max_position_embeddings": 8}),
 }
 
 
 def _hf_model(out, vocab=128, **overrides):
   torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 max_position_embeddings=64, rms_norm_eps=1e-5, **overrides)
+  cfg = transformers.LlamaConfig(**{**dict(
+      vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5), **overrides})
   model = transformers.LlamaForCausalLM(cfg).eval()
   with torch.no_grad():  # non-trivial norm weights, so a misplaced norm cannot hide
     for name, p in model.named_parameters():

@@ -43,12 +43,12 @@ def _rel_err(x, ref):
 
 
 def _check(backend, b, t, h, k, e, dtype, layout, window, block_q, block_k, causal=True,
-           s=None, offsets=(0, 0), interpret=True):
+           s=None, offsets=(0, 0), interpret=True, softcap=None):
   s = t if s is None else s
   q, kk, v, w = _inputs(b, t, s, h, k, e, dtype)
   seg = _segments(b, t, layout)
   kv_seg = None if seg is None or s == t else _segments(b, s, layout, seed=1)
-  kw = dict(causal=causal, window=window)
+  kw = dict(causal=causal, window=window, softcap=softcap)
   pos = dict(q_offset=offsets[0], kv_offset=offsets[1])
 
   def flash_loss(q, kk, v):
@@ -98,6 +98,11 @@ def test_tpu_kernel_matches_reference_in_interpret_mode(case):
   _check("tpu", *case)
 
 
+def test_tpu_kernel_soft_caps_in_interpret_mode():
+  """Gemma 2's logit soft-cap, windowed (its local layers), forward and backward."""
+  _check("tpu", 1, 256, 4, 2, 64, jnp.float32, "packed", 100, 64, 128, softcap=1.5)
+
+
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_offsets_cross_attention_and_empty_rows(backend):
   """Query/key chunks at different positions (as ring attention uses them), with rows
@@ -128,8 +133,10 @@ def test_bad_arguments_are_named():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu is not installed (pip install -e '.[tpu]'); the TPU AOT "
                            "compile checks Mosaic tiling and VMEM limits interpret mode cannot")
-@pytest.mark.parametrize("dtype,window", [(jnp.bfloat16, None), (jnp.float32, 300)])
-def test_tpu_kernel_compiles_for_v5e_inside_shard_map(dtype, window):
+@pytest.mark.parametrize("dtype,window,softcap", [(jnp.bfloat16, None, None),
+                                                  (jnp.float32, 300, None),
+                                                  (jnp.bfloat16, 4096, 50.0)])
+def test_tpu_kernel_compiles_for_v5e_inside_shard_map(dtype, window, softcap):
   from jax.experimental import topologies
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -141,7 +148,7 @@ def test_tpu_kernel_compiles_for_v5e_inside_shard_map(dtype, window):
   def loss(q, kk, v, seg):
     def local(q, kk, v, seg):
       out = flash_attention(q, kk, v, seg, window=window, backend="tpu", interpret=False,
-                            block_q=256, block_k=512)
+                            block_q=256, block_k=512, softcap=softcap)
       return jnp.sum(out.astype(jnp.float32) ** 2)[None, None]
     parts = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, q_spec, q_spec, seg_spec),
                           out_specs=P("data", "tensor"))(q, kk, v, seg)

@@ -220,7 +220,8 @@ def test_every_nth_layer_moe_has_dense_layers_between():
   bad = tiny_config()
   bad.model.update(mlp="moe", n_layers=4)
   bad.model.moe.every = 3
-  with pytest.raises(ValueError, match="model.n_layers=4 must be divisible by model.moe.every=3"):
+  with pytest.raises(ValueError, match=r"model.n_layers=4 \(less moe.first_dense\) is not a "
+                     "multiple of 3"):
     config_lib.validate(bad)
 
 

@@ -157,6 +157,10 @@ def llm_to_hf(workdir: str, hf_dir: str, peft: bool = False) -> None:
     hf.write_safetensors(hf.params_to_hf(jax.device_get(params), config.model), out)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
   print(f"wrote {out}: config.json, safetensors" + "".join(f", {name}" for name in copied))
+  if config.model.mtp_layers:
+    print(f"note: the {config.model.mtp_layers} multi-token-prediction head(s) "
+          "(model.mtp_layers) are training-only and not exported; transformers has no place "
+          "for them")
 
 
 def _write_peft(workdir: str, out: Path) -> None:

@@ -71,6 +71,14 @@ def check_exportable(c) -> None:
     problems.append("model.qkv_bias=True")
   if c.rope_scaling.type not in ("none", ""):
     problems.append(f"model.rope_scaling.type={c.rope_scaling.type!r}")
+  if c.mla.kv_lora_rank:
+    problems.append("model.mla (latent attention)")
+  for name in ("post_norms", "norm_plus_one", "embed_scale", "attn_logit_softcap",
+               "final_logit_softcap", "query_pre_attn_scalar", "mtp_layers"):
+    if c[name]:
+      problems.append(f"model.{name}={c[name]!r}")
+  if c.mlp_activation != "silu":
+    problems.append(f"model.mlp_activation={c.mlp_activation!r}")
   if problems:
     raise ValueError(f"llm-to-gguf writes dense Llama-family models; this one has "
                      f"{', '.join(problems)}")

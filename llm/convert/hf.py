@@ -1,5 +1,5 @@
-"""Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE checkpoints <-> our params, one
-tensor at a time.
+"""Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / Mixtral / Qwen3-MoE
+checkpoints <-> our params, one tensor at a time.
 
 HF stores Linear weights as [out, in]; our Projection kernels are [in, out...]
 with heads split out, and scanned layers stacked on a leading axis. Both use
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -18,11 +19,153 @@ from typing import Iterator
 import numpy as np
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+                           "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                           "MixtralForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "mixtral",
+                         "qwen3_moe", "deepseek_v3")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+# transformers' rope_type -> ours (model.rope_scaling.type)
+ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn",
+              "llama3": "llama3"}
 
 
 # ----------------------------------------------------------------------------- configs
+
+def _rope_from_hf(rope: dict, hf: dict, where: str) -> tuple[float, dict | None]:
+  """(theta, our model.rope_scaling updates or None) from one transformers rope dict."""
+  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(f"{where}: rope type {rope_type!r} is not supported; supported: "
+                     f"{list(ROPE_TYPES)}")
+  if rope_type == "default":
+    return theta, None
+  if rope.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"{where}: partial_rotary_factor={rope['partial_rotary_factor']} is not "
+                     "supported (RoPE over the whole head)")
+  out = dict(type=ROPE_TYPES[rope_type])
+  if rope_type == "llama3":
+    out.update(low_freq_factor=float(rope["low_freq_factor"]),
+               high_freq_factor=float(rope["high_freq_factor"]),
+               original_max_position=int(rope["original_max_position_embeddings"]))
+  elif rope_type == "dynamic":  # transformers scales past max_position_embeddings
+    out.update(original_max_position=int(hf["max_position_embeddings"]))
+  elif rope_type == "yarn":
+    old_len = int(rope.get("original_max_position_embeddings") or hf["max_position_embeddings"])
+    out.update(original_max_position=old_len,
+               beta_fast=float(rope.get("beta_fast") or 32.0),
+               beta_slow=float(rope.get("beta_slow") or 1.0),
+               mscale=float(rope.get("mscale") or 0.0),
+               mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+               attention_factor=float(rope.get("attention_factor") or 0.0),
+               truncate=bool(rope.get("truncate", True)))
+    if rope.get("factor") is None:
+      rope = dict(rope, factor=hf["max_position_embeddings"] / old_len)
+  out["factor"] = float(rope["factor"])
+  return theta, out
+
+
+def _rope_to_hf(theta: float, scaling, max_position: int) -> dict:
+  """One transformers rope dict for our theta and model.rope_scaling (None: unscaled)."""
+  rope = {"rope_type": "default", "rope_theta": float(theta)}
+  if scaling is None or scaling.type == "none":
+    return rope
+  s = scaling
+  rope.update(rope_type={v: k for k, v in ROPE_TYPES.items()}[s.type], factor=float(s.factor))
+  if s.type == "llama3":
+    rope.update(low_freq_factor=float(s.low_freq_factor), high_freq_factor=float(s.high_freq_factor),
+                original_max_position_embeddings=int(s.original_max_position))
+  elif s.type == "yarn":
+    rope.update(original_max_position_embeddings=int(s.original_max_position),
+                beta_fast=float(s.beta_fast), beta_slow=float(s.beta_slow),
+                truncate=bool(s.truncate))
+    for name in ("mscale", "mscale_all_dim", "attention_factor"):
+      if s[name]:
+        rope[name] = float(s[name])
+  return rope
+
+
+def _window_pattern(hf: dict, arch) -> tuple[int, int]:
+  """(sliding_window, sliding_window_pattern) from a Gemma config's layer_types: every
+  n-th layer global (n - 1, 2n - 1, ...), the others sliding."""
+  n_layers = hf["num_hidden_layers"]
+  types = hf.get("layer_types")
+  if types is None:
+    pattern = int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or
+                  (2 if hf["model_type"] == "gemma2" else 6))
+    types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+             for i in range(n_layers)]
+  if set(types) - {"full_attention", "sliding_attention"} or len(types) != n_layers:
+    raise ValueError(f"{arch} layer_types={types}: expected {n_layers} entries of "
+                     "'full_attention' / 'sliding_attention'")
+  if "sliding_attention" not in types:
+    return 0, 0
+  pattern = types.index("full_attention") + 1 if "full_attention" in types else 0
+  expected = ["full_attention" if pattern and (i + 1) % pattern == 0 else "sliding_attention"
+              for i in range(n_layers)]
+  if types != expected:
+    raise ValueError(f"{arch} layer_types={types}: only every n-th layer global (layers n-1, "
+                     "2n-1, ...; Gemma's pattern) is supported")
+  return int(hf["sliding_window"]), pattern
+
+
+def _gemma_updates_from_hf(hf: dict, arch) -> dict:
+  act = hf.get("hidden_activation") or hf.get("hidden_act")
+  if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+    raise ValueError(f"{arch} hidden_activation={act!r} is not supported; only "
+                     "'gelu_pytorch_tanh' (GeGLU)")
+  if hf.get("use_bidirectional_attention"):
+    raise ValueError(f"{arch} use_bidirectional_attention=true is not supported (causal only)")
+  window, pattern = _window_pattern(hf, arch)
+  updates = dict(norm_plus_one=True, post_norms=True, embed_scale=True,
+                 mlp_activation="gelu_tanh", qk_norm=hf["model_type"] == "gemma3_text",
+                 attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+                 final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+                 query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 0.0),
+                 sliding_window=window, sliding_window_pattern=pattern,
+                 tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+  rope = hf.get("rope_parameters") or {}
+  if "full_attention" in rope or "sliding_attention" in rope:  # Gemma 3: per layer type
+    theta, scaling = _rope_from_hf(rope.get("full_attention") or {}, hf, f"{arch} full_attention")
+    local = rope.get("sliding_attention") or {}
+    local_theta, local_scaling = _rope_from_hf(local, hf, f"{arch} sliding_attention")
+    if local_scaling is not None:
+      raise ValueError(f"{arch}: RoPE scaling on the sliding-window layers "
+                       f"({local.get('rope_type')!r}) is not supported")
+    if window and (local_theta != theta or scaling is not None):  # local layers: own, unscaled
+      updates["rope_local_theta"] = local_theta
+  else:
+    theta, scaling = _rope_from_hf(dict(rope or hf.get("rope_scaling") or {}), hf, arch)
+  updates["rope_theta"] = theta
+  if scaling is not None:
+    updates["rope_scaling"] = scaling
+  return updates
+
+
+def _deepseek_updates_from_hf(hf: dict, arch) -> dict:
+  """MLA and DeepSeek's MoE (sigmoid router over expert groups, shared experts, the first
+  layers dense) from a DeepseekV3 config."""
+  if hf.get("attention_bias"):
+    raise ValueError(f"{arch} attention_bias=true is not supported")
+  nope, rope = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
+  n_layers, k = hf["num_hidden_layers"], int(hf.get("first_k_dense_replace") or 0)
+  if not hf.get("rope_interleave", True):
+    raise ValueError(f"{arch} rope_interleave=false is not supported (DeepSeek's checkpoints "
+                     "interleave)")
+  mla = dict(kv_lora_rank=int(hf["kv_lora_rank"]), q_lora_rank=int(hf.get("q_lora_rank") or 0),
+             qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=int(hf["v_head_dim"]))
+  moe = dict(n_experts=int(hf["n_routed_experts"]), top_k=int(hf["num_experts_per_tok"]),
+             d_ff=int(hf["moe_intermediate_size"]), n_shared=int(hf.get("n_shared_experts") or 0),
+             norm_topk_prob=bool(hf.get("norm_topk_prob", True)), router="sigmoid",
+             n_groups=int(hf.get("n_group") or 1), topk_groups=int(hf.get("topk_group") or 1),
+             routed_scaling=float(hf.get("routed_scaling_factor") or 1.0), first_dense=k,
+             load_balance_weight=0.0, router_z_weight=0.0, routed_bias_update_rate=0.001)
+  updates = dict(mla=mla, head_dim=nope + rope, n_kv_heads=hf["num_attention_heads"],
+                 qk_norm=False, sliding_window=0)
+  if k < n_layers:
+    updates.update(mlp="moe", moe=moe)
+  return updates
+
 
 def model_updates_from_hf(hf: dict) -> dict:
   """Our model config fields from an HF config.json (transformers 4.x or 5.x layout)."""
@@ -33,15 +176,9 @@ def model_updates_from_hf(hf: dict) -> dict:
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag) and not (flag == "attention_bias" and hf.get("model_type") == "qwen2"):
       raise ValueError(f"config.json sets {flag}=true; Llama-family models here have no biases")
-  if hf.get("hidden_act", "silu") != "silu":
+  gemma = hf["model_type"] in GEMMA_TYPES
+  if not gemma and hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
-  rope = dict(hf.get("rope_parameters") or {})
-  legacy = hf.get("rope_scaling") or {}
-  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-  rope_type = rope.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
-  scaling = rope if rope_type == "llama3" and "factor" in rope else legacy
-  if rope_type not in ("default", "llama3"):
-    raise ValueError(f"rope type {rope_type!r} is not supported; supported: 'default', 'llama3'")
   n_heads = hf["num_attention_heads"]
   head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
   updates = dict(
@@ -49,8 +186,15 @@ def model_updates_from_hf(hf: dict) -> dict:
       n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
       head_dim=0 if head_dim * n_heads == hf["hidden_size"] else head_dim,
       d_ff=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-      rope_theta=theta, tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=False,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qk_norm=False,
       sliding_window=int(hf.get("sliding_window") or 0))
+  if gemma:
+    updates.update(_gemma_updates_from_hf(hf, arch))
+  else:
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    updates["rope_theta"], scaling = _rope_from_hf(rope, hf, str(arch))
+    if scaling is not None:
+      updates["rope_scaling"] = scaling
   if hf["model_type"] in ("qwen2", "qwen3"):  # Llama with q/k/v biases (2), QK-norm (3)
     if hf.get("use_sliding_window"):
       raise ValueError(f"{arch} use_sliding_window=true (windows on some layers) is not "
@@ -60,12 +204,13 @@ def model_updates_from_hf(hf: dict) -> dict:
   if hf["model_type"] in ("mixtral", "qwen3_moe"):
     updates.update(mlp="moe", moe=_moe_updates_from_hf(hf))
     updates["qk_norm"] = hf["model_type"] == "qwen3_moe"
-  if rope_type == "llama3":
-    updates["rope_scaling"] = dict(
-        type="llama3", factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position=int(scaling["original_max_position_embeddings"]))
+  if hf["model_type"] == "deepseek_v3":
+    updates.update(_deepseek_updates_from_hf(hf, arch))
+  pattern = updates.get("sliding_window_pattern", 0)
+  every = updates.get("moe", {}).get("every", 1)
+  scanned = updates["n_layers"] - updates.get("moe", {}).get("first_dense", 0)
+  if scanned % math.lcm(pattern or 1, every):  # no whole number of scanned units
+    updates["scan_layers"] = False
   return updates
 
 
@@ -112,39 +257,116 @@ def _hf_moe_config(c) -> dict:
           "router_aux_loss_coef": m.load_balance_weight}
 
 
+def _hf_gemma_config(c, max_position: int) -> dict:
+  """The Gemma 2 (no QK-norm) or Gemma 3 (QK-norm) fields for a Gemma-style model."""
+  wanted = dict(norm_plus_one=True, post_norms=True, embed_scale=True, mlp_activation="gelu_tanh",
+                mlp="dense", qkv_bias=False)
+  off = [f"model.{k}={c[k]!r}" for k, v in wanted.items() if c[k] != v]
+  if off:
+    raise ValueError(f"a Gemma-style model (model.post_norms) exports as Gemma 2/3, which "
+                     f"needs {wanted}; this one has {', '.join(off)}")
+  gemma3 = bool(c.qk_norm)
+  if not float(c.query_pre_attn_scalar).is_integer():
+    raise ValueError(f"model.query_pre_attn_scalar={c.query_pre_attn_scalar}: Gemma's config "
+                     "holds a whole number")
+  if gemma3 and c.attn_logit_softcap:
+    raise ValueError("model.qk_norm=True exports as Gemma 3, which has no attention "
+                     "soft-capping: model.attn_logit_softcap must be 0")
+  pattern = c.sliding_window_pattern
+  if not gemma3 and c.rope_local_theta:
+    raise ValueError("model.rope_local_theta exports as Gemma 3 (model.qk_norm=True); Gemma 2's "
+                     "layers share one RoPE")
+  layer_types = ["full_attention" if not c.sliding_window or (pattern and (i + 1) % pattern == 0)
+                 else "sliding_attention" for i in range(c.n_layers)]
+  global_rope = _rope_to_hf(c.rope_theta, c.rope_scaling, max_position)
+  out = {"architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
+         "model_type": "gemma3_text" if gemma3 else "gemma2", "layer_types": layer_types,
+         "sliding_window": c.sliding_window or None, "hidden_activation": "gelu_pytorch_tanh",
+         "query_pre_attn_scalar": int(c.query_pre_attn_scalar or (c.head_dim or
+                                                                  c.d_model // c.n_heads)),
+         "attn_logit_softcapping": c.attn_logit_softcap or None,
+         "final_logit_softcapping": c.final_logit_softcap or None,
+         "use_bidirectional_attention": False}
+  if gemma3:
+    local = (_rope_to_hf(c.rope_local_theta, None, max_position) if c.rope_local_theta
+             else global_rope)
+    out["rope_parameters"] = {"full_attention": global_rope, "sliding_attention": local}
+  return out
+
+
+def _hf_deepseek_config(c) -> dict:
+  """The DeepseekV3 fields of an MLA model (MoE with a sigmoid router, or all dense)."""
+  m, e = c.mla, c.moe
+  if c.mlp == "moe" and (e.router != "sigmoid" or e.every != 1):
+    raise ValueError("an MLA model exports as DeepSeek-V3, whose MoE layers have a sigmoid "
+                     "router (model.moe.router='sigmoid') and follow the first_dense ones "
+                     "(model.moe.every=1)")
+  if c.tie_embeddings or c.post_norms or c.mlp_activation != "silu":
+    raise ValueError("an MLA model exports as DeepSeek-V3: untied embeddings, no post-norms, "
+                     "SwiGLU")
+  moe = c.mlp == "moe"
+  return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+          "kv_lora_rank": m.kv_lora_rank, "q_lora_rank": m.q_lora_rank or None,
+          "qk_nope_head_dim": m.qk_nope_head_dim, "qk_rope_head_dim": m.qk_rope_head_dim,
+          "v_head_dim": m.v_head_dim, "qk_head_dim": m.qk_nope_head_dim + m.qk_rope_head_dim,
+          "head_dim": m.qk_rope_head_dim, "rope_interleave": True,
+          "num_key_value_heads": c.n_heads,
+          "n_routed_experts": e.n_experts if moe else 1,
+          "num_experts_per_tok": e.top_k if moe else 1,
+          "moe_intermediate_size": (e.d_ff or c.d_ff) if moe else c.d_ff,
+          "n_shared_experts": e.n_shared if moe else 0, "norm_topk_prob": bool(e.norm_topk_prob),
+          "n_group": e.n_groups if moe else 1, "topk_group": e.topk_groups if moe else 1,
+          "routed_scaling_factor": float(e.routed_scaling) if moe else 1.0,
+          "first_k_dense_replace": e.first_dense if moe else c.n_layers}
+
+
 def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: int = 2) -> dict:
   c = model_cfg
-  if c.qk_norm and c.mlp != "moe" and c.sliding_window:
+  if c.sliding_window_pattern and not c.post_norms:
+    raise ValueError("model.sliding_window_pattern (local and global layers) exports as Gemma "
+                     "2/3 only (model.post_norms=True and its Gemma settings)")
+  if c.qk_norm and c.mlp != "moe" and c.sliding_window and not c.post_norms:
     raise ValueError("model.qk_norm=True exports as Qwen3, whose sliding window is per "
                      "layer: model.sliding_window must be 0")
+  if not c.post_norms:
+    gemma_only = [f"model.{k}={c[k]!r}" for k in ("norm_plus_one", "embed_scale",
+                                                  "attn_logit_softcap", "final_logit_softcap",
+                                                  "query_pre_attn_scalar", "rope_local_theta")
+                  if c[k]] + ([f"model.mlp_activation={c.mlp_activation!r}"]
+                              if c.mlp_activation != "silu" else [])
+    if gemma_only:
+      raise ValueError(f"{', '.join(gemma_only)} export only as Gemma 2/3, which also needs "
+                       "model.post_norms=True")
   head_dim = c.head_dim or c.d_model // c.n_heads
   arch, model_type = ("MistralForCausalLM", "mistral") if c.sliding_window else (
       "LlamaForCausalLM", "llama")
-  qwen = {}
+  family = {}
   if c.qkv_bias and (c.qk_norm or c.mlp == "moe" or c.sliding_window):
     raise ValueError("model.qkv_bias=True exports as Qwen2: a dense model without QK-norm "
                      "or sliding window")
-  if (c.qk_norm and c.mlp != "moe") or c.qkv_bias:
+  if c.mla.kv_lora_rank:
+    family = _hf_deepseek_config(c)
+  elif c.post_norms:
+    family = _hf_gemma_config(c, max_position)
+  elif (c.qk_norm and c.mlp != "moe") or c.qkv_bias:
     arch, model_type = ("Qwen3ForCausalLM", "qwen3") if c.qk_norm else ("Qwen2ForCausalLM",
                                                                          "qwen2")
-    qwen = {"use_sliding_window": False, "layer_types": ["full_attention"] * c.n_layers}
-  rope = {"rope_type": "default", "rope_theta": float(c.rope_theta)}
-  if c.rope_scaling.type == "llama3":
-    s = c.rope_scaling
-    rope.update(rope_type="llama3", factor=float(s.factor), low_freq_factor=float(s.low_freq_factor),
-                high_freq_factor=float(s.high_freq_factor),
-                original_max_position_embeddings=int(s.original_max_position))
+    family = {"use_sliding_window": False, "layer_types": ["full_attention"] * c.n_layers}
+  if c.rope_scaling.type == "dynamic":  # transformers scales past max_position_embeddings
+    max_position = int(c.rope_scaling.original_max_position)
   return {
       "architectures": [arch], "model_type": model_type,
       "sliding_window": c.sliding_window or None,
       "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
       "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
       "num_key_value_heads": c.n_kv_heads, "head_dim": head_dim, "hidden_act": "silu",
-      "rms_norm_eps": c.norm_eps, "rope_parameters": rope, "rope_theta": float(c.rope_theta),
+      "rms_norm_eps": c.norm_eps, "rope_parameters": _rope_to_hf(c.rope_theta, c.rope_scaling,
+                                                                 max_position),
+      "rope_theta": float(c.rope_theta),
       "tie_word_embeddings": bool(c.tie_embeddings), "max_position_embeddings": max_position,
       "attention_bias": bool(c.qkv_bias), "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
       "torch_dtype": "float32", "dtype": "float32",
-      **(_hf_moe_config(c) if c.mlp == "moe" else {}), **qwen,
+      **(_hf_moe_config(c) if c.mlp == "moe" and not c.mla.kv_lora_rank else {}), **family,
   }
 
 
@@ -157,7 +379,11 @@ def _layer_map(c, family: str, mlp: str):
   h, k, d = c.n_heads, c.n_kv_heads, c.d_model
   e = c.head_dim or d // h
   same = lambda w: w  # noqa: E731
-  t = lambda w: w.T  # noqa: E731
+  if c.mla.kv_lora_rank:
+    out = _mla_map(c) + [("input_layernorm.weight", ("attn_norm", "scale"), (), same, same),
+                         ("post_attention_layernorm.weight", ("mlp_norm", "scale"), (), same,
+                          same)]
+    return out + _mlp_map(c, family, mlp)
   out = [
       ("self_attn.q_proj.weight", ("attn", "q", "kernel"), (), lambda w: w.T.reshape(d, h, e),
        lambda x: x.reshape(d, -1).T),
@@ -168,8 +394,13 @@ def _layer_map(c, family: str, mlp: str):
       ("self_attn.o_proj.weight", ("attn", "o", "kernel"), (), lambda w: w.T.reshape(h, e, d),
        lambda x: x.reshape(-1, d).T),
       ("input_layernorm.weight", ("attn_norm", "scale"), (), same, same),
-      ("post_attention_layernorm.weight", ("mlp_norm", "scale"), (), same, same),
   ]
+  if c.post_norms:  # Gemma: a norm after attention and one before and after the MLP
+    out += [("post_attention_layernorm.weight", ("attn_post_norm", "scale"), (), same, same),
+            ("pre_feedforward_layernorm.weight", ("mlp_norm", "scale"), (), same, same),
+            ("post_feedforward_layernorm.weight", ("mlp_post_norm", "scale"), (), same, same)]
+  else:
+    out.append(("post_attention_layernorm.weight", ("mlp_norm", "scale"), (), same, same))
   if c.qkv_bias:
     out += [("self_attn.q_proj.bias", ("attn", "q", "bias"), (), lambda b: b.reshape(h, e),
              lambda x: x.reshape(-1)),
@@ -180,9 +411,66 @@ def _layer_map(c, family: str, mlp: str):
   if c.qk_norm:
     out += [("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), (), same, same),
             ("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), (), same, same)]
+  return out + _mlp_map(c, family, mlp)
+
+
+def _rope_rows(n_rope: int, interleaved: bool) -> np.ndarray:
+  """Row order taking DeepSeek's interleaved RoPE pairs (x0, x1), (x2, x3), ... to the
+  rotate-half layout (x0, x2, ..., x1, x3, ...) the model uses (identity if not
+  interleaved)."""
+  if not interleaved:
+    return np.arange(n_rope)
+  return np.concatenate([np.arange(0, n_rope, 2), np.arange(1, n_rope, 2)])
+
+
+def _mla_map(c):
+  """DeepSeek-V2/V3 attention tensors <-> LatentAttention's (the RoPE rows reordered)."""
+  m, h, d = c.mla, c.n_heads, c.d_model
+  nope, rope, dv, r, rq = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim,
+                           m.kv_lora_rank, m.q_lora_rank)
+  perm = _rope_rows(rope, True)
+  inverse = np.argsort(perm)
+  q_rows = np.concatenate([np.arange(nope), nope + perm])  # within each head
+  q_back = np.concatenate([np.arange(nope), nope + inverse])
+  kv_rows = np.concatenate([np.arange(r), r + perm])
+  kv_back = np.concatenate([np.arange(r), r + inverse])
+  same = lambda w: w  # noqa: E731
+
+  def q_to_ours(n_in):
+    return lambda w: w.reshape(h, nope + rope, n_in)[:, q_rows].transpose(2, 0, 1)
+
+  def q_to_hf(x):
+    return x[:, :, q_back].transpose(1, 2, 0).reshape(h * (nope + rope), -1)
+
+  out = [("self_attn.kv_a_proj_with_mqa.weight", ("attn", "kv_a", "kernel"), (),
+          lambda w: w[kv_rows].T, lambda x: x[:, kv_back].T),
+         ("self_attn.kv_a_layernorm.weight", ("attn", "kv_a_norm", "scale"), (), same, same),
+         ("self_attn.kv_b_proj.weight", ("attn", "kv_b", "kernel"), (),
+          lambda w: w.T.reshape(r, h, nope + dv), lambda x: x.reshape(r, -1).T),
+         ("self_attn.o_proj.weight", ("attn", "o", "kernel"), (),
+          lambda w: w.T.reshape(h, dv, d), lambda x: x.reshape(-1, d).T)]
+  if rq:
+    out += [("self_attn.q_a_proj.weight", ("attn", "q_a", "kernel"), (), lambda w: w.T,
+             lambda x: x.T),
+            ("self_attn.q_a_layernorm.weight", ("attn", "q_a_norm", "scale"), (), same, same),
+            ("self_attn.q_b_proj.weight", ("attn", "q_b", "kernel"), (), q_to_ours(rq), q_to_hf)]
+  else:
+    out.append(("self_attn.q_proj.weight", ("attn", "q", "kernel"), (), q_to_ours(d), q_to_hf))
+  return out
+
+
+def _mlp_map(c, family: str, mlp: str):
+  """One layer's MLP tensors: dense, or a MoE block (router, its bias, experts, shared)."""
+  same = lambda w: w  # noqa: E731
+  t = lambda w: w.T  # noqa: E731
   if mlp != "moe":
-    return out + [(f"mlp.{n}_proj.weight", ("mlp", n, "kernel"), (), t, t)
-                  for n in ("gate", "up", "down")]
+    return [(f"mlp.{n}_proj.weight", ("mlp", n, "kernel"), (), t, t)
+            for n in ("gate", "up", "down")]
+  out = []
+  if family == "deepseek_v3":
+    out += [("mlp.gate.e_score_correction_bias", ("mlp", "router_bias"), (), same, same)]
+    out += [(f"mlp.shared_experts.{n}_proj.weight", ("mlp", "shared", n, "kernel"), (), t, t)
+            for n in ("gate", "up", "down")]
   if family == "mixtral":
     block, names = "block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}
   else:
@@ -194,16 +482,25 @@ def _layer_map(c, family: str, mlp: str):
   return out
 
 
-def _layer_slot(c, i: int) -> tuple[tuple[str, ...], int, str]:
-  """(path of layer i's block under params["layers"], its index on the stacked axis, MLP kind)."""
-  from llm.model.transformer import layer_kinds
+def _layer_slot(c, i: int) -> tuple[tuple[str, ...], tuple[int, ...], str]:
+  """(path of layer i's block in the params, its index on the stacked axis (() when layers
+  are not scanned), its MLP kind)."""
+  from llm.model.transformer import first_dense, layer_kind, layer_kinds
   kinds = layer_kinds(c)
+  kind = layer_kind(c, i).mlp
+  if not c.scan_layers:
+    return (f"layers_{i}",), (), kind
+  k = first_dense(c)
+  if i < k:
+    return ("dense_layers",), (i,), kind
   if len(kinds) == 1:
-    return (), i, kinds[0]
-  return (f"block_{i % len(kinds)}",), i // len(kinds), kinds[i % len(kinds)]
+    return ("layers",), (i - k,), kind
+  return ("layers", f"block_{(i - k) % len(kinds)}"), ((i - k) // len(kinds),), kind
 
 
 def _family(c) -> str:
+  if c.mla.kv_lora_rank:
+    return "deepseek_v3"
   return "qwen3_moe" if c.mlp == "moe" and c.qk_norm else "mixtral" if c.mlp == "moe" else "llama"
 
 
@@ -276,24 +573,22 @@ def hf_to_params(reader: SafetensorsReader, c, dtype=np.float32) -> dict:
   if not c.tie_embeddings:
     params["unembed"] = get("lm_head.weight").T
     _check("lm_head.weight", params["unembed"], shapes["unembed"].shape)
-  layers: dict = {}
   for i in range(c.n_layers):
-    block, stack_index, kind = _layer_slot(c, i)
+    block, stack, kind = _layer_slot(c, i)
     for suffix, path, index, to_ours, to_hf in _layer_map(c, _family(c), kind):
       path = block + path
-      target = shapes["layers"]
+      target = shapes
       for p in path:
         target = target[p]
-      node = layers
+      node = params
       for p in path[:-1]:
         node = node.setdefault(p, {})
       stacked = node.setdefault(path[-1], np.empty(target.shape, dtype))
-      hf_shape = to_hf(np.empty(target.shape[1 + len(index):], np.float32)).shape
+      hf_shape = to_hf(np.empty(target.shape[len(stack) + len(index):], np.float32)).shape
       name = f"model.layers.{i}.{suffix}"
       raw = get(name)
       _check(name, raw, hf_shape)
-      stacked[(stack_index, *index)] = to_ours(raw)
-  params["layers"] = layers
+      stacked[(*stack, *index)] = to_ours(raw)
   return params
 
 
@@ -315,13 +610,12 @@ def params_to_hf(params, c) -> Iterator[tuple[str, np.ndarray]]:
   f32 = lambda x: np.asarray(x, np.float32)
   yield "model.embed_tokens.weight", f32(params["embedding"])
   for i in range(c.n_layers):
-    block, stack_index, kind = _layer_slot(c, i)
+    block, stack, kind = _layer_slot(c, i)
     for suffix, path, index, _, to_hf in _layer_map(c, _family(c), kind):
-      x = params["layers"]
+      x = params
       for p in block + path:
         x = x[p]
-      yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(
-          to_hf(f32(x[(stack_index, *index)])))
+      yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(to_hf(f32(x[(*stack, *index)])))
   yield "model.norm.weight", f32(params["final_norm"]["scale"])
   if not c.tie_embeddings:
     yield "lm_head.weight", np.ascontiguousarray(f32(params["unembed"]).T)
@@ -392,20 +686,20 @@ def _peft_layers(c):
   """(layer index, target, our block path, stacked index, HF module) for each adapter."""
   from llm.model.lora import targets
   for i in range(c.n_layers):
-    block, stack_index, kind = _layer_slot(c, i)
+    block, stack, kind = _layer_slot(c, i)
     for t in targets(c):
       ours, module = PEFT_MODULES[t]
       if ours[0] == "mlp" and kind != "dense":
         raise ValueError(f"model.lora.targets has {t!r} but layer {i} is a MoE layer; "
                          "LoRA adapts dense projections only")
-      yield i, block + ours, stack_index, module
+      yield i, block + ours, stack, module
 
 
 def adapters_to_peft(params, c) -> Iterator[tuple[str, np.ndarray]]:
   """(PEFT tensor name, [r, in] lora_A or [out, r] lora_B) of a LoRA run's adapters."""
   f32 = lambda x: np.asarray(x, np.float32)
   for i, path, index, module in _peft_layers(c):
-    node = params["layers"]
+    node = params
     for p in path:
       node = node[p]
     a, b = f32(node["lora_a"][index]), f32(node["lora_b"][index])
@@ -460,7 +754,7 @@ def merge_peft(params, c, peft_dir) -> dict:
       raise ValueError(f"{weights_path}: {name!r} adapts layer {i}, but the base model has "
                        f"{c.n_layers} layers (0..{c.n_layers - 1})")
     block, index, _ = _layer_slot(c, i)
-    node = params["layers"]
+    node = params
     for p in block + PEFT_MODULES[by_module[module]][0]:
       node = node[p]
     kernel = node["kernel"]
@@ -473,7 +767,7 @@ def merge_peft(params, c, peft_dir) -> dict:
                        f"{list(b.shape)}; this base model and r={rank} need "
                        f"[{rank}, {n_in}] and [{n_out}, {rank}]")
     delta = scale * (b.astype(np.float32) @ a.astype(np.float32))  # [out, in]
-    kernel[index] += delta.T.reshape(kernel.shape[1:]).astype(kernel.dtype)
+    kernel[index] += delta.T.reshape(kernel.shape[len(index):]).astype(kernel.dtype)
     merged += 1
   if not merged:
     raise ValueError(f"{weights_path} holds no lora_A/lora_B tensors")

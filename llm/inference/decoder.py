@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from llm.config import head_dim
+from llm.config import kv_cache_vectors
 from llm.inference.sampling import SamplingParams, sample
 from llm.model import make_model, quant, require_lm_head
 from llm.model.transformer import to_out_major, unstack_layers
@@ -100,7 +100,7 @@ class Decoder:
       unroll = jax.default_backend() == "cpu"
     self.unrolled = bool(unroll and model_cfg.scan_layers)
     # LoRA and quantized kernels keep [in, out]: such a model decodes in its own layout
-    self.out_major = (self.unrolled and not model_cfg.lora.rank
+    self.out_major = (self.unrolled and not model_cfg.lora.rank and not model_cfg.mla.kv_lora_rank
                       and model_cfg.weight_quant == "none" and not model_cfg.out_major_kernels)
     self._params_cfg = model_cfg  # the layout of the params callers pass
     # Rematerialisation only matters for a backward pass. Under it the decode arguments
@@ -139,17 +139,19 @@ class Decoder:
   def init_cache(self, batch: int, max_len: int):
     """{"k", "v"} of [L, B, K, S, E], or (unrolled) a list of L {"k", "v"} of [B, K, S, E]
     (heads-major: a decode step reads each head's keys and values contiguously); int8
-    with "k_scale", "v_scale" [(L,) B, K, S] under model.kv_quant."""
+    with "k_scale", "v_scale" [(L,) B, K, S] under model.kv_quant; {"k"} alone of
+    [(L,) B, 1, S, latent + rope] for MLA (keys that are their own values)."""
     c = self.cfg
-    shape = (batch, c.n_kv_heads, max_len, head_dim(c))
+    vectors, width, shared = kv_cache_vectors(c)
+    shape = (batch, vectors if shared else vectors // 2, max_len, width)
+    names = ("k",) if shared else ("k", "v")
     dtype = jnp.dtype(c.dtype)
 
     def layer(lead=()):
       if c.kv_quant == "int8":  # int8 values, an f32 scale per token and head
-        return {"k": jnp.zeros(lead + shape, jnp.int8), "v": jnp.zeros(lead + shape, jnp.int8),
-                "k_scale": jnp.zeros(lead + shape[:3], jnp.float32),
-                "v_scale": jnp.zeros(lead + shape[:3], jnp.float32)}
-      return {"k": jnp.zeros(lead + shape, dtype), "v": jnp.zeros(lead + shape, dtype)}
+        return {**{n: jnp.zeros(lead + shape, jnp.int8) for n in names},
+                **{f"{n}_scale": jnp.zeros(lead + shape[:3], jnp.float32) for n in names}}
+      return {n: jnp.zeros(lead + shape, dtype) for n in names}
 
     if not c.scan_layers:
       return [layer() for _ in range(c.n_layers)]
@@ -158,7 +160,7 @@ class Decoder:
   def _check_cache_fits(self, batch: int, prompt_len: int, cache_len: int, max_tokens: int):
     """Refuses, before allocating, a KV cache larger than half the device's memory."""
     c = self.cfg
-    per_slot = 2 * c.n_layers * batch * c.n_kv_heads * quant.kv_bytes_per_vector(c)
+    per_slot = c.n_layers * batch * kv_cache_vectors(c)[0] * quant.kv_bytes_per_vector(c)
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     memory = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

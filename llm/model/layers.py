@@ -8,6 +8,7 @@ D model width, H query heads, K key/value heads, G = H // K, E head dim, F ffn.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -21,6 +22,7 @@ from llm.model.lora import projection_kwargs
 DTYPES = ("float32", "bfloat16")  # model.dtype (compute) and model.param_dtype
 AUX_LOSSES = "aux_losses"  # the flax collection auxiliary losses are sown into
 AUX_METRICS = "aux_metrics"  # and scalars to log (averaged over layers)
+AUX_UPDATES = "param_updates"  # and additive corrections to non-trained params (router bias)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -33,18 +35,27 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
 
 
 class RMSNorm(nn.Module):
+  """x / rms(x) x scale in fp32. `plus_one` (Gemma): x / rms(x) x (1 + scale), the scale
+  initialised to 0 (stored as Gemma's checkpoints store it, so conversions are exact)."""
   eps: float
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   axis_name: str = "norm"
+  plus_one: bool = False
 
   @nn.compact
   def __call__(self, x):
-    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],),
-                            (self.axis_name,), self.param_dtype)
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = param_with_axes(self, "scale", init, (x.shape[-1],), (self.axis_name,),
+                            self.param_dtype).astype(jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+    return (x32 * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
+
+
+def norm(cfg, name: str, **kw) -> RMSNorm:
+  """The model's RMSNorm (Gemma's `1 + scale` form with model.norm_plus_one)."""
+  return RMSNorm(cfg.norm_eps, name=name, plus_one=cfg.norm_plus_one, **kw)
 
 
 class Projection(nn.Module):
@@ -143,8 +154,85 @@ def add_aux_metric(module: nn.Module, name: str, value: jax.Array) -> None:
   module.sow(AUX_METRICS, name, value)
 
 
-def _llama3_scaling(inv_freq, scaling):
+def add_param_update(module: nn.Module, name: str, value: jax.Array) -> None:
+  """Hands the train step an additive correction to this module's param `name`, applied
+  after the optimizer update (a param the gradient does not move: the MoE balancing
+  bias). Summed over microbatches."""
+  module.sow(AUX_UPDATES, name, value)
+
+
+def apply_param_updates(params, updates):
+  """params with each correction in `updates` (a tree mirroring part of params) added."""
+  if not isinstance(updates, dict):
+    return params + updates.astype(params.dtype)
+  return {k: apply_param_updates(v, updates[k]) if k in updates else v for k, v in params.items()}
+
+
+def _default_inv_freq(head_dim: int, theta):
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def _no_scaling(head_dim, theta, scaling, positions_BT):
+  del scaling, positions_BT
+  return _default_inv_freq(head_dim, theta), 1.0
+
+
+def _linear_scaling(head_dim, theta, scaling, positions_BT):
+  """Position interpolation: every frequency slowed by `factor`."""
+  del positions_BT
+  return _default_inv_freq(head_dim, theta) / scaling.factor, 1.0
+
+
+def _dynamic_ntk_scaling(head_dim, theta, scaling, positions_BT):
+  """Dynamic NTK: past `original_max_position` the base grows with the sequence, as
+  transformers computes it from the largest position of the call (per row here:
+  inverse frequencies [B, 1, E/2])."""
+  old_len = float(scaling.original_max_position)
+  seq_len_B = jnp.maximum(jnp.max(positions_BT, axis=-1).astype(jnp.float32) + 1.0, old_len)
+  base_B = theta * ((scaling.factor * seq_len_B / old_len) - (scaling.factor - 1)) ** (
+      head_dim / (head_dim - 2))
+  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  return 1.0 / (base_B[:, None, None] ** exponents), 1.0
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_scaling(head_dim, theta, scaling, positions_BT):
+  """YaRN: high frequencies kept, low ones interpolated by `factor`, a linear ramp between
+  the dimensions turning beta_fast and beta_slow times over the original context; cos and
+  sin scaled by the attention factor (transformers' formula, mscale / mscale_all_dim as
+  DeepSeek sets them)."""
+  del positions_BT
+  factor, old_len = scaling.factor, scaling.original_max_position
+  if scaling.attention_factor:
+    attention_factor = scaling.attention_factor
+  elif scaling.mscale and scaling.mscale_all_dim:
+    attention_factor = (yarn_mscale(factor, scaling.mscale) /
+                        yarn_mscale(factor, scaling.mscale_all_dim))
+  else:
+    attention_factor = yarn_mscale(factor)
+
+  def correction_dim(rotations):
+    return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+  low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+  if scaling.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  extrapolate = 1 - ramp
+  inv_freq = _default_inv_freq(head_dim, theta)
+  return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate, attention_factor
+
+
+def _llama3_scaling(head_dim, theta, scaling, positions_BT):
   """Llama-3 frequency scaling: long wavelengths slowed by `factor`, a smooth band between."""
+  del positions_BT
+  inv_freq = _default_inv_freq(head_dim, theta)
   factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
   old_len = scaling.original_max_position
   wavelen = 2 * math.pi / inv_freq
@@ -153,33 +241,43 @@ def _llama3_scaling(inv_freq, scaling):
   smooth = (old_len / wavelen - low) / (high - low)
   smoothed = (1 - smooth) * scaled / factor + smooth * scaled
   is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-  return jnp.where(is_medium, smoothed, scaled)
+  return jnp.where(is_medium, smoothed, scaled), 1.0
 
 
-# model.rope_scaling.type -> how it rescales the inverse frequencies
-ROPE_SCALINGS = {"none": lambda inv_freq, scaling: inv_freq, "llama3": _llama3_scaling}
+# model.rope_scaling.type -> (head_dim, theta, scaling, positions [B, T]) -> (inverse
+# frequencies [E/2] (or [B, 1, E/2]), the factor cos and sin are scaled by)
+ROPE_SCALINGS = {"none": _no_scaling, "linear": _linear_scaling,
+                 "dynamic": _dynamic_ntk_scaling, "yarn": _yarn_scaling,
+                 "llama3": _llama3_scaling}
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling) -> jnp.ndarray:
-  """Inverse frequencies for RoPE, rescaled per `scaling.type` (ROPE_SCALINGS)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  if scaling is None:
-    return inv_freq
-  return ROPE_SCALINGS[scaling.type](inv_freq, scaling)
+def rope_frequencies(head_dim: int, theta: float, scaling, positions_BT):
+  """(inverse frequencies, cos/sin factor) for RoPE, rescaled per `scaling.type`
+  (ROPE_SCALINGS; None: unscaled)."""
+  kind = "none" if scaling is None else scaling.type
+  return ROPE_SCALINGS[kind](head_dim, theta, scaling, positions_BT)
 
 
-def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array,
+               cos_sin_factor: float = 1.0) -> jax.Array:
   """Rotary embedding in the rotate-half layout (as Hugging Face Llama stores weights)."""
   angles_BTE2 = positions_BT[..., None].astype(jnp.float32) * inv_freq
   cos = jnp.cos(angles_BTE2)[:, :, None, :]
   sin = jnp.sin(angles_BTE2)[:, :, None, :]
+  if cos_sin_factor != 1.0:
+    cos, sin = cos * cos_sin_factor, sin * cos_sin_factor
   x1, x2 = jnp.split(x_BTNE.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNE.dtype)
 
 
+# model.mlp_activation -> the gate's nonlinearity (gelu_tanh: GeGLU, Gemma's
+# gelu_pytorch_tanh)
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": functools.partial(nn.gelu, approximate=True)}
+
+
 class SwiGLU(nn.Module):
-  """The dense Llama MLP: down(silu(gate(x)) * up(x))."""
+  """The dense gated MLP: down(act(gate(x)) * up(x)); SwiGLU (Llama), GeGLU (Gemma)."""
   cfg: object  # the model ConfigDict
   out_init_std: float
   d_ff: int = 0  # 0: cfg.d_ff
@@ -193,6 +291,6 @@ class SwiGLU(nn.Module):
                           name="gate", **kw, **projection_kwargs(c, "gate"))(x_BTD)
     up_BTF = Projection((c.d_model,), (f,), ("embed", "mlp"), init_std=c.init_std,
                         name="up", **kw, **projection_kwargs(c, "up"))(x_BTD)
-    h_BTF = constrain(nn.silu(gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
+    h_BTF = constrain(ACTIVATIONS[c.mlp_activation](gate_BTF) * up_BTF, ("batch", "length", "act_mlp"))
     return Projection((f,), (c.d_model,), ("mlp", "embed"), init_std=self.out_init_std,
                       name="down", **kw, **projection_kwargs(c, "down"))(h_BTF)

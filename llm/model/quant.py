@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm.config import head_dim
+from llm.config import kv_cache_vectors
 
 # model.lora.base_quant -> how frozen base kernels are stored
 BASE_QUANT = ("none", "int8", "nf4")
@@ -141,9 +141,10 @@ def _scale_groups(values, scale, axis: int):
 def kv_bytes_per_vector(model_cfg) -> int:
   """Bytes one cached key (or value) vector of one head takes: model.kv_quant=int8 holds
   int8 values and an f32 scale, otherwise head_dim values of the compute dtype."""
+  width = kv_cache_vectors(model_cfg)[1]
   if model_cfg.kv_quant == "int8":
-    return head_dim(model_cfg) + 4
-  return head_dim(model_cfg) * jnp.dtype(model_cfg.dtype).itemsize
+    return width + 4
+  return width * jnp.dtype(model_cfg.dtype).itemsize
 
 
 def require_float_weights(model_cfg, workdir, what: str) -> None:

@@ -24,10 +24,11 @@ import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
 from llm.config import head_dim
-from llm.model.attention import Attention
-from llm.model.layers import AUX_LOSSES, AUX_METRICS, RMSNorm, constrain, param_with_axes
+from llm.model.attention import Attention, LatentAttention
+from llm.model.layers import (AUX_LOSSES, AUX_METRICS, AUX_UPDATES, Projection, add_aux_loss,
+                              constrain, norm, param_with_axes)
 from llm.model.mlp import MLPS
-from llm.ops.cross_entropy import chunked_token_nll
+from llm.ops.cross_entropy import chunked_token_nll, soft_cap
 
 # config.model.head -> what the model maps the final hidden states to: "lm", next-token
 # logits [B, T, V]; "score", one scalar per position [B, T] (a reward model: the score of a
@@ -62,36 +63,65 @@ def dtypes(cfg):
   return jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
 
 
-def layer_kinds(cfg) -> tuple[str, ...]:
-  """The MLP kind of each block in the scanned unit (one block unless moe.every > 1)."""
+class LayerKind(NamedTuple):
+  mlp: str  # MLPS kind
+  local: bool  # attends within model.sliding_window (with model.rope_local_theta's RoPE)
+
+
+def first_dense(cfg) -> int:
+  """Layers 0 .. n-1 that are dense before the pattern starts (moe.first_dense); scanned
+  as their own stack, params["dense_layers"]."""
+  return cfg.moe.first_dense if cfg.mlp == "moe" else 0
+
+
+def layer_kinds(cfg) -> tuple[LayerKind, ...]:
+  """The kind of each block in the scanned unit: one block unless layers repeat a
+  pattern (moe.every > 1: every n-th MoE; sliding_window_pattern: every n-th global),
+  whose length is the unit's. The pattern starts after first_dense(cfg) dense layers."""
   every = cfg.moe.every if cfg.mlp == "moe" else 1
-  return ("dense",) * (every - 1) + (cfg.mlp,)
+  pattern = cfg.sliding_window_pattern
+  n = math.lcm(every, pattern or 1)
+  return tuple(LayerKind(cfg.mlp if (j + 1) % every == 0 else "dense",
+                         bool(cfg.sliding_window) and (not pattern or (j + 1) % pattern != 0))
+               for j in range(n))
 
 
-def mlp_kind(cfg, layer: int) -> str:
+def layer_kind(cfg, layer: int) -> LayerKind:
   kinds = layer_kinds(cfg)
-  return kinds[layer % len(kinds)]
+  if layer < first_dense(cfg):
+    return kinds[0]._replace(mlp="dense")
+  return kinds[(layer - first_dense(cfg)) % len(kinds)]
 
 
 class Block(nn.Module):
   cfg: object
-  mlp: str = ""  # MLPS kind; "" = cfg.mlp
+  kind: LayerKind | None = None  # None: layer_kinds(cfg)[0]
+  prefix: bool = False  # one of the first_dense(cfg) dense layers
 
   @nn.compact
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, decode=None):
     c = self.cfg
+    kind = layer_kind(c, 0) if self.prefix else self.kind or layer_kinds(c)[0]
     dtype, param_dtype = dtypes(c)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     out_std = c.init_std / math.sqrt(2 * c.n_layers)
     x_BTD = checkpoint_name(x_BTD, LAYER_INPUT)
-    h_BTD = RMSNorm(c.norm_eps, name="attn_norm", **kw)(x_BTD)
-    attn_BTD, cache = Attention(c, head_dim(c), out_init_std=out_std, name="attn", **kw)(
-        h_BTD, segment_ids_BT, positions_BT, cache, decode)
+    h_BTD = norm(c, "attn_norm", **kw)(x_BTD)
+    if c.mla.kv_lora_rank:
+      attention = LatentAttention(c, out_init_std=out_std, name="attn", **kw)
+    else:
+      attention = Attention(c, head_dim(c), local=kind.local, out_init_std=out_std,
+                            name="attn", **kw)
+    attn_BTD, cache = attention(h_BTD, segment_ids_BT, positions_BT, cache, decode)
+    if c.post_norms:
+      attn_BTD = norm(c, "attn_post_norm", **kw)(attn_BTD)
     x_BTD = x_BTD + attn_BTD
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
-    h_BTD = RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x_BTD)
-    x_BTD = x_BTD + MLPS[self.mlp or c.mlp](c, out_init_std=out_std, name="mlp")(h_BTD)
-    x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+    h_BTD = norm(c, "mlp_norm", **kw)(x_BTD)
+    mlp_BTD = MLPS[kind.mlp](c, out_init_std=out_std, name="mlp")(h_BTD)
+    if c.post_norms:
+      mlp_BTD = norm(c, "mlp_post_norm", **kw)(mlp_BTD)
+    x_BTD = constrain(x_BTD + mlp_BTD, ("batch", "length", "act_embed"))
     return x_BTD, cache
 
 
@@ -111,6 +141,49 @@ class Group(nn.Module):
     if cache is not None:
       cache = jax.tree.map(lambda *a: jnp.stack(a), *caches)
     return x_BTD, cache
+
+
+MTP_CHUNK = 256  # positions per row in each chunk of the MTP heads' cross-entropy
+
+
+class MultiTokenPrediction(nn.Module):
+  """DeepSeek-V3's multi-token prediction, a training-only head (model.mtp_layers = D).
+  Module k (1..D) combines, at position i, the previous depth's hidden state (the
+  trunk's, before its final norm, for k = 1) with the embedding of token i+k:
+  h = proj([norm(h); norm(emb(t[i+k]))]), runs one decoder block on it and predicts token
+  i+k+1 through the shared head (after its own norm). Its cross-entropy, averaged over
+  the positions whose target lies in the same packed document, x mtp_loss_weight / D,
+  is handed to the objective as the auxiliary loss `mtp_loss` (all positions of the
+  rows: the objective's loss mask does not reach it). Decoding never runs it."""
+  cfg: object
+
+  @nn.compact
+  def __call__(self, h_BTD, tokens_BT, segment_ids_BT, positions_BT, embedding_VD, unembed_DV):
+    c = self.cfg
+    dtype, param_dtype = dtypes(c)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    t = tokens_BT.shape[1]
+    losses = []
+    for k in range(1, c.mtp_layers + 1):
+      def ahead(a_BT, n, fill=0):  # a[:, i + n], past the end: fill
+        return jnp.pad(a_BT[:, n:], ((0, 0), (0, n)), constant_values=fill)
+
+      next_BTD = jnp.take(embedding_VD, ahead(tokens_BT, k), axis=0).astype(dtype)
+      both_BT2D = jnp.stack([norm(c, f"hidden_norm_{k}", **kw)(h_BTD),
+                             norm(c, f"embed_norm_{k}", **kw)(next_BTD)], axis=2)
+      h_BTD = Projection((2, c.d_model), (c.d_model,), (None, "embed", "act_embed"),
+                         init_std=c.init_std, name=f"proj_{k}", **kw)(both_BT2D)
+      h_BTD, _ = Block(c, layer_kind(c, c.n_layers - 1), name=f"block_{k}")(
+          h_BTD, segment_ids_BT, positions_BT)
+      target_BT = ahead(tokens_BT, k + 1)
+      valid_BT = ((ahead(segment_ids_BT, k + 1, -1) == segment_ids_BT) & (segment_ids_BT > 0)
+                  & (jnp.arange(t) < t - k - 1)).astype(jnp.float32)
+      nll_BT, _ = chunked_token_nll(norm(c, f"head_norm_{k}", **kw)(h_BTD),
+                                    unembed_DV.astype(dtype), target_BT,
+                                    chunk_len=min(MTP_CHUNK, t),
+                                    softcap=c.final_logit_softcap)
+      losses.append(jnp.sum(nll_BT * valid_BT) / jnp.maximum(jnp.sum(valid_BT), 1.0))
+    add_aux_loss(self, "mtp_loss", c.mtp_loss_weight * sum(losses) / len(losses))
 
 
 class Transformer(nn.Module):
@@ -139,6 +212,8 @@ class Transformer(nn.Module):
     embedding_VD = param_with_axes(self, "embedding", nn.initializers.normal(c.init_std),
                                    (c.vocab_size, c.d_model), ("vocab", "embed"), param_dtype)
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype)
+    if c.embed_scale:  # Gemma: x sqrt(d_model), rounded to the compute dtype first
+      x_BTD = x_BTD * jnp.asarray(math.sqrt(c.d_model), dtype)
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
 
     group = len(layer_kinds(c))
@@ -146,15 +221,31 @@ class Transformer(nn.Module):
     if REMAT_POLICIES[c.remat] is not None:
       unit = nn.remat(unit, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      stack = nn.scan(unit, variable_axes={"params": 0, AUX_LOSSES: 0, AUX_METRICS: 0},
-                      split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                      length=c.n_layers // group, metadata_params={nn.PARTITION_NAME: "layers"})
+      def scanned(unit, length):
+        return nn.scan(unit, variable_axes={"params": 0, AUX_LOSSES: 0, AUX_METRICS: 0,
+                                            AUX_UPDATES: 0},
+                       split_rngs={"params": True, "dropout": True},
+                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                       length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+
+      k = first_dense(c)
+      prefix_cache = None
+      if k:  # the dense layers before the pattern: their own stack
+        prefix_cache = None if cache is None else jax.tree.map(lambda a: a[:k], cache)
+        cache = None if cache is None else jax.tree.map(lambda a: a[k:], cache)
+        dense = Block
+        if REMAT_POLICIES[c.remat] is not None:
+          dense = nn.remat(dense, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
+        x_BTD, prefix_cache = scanned(dense, k)(c, prefix=True, name="dense_layers")(
+            x_BTD, segment_ids_BT, positions_BT, prefix_cache, decode)
       if cache is not None and group > 1:  # [L, ...] -> [L / n, n, ...]
         cache = jax.tree.map(lambda a: a.reshape(-1, group, *a.shape[1:]), cache)
-      x_BTD, cache = stack(c, name="layers")(x_BTD, segment_ids_BT, positions_BT, cache, decode)
+      x_BTD, cache = scanned(unit, (c.n_layers - k) // group)(c, name="layers")(
+          x_BTD, segment_ids_BT, positions_BT, cache, decode)
       if cache is not None and group > 1:
         cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), cache)
+      if prefix_cache is not None:
+        cache = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), prefix_cache, cache)
     else:  # the cache: stacked [L, ...], or a list of per-layer caches (updated in place)
       per_layer = isinstance(cache, (list, tuple))
       layer_caches = []
@@ -163,15 +254,23 @@ class Transformer(nn.Module):
                        jax.tree.map(lambda a: a[i], cache))
         block = Block if REMAT_POLICIES[c.remat] is None else nn.remat(
             Block, policy=REMAT_POLICIES[c.remat], prevent_cse=True)
-        x_BTD, layer_cache = block(c, mlp_kind(c, i), name=f"layers_{i}")(
+        x_BTD, layer_cache = block(c, layer_kind(c, i), name=f"layers_{i}")(
             x_BTD, segment_ids_BT, positions_BT, layer_cache, decode)
         layer_caches.append(layer_cache)
       if cache is not None:
         cache = layer_caches if per_layer else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
 
+    unembed_DV = None
+    if c.head == "lm":
+      unembed_DV = embedding_VD.T if c.tie_embeddings else param_with_axes(
+          self, "unembed", nn.initializers.normal(c.init_std), (c.d_model, c.vocab_size),
+          ("embed", "vocab"), param_dtype)
+    if c.mtp_layers and cache is None and not last_only:
+      MultiTokenPrediction(c, name="mtp")(x_BTD, tokens_BT, segment_ids_BT, positions_BT,
+                                          embedding_VD, unembed_DV)
     if last_only:
       x_BTD = x_BTD[:, -1:]
-    x_BTD = RMSNorm(c.norm_eps, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x_BTD)
+    x_BTD = norm(c, "final_norm", dtype=dtype, param_dtype=param_dtype)(x_BTD)
     if not head:
       return x_BTD if cache is None else (x_BTD, cache)
     if c.head == "score":
@@ -180,12 +279,8 @@ class Transformer(nn.Module):
       scores_BT = jnp.dot(x_BTD, score_D1.astype(dtype), preferred_element_type=jnp.float32)[..., 0]
       scores_BT = constrain(scores_BT, ("batch", "length"))
       return scores_BT if cache is None else (scores_BT, cache)
-    if c.tie_embeddings:
-      unembed_DV = embedding_VD.T
-    else:
-      unembed_DV = param_with_axes(self, "unembed", nn.initializers.normal(c.init_std),
-                                   (c.d_model, c.vocab_size), ("embed", "vocab"), param_dtype)
     logits_BTV = jnp.dot(x_BTD, unembed_DV.astype(dtype), preferred_element_type=jnp.float32)
+    logits_BTV = soft_cap(logits_BTV, c.final_logit_softcap)
     logits_BTV = constrain(logits_BTV, ("batch", "length", "act_vocab"))
     return logits_BTV if cache is None else (logits_BTV, cache)
 
@@ -198,6 +293,14 @@ def unembedding(params, model_cfg) -> jax.Array:
   return w_DV.astype(dtypes(model_cfg)[0])
 
 
+def head_logits(params, model_cfg, x_SD) -> jax.Array:
+  """fp32 logits [..., V] of final hidden states [..., D], as the model computes them
+  (soft-capped with model.final_logit_softcap)."""
+  logits = jnp.einsum("...d,dv->...v", x_SD, unembedding(params, model_cfg),
+                      preferred_element_type=jnp.float32)
+  return soft_cap(logits, model_cfg.final_logit_softcap)
+
+
 def make_model(model_cfg) -> Transformer:
   return Transformer(ml_collections.FrozenConfigDict(model_cfg))
 
@@ -208,10 +311,15 @@ def unstack_layers(params, model_cfg) -> dict:
   if not model_cfg.scan_layers:
     return params
   kinds = layer_kinds(model_cfg)
-  out = {k: v for k, v in params.items() if k != "layers"}
+  k = first_dense(model_cfg)
+  out = {name: v for name, v in params.items() if name not in ("layers", "dense_layers")}
   for i in range(model_cfg.n_layers):
-    stacked = params["layers"] if len(kinds) == 1 else params["layers"][f"block_{i % len(kinds)}"]
-    out[f"layers_{i}"] = jax.tree.map(lambda a, g=i // len(kinds): a[g], stacked)
+    if i < k:
+      out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["dense_layers"])
+      continue
+    j = i - k
+    stacked = params["layers"] if len(kinds) == 1 else params["layers"][f"block_{j % len(kinds)}"]
+    out[f"layers_{i}"] = jax.tree.map(lambda a, g=j // len(kinds): a[g], stacked)
   return out
 
 
@@ -268,6 +376,7 @@ def unbox(boxed_params):
 class Aux(NamedTuple):
   losses: dict  # name -> auxiliary loss summed over layers (added to the objective)
   metrics: dict  # name -> metric averaged over layers (logged only)
+  updates: dict = {}  # corrections to params, mirroring the params tree (add_param_update)
 
 
 def _by_name(sown, reduce) -> dict:
@@ -282,13 +391,11 @@ def target_nll(model: Transformer, params, batch, *, chunk_len: int, rng=None,
                temperature: float = 1.0) -> tuple[jax.Array, Aux]:
   """(-log p(target) per position [B, T] fp32, Aux) of a packed batch: the hidden states
   through the fused, chunked head + cross-entropy (llm.ops.cross_entropy). With a
-  `temperature`, p is the softmax of logits / temperature (the head is linear and has no
-  bias: the hidden states are divided instead)."""
+  `temperature`, p is the softmax of logits / temperature (after any soft-capping)."""
   x_BTD, aux = forward(model, params, batch, rng, head=False)
-  if temperature != 1.0:
-    x_BTD = x_BTD / jnp.asarray(temperature, x_BTD.dtype)
   nll_BT, _ = chunked_token_nll(x_BTD, unembedding(params, model.cfg), batch["targets"],
-                                chunk_len=chunk_len)
+                                chunk_len=chunk_len, softcap=model.cfg.final_logit_softcap,
+                                temperature=temperature)
   return nll_BT, aux
 
 
@@ -298,7 +405,10 @@ def forward(model: Transformer, params, batch, rng=None, head: bool = True
   only) drives dropout where the model has any (LoRA dropout). `head=False`: the final
   hidden states [B, T, D] instead of the logits."""
   logits_BTV, sown = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                                 batch["positions"], mutable=[AUX_LOSSES, AUX_METRICS],
+                                 batch["positions"],
+                                 mutable=[AUX_LOSSES, AUX_METRICS, AUX_UPDATES],
                                  rngs=None if rng is None else {"dropout": rng}, head=head)
+  updates = jax.tree.map(lambda sown_values: sown_values[0], sown.get(AUX_UPDATES, {}),
+                         is_leaf=lambda x: isinstance(x, tuple))
   return logits_BTV, Aux(_by_name(sown.get(AUX_LOSSES, {}), jnp.sum),
-                         _by_name(sown.get(AUX_METRICS, {}), jnp.mean))
+                         _by_name(sown.get(AUX_METRICS, {}), jnp.mean), updates)

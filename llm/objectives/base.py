@@ -32,6 +32,7 @@ import numpy as np
 
 from llm.data import pipeline
 from llm.model import make_model
+from llm.model.layers import AUX_UPDATES
 from llm.model.transformer import Aux
 
 # the [B, T] arrays of every packed row, name -> dtype
@@ -49,13 +50,15 @@ def with_aux(total, sums: dict, aux: Aux, weight):
     sums[name] = weight * value
   for name, value in aux.metrics.items():
     sums[name] = weight * value
+  if aux.updates:  # applied by the train step after the optimizer's update
+    sums[AUX_UPDATES] = aux.updates
   return total, sums
 
 
 def weighted_means(sums: list[dict]) -> tuple[dict, float]:
   """(each metric's total over the batches' sums divided by the total weight, that
   weight): a loss's `sums` read as training's eval_* reads them."""
-  totals = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
+  totals = {k: sum(float(s[k]) for s in sums) for k in sums[0] if k != AUX_UPDATES}
   weight = totals.pop("weight")
   return {k: v / max(weight, 1.0) for k, v in totals.items()}, weight
 

@@ -49,7 +49,9 @@ def distill_loss(params, batch, *, model, config, teacher, frozen, rng=None):
   per_token_BT = generalized_jsd(x_BTD, unembedding(params, model.cfg), teacher_x_BTE,
                                  unembedding(frozen, teacher.cfg),
                                  beta=config.train.distill.beta,
-                                 chunk_len=config.train.loss_chunk)
+                                 chunk_len=config.train.loss_chunk,
+                                 softcap=model.cfg.final_logit_softcap,
+                                 teacher_softcap=teacher.cfg.final_logit_softcap)
   mask_BT = batch["loss_mask"]
   tokens = jnp.sum(mask_BT)
   total = jnp.sum(per_token_BT * mask_BT)

@@ -18,7 +18,8 @@ def next_token(params, batch, *, model, config, rng=None):
   x_BTD, aux = forward(model, params, batch, rng, head=False)
   mask_BT = batch["loss_mask"]
   total, nll, z = fused_loss(x_BTD, unembedding(params, model.cfg), batch["targets"], mask_BT,
-                             z_weight=config.train.z_loss, chunk_len=config.train.loss_chunk)
+                             z_weight=config.train.z_loss, chunk_len=config.train.loss_chunk,
+                             softcap=model.cfg.final_logit_softcap)
   tokens = jnp.sum(mask_BT)
   sums = {"loss": nll, "z_loss": z, "weight": tokens}
   return with_aux(total, sums, aux, tokens)

@@ -24,6 +24,7 @@ benchmarks compare against; `train.loss_chunk=0` is one chunk of the fused path)
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -63,9 +64,33 @@ def _join(a_nBc, t: int):
   return jnp.moveaxis(a_nBc, 0, 2).reshape(b, n * c, *a_nBc.shape[3:])[:, :t]
 
 
-def _logits(x_BcD, w_DV):
-  logits_BcV = jnp.dot(x_BcD, w_DV, preferred_element_type=F32)
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+  """cap x tanh(x / cap) (Gemma 2's logit soft-capping); x itself when cap is 0."""
+  return x if not cap else cap * jnp.tanh(x / cap)
+
+
+class Head(NamedTuple):
+  """How logits come from x @ w: soft-capped (cap x tanh(. / cap); 0 = off: Gemma 2's
+  final_logit_softcapping), then divided by a temperature."""
+  softcap: float = 0.0
+  temperature: float = 1.0
+
+
+def _logits(x_BcD, w_DV, head: Head):
+  logits_BcV = soft_cap(jnp.dot(x_BcD, w_DV, preferred_element_type=F32), head.softcap)
+  if head.temperature != 1.0:
+    logits_BcV = logits_BcV / head.temperature
   return nn.with_logical_constraint(logits_BcV, ("batch", "length", "act_vocab"))
+
+
+def _raw_grad(dlogits_BcV, logits_BcV, head: Head):
+  """d loss / d (x @ w) from d loss / d logits (`_logits`' chain rule)."""
+  if head.temperature != 1.0:
+    dlogits_BcV = dlogits_BcV / head.temperature
+  if head.softcap:
+    capped_BcV = logits_BcV * (head.temperature / head.softcap)  # tanh(x @ w / cap)
+    dlogits_BcV = dlogits_BcV * (1.0 - jnp.square(capped_BcV))
+  return dlogits_BcV
 
 
 def _is_target(targets_Bc, vocab: int):
@@ -97,20 +122,21 @@ def _checked(x_BTD, w_DV, targets_BT):
 
 # ---------------------------------------------------------------- the training loss
 
-def _loss_pass(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len, with_grads):
+def _loss_pass(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len, head, with_grads):
   n = n_chunks(x_BTD.shape[1], chunk_len)
   xs = (_split(x_BTD, n), _split(targets_BT, n), _split(weights_BT.astype(F32), n))
 
   def step(dw_DV, chunk):
     x_BcD, t_Bc, wt_Bc = chunk
-    p_BcV, logz_Bc, target_Bc = _softmax_stats(_logits(x_BcD, w_DV), t_Bc)
+    logits_BcV = _logits(x_BcD, w_DV, head)
+    p_BcV, logz_Bc, target_Bc = _softmax_stats(logits_BcV, t_Bc)
     sums = (jnp.sum(wt_Bc * (logz_Bc - target_Bc)), jnp.sum(wt_Bc * jnp.square(logz_Bc)))
     if not with_grads:
       return dw_DV, (sums, None)
     coef_Bc = wt_Bc * (1.0 + 2.0 * z_weight * logz_Bc)
     dlogits_BcV = coef_Bc[..., None] * p_BcV - jnp.where(
         _is_target(t_Bc, p_BcV.shape[-1]), wt_Bc[..., None], 0.0)
-    dx_BcD, dw = _head_grads(dlogits_BcV, x_BcD, w_DV)
+    dx_BcD, dw = _head_grads(_raw_grad(dlogits_BcV, logits_BcV, head), x_BcD, w_DV)
     return dw_DV + dw, (sums, dx_BcD)
 
   dw_DV, ((nll_n, z_n), dx_nBcD) = jax.lax.scan(step, jnp.zeros(w_DV.shape, F32), xs)
@@ -119,16 +145,16 @@ def _loss_pass(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len, with_gr
   return (nll + z_weight * z, nll, z), grads
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_loss(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len):
-  return _loss_pass(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_loss(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len, head):
+  return _loss_pass(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len, head, False)[0]
 
 
-def _fused_loss_fwd(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len):
-  return _loss_pass(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len, True)
+def _fused_loss_fwd(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len, head):
+  return _loss_pass(x_BTD, w_DV, targets_BT, weights_BT, z_weight, chunk_len, head, True)
 
 
-def _fused_loss_bwd(z_weight, chunk_len, grads, cotangents):
+def _fused_loss_bwd(z_weight, chunk_len, head, grads, cotangents):
   g_total = cotangents[0]  # the metric outputs are stop_gradient'ed by fused_loss
   dx_BTD, dw_DV = grads
   return ((dx_BTD * g_total.astype(dx_BTD.dtype)).astype(dx_BTD.dtype),
@@ -139,26 +165,27 @@ _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
 
 
 def fused_loss(x_BTD, w_DV, targets_BT, weights_BT, *, z_weight: float = 0.0,
-               chunk_len: int = 0):
+               chunk_len: int = 0, softcap: float = 0.0):
   """(total, nll, z) for hidden states x [B, T, D] (after the final norm, in the compute
   dtype), the head w [D, V] and per-position weights (the loss mask): total = sum of
   weights x (-log p(target) + z_weight log^2 Z), differentiable in x and w; nll = sum
   of weights x -log p(target) and z = sum of weights x log^2 Z are metrics (no gradient
-  flows through them). Chunks of `chunk_len` positions per row (0: all at once)."""
+  flows through them). Chunks of `chunk_len` positions per row (0: all at once);
+  `softcap`: the logits soft-capped (Head)."""
   _checked(x_BTD, w_DV, targets_BT)
   total, nll, z = _fused_loss(x_BTD, w_DV, targets_BT, weights_BT, float(z_weight),
-                              int(chunk_len))
+                              int(chunk_len), Head(float(softcap)))
   return total, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)
 
 
 # ---------------------------------------------------------- per-token log-probabilities
 
-def _nll_pass(x_BTD, w_DV, targets_BT, chunk_len):
+def _nll_pass(x_BTD, w_DV, targets_BT, chunk_len, head):
   n = n_chunks(x_BTD.shape[1], chunk_len)
 
   def step(_, chunk):
     x_BcD, t_Bc = chunk
-    _, logz_Bc, target_Bc = _softmax_stats(_logits(x_BcD, w_DV), t_Bc)
+    _, logz_Bc, target_Bc = _softmax_stats(_logits(x_BcD, w_DV, head), t_Bc)
     return None, (logz_Bc - target_Bc, logz_Bc)
 
   _, (nll_nBc, logz_nBc) = jax.lax.scan(step, None, (_split(x_BTD, n), _split(targets_BT, n)))
@@ -166,27 +193,28 @@ def _nll_pass(x_BTD, w_DV, targets_BT, chunk_len):
   return _join(nll_nBc, t), _join(logz_nBc, t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked_nll(x_BTD, w_DV, targets_BT, chunk_len):
-  return _nll_pass(x_BTD, w_DV, targets_BT, chunk_len)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_nll(x_BTD, w_DV, targets_BT, chunk_len, head):
+  return _nll_pass(x_BTD, w_DV, targets_BT, chunk_len, head)
 
 
-def _chunked_nll_fwd(x_BTD, w_DV, targets_BT, chunk_len):
-  nll_BT, logz_BT = _nll_pass(x_BTD, w_DV, targets_BT, chunk_len)
+def _chunked_nll_fwd(x_BTD, w_DV, targets_BT, chunk_len, head):
+  nll_BT, logz_BT = _nll_pass(x_BTD, w_DV, targets_BT, chunk_len, head)
   return (nll_BT, logz_BT), (x_BTD, w_DV, targets_BT, logz_BT)
 
 
-def _chunked_nll_bwd(chunk_len, residuals, cotangents):
+def _chunked_nll_bwd(chunk_len, head, residuals, cotangents):
   x_BTD, w_DV, targets_BT, logz_BT = residuals
   g_nll_BT, g_logz_BT = (g.astype(F32) for g in cotangents)
   n = n_chunks(x_BTD.shape[1], chunk_len)
 
   def step(dw_DV, chunk):  # d/dlogits of nll = softmax - onehot; of log Z = softmax
     x_BcD, t_Bc, logz_Bc, g_nll_Bc, g_logz_Bc = chunk
-    p_BcV = jnp.exp(_logits(x_BcD, w_DV) - logz_Bc[..., None])
+    logits_BcV = _logits(x_BcD, w_DV, head)
+    p_BcV = jnp.exp(logits_BcV - logz_Bc[..., None])
     dlogits_BcV = (g_nll_Bc + g_logz_Bc)[..., None] * p_BcV - jnp.where(
         _is_target(t_Bc, p_BcV.shape[-1]), g_nll_Bc[..., None], 0.0)
-    dx_BcD, dw = _head_grads(dlogits_BcV, x_BcD, w_DV)
+    dx_BcD, dw = _head_grads(_raw_grad(dlogits_BcV, logits_BcV, head), x_BcD, w_DV)
     return dw_DV + dw, dx_BcD
 
   xs = tuple(_split(a, n) for a in (x_BTD, targets_BT, logz_BT, g_nll_BT, g_logz_BT))
@@ -197,9 +225,12 @@ def _chunked_nll_bwd(chunk_len, residuals, cotangents):
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
-def chunked_token_nll(x_BTD, w_DV, targets_BT, *, chunk_len: int = 0):
+def chunked_token_nll(x_BTD, w_DV, targets_BT, *, chunk_len: int = 0, softcap: float = 0.0,
+                      temperature: float = 1.0):
   """(-log p(target), log Z) per position [B, T] in fp32 from hidden states x [B, T, D]
   and the head w [D, V], one chunk of `chunk_len` positions per row at a time (0: all at
-  once), differentiable in x and w (the backward pass recomputes each chunk's logits)."""
+  once), differentiable in x and w (the backward pass recomputes each chunk's logits).
+  p is the softmax of soft_cap(x @ w, softcap) / temperature (Head)."""
   _checked(x_BTD, w_DV, targets_BT)
-  return _chunked_nll(x_BTD, w_DV, targets_BT, int(chunk_len))
+  return _chunked_nll(x_BTD, w_DV, targets_BT, int(chunk_len),
+                      Head(float(softcap), float(temperature)))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llm.ops.cross_entropy import soft_cap
+
 
 def jsd_from_logits(student_BcV, teacher_BcV, beta: float, temperature: float = 1.0):
   """[B, c] divergences of two sets of logits (see the module docstring), in float32."""
@@ -31,10 +33,12 @@ def jsd_from_logits(student_BcV, teacher_BcV, beta: float, temperature: float = 
 
 
 def generalized_jsd(x_BTD, w_DV, teacher_x_BTE, teacher_w_EV, *, beta: float,
-                    temperature: float = 1.0, chunk_len: int = 0):
+                    temperature: float = 1.0, chunk_len: int = 0, softcap: float = 0.0,
+                    teacher_softcap: float = 0.0):
   """[B, T] per-position divergences of the student's head (`x_BTD @ w_DV`) from the
   teacher's (`teacher_x_BTE @ teacher_w_EV`), `chunk_len` consecutive positions at a time
-  (0: all; the last chunk padded)."""
+  (0: all; the last chunk padded). Each head's logits are soft-capped by its own cap
+  (0 = none; Gemma 2's final_logit_softcapping)."""
   b, t, _ = x_BTD.shape
   if teacher_x_BTE.shape[:2] != (b, t) or w_DV.shape[1] != teacher_w_EV.shape[1]:
     raise ValueError(f"student [B, T] {(b, t)} with vocabulary {w_DV.shape[1]} and teacher "
@@ -52,7 +56,8 @@ def generalized_jsd(x_BTD, w_DV, teacher_x_BTE, teacher_w_EV, *, beta: float,
     student = jnp.einsum("bcd,dv->bcv", x_BcD, w_DV, preferred_element_type=jnp.float32)
     teacher = jnp.einsum("bce,ev->bcv", tx_BcE, teacher_w_EV,
                          preferred_element_type=jnp.float32)
-    return jsd_from_logits(student, teacher, beta, temperature)
+    return jsd_from_logits(soft_cap(student, softcap), soft_cap(teacher, teacher_softcap),
+                           beta, temperature)
 
   xs = x_BTD.reshape(b, n, chunk, -1).swapaxes(0, 1)
   txs = teacher_x_BTE.reshape(b, n, chunk, -1).swapaxes(0, 1)

@@ -32,6 +32,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("experts", "expert"),  # an MoE layer's expert axis
+    ("latent", "fsdp"),  # MLA's low-rank q / kv width (split where no embed axis is)
     ("head_dim", None),
     ("layers", None),
     ("norm", None),

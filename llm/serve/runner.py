@@ -28,10 +28,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from llm.config import head_dim
+from llm.config import kv_cache_vectors
 from llm.inference.sampling import sample_rows
 from llm.model import make_model, quant, require_lm_head
-from llm.model.transformer import init_params, unembedding, unstack_layers
+from llm.model.transformer import head_logits, init_params, unstack_layers
 from llm.parallel.mesh import use_mesh
 from llm.ops.attention.dispatch import kv_pages_spec
 from llm.parallel.rules import logical_to_sharding
@@ -50,7 +50,7 @@ ROW_DEFAULTS = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "rep
 def sample_head(params, model_cfg, x_TD, rows):
   """One token per sampling row from the hidden state at its `sample_index`."""
   h_SD = x_TD[rows["sample_index"]]
-  logits_SV = jnp.dot(h_SD, unembedding(params, model_cfg), preferred_element_type=jnp.float32)
+  logits_SV = head_logits(params, model_cfg, h_SD)
   keys_S = jax.vmap(lambda s, d: jax.random.fold_in(jax.random.key(s), d))(rows["seed"],
                                                                           rows["draw"])
   return sample_rows(keys_S, logits_SV, rows)
@@ -89,6 +89,11 @@ class ModelRunner:
     `row_fields` ({name: (shape after the row axis, dtype, default)}) are the per-row
     inputs it reads beyond ROW_FIELDS."""
     require_lm_head(model_cfg, "serving")
+    if model_cfg.rope_scaling.type == "dynamic":
+      raise ValueError("model.rope_scaling.type='dynamic' rescales RoPE by each call's longest "
+                       "sequence (as transformers does), which the engine's shared batches "
+                       "would mix up; generate with llm.generate (the Decoder), or serve "
+                       "with a static scaling (linear or yarn)")
     cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(model_cfg).to_dict())
     self._stacked_cfg = ml_collections.ConfigDict(cfg.to_dict()) if cfg.scan_layers else None
     cfg.scan_layers = False
@@ -97,7 +102,8 @@ class ModelRunner:
     self.page_size, self.num_pages = page_size, num_pages
     self.max_num_seqs, self.buckets = max_num_seqs, tuple(sorted(buckets))
     self.pages_per_seq = -(-max_model_len // page_size)
-    shape = (num_pages, page_size, 2 * cfg.n_kv_heads, head_dim(cfg))  # K, V interleaved
+    # K and V heads interleaved (MLA: one latent vector, its own value)
+    shape = (num_pages, page_size, *kv_cache_vectors(cfg)[:2])
     dtype = jnp.dtype(cfg.dtype)
     model = make_model(cfg)
     self.mesh = mesh
@@ -148,7 +154,7 @@ class ModelRunner:
 
   @staticmethod
   def kv_bytes_per_page(model_cfg, page_size: int) -> int:
-    return (2 * model_cfg.n_layers * page_size * model_cfg.n_kv_heads
+    return (model_cfg.n_layers * page_size * kv_cache_vectors(model_cfg)[0]
             * quant.kv_bytes_per_vector(model_cfg))
 
   def bucket(self, n_tokens: int) -> int:

@@ -39,7 +39,7 @@ import numpy as np
 
 from llm.config import check_range
 from llm.inference.sampling import filter_logits_rows, penalize_rows, top_logprobs
-from llm.model.transformer import unembedding
+from llm.model.transformer import head_logits
 
 # keys of one row and slot: fold_in(fold_in(key(seed), draw + slot), purpose)
 _ACCEPT, _RESIDUAL, _DRAFT = 1, 2, 3
@@ -142,8 +142,7 @@ def verify_head(params, model_cfg, x_TD, rows):
   """The target's head in a speculative engine: logits at each row's `window` (the
   pending token's position and its drafts'), then verify_rows."""
   h_SKD = x_TD[rows["window"]]
-  logits_SKV = jnp.einsum("skd,dv->skv", h_SKD, unembedding(params, model_cfg),
-                          preferred_element_type=jnp.float32)
+  logits_SKV = head_logits(params, model_cfg, h_SKD)
   return verify_rows(logits_SKV, rows)
 
 
@@ -151,7 +150,7 @@ def draft_head(params, model_cfg, x_TD, rows):
   """The draft model's head: (token [S], its distribution q [S, V]) per row, drawn with
   the row's settings and its slot's own key."""
   h_SD = x_TD[rows["sample_index"]]
-  logits_SV = jnp.dot(h_SD, unembedding(params, model_cfg), preferred_element_type=jnp.float32)
+  logits_SV = head_logits(params, model_cfg, h_SD)
   probs_SV = target_probs(logits_SV, rows)
   keys_S = _keys(rows["seed"], rows["draw"], 1, _DRAFT)[:, 0]
   return _draw(keys_S, probs_SV, rows["temperature"]), probs_SV

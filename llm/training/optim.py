@@ -40,11 +40,12 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """True for matrices (kernels, embeddings); False for norm scales and biases."""
+  """True for matrices (kernels, embeddings); False for norm scales and biases (the MoE
+  balancing bias too, which only its load corrections move)."""
 
   def decays(path, _):
     name = getattr(path[-1], "key", str(path[-1]))
-    return name not in ("scale", "bias")
+    return name not in ("scale", "bias", "router_bias")
 
   return jax.tree_util.tree_map_with_path(decays, params)
 

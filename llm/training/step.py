@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from llm.model import lora
+from llm.model.layers import AUX_UPDATES, apply_param_updates
 from llm.parallel.rules import batch_axes, data_parallel_size
 from llm.training.optim import schedule
 from llm.training.state import TrainState
@@ -57,6 +58,7 @@ def train_step(state: TrainState, batch, frozen_inputs=None, *, objective, tx, l
 
     ((total, sums), grads), _ = jax.lax.scan(add, zeros, (jnp.arange(grad_accum), parts))
   weight = jnp.maximum(sums.pop("weight"), 1.0)
+  param_updates = sums.pop(AUX_UPDATES, None)  # e.g. the MoE balancing bias
   grads = jax.tree.map(lambda g: g / weight, grads)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -64,8 +66,10 @@ def train_step(state: TrainState, batch, frozen_inputs=None, *, objective, tx, l
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
   new = keep(new, trainable)
-  new_state = state.replace(step=state.step + 1,
-                            params=lora.join(frozen, new) if frozen_base else new,
+  params = lora.join(frozen, new) if frozen_base else new
+  if param_updates is not None:
+    params = keep(apply_param_updates(params, param_updates), params)
+  new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=keep(opt_state, state.opt_state),
                             skipped=state.skipped + (~finite).astype(jnp.int32))
   metrics = {name: value / weight for name, value in sums.items()}

@@ -6,7 +6,8 @@ Inputs are bf16 or fp32 in the model's layout (query heads H a multiple of key/v
 heads K: MHA, GQA, MQA); accumulation is fp32. Lengths need not be multiples of the
 blocks (inputs are padded, padding never attends or is attended to). Segment ids
 (non-negative ints) restrict attention to the same packed document. `window` keeps the
-last `window` positions (Mistral-style sliding window). The backward pass is three
+last `window` positions (Mistral-style sliding window); `softcap` soft-caps the logits,
+cap x tanh(s / cap) (Gemma 2). The backward pass is three
 Pallas kernels (dq; dk and dv together) fed by the forward's logsumexp.
 
 `block_fwd` / `block_bwd` expose one (query chunk, key chunk) step with position
@@ -76,7 +77,8 @@ def make_options(q_len: int, kv_len: int, head_dim: int, *, causal: bool = True,
                  window: int | None = None, scale: float | None = None,
                  block_q: int | None = None, block_k: int | None = None,
                  backend: str | None = None, interpret: bool | None = None,
-                 num_warps: int | None = None, num_stages: int | None = None) -> Options:
+                 num_warps: int | None = None, num_stages: int | None = None,
+                 softcap: float | None = None) -> Options:
   """Validated static options; block sizes default per backend, capped to the lengths.
   num_warps / num_stages tune the Triton (GPU) launch; None picks by head dim."""
   auto_backend, auto_interpret = default_backend()
@@ -106,10 +108,14 @@ def make_options(q_len: int, kv_len: int, head_dim: int, *, causal: bool = True,
   for name, value in (("num_warps", num_warps), ("num_stages", num_stages)):
     if value is not None and (not isinstance(value, int) or value < 1):
       raise ValueError(f"{name}={value!r}: must be a positive int or None")
+  if softcap is not None and (isinstance(softcap, bool) or not softcap > 0):
+    raise ValueError(f"softcap={softcap!r}: must be a positive number (logits cap x "
+                     "tanh(s / cap)) or None")
   scale = head_dim ** -0.5 if scale is None else float(scale)
   return Options(causal=bool(causal), window=window, scale=scale, block_q=block_q,
                  block_k=block_k, backend=backend, interpret=bool(interpret),
-                 num_warps=num_warps, num_stages=num_stages)
+                 num_warps=num_warps, num_stages=num_stages,
+                 softcap=None if softcap is None else float(softcap))
 
 
 def _check_inputs(q, k, v, segment_ids, kv_segment_ids):
@@ -206,7 +212,7 @@ def flash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, kv_segment_ids_
                     block_q: int | None = None, block_k: int | None = None,
                     backend: str | None = None, interpret: bool | None = None,
                     q_offset=0, kv_offset=0, num_warps: int | None = None,
-                    num_stages: int | None = None):
+                    num_stages: int | None = None, softcap: float | None = None):
   """Softmax(q k^T * scale) v under the causal / segment / window mask; differentiable.
 
   backend: "tpu" or "gpu"; default is the current device's, and on a CPU the GPU kernel
@@ -215,7 +221,7 @@ def flash_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT=None, kv_segment_ids_
   opts = make_options(q_BTHE.shape[1], k_BSKE.shape[1], q_BTHE.shape[3], causal=causal,
                       window=window, scale=scale, block_q=block_q, block_k=block_k,
                       backend=backend, interpret=interpret, num_warps=num_warps,
-                      num_stages=num_stages)
+                      num_stages=num_stages, softcap=softcap)
   padded = _prepare(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kv_segment_ids_BS, q_offset,
                     kv_offset, opts)
   return _flash(*padded, opts)[:, :q_BTHE.shape[1]]

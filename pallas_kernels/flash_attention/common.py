@@ -5,6 +5,9 @@ Masking convention (both kernels and the reference): query row t at position
 are equal and, when causal, kv_pos <= q_pos, and, with a window W, q_pos - kv_pos < W
 (|q_pos - kv_pos| < W when not causal). A row that sees nothing gets output 0 and
 logsumexp EMPTY_LSE, so partial results combine correctly (ring attention).
+
+Logits are q.k x scale, soft-capped when `softcap` is set (Gemma 2): cap x tanh(s / cap);
+the backward passes multiply the score gradients by the cap's derivative 1 - tanh^2.
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ class Options:
   interpret: bool
   num_warps: int | None = None  # Triton launch options (GPU); None: chosen by head dim
   num_stages: int | None = None
+  softcap: float | None = None  # logits cap x tanh(s / cap)
+
+
+def scores(s, opts: Options):
+  """A tile's scaled logits q.k x scale, soft-capped per opts.softcap."""
+  s = s * opts.scale
+  return s if opts.softcap is None else opts.softcap * jnp.tanh(s / opts.softcap)
+
+
+def dscores(ds, s, opts: Options):
+  """Score gradients w.r.t. the uncapped logits, from those w.r.t. `scores`' output s."""
+  return ds if opts.softcap is None else ds * (1.0 - jnp.square(s / opts.softcap))
 
 
 def block_visible(q_start, kv_start, block_q: int, block_k: int, opts: Options):

@@ -17,8 +17,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention.common import (EMPTY_LSE, MASK_VALUE, Options, kv_block_range,
-                                                   out_struct, q_block_range, tile_mask)
+from pallas_kernels.flash_attention.common import (EMPTY_LSE, MASK_VALUE, Options, dscores,
+                                                   kv_block_range, out_struct, q_block_range,
+                                                   scores, tile_mask)
 
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -32,7 +33,7 @@ def _params(e: int, opts: Options):
 
 
 def _tile(q, k, qseg, kvseg, q_start, kv_start, opts: Options):
-  s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * opts.scale
+  s = scores(lax.dot_general(q, k, NT, preferred_element_type=jnp.float32), opts)
   mask = tile_mask(qseg[:, None], kvseg[None, :], q_start, kv_start, s.shape, opts)
   return s, mask
 
@@ -114,7 +115,7 @@ def _dq_kernel(offs_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, delt
     s, mask = _tile(q, k, qseg, kvseg_ref[rows], q_start, kv_offset + j * bk, opts)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
     dp = lax.dot_general(do, v_ref[rows, :], NT, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[:, None])
+    ds = dscores(p * (dp - delta[:, None]), s, opts)
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
   dq = lax.fori_loop(first, last + 1, body, jnp.zeros(q.shape, jnp.float32))
@@ -138,7 +139,7 @@ def _dkv_kernel(offs_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, del
       s, mask = _tile(q, k, qseg_ref[rows], kvseg, q_offset + i * bq, kv_start, opts)
       p = jnp.where(mask, jnp.exp(s - lse_ref[g, rows][:, None]), 0.0)
       dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
-      ds = p * (dp - delta_ref[g, rows][:, None])
+      ds = dscores(p * (dp - delta_ref[g, rows][:, None]), s, opts)
       dv = dv + lax.dot_general(p.astype(do.dtype), do, TN, preferred_element_type=jnp.float32)
       dk = dk + lax.dot_general(ds.astype(q.dtype), q, TN, preferred_element_type=jnp.float32)
       return dk, dv

@@ -21,7 +21,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash_attention.common import (EMPTY_LSE, MASK_VALUE, Options, block_visible,
                                                    kv_block_range, out_struct, q_block_range,
-                                                   tile_mask)
+                                                   dscores, scores, tile_mask)
 
 NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 
@@ -71,7 +71,7 @@ def _fwd_kernel(offs_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_r
   @_when_visible(q_start, kv_start, opts)
   def _compute():
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * opts.scale
+    s = scores(lax.dot_general(q, k, NT, preferred_element_type=jnp.float32), opts)
     mask = tile_mask(qseg_ref[...], kvseg_ref[...], q_start, kv_start, s.shape, opts)
     s = jnp.where(mask, s, MASK_VALUE)
     m_prev = m_sc[...]
@@ -145,10 +145,10 @@ def fwd(q, k, v, qseg, kvseg, offsets, opts: Options):
 
 def _probs_and_dscores(q, k, v, do, lse, delta, mask, opts: Options):
   """Recomputed probabilities p and score gradients ds = p * (dp - delta) of one tile."""
-  s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * opts.scale
+  s = scores(lax.dot_general(q, k, NT, preferred_element_type=jnp.float32), opts)
   p = jnp.where(mask, jnp.exp(s - lse), 0.0)
   dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
-  return p, p * (dp - delta)
+  return p, dscores(p * (dp - delta), s, opts)
 
 
 def _dq_kernel(offs_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, delta_ref, do_ref,

@@ -48,20 +48,20 @@ class Implementation(NamedTuple):
   check_vma: bool  # Pallas' interpreter (CPU runs) does not track varying mesh axes
 
 
-def _xla(q_len, kv_len, head_dim, window, block_q, block_k) -> Implementation:
+def _xla(q_len, kv_len, head_dim, window, block_q, block_k, softcap) -> Implementation:
   del q_len, kv_len, head_dim, block_q, block_k
-  return Implementation(xla_blocks(window), None, True)
+  return Implementation(xla_blocks(window, softcap=softcap), None, True)
 
 
-def _flash(q_len, kv_len, head_dim, window, block_q, block_k) -> Implementation:
+def _flash(q_len, kv_len, head_dim, window, block_q, block_k, softcap) -> Implementation:
   opts = flash.make_options(q_len, kv_len, head_dim, causal=True, window=window,
-                            block_q=block_q, block_k=block_k)
+                            block_q=block_q, block_k=block_k, softcap=softcap)
 
   def whole(q, k, v, seg, kv_seg, q_offset):
     return flash.flash_attention(q, k, v, seg, kv_seg, causal=True, window=window,
                                  block_q=opts.block_q, block_k=opts.block_k,
                                  backend=opts.backend, interpret=opts.interpret,
-                                 q_offset=q_offset)
+                                 q_offset=q_offset, softcap=softcap)
 
   return Implementation(flash_blocks(opts), whole, False)
 
@@ -77,22 +77,24 @@ def _current_mesh():
 
 def attend_cached(impl: str, q_BTHE, k_BTKE, v_BTKE, cache, kv_valid_BS, slot, *,
                   window: int | None = None, block_q: int | None = None,
-                  block_k: int | None = None):
+                  block_k: int | None = None, softcap: float | None = None):
   """Queries at cache slots slot..slot+T-1 attending, causally, to the cache's filled slots
   and to this step's keys/values [B, T, K, E], which are written into the cache at `slot`.
 
   cache: {"k", "v"} of [B, K, S, E] (int8 with "k_scale", "v_scale" [B, K, S]: see
-  llm.ops.attention.paged.quantize_kv); kv_valid_BS: the filled slots, this step's included
+  llm.ops.attention.paged.quantize_kv), or {"k"} alone when keys are their own values
+  (MLA's latent cache; v_BTKE is then k_BTKE); kv_valid_BS: the filled slots, this step's included
   (left-padded prompt slots are not); slot: an int32 scalar, or the Python int 0 for a
   prefill into an empty cache (then the cache is not read). Returns (out_BTHE, cache)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
   b, t = q_BTHE.shape[:2]
   quantized = "k_scale" in cache  # int8 (model.kv_quant), with a scale per token and head
+  names = ("k", "v") if "v" in cache else ("k",)
 
   def update(cache, k_BTKE, v_BTKE):
     out = {}
-    for name, new_BTKE in (("k", k_BTKE), ("v", v_BTKE)):
+    for name, new_BTKE in zip(names, (k_BTKE, v_BTKE)):
       new_BKTE = jnp.swapaxes(new_BTKE, 1, 2)
       if quantized:
         new_BKTE, scale_BKT = quantize_kv(new_BKTE)
@@ -103,30 +105,33 @@ def attend_cached(impl: str, q_BTHE, k_BTKE, v_BTKE, cache, kv_valid_BS, slot, *
     return out
 
   def read(cache, name):  # [B, K, S, E] in the compute dtype
+    name = name if name in cache else "k"
     if not quantized:
       return cache[name]
     return dequantize_kv(cache[name], cache[f"{name}_scale"], q_BTHE.dtype)
 
   if quantized:  # this step's own keys/values as the cache will hold them (as paged does)
     k_BTKE, v_BTKE = (dequantize_kv(*quantize_kv(x), x.dtype) for x in (k_BTKE, v_BTKE))
+  if len(names) == 1:
+    v_BTKE = k_BTKE
 
   s = cache["k"].shape[2]
-  chosen = IMPLEMENTATIONS[impl](t, s, q_BTHE.shape[3], window, block_q, block_k)
+  chosen = IMPLEMENTATIONS[impl](t, s, q_BTHE.shape[3], window, block_q, block_k, softcap)
   if chosen.whole is not None:  # a kernel ([B, S, K, E]): one pass over the updated cache
     updated = update(cache, k_BTKE, v_BTKE)
     k_BSKE, v_BSKE = (jnp.swapaxes(read(updated, name), 1, 2) for name in ("k", "v"))
     out = attend(impl, q_BTHE, k_BSKE, v_BSKE, jnp.ones((b, t), jnp.int32),
                  kv_segment_ids_BS=kv_valid_BS.astype(jnp.int32), q_offset=slot, window=window,
-                 block_q=block_q, block_k=block_k)
+                 block_q=block_q, block_k=block_k, softcap=softcap)
     return out, updated
   ones_BT = jnp.ones((b, t), jnp.int32)
   new_valid_BT = jax.lax.dynamic_slice(kv_valid_BS, (0, slot), (b, t)).astype(jnp.int32)
-  o_new, lse_new = xla_blocks(window).fwd(q_BTHE, k_BTKE, v_BTKE, ones_BT, new_valid_BT,
+  o_new, lse_new = xla_blocks(window, softcap=softcap).fwd(q_BTHE, k_BTKE, v_BTKE, ones_BT, new_valid_BT,
                                           slot, slot)
   if isinstance(slot, int) and slot == 0:  # a prefill into an empty cache: nothing before
     return o_new, update(cache, k_BTKE, v_BTKE)
   before_BS = kv_valid_BS & (jnp.arange(s)[None, :] < slot)  # the slots filled earlier
-  o_cache, lse_cache = xla_blocks(window, kv="bkse").fwd(
+  o_cache, lse_cache = xla_blocks(window, kv="bkse", softcap=softcap).fwd(
       q_BTHE, read(cache, "k"), read(cache, "v"), ones_BT, before_BS.astype(jnp.int32), slot, 0)
   out, _ = merge(o_cache.astype(jnp.float32), lse_cache, o_new, lse_new)
   # The write must follow the reads of the old cache, and XLA orders them only by data
@@ -140,11 +145,11 @@ def attend_cached(impl: str, q_BTHE, k_BTKE, v_BTKE, cache, kv_valid_BS, slot, *
 
 def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, kv_segment_ids_BS=None,
            q_offset=0, window: int | None = None, block_q: int | None = None,
-           block_k: int | None = None):
+           block_k: int | None = None, softcap: float | None = None):
   """Causal attention within segments by the named implementation, on the ambient mesh.
 
   Self-attention by default; with `kv_segment_ids_BS` (a KV cache) the keys are their own
-  sequence and queries sit at positions q_offset + t."""
+  sequence and queries sit at positions q_offset + t. `softcap`: logits cap x tanh(s / cap)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
   mesh = _current_mesh()
@@ -156,9 +161,11 @@ def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, kv_segment_ids_
                                                      q_BTHE.shape, mesh)
   ring = q_spec is not None and q_spec[1] is not None
   n_chunks = mesh.shape[SEQUENCE_AXIS] if ring else 1
-  chosen = IMPLEMENTATIONS[impl](t // n_chunks, s // n_chunks, e, window, block_q, block_k)
+  chosen = IMPLEMENTATIONS[impl](t // n_chunks, s // n_chunks, e, window, block_q, block_k,
+                                 softcap)
   if chosen.whole is None and not ring:
-    return xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window, kv_seg_BS, q_offset)
+    return xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window, kv_seg_BS, q_offset,
+                         softcap)
 
   def local(q, k, v, seg, kv_seg, offset):
     if ring:
@@ -180,12 +187,13 @@ def attend(impl: str, q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, *, kv_segment_ids_
 
 
 def attend_paged(impl: str, q_THE, k_TKE, v_TKE, pages, paged: dict, *,
-                 window: int | None = None):
+                 window: int | None = None, softcap: float | None = None):
   """A flat batch of tokens [T, ...] from many sequences: writes each token's key and
   value into its page (`paged["page"]`, `paged["slot"]`: [T]), then attends each token
   over its sequence's pages (`paged["kv_lens"]`, `paged["page_table"]`,
   `paged["cu_q_lens"]`, `paged["num_seqs"]`: see llm.ops.attention.paged). pages:
-  {"kv": [num_pages, page_size, 2K, E]}, int8 with "kv_scale" [num_pages, page_size, 2K].
+  {"kv": [num_pages, page_size, 2K, E]}, int8 with "kv_scale" [num_pages, page_size, 2K];
+  pages of [.., K, E] hold keys that are their own values (MLA's latent; v_TKE unused).
   Returns (out_THE, pages).
 
   "flash" on a TPU runs JAX's Pallas ragged paged attention kernel (per shard of heads on
@@ -194,19 +202,22 @@ def attend_paged(impl: str, q_THE, k_TKE, v_TKE, pages, paged: dict, *,
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}; allowed: {list(IMPLEMENTATIONS)}")
   where = (paged["page"], paged["slot"])
+  shared = pages["kv"].shape[2] == k_TKE.shape[1]
+  v_TKE = None if shared else v_TKE
   if "kv_scale" in pages:  # int8 pages (model.kv_quant): always the XLA implementation
     kv_pages, kv_scale = write_pages(pages["kv"], k_TKE, v_TKE, *where, pages["kv_scale"])
     out_THE = paged_attention(q_THE, kv_pages, paged["kv_lens"], paged["page_table"],
                               paged["cu_q_lens"], paged["num_seqs"], window=window,
-                              kv_scale_PNC=kv_scale)
+                              kv_scale_PNC=kv_scale, softcap=softcap, shared_kv=shared)
     return out_THE, {"kv": kv_pages, "kv_scale": kv_scale}
   kv_pages = write_pages(pages["kv"], k_TKE, v_TKE, *where)
   args = (q_THE, kv_pages, paged["kv_lens"], paged["page_table"], paged["cu_q_lens"],
           paged["num_seqs"])
-  xla = functools.partial(paged_attention, window=window)
-  if impl == "flash":
+  xla = functools.partial(paged_attention, window=window, softcap=softcap, shared_kv=shared)
+  if impl == "flash" and not shared:  # the TPU kernel takes interleaved K and V pages
     out_THE = jax.lax.platform_dependent(
-        *args, tpu=functools.partial(_tpu_paged_attention, window=window), default=xla)
+        *args, tpu=functools.partial(_tpu_paged_attention, window=window, softcap=softcap),
+        default=xla)
   else:
     out_THE = xla(*args)
   return out_THE, {"kv": kv_pages}
@@ -216,11 +227,11 @@ def kv_pages_spec(shape_PNCE, mesh):
   """How KV pages [P, N, 2K, E] split on a mesh: the interleaved head axis by the K heads'
   rule, so that each shard holds whole (key, value) head pairs."""
   p, n, c, e = shape_PNCE
-  return logical_to_spec((None, None, "kv_heads", "head_dim"), (p, n, c // 2, e), mesh)
+  return logical_to_spec((None, None, "kv_heads", "head_dim"), (p, n, max(c // 2, 1), e), mesh)
 
 
 def _tpu_paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1,
-                         num_seqs_1, *, window):
+                         num_seqs_1, *, window, softcap):
   """JAX's Mosaic ragged paged attention kernel; inside shard_map over heads on a mesh
   (a custom call cannot be partitioned by GSPMD)."""
   from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
@@ -233,7 +244,8 @@ def _tpu_paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_le
 
   def local(q, kv, kv_lens, table, cu, num_seqs):
     return ragged_paged_attention(q, kv, kv_lens, table, cu, num_seqs,
-                                  sm_scale=q.shape[-1] ** -0.5, sliding_window=window, **blocks)
+                                  sm_scale=q.shape[-1] ** -0.5, sliding_window=window,
+                                  soft_cap=softcap, **blocks)
 
   args = (q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1, num_seqs_1)
   mesh = _current_mesh()

@@ -38,8 +38,11 @@ def combine_kv(k_TKE, v_TKE):
   return jnp.stack([k_TKE, v_TKE], axis=2).reshape(t, 2 * kh, e)
 
 
-def split_kv(kv_NCE):
-  """The interleaved [..., 2K, E] as (keys, values), each [..., K, E]."""
+def split_kv(kv_NCE, shared: bool = False):
+  """The interleaved [..., 2K, E] as (keys, values), each [..., K, E] (shared: [..., K, E]
+  keys that are their own values)."""
+  if shared:
+    return kv_NCE, kv_NCE
   *lead, c, e = kv_NCE.shape
   kv = kv_NCE.reshape(*lead, c // 2, 2, e)
   return kv[..., 0, :], kv[..., 1, :]
@@ -62,8 +65,8 @@ def dequantize_kv(q_XE, scale_X, dtype):
 def write_pages(kv_pages_PNCE, k_TKE, v_TKE, page_T, slot_T, kv_scale_PNC=None):
   """The pages with each token's key and value written at (its page, its slot). Padding
   tokens are pointed at page 0. With `kv_scale_PNC` the pages are int8 (quantize_kv):
-  returns (pages, scales)."""
-  kv_TCE = combine_kv(k_TKE, v_TKE)
+  returns (pages, scales). v_TKE None: the keys alone (keys that are their own values)."""
+  kv_TCE = k_TKE if v_TKE is None else combine_kv(k_TKE, v_TKE)
   if kv_scale_PNC is None:
     return kv_pages_PNCE.at[page_T, slot_T].set(kv_TCE.astype(kv_pages_PNCE.dtype),
                                                 mode="promise_in_bounds")
@@ -75,16 +78,17 @@ def write_pages(kv_pages_PNCE, k_TKE, v_TKE, page_T, slot_T, kv_scale_PNC=None):
 def paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1, num_seqs_1,
                     *, window: int | None = None, keys_per_block: int = 0,
                     queries_per_block: int = 0, decode_keys_per_block: int = 0,
-                    kv_scale_PNC=None):
+                    kv_scale_PNC=None, softcap: float | None = None, shared_kv: bool = False):
   """[T, H, E] ragged paged attention (see the module docstring); GQA without repeating
   K/V. Each inner step reads `keys_per_block` keys (rounded to whole pages; 0:
   KEYS_PER_BLOCK) of one sequence for a block of `queries_per_block` of its queries (0:
   QUERIES_PER_BLOCK), or `decode_keys_per_block` (0: DECODE_KEYS_PER_BLOCK) for a row's
   single (decode) query. int8 pages come with their scales (`kv_scale_PNC`) and are
-  dequantized block by block as they are read."""
+  dequantized block by block as they are read. `softcap`: logits cap x tanh(s / cap).
+  `shared_kv`: pages [P, N, K, E] of keys that are their own values (MLA's latent)."""
   t, h, e = q_THE.shape
   n, c = kv_pages_PNCE.shape[1], kv_pages_PNCE.shape[2]
-  kh = c // 2
+  kh = c if shared_kv else c // 2
   g = h // kh
   m = page_table_SM.shape[1]
   bq = min(queries_per_block or QUERIES_PER_BLOCK, t)
@@ -116,13 +120,15 @@ def paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1
         if kv_scale_PNC is not None:
           kv_BNCE = dequantize_kv(kv_BNCE, kv_scale_PNC.at[pages_B].get(
               mode="promise_in_bounds"), q_THE.dtype)
-        k_NKE, v_NKE = split_kv(kv_BNCE.reshape(keys, c, e))
+        k_NKE, v_NKE = split_kv(kv_BNCE.reshape(keys, c, e), shared_kv)
         kpos_N = j * keys + jnp.arange(keys)
         # one sequence per block: segments always match
         visible_QN = flash.attention_mask(pos_Q[:, None], kpos_N[None, :], 0, 0, causal=True,
                                           window=window)
         s_KGQN = jnp.einsum("qkge,nke->kgqn", q_QKGE, k_NKE,
                             preferred_element_type=jnp.float32) * scale
+        if softcap is not None:
+          s_KGQN = softcap * jnp.tanh(s_KGQN / softcap)
         s_KGQN = jnp.where(visible_QN, s_KGQN, -jnp.inf)
         m_new = jnp.maximum(m_KGQ, s_KGQN.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)

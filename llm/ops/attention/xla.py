@@ -52,16 +52,21 @@ def _weighted_values(p_BKGTS, v_BSKE, kv="bske"):
   return o_BKGTE.reshape(b, k, g, t, -1).transpose(0, 3, 1, 2, 4)
 
 
-def xla_blocks(window: int | None, kv: str = "bske") -> Blocks:
+def _capped(s, softcap):
+  return s if softcap is None else softcap * jnp.tanh(s / softcap)
+
+
+def xla_blocks(window: int | None, kv: str = "bske", softcap: float | None = None) -> Blocks:
   """Chunk functions in plain XLA, causal with segment ids and an optional window;
   GQA without repeating K/V. `kv="bkse"`: the forward takes keys and values heads-major
-  ([B, K, S, E], a KV cache laid out so a decode step reads each head contiguously)."""
+  ([B, K, S, E], a KV cache laid out so a decode step reads each head contiguously).
+  `softcap`: logits cap x tanh(s / cap) (the backward through the cap's derivative)."""
 
   def fwd(q_BTHE, k_BSKE, v_BSKE, qseg_BT, kvseg_BS, q_offset, kv_offset):
     b, t, h, e = q_BTHE.shape
     mask_B11TS = _chunk_mask(qseg_BT, kvseg_BS, q_offset, kv_offset, window)[:, None, None]
-    s_BKGTS = jnp.where(mask_B11TS, _grouped_logits(q_BTHE, k_BSKE, e ** -0.5, kv),
-                        flash.EMPTY_LSE)
+    s_BKGTS = jnp.where(mask_B11TS, _capped(_grouped_logits(q_BTHE, k_BSKE, e ** -0.5, kv),
+                                            softcap), flash.EMPTY_LSE)
     m_BKGT = jnp.max(s_BKGTS, axis=-1)
     p_BKGTS = jnp.where(mask_B11TS, jnp.exp(s_BKGTS - m_BKGT[..., None]), 0.0)
     l_BKGT = jnp.sum(p_BKGTS, axis=-1)
@@ -79,7 +84,7 @@ def xla_blocks(window: int | None, kv: str = "bske") -> Blocks:
     g = h // kh
     scale = e ** -0.5
     mask_B11TS = _chunk_mask(qseg_BT, kvseg_BS, q_offset, kv_offset, window)[:, None, None]
-    s_BKGTS = _grouped_logits(q_BTHE, k_BSKE, scale)
+    s_BKGTS = _capped(_grouped_logits(q_BTHE, k_BSKE, scale), softcap)
     p_BKGTS = jnp.where(mask_B11TS, jnp.exp(s_BKGTS - lse_BHT.reshape(b, kh, g, t)[..., None]),
                         0.0)
     do_BTKGE = do_BTHE.reshape(b, t, kh, g, e)
@@ -88,6 +93,8 @@ def xla_blocks(window: int | None, kv: str = "bske") -> Blocks:
     dp_BKGTS = jnp.einsum("btkge,bske->bkgts", do_BTKGE, v_BSKE,
                           preferred_element_type=jnp.float32)
     ds_BKGTS = p_BKGTS * (dp_BKGTS - delta_BHT.reshape(b, kh, g, t)[..., None]) * scale
+    if softcap is not None:
+      ds_BKGTS = ds_BKGTS * (1.0 - jnp.square(s_BKGTS / softcap))
     dq_BTKGE = jnp.einsum("bkgts,bske->btkge", ds_BKGTS.astype(k_BSKE.dtype), k_BSKE,
                           preferred_element_type=jnp.float32)
     dk_BSKE = jnp.einsum("bkgts,btkge->bske", ds_BKGTS.astype(q_BTHE.dtype),
@@ -99,9 +106,10 @@ def xla_blocks(window: int | None, kv: str = "bske") -> Blocks:
 
 
 def xla_attention(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, window: int | None = None,
-                  kv_segment_ids_BS=None, q_offset=0):
-  """Softmax in fp32, causal within each segment, optional window. Queries sit at
-  positions q_offset + t, keys at s (cached decoding: kv segment 0 marks empty slots)."""
+                  kv_segment_ids_BS=None, q_offset=0, softcap: float | None = None):
+  """Softmax in fp32, causal within each segment, optional window and logit soft-cap.
+  Queries sit at positions q_offset + t, keys at s (cached decoding: kv segment 0 marks
+  empty slots)."""
   kvseg = segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
-  out, _ = xla_blocks(window).fwd(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kvseg, q_offset, 0)
+  out, _ = xla_blocks(window, softcap=softcap).fwd(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, kvseg, q_offset, 0)
   return out
