@@ -45,7 +45,7 @@ def _numpy_moe(x, router, gate, up, down, k, norm):
 def test_moe_matches_per_token_reference(compute, norm):
   x, router, gate, up, down = _weights()
   k = 2
-  _, _, weights, experts = route(x, router, k, norm)
+  _, _, weights, experts = route(x, router, _settings(k, norm))
   extra = {"capacity_factor": 4.0} if compute == "capacity" else {}  # room for everyone
   fn = COMPUTE[compute]  # megablox: the Pallas TPU kernel in the interpreter
   out, dropped = fn(x, weights, experts, gate, up, down, jnp.float32, **extra)
@@ -54,7 +54,7 @@ def test_moe_matches_per_token_reference(compute, norm):
   assert float(dropped) == 0.0
 
   def loss(fn_, x, router, gate, up, down):
-    _, _, w, ex = route(x, router, k, norm)
+    _, _, w, ex = route(x, router, _settings(k, norm))
     return jnp.sum(jnp.sin(fn_(x, w, ex, gate, up, down)))
 
   ours = jax.grad(lambda *a: loss(lambda *b: fn(*b, jnp.float32, **extra)[0], *a),
@@ -63,6 +63,14 @@ def test_moe_matches_per_token_reference(compute, norm):
       x, router, gate, up, down)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _settings(top_k: int, norm: bool):
+  """model.moe with a softmax router choosing top_k (renormalised if `norm`)."""
+  from llm.config import base_config
+  moe = base_config().model.moe
+  moe.update(top_k=top_k, norm_topk_prob=norm)
+  return moe
 
 
 def _dense_moe(x, weights, experts, gate, up, down):
@@ -77,7 +85,7 @@ def test_capacity_drops_overflow_slot_major_in_token_order():
   """Assignments are served first slot first (every token's top choice), then in token
   order; an expert's assignments past its capacity are dropped."""
   x, router, gate, up, down = _weights(n=32)
-  _, _, weights, experts = route(x, router, 2, True)
+  _, _, weights, experts = route(x, router, _settings(2, True))
   out, dropped = capacity(x, weights, experts, gate, up, down, jnp.float32, capacity_factor=0.5)
   cap = int(np.ceil(0.5 * 32 * 2 / 4))
   kept_weights = np.zeros((32, 2), np.float32)
@@ -234,7 +242,7 @@ def test_megablox_on_an_fsdp_mesh_runs_per_device_and_matches_one_device():
   from llm.parallel.mesh import make_mesh, use_mesh
   x, router, gate, up, down = _weights()
   x_BTD = x.reshape(4, -1, x.shape[-1])
-  _, _, weights, experts = route(x, router, 2, True)
+  _, _, weights, experts = route(x, router, _settings(2, True))
   args = (x_BTD, weights.reshape(4, -1, 2), experts.reshape(4, -1, 2), gate, up, down)
 
   def loss(*a):
