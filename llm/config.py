@@ -131,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
       # the token k+1 ahead; their mean cross-entropy x mtp_loss_weight joins the loss
       mtp_layers=0,
       mtp_loss_weight=0.3,
+      # with mesh.pipeline = P: each stage runs its layers in this many separate chunks,
+      # a microbatch going round the stages this many times (circular schedule; 1: GPipe)
+      pipeline_repeats=1,
       moe=ml_collections.ConfigDict(dict(  # used when mlp="moe" (llm/model/moe.py)
           n_experts=8,
           top_k=2,  # experts per token
@@ -242,6 +245,9 @@ def base_config() -> ml_collections.ConfigDict:
       objective="pretrain",  # what the step minimises (llm.objectives.OBJECTIVES)
       batch_size=8,  # global, sequences per optimizer step
       grad_accum=1,
+      # with mesh.pipeline > 1: each (accumulation) batch is cut into this many pipeline
+      # microbatches; 0 = one per stage (llm/parallel/pipeline.py)
+      pipeline_microbatches=0,
       steps=1000,
       z_loss=1e-4,
       # the LM head and cross-entropy run fused, this many positions per row at a time, so
@@ -354,7 +360,8 @@ def base_config() -> ml_collections.ConfigDict:
       clip_norm=1.0,
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, fsdp=1, tensor=1, sequence=1))
+  c.mesh = ml_collections.ConfigDict(dict(pipeline=1, data=-1, expert=1, fsdp=1, tensor=1,
+                                          sequence=1))
 
   # Multi-process runs (see llm/distributed.py); the defaults detect everything.
   c.distributed = ml_collections.ConfigDict(dict(
@@ -543,6 +550,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("rope_local_theta", "attn_logit_softcap", "final_logit_softcap",
                "query_pre_attn_scalar"):
     check_range(f"model.{name}", m[name], lo=0, note="0 = off / default")
+  check_range("model.pipeline_repeats", m.pipeline_repeats, lo=1)
+  check_range("train.pipeline_microbatches", t.pipeline_microbatches, lo=0,
+              note="0 = one per pipeline stage")
   check_range("model.mtp_layers", m.mtp_layers, lo=0, note="0 = off")
   check_range("model.mtp_loss_weight", m.mtp_loss_weight, lo=0)
   if m.mtp_layers and m.head != "lm":

@@ -36,6 +36,7 @@ from llm.flops import flops_per_token, recomputed_flops_per_token
 from llm.hardware import GIB, TPU_GENERATIONS, TpuGeneration, slice_grid
 from llm.model import make_model
 from llm.model.transformer import REMAT_POLICIES
+from llm.parallel import pipeline
 from llm.parallel.mesh import make_mesh, use_mesh
 from llm.parallel.rules import batch_sharding as make_batch_sharding
 from llm.training.optim import make_optimizer
@@ -120,21 +121,25 @@ def compile_step(config, target: Target) -> Plan:
                      f"step ({', '.join(second)}); llm.plan compiles the steps of one model")
   mesh = make_mesh(config.mesh, target.devices)
   check_batch(config, mesh)
-  model = make_model(config.model)
+  model = make_model(config.model, config.train.pipeline_microbatches)
   tx = make_optimizer(config.optim, config.train.steps)
   abstract_state, shardings_ = state_shardings(model, tx, config.data.seq_len, mesh)
   batch_sharding = make_batch_sharding(mesh)
   batch = objectives.get(config).abstract_batch(config, batch_sharding)
   step = jit_train_step(config, objectives.loss_fn(config, model), tx, shardings_, batch_sharding)
   tokens = config.train.batch_size * config.data.seq_len
-  # the expert axis is listed only when used (dense models never split it)
-  shown = {a: n for a, n in mesh.shape.items() if a != "expert" or n > 1}
+  # the expert and pipeline axes are listed only when used
+  shown = {a: n for a, n in mesh.shape.items() if a not in ("expert", "pipeline") or n > 1}
   n = len(target.devices)
+  # a pipeline's stages also compute in its bubble: (R M + P - 1) / (R M) of the work
+  stages = pipeline.stages(mesh)
+  items = config.model.pipeline_repeats * (config.train.pipeline_microbatches or stages)
+  bubble = (items + stages - 1) / items
   common = dict(mesh=shown, remat=config.model.remat,
                 batch_size=config.train.batch_size,
                 per_chip_batch=config.train.batch_size / n,
                 flops_per_chip=recomputed_flops_per_token(config.model, config.data.seq_len) *
-                tokens / n,
+                tokens / n * bubble,
                 model_flops_per_chip=flops_per_token(config.model, config.data.seq_len) * tokens / n,
                 tokens_per_chip=tokens / n)
   t0 = time.perf_counter()
@@ -174,18 +179,21 @@ def _shard_bytes(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def mesh_candidates(n_chips: int, n_experts: int = 0) -> list[dict]:
+def mesh_candidates(n_chips: int, n_experts: int = 0, n_layers: int = 0) -> list[dict]:
   """Layouts worth trying: FSDP across everything, FSDP x tensor, data x FSDP, and for a
-  MoE model (n_experts > 0) each of those with experts split 2, 4, 8 or 16 ways."""
+  MoE model (n_experts > 0) each of those with experts split 2, 4, 8 or 16 ways; for a
+  dense model of n_layers (> 0), each of those with the layers in 2 or 4 pipeline stages."""
   out = []
   experts = [1] + [e for e in (2, 4, 8, 16) if n_experts and n_experts % e == 0]
-  for expert in experts:
+  stages = [1] + [p for p in (2, 4) if n_layers and not n_experts and n_layers % p == 0]
+  for expert, stage in itertools.product(experts, stages):
     for tensor in (1, 2, 4, 8):
       for data in (1, 2, 4):
-        if n_chips % (expert * tensor * data) == 0:
-          mesh = dict(data=data, fsdp=n_chips // (expert * tensor * data), tensor=tensor,
-                      sequence=1)
-          out.append({**mesh, "expert": expert} if expert > 1 else mesh)
+        if n_chips % (expert * tensor * data * stage) == 0:
+          mesh = dict(data=data, fsdp=n_chips // (expert * tensor * data * stage),
+                      tensor=tensor, sequence=1)
+          mesh = {**mesh, "expert": expert} if expert > 1 else mesh
+          out.append({"pipeline": stage, **mesh} if stage > 1 else mesh)
   return out
 
 
@@ -229,10 +237,12 @@ def plan(config, target: Target, search: bool = False, meshes: list[dict] | None
     return [compile_step(config, target)]
   results = []
   n_experts = config.model.moe.n_experts if config.model.mlp == "moe" else 0
-  meshes = mesh_candidates(len(target.devices), n_experts) if meshes is None else meshes
+  dense_layers = config.model.n_layers if config.model.scan_layers else 0
+  meshes = (mesh_candidates(len(target.devices), n_experts, dense_layers) if meshes is None
+            else meshes)
   for mesh, remat in itertools.product(meshes, remats):
     c = config_lib.from_json(config_lib.to_json(config))
-    c.mesh.update({"expert": 1, **mesh})
+    c.mesh.update({"expert": 1, "pipeline": 1, **mesh})
     c.model.remat = remat
     try:
       results.append(compile_step(c, target))

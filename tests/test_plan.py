@@ -2,6 +2,8 @@
 
 import importlib.util
 
+import numpy as np
+
 import pytest
 
 from llm import plan
@@ -103,13 +105,20 @@ def test_multislice_mesh_keeps_only_data_across_slices(config):
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = make_mesh(config.mesh, target.devices)
   slice_of = {d.id: d.slice_index for d in target.devices}
-  for i in range(2):  # every data index is one whole slice
-    assert {slice_of[d.id] for d in mesh.devices[i].flat} == {i}
+
+  def whole_slices(mesh, axis):  # every index along `axis` is one whole slice
+    devices = np.moveaxis(mesh.devices, mesh.axis_names.index(axis), 0)
+    return all({slice_of[d.id] for d in devices[i].flat} == {i} for i in range(2))
+
+  assert whole_slices(mesh, "data")
   config.model.update(d_model=128, n_heads=4, n_kv_heads=2, d_ff=256)
   p = plan.compile_step(config, target)
   assert p.mesh == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
-  config.mesh.update(data=1, fsdp=8, tensor=1)
-  with pytest.raises(ValueError, match="span 2 slices, so mesh.data=1 must be a multiple"):
+  config.mesh.update(pipeline=2, data=1)  # a pipeline crosses the slices instead of data
+  assert whole_slices(make_mesh(config.mesh, target.devices), "pipeline")
+  config.mesh.update(pipeline=1, data=1, fsdp=8, tensor=1)
+  with pytest.raises(ValueError, match=r"span 2 slices, so mesh.data=1 \(or mesh.pipeline=1\) "
+                     "must be a multiple"):
     make_mesh(config.mesh, target.devices)
 
 

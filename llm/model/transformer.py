@@ -29,6 +29,7 @@ from llm.model.layers import (AUX_LOSSES, AUX_METRICS, AUX_UPDATES, Projection, 
                               constrain, norm, param_with_axes)
 from llm.model.mlp import MLPS
 from llm.ops.cross_entropy import chunked_token_nll, soft_cap
+from llm.parallel import pipeline
 
 # config.model.head -> what the model maps the final hidden states to: "lm", next-token
 # logits [B, T, V]; "score", one scalar per position [B, T] (a reward model: the score of a
@@ -186,6 +187,11 @@ class MultiTokenPrediction(nn.Module):
     add_aux_loss(self, "mtp_loss", c.mtp_loss_weight * sum(losses) / len(losses))
 
 
+def _ambient_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
 class Transformer(nn.Module):
   """Maps tokens [B, T] (with segment ids and positions) to fp32 logits [B, T, V] (with
   model.head="score": fp32 scores [B, T] from a bias-free [D, 1] "score" projection).
@@ -199,6 +205,9 @@ class Transformer(nn.Module):
   instead, for a loss that applies the head itself (`unembedding`; llm.ops.cross_entropy).
   """
   cfg: object
+  # on a mesh with a pipeline axis: the microbatches each step's batch is cut into
+  # (train.pipeline_microbatches; 0: one per stage)
+  pipeline_microbatches: int = 0
 
   @nn.compact
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None, decode=None,
@@ -240,8 +249,13 @@ class Transformer(nn.Module):
             x_BTD, segment_ids_BT, positions_BT, prefix_cache, decode)
       if cache is not None and group > 1:  # [L, ...] -> [L / n, n, ...]
         cache = jax.tree.map(lambda a: a.reshape(-1, group, *a.shape[1:]), cache)
-      x_BTD, cache = scanned(unit, (c.n_layers - k) // group)(c, name="layers")(
-          x_BTD, segment_ids_BT, positions_BT, cache, decode)
+      n_stages = pipeline.stages(_ambient_mesh())
+      if n_stages > 1 and not self.is_initializing():
+        x_BTD = self._pipelined(scanned(unit, c.n_layers // (n_stages * c.pipeline_repeats)),
+                                x_BTD, segment_ids_BT, positions_BT, cache, n_stages)
+      else:
+        x_BTD, cache = scanned(unit, (c.n_layers - k) // group)(c, name="layers")(
+            x_BTD, segment_ids_BT, positions_BT, cache, decode)
       if cache is not None and group > 1:
         cache = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), cache)
       if prefix_cache is not None:
@@ -285,6 +299,26 @@ class Transformer(nn.Module):
     return logits_BTV if cache is None else (logits_BTV, cache)
 
 
+  def _pipelined(self, chunk_stack, x_BTD, segment_ids_BT, positions_BT, cache, n_stages):
+    """The scanned layers through the pipeline (llm.parallel.pipeline): each stage runs
+    chunks of k layers, `chunk_stack` applied to its slice of params["layers"]."""
+    if cache is not None:
+      raise ValueError("decoding runs without a pipeline: load the model on a mesh with "
+                       "mesh.pipeline=1 (llm.generate and the engine do)")
+    c = self.cfg
+    key = self.make_rng("dropout") if self.has_rng("dropout") else None
+
+    def stage_fn(params_k, x, seg, pos, step_key):
+      out, _ = chunk_stack(c, parent=None).apply(
+          {"params": params_k}, x, seg, pos, None, None,
+          rngs=None if step_key is None else {"dropout": step_key})
+      return out
+
+    return pipeline.run(stage_fn, self.variables["params"]["layers"], x_BTD, segment_ids_BT,
+                        positions_BT, mesh=_ambient_mesh(), repeats=c.pipeline_repeats,
+                        microbatches=self.pipeline_microbatches or n_stages, rng=key)
+
+
 def unembedding(params, model_cfg) -> jax.Array:
   """The LM head [D, V] in the compute dtype, as the model applies it (tied: the
   embedding's transpose)."""
@@ -301,8 +335,8 @@ def head_logits(params, model_cfg, x_SD) -> jax.Array:
   return soft_cap(logits, model_cfg.final_logit_softcap)
 
 
-def make_model(model_cfg) -> Transformer:
-  return Transformer(ml_collections.FrozenConfigDict(model_cfg))
+def make_model(model_cfg, pipeline_microbatches: int = 0) -> Transformer:
+  return Transformer(ml_collections.FrozenConfigDict(model_cfg), pipeline_microbatches)
 
 
 def unstack_layers(params, model_cfg) -> dict:

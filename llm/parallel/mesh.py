@@ -20,8 +20,9 @@ from llm.parallel.rules import flax_rules
 
 # The mesh axes, in device-layout order (innermost last). config.mesh gives their sizes; an
 # axis it leaves out has size 1. "expert" splits the batch like "data" and holds a share of
-# every MoE layer's experts (expert parallelism).
-MESH_AXES = ("data", "expert", "fsdp", "tensor", "sequence")
+# every MoE layer's experts (expert parallelism); "pipeline" splits the scanned layers
+# into stages (llm.parallel.pipeline).
+MESH_AXES = ("pipeline", "data", "expert", "fsdp", "tensor", "sequence")
 
 
 def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
@@ -43,19 +44,22 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh over `devices` (default: all). Devices of several TPU slices (multislice)
-  are laid out so that only the data axis crosses slices (DCN); the other axes stay
-  within a slice's ICI."""
+  are laid out so that only one axis crosses slices (DCN): the pipeline's when
+  mesh.pipeline is a multiple of the slice count (stages exchange one microbatch's
+  activations per step), else data's; the other axes stay within a slice's ICI."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
   n_slices = len({getattr(d, "slice_index", 0) for d in devices})
   if n_slices > 1:
-    if sizes["data"] % n_slices:
-      raise ValueError(f"the devices span {n_slices} slices, so mesh.data={sizes['data']} must "
-                       "be a multiple of the slice count (data parallelism crosses slices over "
-                       "DCN; fsdp, tensor and sequence stay inside a slice)")
-    ici = tuple(s // n_slices if a == "data" else s for a, s in zip(MESH_AXES, shape))
-    dcn = tuple(n_slices if a == "data" else 1 for a in MESH_AXES)
+    across = "pipeline" if sizes["pipeline"] > 1 and sizes["pipeline"] % n_slices == 0 else "data"
+    if sizes[across] % n_slices:
+      raise ValueError(f"the devices span {n_slices} slices, so mesh.data={sizes['data']} (or "
+                       f"mesh.pipeline={sizes['pipeline']}) must be a multiple of the slice count "
+                       "(data parallelism or the pipeline crosses slices over DCN; fsdp, tensor "
+                       "and sequence stay inside a slice)")
+    ici = tuple(s // n_slices if a == across else s for a, s in zip(MESH_AXES, shape))
+    dcn = tuple(n_slices if a == across else 1 for a in MESH_AXES)
     return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), MESH_AXES)
   try:
     device_array = mesh_utils.create_device_mesh(shape, devices)

@@ -34,7 +34,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("experts", "expert"),  # an MoE layer's expert axis
     ("latent", "fsdp"),  # MLA's low-rank q / kv width (split where no embed axis is)
     ("head_dim", None),
-    ("layers", None),
+    ("layers", "pipeline"),  # the scanned layer stack: stages of the pipeline
     ("norm", None),
 )
 

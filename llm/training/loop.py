@@ -25,7 +25,7 @@ from llm import hardware
 from llm import objectives
 from llm.model import lora, make_model
 from llm.objectives.base import Run
-from llm.parallel import rules
+from llm.parallel import pipeline, rules
 from llm.parallel.mesh import make_mesh, use_mesh
 from llm.training import checkpoint as checkpoint_lib
 from llm.training.metrics import MetricsWriter
@@ -143,7 +143,7 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   """The run; `cleanup` closes the checkpointer and metrics writer however it ends."""
   objective = objectives.get(config)
   corpus = _prepare_data(config, wd.path, objective.data)
-  model = make_model(config.model)
+  model = make_model(config.model, config.train.pipeline_microbatches)
   tx = make_optimizer(config.optim, config.train.steps)
   abstract_state, shardings = state_shardings(model, tx, config.data.seq_len, mesh)
   batch_sharding = rules.batch_sharding(mesh)
@@ -190,6 +190,12 @@ def _announce(config, state, corpus, mesh, compile_seconds: float) -> tuple[floa
     print(f"model: {n_params:,} params | {config.train.batch_size} x {config.data.seq_len} "
           f"tokens/step | mesh {dict(mesh.shape)} | compile {compile_seconds:.1f}s | "
           f"peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})", flush=True)
+    n_stages = pipeline.stages(mesh)
+    if n_stages > 1:
+      micro = config.train.pipeline_microbatches or n_stages
+      print(f"pipeline: {n_stages} stages x {config.model.pipeline_repeats} repeats, {micro} "
+            f"microbatches | bubble {pipeline.bubble_fraction(n_stages, config.model.pipeline_repeats, micro):.1%} "
+            "= (P - 1) / (repeats x microbatches + P - 1)", flush=True)
     baseline = (f" | unigram baseline val loss {corpus.unigram_loss:.4f}"
                 if np.isfinite(corpus.unigram_loss) else "")
     print(f"data: {len(corpus.train):,} train rows, {len(corpus.val):,} val rows{baseline}",

@@ -12,6 +12,7 @@ import optax
 
 from llm.model import lora
 from llm.model.layers import AUX_UPDATES, apply_param_updates
+from llm.parallel import pipeline
 from llm.parallel.rules import batch_axes, data_parallel_size
 from llm.training.optim import schedule
 from llm.training.state import TrainState
@@ -89,6 +90,41 @@ def check_batch(config, mesh) -> None:
   if config.data.seq_len % mesh.shape["sequence"]:
     raise ValueError(f"data.seq_len={config.data.seq_len} must be divisible by "
                      f"mesh.sequence={mesh.shape['sequence']}")
+  check_pipeline(config, mesh)
+
+
+def check_pipeline(config, mesh) -> None:
+  """Refuses, in one line, a pipeline (mesh.pipeline > 1) the schedule cannot run."""
+  n = pipeline.stages(mesh)
+  m, t = config.model, config.train
+  if n == 1:
+    return
+  blocked = [f"model.{k}={v!r}" for k, v in (
+      ("scan_layers", m.scan_layers), ("mlp", m.mlp), ("sliding_window_pattern",
+                                                       m.sliding_window_pattern),
+      ("mtp_layers", m.mtp_layers)) if (k == "scan_layers" and not v) or (
+          k == "mlp" and v != "dense") or (k not in ("scan_layers", "mlp") and v)]
+  blocked += [f"mesh.{a}={mesh.shape[a]}" for a in ("sequence", "expert") if mesh.shape[a] > 1]
+  if t.objective in ("grpo", "distill"):  # a sampler decoding, or a teacher, in the step
+    blocked.append(f"train.objective={t.objective!r}")
+  if blocked:
+    raise ValueError(f"mesh.pipeline={n} runs scanned dense layers of one kind; not yet with "
+                     f"{', '.join(blocked)}")
+  chunks = n * m.pipeline_repeats
+  if m.n_layers % chunks:
+    raise ValueError(f"model.n_layers={m.n_layers} must be divisible by mesh.pipeline={n} x "
+                     f"model.pipeline_repeats={m.pipeline_repeats} (each stage runs whole "
+                     "chunks of layers)")
+  micro = t.pipeline_microbatches or n
+  rows = t.batch_size // t.grad_accum
+  dp = data_parallel_size(mesh)
+  if rows % (micro * dp):
+    raise ValueError(f"train.batch_size / grad_accum = {rows} rows must split into "
+                     f"train.pipeline_microbatches={micro} microbatches of a multiple of the "
+                     f"data-parallel size {dp}")
+  if m.pipeline_repeats > 1 and micro < n:
+    raise ValueError(f"model.pipeline_repeats={m.pipeline_repeats} (circular) needs "
+                     f"train.pipeline_microbatches >= mesh.pipeline={n}; got {micro}")
 
 
 def jit_train_step(config, loss, tx, shardings, batch_sharding, frozen_shardings=None):

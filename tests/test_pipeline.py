@@ -1,0 +1,132 @@
+"""Pipeline parallelism (mesh.pipeline, llm/parallel/pipeline.py) on 8 CPU devices against
+a 1-device run: GPipe and the circular schedule composed with FSDP, tensor and data
+parallelism, with LoRA and grad accumulation; checkpoints moving between pipeline
+layouts; refusals; the bubble formula."""
+
+import jax
+import numpy as np
+import pytest
+
+from llm.parallel import pipeline
+from llm.train import train
+from tests.helpers import losses
+
+
+def _config(config, **model):
+  config.model.update(n_layers=8, **model)
+  config.train.update(steps=4, checkpoint_every=2, eval_every=4)
+  return config
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory, tokenizer_path):
+  """Losses of the uninterrupted 1-device run the pipelined ones must repeat."""
+  from tests.helpers import tiny_config
+  config = tiny_config()
+  config.data.tokenizer_path = tokenizer_path
+  out = tmp_path_factory.mktemp("one")
+  train(_config(config), out, devices=jax.devices()[:1])
+  return losses(out)
+
+
+@pytest.mark.parametrize("mesh,repeats,micro,remat", [
+    (dict(pipeline=4, fsdp=2), 1, 0, "none"),  # GPipe, 4 microbatches (one per stage)
+    (dict(pipeline=4, fsdp=2), 2, 4, "none"),  # circular: stage s runs layers s and 4 + s
+    (dict(pipeline=2, tensor=2, data=2), 2, 2, "full"),  # and each layer rematerialised
+], ids=["p4xfsdp2-gpipe", "p4xfsdp2-circular", "p2xtensor2xdata2-circular-remat"])
+def test_pipelined_training_matches_one_device(config, tmp_path, one_device, mesh, repeats,
+                                               micro, remat, capsys):
+  config = _config(config, pipeline_repeats=repeats, remat=remat)
+  config.mesh.update(**{"data": 1, **mesh})
+  config.train.pipeline_microbatches = micro
+  train(config, tmp_path)
+  got = losses(tmp_path)
+  np.testing.assert_allclose([got[s] for s in sorted(one_device)],
+                             [one_device[s] for s in sorted(one_device)], rtol=2e-5)
+  n, m = mesh["pipeline"], micro or mesh["pipeline"]
+  assert f"bubble {pipeline.bubble_fraction(n, repeats, m):.1%}" in capsys.readouterr().out
+
+
+def test_checkpoints_move_between_pipeline_layouts(config, tmp_path, one_device, capsys):
+  """Saved at step 2 on pipeline=4 x fsdp=2, resumed on one device (no pipeline) to step 3,
+  then back onto pipeline=2 x data=4 with 2 accumulation steps to step 4: the losses of
+  the uninterrupted run."""
+  config = _config(config)
+  config.mesh.update(data=1, pipeline=4, fsdp=2)
+  config.train.steps = 2
+  train(config, tmp_path)
+  config.mesh.update(pipeline=1, fsdp=1)
+  config.train.update(steps=3, checkpoint_every=1)
+  train(config, tmp_path, devices=jax.devices()[:1])
+  config.mesh.update(pipeline=2, data=4)
+  config.train.update(steps=4, grad_accum=2, pipeline_microbatches=1)
+  capsys.readouterr()
+  train(config, tmp_path)
+  assert "resumed from step 3" in capsys.readouterr().out
+  got = losses(tmp_path)
+  np.testing.assert_allclose([got[s] for s in range(1, 5)], [one_device[s] for s in range(1, 5)],
+                             rtol=2e-5)
+
+
+def test_lora_trains_through_the_pipeline(config, tmp_path):
+  """Adapters (only they train) through pipeline=4 x data=2: the 1-device losses."""
+  config = _config(config)
+  config.model.lora.update(rank=4, targets="q,v,down")
+  config.train.steps = 3
+  train(config, tmp_path / "one", devices=jax.devices()[:1])
+  config.mesh.update(data=2, pipeline=4)
+  train(config, tmp_path / "pp")
+  one, pp = losses(tmp_path / "one"), losses(tmp_path / "pp")
+  np.testing.assert_allclose([pp[s] for s in one], [one[s] for s in one], rtol=2e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(model=dict(n_layers=6)), r"model.n_layers=6 must be divisible by mesh.pipeline=4 x "
+                                   r"model.pipeline_repeats=1"),
+    (dict(model=dict(pipeline_repeats=2), train=dict(pipeline_microbatches=2)),
+     r"needs train.pipeline_microbatches >= mesh.pipeline=4"),
+    (dict(train=dict(pipeline_microbatches=3)), r"must split into train.pipeline_microbatches=3"),
+    (dict(model=dict(mlp="moe")), r"not yet with model.mlp='moe'"),
+    (dict(model=dict(scan_layers=False)), r"not yet with model.scan_layers=False"),
+    (dict(train=dict(objective="grpo")), r"not yet with train.objective='grpo'"),
+])
+def test_pipelines_the_schedule_cannot_run_are_refused(config, change, message):
+  """Checked with the batch, before any data or compile (llm.training.step.check_batch)."""
+  from llm.parallel.mesh import make_mesh
+  from llm.training.step import check_batch
+  config = _config(config)
+  config.mesh.update(data=2, pipeline=4)
+  for section, values in change.items():
+    config[section].update(values)
+  with pytest.raises(ValueError, match=message):
+    check_batch(config, make_mesh(config.mesh))
+
+
+def test_bubble_fraction_is_the_schedules_idle_share():
+  """(P - 1) / (R M + P - 1): each of P stages is busy R M of the R M + P - 1 iterations."""
+  for p, r, m in [(4, 1, 4), (4, 2, 4), (2, 1, 8), (8, 3, 16)]:
+    busy, iterations = p * r * m, r * m + p - 1
+    assert pipeline.bubble_fraction(p, r, m) == pytest.approx(1 - busy / (p * iterations))
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_the_planner_compiles_a_pipeline_and_counts_its_bubble_and_transfers(config):
+  """A v5e-4 AOT compile with pipeline=2 x fsdp=2: the predicted compute includes the
+  bubble ((M + P - 1) / M of the work) and the traffic the stage-to-stage permutes, and
+  --search offers pipeline layouts for a dense model."""
+  from llm import plan
+  from llm.flops import recomputed_flops_per_token
+  assert {"pipeline": 2, "data": 1, "fsdp": 2, "tensor": 1, "sequence": 1} in \
+      plan.mesh_candidates(4, 0, n_layers=8)
+  assert not any("pipeline" in m for m in plan.mesh_candidates(4, 8, n_layers=8))  # MoE
+  config = _config(config)
+  config.model.update(d_model=128, n_heads=4, n_kv_heads=2, d_ff=256)
+  config.mesh.update(data=1, pipeline=2, fsdp=2)
+  config.train.pipeline_microbatches = 2
+  p = plan.compile_step(config, plan.tpu_target("v5e-4"))
+  tokens = config.train.batch_size * config.data.seq_len
+  work = recomputed_flops_per_token(config.model, config.data.seq_len) * tokens / 4
+  assert p.flops_per_chip == pytest.approx(work * (2 + 2 - 1) / 2)
+  assert p.traffic.collectives.get("collective-permute", 0) > 0
+  assert p.mesh["pipeline"] == 2
