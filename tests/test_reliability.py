@@ -80,8 +80,8 @@ def _bad_inputs(tmp_path, tokenizer_path):
       (train_("--config.model.rope_theta=0"), "model.rope_theta=0.0 must be in (0, inf]"),
       (train_("--config.data.tokenizer_max_chars=0"), "data.tokenizer_max_chars=0 must be in (0"),
       (train_("--config.data.doc_separator=(["), "data.doc_separator='([' is not a valid regular"),
-      (train_("--config.mesh.pipeline=2"), "cannot apply --config.mesh.pipeline=2: the config has "
-                                           "no field 'pipeline'"),
+      (train_("--config.mesh.stages=2"), "cannot apply --config.mesh.stages=2: the config has "
+                                         "no field 'stages'"),
       (data("int", source="jsonl", paths=str(tmp_path / "int.jsonl")),
        "int.jsonl:2: 'text' (data.jsonl_key) holds a number (12345), not a string"),
       (data("null", source="jsonl", paths=str(tmp_path / "null.jsonl")),
