@@ -33,6 +33,7 @@ CHOICES = {
     "model.lora.base_quant": "llm.model.quant:BASE_QUANT",
     "model.weight_quant": "llm.model.quant:WEIGHT_QUANT",
     "model.kv_quant": "llm.model.quant:KV_QUANT",
+    "train.quantization": "llm.model.quant:TRAINING_QUANT",
     "model.remat": "llm.model.transformer:REMAT_POLICIES",
     "model.dtype": "llm.model.layers:DTYPES",
     "model.param_dtype": "llm.model.layers:DTYPES",
@@ -245,6 +246,9 @@ def base_config() -> ml_collections.ConfigDict:
       objective="pretrain",  # what the step minimises (llm.objectives.OBJECTIVES)
       batch_size=8,  # global, sequences per optimizer step
       grad_accum=1,
+      # none | int8 | fp8: the projections' and experts' matmuls, forward and backward, run
+      # quantized (qwix quantized training; llm.model.quant.for_training)
+      quantization="none",
       # with mesh.pipeline > 1: each (accumulation) batch is cut into this many pipeline
       # microbatches; 0 = one per stage (llm/parallel/pipeline.py)
       pipeline_microbatches=0,
@@ -550,6 +554,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("rope_local_theta", "attn_logit_softcap", "final_logit_softcap",
                "query_pre_attn_scalar"):
     check_range(f"model.{name}", m[name], lo=0, note="0 = off / default")
+  if t.quantization != "none" and (m.lora.rank or m.weight_quant != "none"):
+    raise ValueError(f"train.quantization={t.quantization!r} quantizes full training; with "
+                     "LoRA (model.lora.rank > 0) use QLoRA's model.lora.base_quant, and a "
+                     "model.weight_quant workdir is for serving")
   check_range("model.pipeline_repeats", m.pipeline_repeats, lo=1)
   check_range("train.pipeline_microbatches", t.pipeline_microbatches, lo=0,
               note="0 = one per pipeline stage")

@@ -278,6 +278,19 @@ def analyse(hlo_text: str, n_devices: int) -> Traffic:
   return out
 
 
+def int8_matmuls(hlo_text: str) -> int:
+  """Dots and convolutions (how TPU HLO writes matmuls) whose operands are all s8."""
+  computations, _ = parse_hlo(hlo_text)
+  count = 0
+  for comp in computations.values():
+    types = {ins.name: ins.type_text for ins in comp}
+    for ins in comp:
+      if ins.opcode in ("dot", "convolution") and ins.operands and all(
+          types.get(o, "").startswith("s8[") for o in ins.operands):
+        count += 1
+  return count
+
+
 @dataclasses.dataclass
 class Prediction:
   step_seconds: float

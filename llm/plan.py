@@ -34,7 +34,7 @@ from llm import config as config_lib
 from llm import cost_model, objectives
 from llm.flops import flops_per_token, recomputed_flops_per_token
 from llm.hardware import GIB, TPU_GENERATIONS, TpuGeneration, slice_grid
-from llm.model import make_model
+from llm.model import make_model, quant
 from llm.model.transformer import REMAT_POLICIES
 from llm.parallel import pipeline
 from llm.parallel.mesh import make_mesh, use_mesh
@@ -99,6 +99,7 @@ class Plan:
   compile_seconds: float
   compiler_oom: bool = False  # the compiler refused: temporaries alone exceed HBM
   pallas_kernels: int = 0  # Mosaic (Pallas TPU) kernels in the compiled step
+  int8_matmuls: int = 0  # dots / convolutions on s8 operands in the compiled step
   host_temp_bytes: int = 0  # host memory per chip's share (remat="offload")
   model_flops_per_chip: float = 0.0  # without recomputation (what MFU counts)
   tokens_per_chip: float = 0.0
@@ -121,7 +122,8 @@ def compile_step(config, target: Target) -> Plan:
                      f"step ({', '.join(second)}); llm.plan compiles the steps of one model")
   mesh = make_mesh(config.mesh, target.devices)
   check_batch(config, mesh)
-  model = make_model(config.model, config.train.pipeline_microbatches)
+  model = quant.for_training(make_model(config.model, config.train.pipeline_microbatches),
+                             config.train.quantization)
   tx = make_optimizer(config.optim, config.train.steps)
   abstract_state, shardings_ = state_shardings(model, tx, config.data.seq_len, mesh)
   batch_sharding = make_batch_sharding(mesh)
@@ -163,14 +165,35 @@ def compile_step(config, target: Target) -> Plan:
                 pallas_kernels=hlo.count('custom_call_target="tpu_custom_call"'),
                 host_temp_bytes=getattr(mem, "host_temp_size_in_bytes", 0),
                 traffic=cost_model.analyse(hlo, n))
+  result.int8_matmuls = cost_model.int8_matmuls(hlo)
   if target.generation is not None:
     g = target.generation
     result.prediction = cost_model.predict(
         result.traffic, model_flops_per_chip=result.model_flops_per_chip,
         executed_flops_per_chip=result.flops_per_chip, tokens_per_chip=result.tokens_per_chip,
-        peak_flops=g.peak_bf16_flops, hbm_bandwidth=g.hbm_bandwidth,
+        peak_flops=effective_peak(config, g), hbm_bandwidth=g.hbm_bandwidth,
         ici_bandwidth=g.ici_bandwidth)
   return result
+
+
+def quantized_share(model_cfg, seq_len: int) -> float:
+  """Of a token's matmul FLOPs, the share train.quantization runs quantized: every weight
+  matmul but the embedding's and the LM head's (attention's scores stay float)."""
+  from llm.params import active_params
+  c = model_cfg
+  head = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+  return 6 * (active_params(c) - head) / flops_per_token(c, seq_len)
+
+
+def effective_peak(config, generation: TpuGeneration) -> float:
+  """The chip's peak for this step: bf16, or with train.quantization=int8 the int8 peak on
+  the quantized share of the FLOPs (time = q / int8 peak + (1 - q) / bf16 peak). fp8 is
+  counted at the bf16 peak (these TPU generations have no fp8 MXU rate above it)."""
+  bf16 = generation.peak_bf16_flops
+  if config.train.quantization != "int8" or not generation.peak_int8_ops:
+    return bf16
+  q = quantized_share(config.model, config.data.seq_len)
+  return 1.0 / (q / generation.peak_int8_ops + (1 - q) / bf16)
 
 
 def _shard_bytes(tree) -> int:
@@ -301,6 +324,11 @@ def main(argv):
     verdict = "fits" if p.total_bytes <= target.hbm_bytes else "does NOT fit"
     print(f"\n{verdict}: {p.total_bytes / GIB:.2f} GiB of {target.hbm_bytes / GIB:.0f} GiB per "
           f"chip (compiled in {p.compile_seconds:.0f}s){_speed(p)}")
+    if config.train.quantization != "none":
+      print(f"train.quantization={config.train.quantization}: {p.int8_matmuls} matmuls on s8 "
+            f"operands in the compiled step; peak used "
+            f"{effective_peak(config, target.generation) / 1e12:.0f} TFLOP/s per chip"
+            if target.generation else "")
     if p.prediction is not None:
       pred, t = p.prediction, p.traffic
       print(f"predicted step: compute {_seconds(pred.compute_seconds)}, HBM traffic "

@@ -232,3 +232,31 @@ def dequantize_base(params, kind: str, dtype=jnp.float32):
     return {**rest, "kernel": kernel}
 
   return _map_projections(params, "kernel_q", one)
+
+
+# train.quantization -> (forward qtype, backward qtype) of the projections' and experts'
+# matmuls in quantized training (qwix's QtProvider: weights and activations quantized
+# per channel by absmax, the matmul run in that type, gradients quantized likewise)
+TRAINING_QUANT = {"none": None, "int8": ("int8", "int8"),
+                  "fp8": ("float8_e4m3fn", "float8_e5m2")}
+
+
+def for_training(model, kind: str):
+  """The model with its projection matmuls (every module under attn and mlp: q, k, v, o,
+  gate, up, down, shared experts, MLA's projections) and its routed experts' grouped
+  matmuls run quantized in the forward and backward passes, by qwix; the attention
+  scores, the router, the embedding and the LM head stay in the compute dtype. "none":
+  the model itself."""
+  if TRAINING_QUANT[kind] is None:
+    return model
+  try:
+    import qwix
+  except ImportError:
+    raise ValueError(f"train.quantization={kind!r} trains through qwix: pip install "
+                     "'llm[quantize]'") from None
+  fwd, bwd = (jnp.dtype(t) for t in TRAINING_QUANT[kind])
+  qtypes = dict(weight_qtype=fwd, act_qtype=fwd, bwd_qtype=bwd)
+  rules = [qwix.QtRule(module_path=r".*(attn|mlp)/.+", **qtypes),  # Projections
+           qwix.QtRule(module_path=r".*mlp", op_names=("ragged_dot",), **qtypes)]  # experts
+  return qwix.quantize_model(model, qwix.QtProvider(rules))
+

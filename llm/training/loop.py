@@ -23,7 +23,7 @@ from llm import config as config_lib
 from llm import flops
 from llm import hardware
 from llm import objectives
-from llm.model import lora, make_model
+from llm.model import lora, make_model, quant
 from llm.objectives.base import Run
 from llm.parallel import pipeline, rules
 from llm.parallel.mesh import make_mesh, use_mesh
@@ -143,7 +143,8 @@ def _train(config, wd: Workdir, mesh, stop: StopDecision, cleanup: contextlib.Ex
   """The run; `cleanup` closes the checkpointer and metrics writer however it ends."""
   objective = objectives.get(config)
   corpus = _prepare_data(config, wd.path, objective.data)
-  model = make_model(config.model, config.train.pipeline_microbatches)
+  model = quant.for_training(make_model(config.model, config.train.pipeline_microbatches),
+                             config.train.quantization)
   tx = make_optimizer(config.optim, config.train.steps)
   abstract_state, shardings = state_shardings(model, tx, config.data.seq_len, mesh)
   batch_sharding = rules.batch_sharding(mesh)
