@@ -393,13 +393,13 @@ def flatten(section) -> dict:
   return out
 
 
-def _scanned_group(m) -> int:
-  every = m.moe.every if m.mlp == "moe" else 1
-  return math.lcm(every, m.sliding_window_pattern or 1)
-
-
-def _scanned_layers(m) -> int:
-  return m.n_layers - (m.moe.first_dense if m.mlp == "moe" else 0)
+def scan_unit(model_cfg) -> tuple[int, int]:
+  """(the layers after moe.first_dense, the length of their repeating pattern: the lcm of
+  moe.every and sliding_window_pattern), which model.scan_layers scans in whole units."""
+  m = model_cfg
+  moe = m.mlp == "moe"
+  return (m.n_layers - (m.moe.first_dense if moe else 0),
+          math.lcm(m.moe.every if moe else 1, m.sliding_window_pattern or 1))
 
 
 def kv_cache_vectors(model_cfg) -> tuple[int, int, bool]:
@@ -642,8 +642,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if e.first_dense and (e.every > 1 or m.sliding_window_pattern):
       raise ValueError("model.moe.first_dense with moe.every > 1 or sliding_window_pattern: "
                        "one layer pattern at a time")
-  group = _scanned_group(m)
-  if m.scan_layers and _scanned_layers(m) % group:
+  layers, group = scan_unit(m)
+  if m.scan_layers and layers % group:
     raise ValueError(f"model.n_layers={m.n_layers} (less moe.first_dense) is not a multiple "
                      f"of {group}, the layers' repeating pattern (moe.every, "
                      "sliding_window_pattern), which model.scan_layers=True scans as one "

@@ -135,8 +135,8 @@ def compile_step(config, target: Target) -> Plan:
   n = len(target.devices)
   # a pipeline's stages also compute in its bubble: (R M + P - 1) / (R M) of the work
   stages = pipeline.stages(mesh)
-  items = config.model.pipeline_repeats * (config.train.pipeline_microbatches or stages)
-  bubble = (items + stages - 1) / items
+  bubble = 1 / (1 - pipeline.bubble_fraction(stages, config.model.pipeline_repeats,
+                                             config.train.pipeline_microbatches or stages))
   common = dict(mesh=shown, remat=config.model.remat,
                 batch_size=config.train.batch_size,
                 per_chip_batch=config.train.batch_size / n,
@@ -324,11 +324,10 @@ def main(argv):
     verdict = "fits" if p.total_bytes <= target.hbm_bytes else "does NOT fit"
     print(f"\n{verdict}: {p.total_bytes / GIB:.2f} GiB of {target.hbm_bytes / GIB:.0f} GiB per "
           f"chip (compiled in {p.compile_seconds:.0f}s){_speed(p)}")
-    if config.train.quantization != "none":
+    if config.train.quantization != "none" and target.generation is not None:
       print(f"train.quantization={config.train.quantization}: {p.int8_matmuls} matmuls on s8 "
             f"operands in the compiled step; peak used "
-            f"{effective_peak(config, target.generation) / 1e12:.0f} TFLOP/s per chip"
-            if target.generation else "")
+            f"{effective_peak(config, target.generation) / 1e12:.0f} TFLOP/s per chip")
     if p.prediction is not None:
       pred, t = p.prediction, p.traffic
       print(f"predicted step: compute {_seconds(pred.compute_seconds)}, HBM traffic "

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from llm import config as config_lib
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
@@ -65,7 +66,7 @@ def _rope_from_hf(rope: dict, hf: dict, where: str) -> tuple[float, dict | None]
   return theta, out
 
 
-def _rope_to_hf(theta: float, scaling, max_position: int) -> dict:
+def _rope_to_hf(theta: float, scaling) -> dict:
   """One transformers rope dict for our theta and model.rope_scaling (None: unscaled)."""
   rope = {"rope_type": "default", "rope_theta": float(theta)}
   if scaling is None or scaling.type == "none":
@@ -206,10 +207,10 @@ def model_updates_from_hf(hf: dict) -> dict:
     updates["qk_norm"] = hf["model_type"] == "qwen3_moe"
   if hf["model_type"] == "deepseek_v3":
     updates.update(_deepseek_updates_from_hf(hf, arch))
-  pattern = updates.get("sliding_window_pattern", 0)
-  every = updates.get("moe", {}).get("every", 1)
-  scanned = updates["n_layers"] - updates.get("moe", {}).get("first_dense", 0)
-  if scanned % math.lcm(pattern or 1, every):  # no whole number of scanned units
+  model = config_lib.base_config().model
+  model.update(updates)
+  layers, unit = config_lib.scan_unit(model)
+  if layers % unit:  # no whole number of scanned units
     updates["scan_layers"] = False
   return updates
 
@@ -257,7 +258,7 @@ def _hf_moe_config(c) -> dict:
           "router_aux_loss_coef": m.load_balance_weight}
 
 
-def _hf_gemma_config(c, max_position: int) -> dict:
+def _hf_gemma_config(c) -> dict:
   """The Gemma 2 (no QK-norm) or Gemma 3 (QK-norm) fields for a Gemma-style model."""
   wanted = dict(norm_plus_one=True, post_norms=True, embed_scale=True, mlp_activation="gelu_tanh",
                 mlp="dense", qkv_bias=False)
@@ -272,13 +273,13 @@ def _hf_gemma_config(c, max_position: int) -> dict:
   if gemma3 and c.attn_logit_softcap:
     raise ValueError("model.qk_norm=True exports as Gemma 3, which has no attention "
                      "soft-capping: model.attn_logit_softcap must be 0")
-  pattern = c.sliding_window_pattern
   if not gemma3 and c.rope_local_theta:
     raise ValueError("model.rope_local_theta exports as Gemma 3 (model.qk_norm=True); Gemma 2's "
                      "layers share one RoPE")
-  layer_types = ["full_attention" if not c.sliding_window or (pattern and (i + 1) % pattern == 0)
-                 else "sliding_attention" for i in range(c.n_layers)]
-  global_rope = _rope_to_hf(c.rope_theta, c.rope_scaling, max_position)
+  from llm.model.transformer import layer_kind
+  layer_types = ["sliding_attention" if layer_kind(c, i).local else "full_attention"
+                 for i in range(c.n_layers)]
+  global_rope = _rope_to_hf(c.rope_theta, c.rope_scaling)
   out = {"architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
          "model_type": "gemma3_text" if gemma3 else "gemma2", "layer_types": layer_types,
          "sliding_window": c.sliding_window or None, "hidden_activation": "gelu_pytorch_tanh",
@@ -288,8 +289,7 @@ def _hf_gemma_config(c, max_position: int) -> dict:
          "final_logit_softcapping": c.final_logit_softcap or None,
          "use_bidirectional_attention": False}
   if gemma3:
-    local = (_rope_to_hf(c.rope_local_theta, None, max_position) if c.rope_local_theta
-             else global_rope)
+    local = _rope_to_hf(c.rope_local_theta, None) if c.rope_local_theta else global_rope
     out["rope_parameters"] = {"full_attention": global_rope, "sliding_attention": local}
   return out
 
@@ -347,7 +347,7 @@ def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: 
   if c.mla.kv_lora_rank:
     family = _hf_deepseek_config(c)
   elif c.post_norms:
-    family = _hf_gemma_config(c, max_position)
+    family = _hf_gemma_config(c)
   elif (c.qk_norm and c.mlp != "moe") or c.qkv_bias:
     arch, model_type = ("Qwen3ForCausalLM", "qwen3") if c.qk_norm else ("Qwen2ForCausalLM",
                                                                          "qwen2")
@@ -360,8 +360,7 @@ def hf_config_from_model(model_cfg, max_position: int, bos_id: int = 1, eos_id: 
       "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
       "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
       "num_key_value_heads": c.n_kv_heads, "head_dim": head_dim, "hidden_act": "silu",
-      "rms_norm_eps": c.norm_eps, "rope_parameters": _rope_to_hf(c.rope_theta, c.rope_scaling,
-                                                                 max_position),
+      "rms_norm_eps": c.norm_eps, "rope_parameters": _rope_to_hf(c.rope_theta, c.rope_scaling),
       "rope_theta": float(c.rope_theta),
       "tie_word_embeddings": bool(c.tie_embeddings), "max_position_embeddings": max_position,
       "attention_bias": bool(c.qkv_bias), "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id,
@@ -414,12 +413,9 @@ def _layer_map(c, family: str, mlp: str):
   return out + _mlp_map(c, family, mlp)
 
 
-def _rope_rows(n_rope: int, interleaved: bool) -> np.ndarray:
+def _rope_rows(n_rope: int) -> np.ndarray:
   """Row order taking DeepSeek's interleaved RoPE pairs (x0, x1), (x2, x3), ... to the
-  rotate-half layout (x0, x2, ..., x1, x3, ...) the model uses (identity if not
-  interleaved)."""
-  if not interleaved:
-    return np.arange(n_rope)
+  rotate-half layout (x0, x2, ..., x1, x3, ...) the model uses."""
   return np.concatenate([np.arange(0, n_rope, 2), np.arange(1, n_rope, 2)])
 
 
@@ -428,7 +424,7 @@ def _mla_map(c):
   m, h, d = c.mla, c.n_heads, c.d_model
   nope, rope, dv, r, rq = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim,
                            m.kv_lora_rank, m.q_lora_rank)
-  perm = _rope_rows(rope, True)
+  perm = _rope_rows(rope)
   inverse = np.argsort(perm)
   q_rows = np.concatenate([np.arange(nope), nope + perm])  # within each head
   q_back = np.concatenate([np.arange(nope), nope + inverse])

@@ -160,7 +160,7 @@ class Decoder:
   def _check_cache_fits(self, batch: int, prompt_len: int, cache_len: int, max_tokens: int):
     """Refuses, before allocating, a KV cache larger than half the device's memory."""
     c = self.cfg
-    per_slot = c.n_layers * batch * kv_cache_vectors(c)[0] * quant.kv_bytes_per_vector(c)
+    per_slot = batch * quant.kv_bytes_per_token(c)
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     memory = stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -138,13 +138,13 @@ def _scale_groups(values, scale, axis: int):
   return (grouped * jnp.expand_dims(scale, axis + 1)).reshape(values.shape)
 
 
-def kv_bytes_per_vector(model_cfg) -> int:
-  """Bytes one cached key (or value) vector of one head takes: model.kv_quant=int8 holds
-  int8 values and an f32 scale, otherwise head_dim values of the compute dtype."""
-  width = kv_cache_vectors(model_cfg)[1]
-  if model_cfg.kv_quant == "int8":
-    return width + 4
-  return width * jnp.dtype(model_cfg.dtype).itemsize
+def kv_bytes_per_token(model_cfg) -> int:
+  """Bytes a KV cache holds per token (every layer): its vectors (kv_cache_vectors), each
+  int8 values and an f32 scale under model.kv_quant=int8, else in the compute dtype."""
+  vectors, width, _ = kv_cache_vectors(model_cfg)
+  per_vector = width + 4 if model_cfg.kv_quant == "int8" else (
+      width * jnp.dtype(model_cfg.dtype).itemsize)
+  return model_cfg.n_layers * vectors * per_vector
 
 
 def require_float_weights(model_cfg, workdir, what: str) -> None:

@@ -23,12 +23,13 @@ import jax.numpy as jnp
 import ml_collections
 from jax.ad_checkpoint import checkpoint_name
 
-from llm.config import head_dim
+from llm.config import head_dim, scan_unit
 from llm.model.attention import Attention, LatentAttention
 from llm.model.layers import (AUX_LOSSES, AUX_METRICS, AUX_UPDATES, Projection, add_aux_loss,
                               constrain, norm, param_with_axes)
 from llm.model.mlp import MLPS
-from llm.ops.cross_entropy import chunked_token_nll, soft_cap
+from llm.ops.cross_entropy import chunked_token_nll
+from llm.ops.softcap import soft_cap
 from llm.parallel import pipeline
 
 # config.model.head -> what the model maps the final hidden states to: "lm", next-token
@@ -81,7 +82,7 @@ def layer_kinds(cfg) -> tuple[LayerKind, ...]:
   whose length is the unit's. The pattern starts after first_dense(cfg) dense layers."""
   every = cfg.moe.every if cfg.mlp == "moe" else 1
   pattern = cfg.sliding_window_pattern
-  n = math.lcm(every, pattern or 1)
+  n = scan_unit(cfg)[1]
   return tuple(LayerKind(cfg.mlp if (j + 1) % every == 0 else "dense",
                          bool(cfg.sliding_window) and (not pattern or (j + 1) % pattern != 0))
                for j in range(n))
@@ -94,15 +95,20 @@ def layer_kind(cfg, layer: int) -> LayerKind:
   return kinds[(layer - first_dense(cfg)) % len(kinds)]
 
 
+def _rematted(cfg, unit, prevent_cse: bool):
+  """`unit` under model.remat's policy (REMAT_POLICIES; "none": the unit itself)."""
+  policy = REMAT_POLICIES[cfg.remat]
+  return unit if policy is None else nn.remat(unit, policy=policy, prevent_cse=prevent_cse)
+
+
 class Block(nn.Module):
   cfg: object
   kind: LayerKind | None = None  # None: layer_kinds(cfg)[0]
-  prefix: bool = False  # one of the first_dense(cfg) dense layers
 
   @nn.compact
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, decode=None):
     c = self.cfg
-    kind = layer_kind(c, 0) if self.prefix else self.kind or layer_kinds(c)[0]
+    kind = self.kind or layer_kinds(c)[0]
     dtype, param_dtype = dtypes(c)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     out_std = c.init_std / math.sqrt(2 * c.n_layers)
@@ -164,11 +170,12 @@ class MultiTokenPrediction(nn.Module):
     dtype, param_dtype = dtypes(c)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     t = tokens_BT.shape[1]
+
+    def ahead(a_BT, n, fill=0):  # a[:, i + n], past the end: fill
+      return jnp.pad(a_BT[:, n:], ((0, 0), (0, n)), constant_values=fill)
+
     losses = []
     for k in range(1, c.mtp_layers + 1):
-      def ahead(a_BT, n, fill=0):  # a[:, i + n], past the end: fill
-        return jnp.pad(a_BT[:, n:], ((0, 0), (0, n)), constant_values=fill)
-
       next_BTD = jnp.take(embedding_VD, ahead(tokens_BT, k), axis=0).astype(dtype)
       both_BT2D = jnp.stack([norm(c, f"hidden_norm_{k}", **kw)(h_BTD),
                              norm(c, f"embed_norm_{k}", **kw)(next_BTD)], axis=2)
@@ -185,11 +192,6 @@ class MultiTokenPrediction(nn.Module):
                                     softcap=c.final_logit_softcap)
       losses.append(jnp.sum(nll_BT * valid_BT) / jnp.maximum(jnp.sum(valid_BT), 1.0))
     add_aux_loss(self, "mtp_loss", c.mtp_loss_weight * sum(losses) / len(losses))
-
-
-def _ambient_mesh():
-  mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh.empty else mesh
 
 
 class Transformer(nn.Module):
@@ -226,9 +228,7 @@ class Transformer(nn.Module):
     x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
 
     group = len(layer_kinds(c))
-    unit = Block if group == 1 else Group
-    if REMAT_POLICIES[c.remat] is not None:
-      unit = nn.remat(unit, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    unit = _rematted(c, Block if group == 1 else Group, prevent_cse=not c.scan_layers)
     if c.scan_layers:
       def scanned(unit, length):
         return nn.scan(unit, variable_axes={"params": 0, AUX_LOSSES: 0, AUX_METRICS: 0,
@@ -242,14 +242,12 @@ class Transformer(nn.Module):
       if k:  # the dense layers before the pattern: their own stack
         prefix_cache = None if cache is None else jax.tree.map(lambda a: a[:k], cache)
         cache = None if cache is None else jax.tree.map(lambda a: a[k:], cache)
-        dense = Block
-        if REMAT_POLICIES[c.remat] is not None:
-          dense = nn.remat(dense, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-        x_BTD, prefix_cache = scanned(dense, k)(c, prefix=True, name="dense_layers")(
+        x_BTD, prefix_cache = scanned(_rematted(c, Block, prevent_cse=False), k)(
+            c, layer_kind(c, 0), name="dense_layers")(
             x_BTD, segment_ids_BT, positions_BT, prefix_cache, decode)
       if cache is not None and group > 1:  # [L, ...] -> [L / n, n, ...]
         cache = jax.tree.map(lambda a: a.reshape(-1, group, *a.shape[1:]), cache)
-      n_stages = pipeline.stages(_ambient_mesh())
+      n_stages = pipeline.stages(jax.sharding.get_abstract_mesh())
       if n_stages > 1 and not self.is_initializing():
         x_BTD = self._pipelined(scanned(unit, c.n_layers // (n_stages * c.pipeline_repeats)),
                                 x_BTD, segment_ids_BT, positions_BT, cache, n_stages)
@@ -266,9 +264,8 @@ class Transformer(nn.Module):
       for i in range(c.n_layers):
         layer_cache = (None if cache is None else cache[i] if per_layer else
                        jax.tree.map(lambda a: a[i], cache))
-        block = Block if REMAT_POLICIES[c.remat] is None else nn.remat(
-            Block, policy=REMAT_POLICIES[c.remat], prevent_cse=True)
-        x_BTD, layer_cache = block(c, layer_kind(c, i), name=f"layers_{i}")(
+        x_BTD, layer_cache = _rematted(c, Block, prevent_cse=True)(
+            c, layer_kind(c, i), name=f"layers_{i}")(
             x_BTD, segment_ids_BT, positions_BT, layer_cache, decode)
         layer_caches.append(layer_cache)
       if cache is not None:
@@ -315,7 +312,8 @@ class Transformer(nn.Module):
       return out
 
     return pipeline.run(stage_fn, self.variables["params"]["layers"], x_BTD, segment_ids_BT,
-                        positions_BT, mesh=_ambient_mesh(), repeats=c.pipeline_repeats,
+                        positions_BT, mesh=jax.sharding.get_abstract_mesh(),
+                        repeats=c.pipeline_repeats,
                         microbatches=self.pipeline_microbatches or n_stages, rng=key)
 
 

@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm.ops.softcap import soft_cap, soft_cap_grad
+
 F32 = jnp.float32
 
 
@@ -64,11 +66,6 @@ def _join(a_nBc, t: int):
   return jnp.moveaxis(a_nBc, 0, 2).reshape(b, n * c, *a_nBc.shape[3:])[:, :t]
 
 
-def soft_cap(x: jax.Array, cap: float) -> jax.Array:
-  """cap x tanh(x / cap) (Gemma 2's logit soft-capping); x itself when cap is 0."""
-  return x if not cap else cap * jnp.tanh(x / cap)
-
-
 class Head(NamedTuple):
   """How logits come from x @ w: soft-capped (cap x tanh(. / cap); 0 = off: Gemma 2's
   final_logit_softcapping), then divided by a temperature."""
@@ -85,12 +82,10 @@ def _logits(x_BcD, w_DV, head: Head):
 
 def _raw_grad(dlogits_BcV, logits_BcV, head: Head):
   """d loss / d (x @ w) from d loss / d logits (`_logits`' chain rule)."""
-  if head.temperature != 1.0:
-    dlogits_BcV = dlogits_BcV / head.temperature
-  if head.softcap:
-    capped_BcV = logits_BcV * (head.temperature / head.softcap)  # tanh(x @ w / cap)
-    dlogits_BcV = dlogits_BcV * (1.0 - jnp.square(capped_BcV))
-  return dlogits_BcV
+  if head.temperature == 1.0:
+    return soft_cap_grad(dlogits_BcV, logits_BcV, head.softcap)
+  return soft_cap_grad(dlogits_BcV / head.temperature, logits_BcV * head.temperature,
+                       head.softcap)
 
 
 def _is_target(targets_Bc, vocab: int):

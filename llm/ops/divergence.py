@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llm.ops.cross_entropy import soft_cap
+from llm.ops.softcap import soft_cap
 
 
 def jsd_from_logits(student_BcV, teacher_BcV, beta: float, temperature: float = 1.0):

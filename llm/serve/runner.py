@@ -154,8 +154,7 @@ class ModelRunner:
 
   @staticmethod
   def kv_bytes_per_page(model_cfg, page_size: int) -> int:
-    return (model_cfg.n_layers * page_size * kv_cache_vectors(model_cfg)[0]
-            * quant.kv_bytes_per_vector(model_cfg))
+    return page_size * quant.kv_bytes_per_token(model_cfg)
 
   def bucket(self, n_tokens: int) -> int:
     for b in self.buckets:

@@ -99,11 +99,9 @@ def check_pipeline(config, mesh) -> None:
   m, t = config.model, config.train
   if n == 1:
     return
-  blocked = [f"model.{k}={v!r}" for k, v in (
-      ("scan_layers", m.scan_layers), ("mlp", m.mlp), ("sliding_window_pattern",
-                                                       m.sliding_window_pattern),
-      ("mtp_layers", m.mtp_layers)) if (k == "scan_layers" and not v) or (
-          k == "mlp" and v != "dense") or (k not in ("scan_layers", "mlp") and v)]
+  unsupported = {"scan_layers": not m.scan_layers, "mlp": m.mlp != "dense",
+                 "sliding_window_pattern": m.sliding_window_pattern, "mtp_layers": m.mtp_layers}
+  blocked = [f"model.{k}={m[k]!r}" for k, off in unsupported.items() if off]
   blocked += [f"mesh.{a}={mesh.shape[a]}" for a in ("sequence", "expert") if mesh.shape[a] > 1]
   if t.objective in ("grpo", "distill"):  # a sampler decoding, or a teacher, in the step
     blocked.append(f"train.objective={t.objective!r}")

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels.flash_attention as flash
+from llm.ops.softcap import soft_cap
 
 KEYS_PER_BLOCK = 256  # keys a block of prefill queries reads per inner step
 DECODE_KEYS_PER_BLOCK = 64  # keys a decode query reads per inner step (less overshoot)
@@ -125,10 +126,8 @@ def paged_attention(q_THE, kv_pages_PNCE, kv_lens_S, page_table_SM, cu_q_lens_S1
         # one sequence per block: segments always match
         visible_QN = flash.attention_mask(pos_Q[:, None], kpos_N[None, :], 0, 0, causal=True,
                                           window=window)
-        s_KGQN = jnp.einsum("qkge,nke->kgqn", q_QKGE, k_NKE,
-                            preferred_element_type=jnp.float32) * scale
-        if softcap is not None:
-          s_KGQN = softcap * jnp.tanh(s_KGQN / softcap)
+        s_KGQN = soft_cap(jnp.einsum("qkge,nke->kgqn", q_QKGE, k_NKE,
+                                     preferred_element_type=jnp.float32) * scale, softcap)
         s_KGQN = jnp.where(visible_QN, s_KGQN, -jnp.inf)
         m_new = jnp.maximum(m_KGQ, s_KGQN.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)

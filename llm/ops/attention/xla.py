@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels.flash_attention as flash
+from llm.ops.softcap import soft_cap, soft_cap_grad
 
 
 class Blocks(NamedTuple):
@@ -52,10 +53,6 @@ def _weighted_values(p_BKGTS, v_BSKE, kv="bske"):
   return o_BKGTE.reshape(b, k, g, t, -1).transpose(0, 3, 1, 2, 4)
 
 
-def _capped(s, softcap):
-  return s if softcap is None else softcap * jnp.tanh(s / softcap)
-
-
 def xla_blocks(window: int | None, kv: str = "bske", softcap: float | None = None) -> Blocks:
   """Chunk functions in plain XLA, causal with segment ids and an optional window;
   GQA without repeating K/V. `kv="bkse"`: the forward takes keys and values heads-major
@@ -65,8 +62,8 @@ def xla_blocks(window: int | None, kv: str = "bske", softcap: float | None = Non
   def fwd(q_BTHE, k_BSKE, v_BSKE, qseg_BT, kvseg_BS, q_offset, kv_offset):
     b, t, h, e = q_BTHE.shape
     mask_B11TS = _chunk_mask(qseg_BT, kvseg_BS, q_offset, kv_offset, window)[:, None, None]
-    s_BKGTS = jnp.where(mask_B11TS, _capped(_grouped_logits(q_BTHE, k_BSKE, e ** -0.5, kv),
-                                            softcap), flash.EMPTY_LSE)
+    s_BKGTS = jnp.where(mask_B11TS, soft_cap(_grouped_logits(q_BTHE, k_BSKE, e ** -0.5, kv),
+                                             softcap), flash.EMPTY_LSE)
     m_BKGT = jnp.max(s_BKGTS, axis=-1)
     p_BKGTS = jnp.where(mask_B11TS, jnp.exp(s_BKGTS - m_BKGT[..., None]), 0.0)
     l_BKGT = jnp.sum(p_BKGTS, axis=-1)
@@ -84,7 +81,7 @@ def xla_blocks(window: int | None, kv: str = "bske", softcap: float | None = Non
     g = h // kh
     scale = e ** -0.5
     mask_B11TS = _chunk_mask(qseg_BT, kvseg_BS, q_offset, kv_offset, window)[:, None, None]
-    s_BKGTS = _capped(_grouped_logits(q_BTHE, k_BSKE, scale), softcap)
+    s_BKGTS = soft_cap(_grouped_logits(q_BTHE, k_BSKE, scale), softcap)
     p_BKGTS = jnp.where(mask_B11TS, jnp.exp(s_BKGTS - lse_BHT.reshape(b, kh, g, t)[..., None]),
                         0.0)
     do_BTKGE = do_BTHE.reshape(b, t, kh, g, e)
@@ -92,9 +89,9 @@ def xla_blocks(window: int | None, kv: str = "bske", softcap: float | None = Non
                          preferred_element_type=jnp.float32)
     dp_BKGTS = jnp.einsum("btkge,bske->bkgts", do_BTKGE, v_BSKE,
                           preferred_element_type=jnp.float32)
-    ds_BKGTS = p_BKGTS * (dp_BKGTS - delta_BHT.reshape(b, kh, g, t)[..., None]) * scale
-    if softcap is not None:
-      ds_BKGTS = ds_BKGTS * (1.0 - jnp.square(s_BKGTS / softcap))
+    ds_BKGTS = soft_cap_grad(
+        p_BKGTS * (dp_BKGTS - delta_BHT.reshape(b, kh, g, t)[..., None]) * scale, s_BKGTS,
+        softcap)
     dq_BTKGE = jnp.einsum("bkgts,bske->btkge", ds_BKGTS.astype(k_BSKE.dtype), k_BSKE,
                           preferred_element_type=jnp.float32)
     dk_BSKE = jnp.einsum("bkgts,btkge->bske", ds_BKGTS.astype(q_BTHE.dtype),
