@@ -19,12 +19,20 @@ Compute is the model's FLOPs per chip (6 x params + attention per token, plus wh
 recomputes; llm.flops) at the chip's dense bf16 peak. The prediction is a roofline with no
 fitted constants:
 
-    step = max(compute, HBM traffic / HBM bandwidth, async collectives / ICI bandwidth)
+    step = max(compute, HBM traffic / HBM bandwidth, async collectives / ICI bandwidth,
+               DCN traffic / DCN bandwidth)
            + sync collectives / ICI bandwidth
 
+Multislice: the TPU compiler splits a collective that spans slices into its in-slice
+part (the collectives above, over local device ids) and a cross-slice part, host
+transfers (`send`s handed to the "megascale" runtime, tagged with a transfer type and
+the slices they span). Per chip, a cross-slice all-reduce of X over s slices moves
+2 X (s - 1) / s over the data-center network (DCN), an all-gather of pieces X moves
+X (s - 1), a reduce-scatter X (s - 1) / s, a one-to-one transfer (a ppermute between
+slices) X. The sends are asynchronous, so their time overlaps compute.
+
 It is an optimistic bound (every unit at its peak, perfect overlap); BENCHMARKS.md puts it
-beside published measurements to say by how much. Multislice traffic over DCN is not
-modelled.
+beside published measurements to say by how much.
 """
 
 from __future__ import annotations
@@ -194,12 +202,29 @@ def _group_size(attrs: str, n_devices: int) -> int:
   return 2 if m else n_devices
 
 
+_MEGASCALE_TYPE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+_MEGASCALE_SLICES = re.compile(r'_xla_megascale_target="\{([\d,]+)\}')
+
+
+def _dcn_bytes(ins: Instruction) -> float:
+  """Bytes per chip a cross-slice host transfer (a megascale `send`) moves over DCN."""
+  kind = _MEGASCALE_TYPE.search(ins.attrs).group(1)
+  arrays = _ARRAY.findall(ins.type_text)
+  data = _bytes_of(*arrays[0][:2]) if arrays else 0.0  # (data, context, token)
+  slices = _MEGASCALE_SLICES.search(ins.attrs)
+  s = len(slices.group(1).split(",")) if slices else 2
+  share = {"ALL_REDUCE": 2 * (s - 1) / s, "ALL_GATHER": s - 1, "REDUCE_SCATTER": (s - 1) / s,
+           "ALL_TO_ALL": (s - 1) / s}.get(kind, 1.0)  # ONE_TO_ONE: the data once
+  return data * share
+
+
 @dataclasses.dataclass
 class Traffic:
   hbm_bytes: float = 0.0  # per chip per step
   sync_collective_bytes: float = 0.0  # per chip, moved over ICI, not overlappable
   async_collective_bytes: float = 0.0  # per chip, overlappable with compute
   collectives: dict = dataclasses.field(default_factory=dict)  # opcode -> bytes per chip
+  dcn_bytes: float = 0.0  # per chip, between slices (multislice; overlappable)
 
 
 def analyse(hlo_text: str, n_devices: int) -> Traffic:
@@ -257,6 +282,8 @@ def analyse(hlo_text: str, n_devices: int) -> Traffic:
         else:
           out.sync_collective_bytes += moved
         out.collectives[base] = out.collectives.get(base, 0.0) + moved
+      if op == "send" and "_xla_megascale_transfer_type" in ins.attrs:
+        out.dcn_bytes += _dcn_bytes(ins) * times
       if op.endswith("-done") or op in _FREE:
         continue
       if op == "dynamic-update-slice" and len(ins.operands) > 1:
@@ -300,21 +327,25 @@ class Prediction:
   sync_collective_seconds: float
   tokens_per_second_per_chip: float
   mfu: float  # model FLOPs (without recomputation) / (step time x peak)
-  bound: str  # what sets the step time: compute | HBM | collectives
+  bound: str  # what sets the step time: compute | HBM | collectives | DCN
+  dcn_seconds: float = 0.0  # the traffic between slices at the DCN bandwidth
 
 
 def predict(traffic: Traffic, *, model_flops_per_chip: float, executed_flops_per_chip: float,
             tokens_per_chip: float, peak_flops: float, hbm_bandwidth: float,
-            ici_bandwidth: float) -> Prediction:
+            ici_bandwidth: float, dcn_bandwidth: float | None = None) -> Prediction:
   """The roofline step time of the module docstring."""
+  if traffic.dcn_bytes and not dcn_bandwidth:
+    raise ValueError("the step moves data between slices: give the DCN bandwidth")
   compute = executed_flops_per_chip / peak_flops
   hbm = traffic.hbm_bytes / hbm_bandwidth
   overlapped = traffic.async_collective_bytes / ici_bandwidth
   exposed = traffic.sync_collective_bytes / ici_bandwidth
-  parts = {"compute": compute, "HBM": hbm, "collectives": overlapped}
+  dcn = traffic.dcn_bytes / dcn_bandwidth if traffic.dcn_bytes else 0.0
+  parts = {"compute": compute, "HBM": hbm, "collectives": overlapped, "DCN": dcn}
   bound = max(parts, key=parts.get)
   step = max(parts.values()) + exposed
   if exposed > max(parts.values()):
     bound = "collectives"
   return Prediction(step, compute, hbm, overlapped, exposed, tokens_per_chip / step,
-                    model_flops_per_chip / (step * peak_flops), bound)
+                    model_flops_per_chip / (step * peak_flops), bound, dcn)

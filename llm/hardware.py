@@ -25,20 +25,30 @@ class TpuGeneration:
   hbm_bandwidth: float  # bytes/s per chip
   ici_bandwidth: float  # bytes/s per chip, all inter-chip links together
   peak_int8_ops: float = 0.0  # dense int8 ops/s per chip (0: no faster than bf16)
+  chips_per_host: int = 4  # the host's share of its DCN bandwidth
 
+  @property
+  def dcn_bandwidth(self) -> float:
+    """Bytes/s per chip between slices: a host's ~2.5e10 B/s of data-center network (the
+    JAX scaling book's figure) shared by its chips (v5p 6.25e9, v5e 3.125e9)."""
+    return DCN_BYTES_PER_HOST / self.chips_per_host
+
+
+DCN_BYTES_PER_HOST = 2.5e10  # data-center network per TPU host (jax-ml scaling book)
 
 # Cloud TPU's published per-chip figures (cloud.google.com/tpu/docs/system-architecture-*):
 # HBM GB/s and ICI Gbps (v4 2,400, v5e 1,600, v5p 4,800, v6e 3,584) as bytes/s; peak bf16
-# FLOP/s and int8 ops/s (v4 275 / 275 T, v5e 197 / 394, v5p 459 / 918, v6e 918 / 1,836).
+# FLOP/s and int8 ops/s (v4 275 / 275 T, v5e 197 / 394, v5p 459 / 918, v6e 918 / 1,836);
+# chips per host (v5e and v6e: 8, in 4 x 2).
 TPU_GENERATIONS = {
     "v4": TpuGeneration("v4", 32 * GIB, 2, "v4", "tpu-ubuntu2204-base", 275e12, ("TPU v4",),
                         1228e9, 2400e9 / 8, 275e12),
     "v5e": TpuGeneration("v5e", 16 * GIB, 1, "v5litepod", "v2-alpha-tpuv5-lite", 197e12,
-                         ("TPU v5 lite", "TPU v5e"), 819e9, 1600e9 / 8, 394e12),
+                         ("TPU v5 lite", "TPU v5e"), 819e9, 1600e9 / 8, 394e12, 8),
     "v5p": TpuGeneration("v5p", 95 * GIB, 2, "v5p", "v2-alpha-tpuv5", 459e12, ("TPU v5p", "TPU v5"),
                          2765e9, 4800e9 / 8, 918e12),
     "v6e": TpuGeneration("v6e", 32 * GIB, 1, "v6e", "v2-alpha-tpuv6e", 918e12,
-                         ("TPU v6 lite", "TPU v6e"), 1640e9, 3584e9 / 8, 1836e12),
+                         ("TPU v6 lite", "TPU v6e"), 1640e9, 3584e9 / 8, 1836e12, 8),
 }
 
 # Cloud TPU slice sizes (chips) -> the chip grid: 2D tori (v5e, v6e) and 3D (v4, v5p)

@@ -172,7 +172,7 @@ def compile_step(config, target: Target) -> Plan:
         result.traffic, model_flops_per_chip=result.model_flops_per_chip,
         executed_flops_per_chip=result.flops_per_chip, tokens_per_chip=result.tokens_per_chip,
         peak_flops=effective_peak(config, g), hbm_bandwidth=g.hbm_bandwidth,
-        ici_bandwidth=g.ici_bandwidth)
+        ici_bandwidth=g.ici_bandwidth, dcn_bandwidth=g.dcn_bandwidth)
   return result
 
 
@@ -205,12 +205,13 @@ def _shard_bytes(tree) -> int:
 def mesh_candidates(n_chips: int, n_experts: int = 0, n_layers: int = 0) -> list[dict]:
   """Layouts worth trying: FSDP across everything, FSDP x tensor, data x FSDP, and for a
   MoE model (n_experts > 0) each of those with experts split 2, 4, 8 or 16 ways; for a
-  dense model of n_layers (> 0), each of those with the layers in 2 or 4 pipeline stages."""
+  scanned stack of n_layers pipelined units (> 0), each of those with the layers in 2 or
+  4 pipeline stages (with experts split too, only without tensor parallelism)."""
   out = []
   experts = [1] + [e for e in (2, 4, 8, 16) if n_experts and n_experts % e == 0]
-  stages = [1] + [p for p in (2, 4) if n_layers and not n_experts and n_layers % p == 0]
+  stages = [1] + [p for p in (2, 4) if n_layers and n_layers % p == 0]
   for expert, stage in itertools.product(experts, stages):
-    for tensor in (1, 2, 4, 8):
+    for tensor in (1, 2, 4, 8) if stage == 1 or expert == 1 else (1,):
       for data in (1, 2, 4):
         if n_chips % (expert * tensor * data * stage) == 0:
           mesh = dict(data=data, fsdp=n_chips // (expert * tensor * data * stage),
@@ -260,8 +261,9 @@ def plan(config, target: Target, search: bool = False, meshes: list[dict] | None
     return [compile_step(config, target)]
   results = []
   n_experts = config.model.moe.n_experts if config.model.mlp == "moe" else 0
-  dense_layers = config.model.n_layers if config.model.scan_layers else 0
-  meshes = (mesh_candidates(len(target.devices), n_experts, dense_layers) if meshes is None
+  layers, unit = config_lib.scan_unit(config.model)
+  units = layers // unit if config.model.scan_layers else 0  # what a pipeline splits
+  meshes = (mesh_candidates(len(target.devices), n_experts, units) if meshes is None
             else meshes)
   for mesh, remat in itertools.product(meshes, remats):
     c = config_lib.from_json(config_lib.to_json(config))
@@ -334,7 +336,10 @@ def main(argv):
             f"{t.hbm_bytes / 1e9:,.3g} GB -> {_seconds(pred.hbm_seconds)}, collectives "
             f"{(t.async_collective_bytes + t.sync_collective_bytes) / 1e9:,.3g} GB per chip -> "
             f"{_seconds(pred.async_collective_seconds)} overlappable + "
-            f"{_seconds(pred.sync_collective_seconds)} exposed (a roofline: an optimistic bound)")
+            f"{_seconds(pred.sync_collective_seconds)} exposed" +
+            (f"; between slices {t.dcn_bytes / 1e9:,.3g} GB over DCN -> "
+             f"{_seconds(pred.dcn_seconds)} overlappable" if t.dcn_bytes else "") +
+            " (a roofline: an optimistic bound)")
 
 
 if __name__ == "__main__":

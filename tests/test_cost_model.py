@@ -128,3 +128,58 @@ ENTRY %main (x: f32[8,128]) -> f32[32,128] {
   traffic = cost_model.analyse(hlo, 4)
   assert traffic.async_collective_bytes == pytest.approx(32 * 128 * 4 * 3 / 4)
   assert traffic.sync_collective_bytes == 0
+
+
+def test_cross_slice_host_transfers_count_as_dcn_traffic():
+  """Multislice: the TPU compiler hands the cross-slice part of a collective to the
+  megascale runtime as `send`s; per chip an all-reduce over s slices moves 2 X (s-1)/s,
+  an all-gather of pieces X moves X (s-1), a one-to-one transfer X, inside loops per trip."""
+  mega = ('is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name='
+          '"xla_megascale_runtime",_xla_megascale_target="{1,2,3,4}x{0:3}",'
+          '_xla_megascale_transfer_type="%s"}')
+  hlo = f"""HloModule m
+
+%body (p: (s32[], f32[64,128])) -> (s32[], f32[64,128]) {{
+  %p = (s32[], f32[64,128]{{1,0}}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[64,128]{{1,0}} get-tuple-element(%p), index=1
+  %t = token[] after-all()
+  %s = (f32[64,128]{{1,0}}, u32[], token[]) send(%x, %t), channel_id=1, {mega % "ONE_TO_ONE"}
+  %sd = token[] send-done(%s), channel_id=1
+  %one = s32[] constant(1)
+  %j = s32[] add(%i, %one)
+  ROOT %out = (s32[], f32[64,128]{{1,0}}) tuple(%j, %x)
+}}
+
+%cond (p: (s32[], f32[64,128])) -> pred[] {{
+  %p = (s32[], f32[64,128]{{1,0}}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}}
+
+ENTRY %main (x: f32[64,128]) -> f32[64,128] {{
+  %x = f32[64,128]{{1,0}} parameter(0)
+  %t = token[] after-all()
+  %ar = (f32[64,128]{{1,0}}, u32[], token[]) send(%x, %t), channel_id=2, {mega % "ALL_REDUCE"}
+  %ard = token[] send-done(%ar), channel_id=2
+  %ag = (f32[64,128]{{1,0}}, u32[], token[]) send(%x, %t), channel_id=3, {mega % "ALL_GATHER"}
+  %agd = token[] send-done(%ag), channel_id=3
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[64,128]{{1,0}}) tuple(%zero, %x)
+  %loop = (s32[], f32[64,128]{{1,0}}) while(%init), condition=%cond, body=%body
+  ROOT %y = f32[64,128]{{1,0}} get-tuple-element(%loop), index=1
+}}
+"""
+  x = 64 * 128 * 4
+  traffic = cost_model.analyse(hlo, 16)
+  assert traffic.dcn_bytes == pytest.approx(2 * x * 3 / 4 + x * 3 + 3 * x)
+  assert traffic.async_collective_bytes == traffic.sync_collective_bytes == 0
+  p = cost_model.predict(traffic, model_flops_per_chip=1e9, executed_flops_per_chip=1e9,
+                         tokens_per_chip=1, peak_flops=1e15, hbm_bandwidth=1e12,
+                         ici_bandwidth=1e11, dcn_bandwidth=1e9)
+  assert p.dcn_seconds == pytest.approx(traffic.dcn_bytes / 1e9) and p.bound == "DCN"
+  with pytest.raises(ValueError, match="give the DCN bandwidth"):
+    cost_model.predict(traffic, model_flops_per_chip=1e9, executed_flops_per_chip=1e9,
+                       tokens_per_chip=1, peak_flops=1e15, hbm_bandwidth=1e12,
+                       ici_bandwidth=1e11)

@@ -3,6 +3,8 @@ a 1-device run: GPipe and the circular schedule composed with FSDP, tensor and d
 parallelism, with LoRA and grad accumulation; checkpoints moving between pipeline
 layouts; refusals; the bubble formula."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -47,6 +49,83 @@ def test_pipelined_training_matches_one_device(config, tmp_path, one_device, mes
   assert f"bubble {pipeline.bubble_fraction(n, repeats, m):.1%}" in capsys.readouterr().out
 
 
+def test_ring_attention_and_multi_token_prediction_around_the_stages(config, tmp_path):
+  """pipeline=2 x sequence=2 x data=2: ring attention (its own shard_map over "sequence")
+  inside each stage, and DeepSeek's MTP heads after the stages, on the whole batch like
+  the head: the losses (MTP's included) of the 1-device run."""
+  config.model.update(n_layers=4, mtp_layers=1)
+  config.train.update(steps=3, checkpoint_every=3, eval_every=3)
+  train(config, tmp_path / "one", devices=jax.devices()[:1])
+  config.mesh.update(pipeline=2, sequence=2, data=2)
+  train(config, tmp_path / "pp")
+  one, pp = (_records(tmp_path / run) for run in ("one", "pp"))
+  for name in ("loss", "mtp_loss", "objective"):
+    np.testing.assert_allclose([pp[s][name] for s in (1, 2, 3)],
+                               [one[s][name] for s in (1, 2, 3)], rtol=2e-5, err_msg=name)
+
+
+def _records(workdir) -> dict[int, dict]:
+  """The training record (loss and the rest) of each step in metrics.jsonl."""
+  out = {}
+  for line in open(workdir / "metrics.jsonl"):
+    r = json.loads(line)
+    if "loss" in r:
+      out[r["step"]] = r
+  return out
+
+
+MOE_CASES = {
+    # experts split inside each stage (dropless all-gather / reduce-scatter), circular
+    "p2xexpert2xfsdp2-circular": (
+        dict(pipeline=2, expert=2, fsdp=2), dict(n_layers=8, pipeline_repeats=2),
+        dict(load_balance_weight=0.01, router_z_weight=0.001), 2),
+    # DeepSeek-V3's routing: a dense first layer outside the stages, a shared expert, and
+    # the balancing bias (sown corrections summed over microbatches), circular
+    "p4xexpert2-deepseek": (
+        dict(pipeline=4, expert=2), dict(n_layers=9, pipeline_repeats=2),
+        dict(router="sigmoid", routed_bias_update_rate=0.01, first_dense=1, n_shared=1), 4),
+    # a layer pattern (MoE every 2nd layer, local/global windows): the scanned unit is a
+    # group of two blocks, under tensor parallelism
+    "p2xtensor2xfsdp2-pattern": (
+        dict(pipeline=2, tensor=2, fsdp=2),
+        dict(n_layers=8, pipeline_repeats=2, sliding_window=8, sliding_window_pattern=2),
+        dict(every=2, load_balance_weight=0.01), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_pipeline_matches_grad_accumulation_over_the_same_microbatches(config, tmp_path,
+                                                                           case):
+  """MoE layers in the stages: what they sow (auxiliary losses, metrics, balancing-bias
+  corrections) is collected per layer and microbatch, masked in the bubble, so a
+  pipeline of M microbatches is a 1-device run with train.grad_accum=M (whose
+  microbatches are the same rows): equal losses, auxiliary losses and router biases."""
+  from llm.workdir import load_params
+  mesh, model, moe, micro = MOE_CASES[case]
+  config.model.update(mlp="moe", **model)
+  config.model.moe.update(n_experts=4, top_k=2, **moe)
+  config.train.update(steps=3, checkpoint_every=3, eval_every=3, pipeline_microbatches=micro)
+  config.train.grad_accum = micro
+  train(config, tmp_path / "one", devices=jax.devices()[:1])
+  config.train.grad_accum = 1
+  config.mesh.update(data=1, **mesh)
+  train(config, tmp_path / "pp")
+  records = {run: _records(tmp_path / run) for run in ("one", "pp")}
+  names = ["loss", "objective"] + [k for k in records["one"][1] if k.startswith("moe_") and
+                                   k.endswith("_loss")]
+  assert "moe_load_balance_loss" in names
+  for name in names:  # the router's z-loss (logsumexp squared) is the touchiest
+    np.testing.assert_allclose([records["pp"][s][name] for s in (1, 2, 3)],
+                               [records["one"][s][name] for s in (1, 2, 3)],
+                               rtol=2e-5 if name in ("loss", "objective") else 1e-4,
+                               err_msg=name)
+  if moe.get("routed_bias_update_rate"):
+    (_, one), (_, pp) = load_params(tmp_path / "one"), load_params(tmp_path / "pp")
+    bias_one = np.asarray(one["layers"]["mlp"]["router_bias"])  # [8 MoE layers, 4]
+    np.testing.assert_array_equal(np.asarray(pp["layers"]["mlp"]["router_bias"]), bias_one)
+    assert np.abs(bias_one).max() > 0.01  # moved by more than one step's rate somewhere
+
+
 def test_checkpoints_move_between_pipeline_layouts(config, tmp_path, one_device, capsys):
   """Saved at step 2 on pipeline=4 x fsdp=2, resumed on one device (no pipeline) to step 3,
   then back onto pipeline=2 x data=4 with 2 accumulation steps to step 4: the losses of
@@ -86,9 +165,12 @@ def test_lora_trains_through_the_pipeline(config, tmp_path):
     (dict(model=dict(pipeline_repeats=2), train=dict(pipeline_microbatches=2)),
      r"needs train.pipeline_microbatches >= mesh.pipeline=4"),
     (dict(train=dict(pipeline_microbatches=3)), r"must split into train.pipeline_microbatches=3"),
-    (dict(model=dict(mlp="moe")), r"not yet with model.mlp='moe'"),
-    (dict(model=dict(scan_layers=False)), r"not yet with model.scan_layers=False"),
-    (dict(train=dict(objective="grpo")), r"not yet with train.objective='grpo'"),
+    (dict(model=dict(sliding_window=4, sliding_window_pattern=2, pipeline_repeats=2),
+          train=dict(pipeline_microbatches=4)),
+     r"model.n_layers=8 must be divisible by mesh.pipeline=4 x model.pipeline_repeats=2 x "
+     r"the layers' repeating pattern 2"),
+    (dict(model=dict(scan_layers=False)), r"model.scan_layers=False has none"),
+    (dict(train=dict(objective="grpo")), r"does not run train.objective='grpo' yet"),
 ])
 def test_pipelines_the_schedule_cannot_run_are_refused(config, change, message):
   """Checked with the batch, before any data or compile (llm.training.step.check_batch)."""
@@ -119,7 +201,9 @@ def test_the_planner_compiles_a_pipeline_and_counts_its_bubble_and_transfers(con
   from llm.flops import recomputed_flops_per_token
   assert {"pipeline": 2, "data": 1, "fsdp": 2, "tensor": 1, "sequence": 1} in \
       plan.mesh_candidates(4, 0, n_layers=8)
-  assert not any("pipeline" in m for m in plan.mesh_candidates(4, 8, n_layers=8))  # MoE
+  assert {"pipeline": 2, "data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, "expert": 2} in \
+      plan.mesh_candidates(4, 8, n_layers=8)  # MoE: stages with experts split
+  assert not any("pipeline" in m for m in plan.mesh_candidates(4, 8, n_layers=3))
   config = _config(config)
   config.model.update(d_model=128, n_heads=4, n_kv_heads=2, d_ff=256)
   config.mesh.update(data=1, pipeline=2, fsdp=2)

@@ -114,8 +114,16 @@ def test_multislice_mesh_keeps_only_data_across_slices(config):
   config.model.update(d_model=128, n_heads=4, n_kv_heads=2, d_ff=256)
   p = plan.compile_step(config, target)
   assert p.mesh == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
+  # the gradients' all-reduce over the 2 slices: at least each chip's fp32 share of them
+  # (X = 4 params / 4 chips a slice; 2 X (2 - 1) / 2) goes over DCN, at its bandwidth
+  from llm.params import count_params
+  assert p.traffic.dcn_bytes >= count_params(config.model) * 4 / 4
+  assert p.prediction.dcn_seconds == pytest.approx(
+      p.traffic.dcn_bytes / target.generation.dcn_bandwidth)
+  assert plan.compile_step(config, plan.tpu_target("v5e-8")).traffic.dcn_bytes == 0
   config.mesh.update(pipeline=2, data=1)  # a pipeline crosses the slices instead of data
   assert whole_slices(make_mesh(config.mesh, target.devices), "pipeline")
+  assert plan.compile_step(config, target).traffic.dcn_bytes > 0  # the stages' transfers
   config.mesh.update(pipeline=1, data=1, fsdp=8, tensor=1)
   with pytest.raises(ValueError, match=r"span 2 slices, so mesh.data=1 \(or mesh.pipeline=1\) "
                      "must be a multiple"):

@@ -249,8 +249,9 @@ class Transformer(nn.Module):
         cache = jax.tree.map(lambda a: a.reshape(-1, group, *a.shape[1:]), cache)
       n_stages = pipeline.stages(jax.sharding.get_abstract_mesh())
       if n_stages > 1 and not self.is_initializing():
-        x_BTD = self._pipelined(scanned(unit, c.n_layers // (n_stages * c.pipeline_repeats)),
-                                x_BTD, segment_ids_BT, positions_BT, cache, n_stages)
+        chunk = (c.n_layers - k) // group // (n_stages * c.pipeline_repeats)  # units per chunk
+        x_BTD = self._pipelined(scanned(unit, chunk), x_BTD, segment_ids_BT, positions_BT,
+                                cache, n_stages)
       else:
         x_BTD, cache = scanned(unit, (c.n_layers - k) // group)(c, name="layers")(
             x_BTD, segment_ids_BT, positions_BT, cache, decode)
@@ -298,23 +299,34 @@ class Transformer(nn.Module):
 
   def _pipelined(self, chunk_stack, x_BTD, segment_ids_BT, positions_BT, cache, n_stages):
     """The scanned layers through the pipeline (llm.parallel.pipeline): each stage runs
-    chunks of k layers, `chunk_stack` applied to its slice of params["layers"]."""
+    chunks of the scanned unit, `chunk_stack` applied to its slice of params["layers"].
+    What the layers sow comes back per layer and is sown here as the scanned stack would
+    sow it: auxiliary losses and metrics averaged over the microbatches, corrections
+    summed (as train.grad_accum over the same rows gives them)."""
     if cache is not None:
       raise ValueError("decoding runs without a pipeline: load the model on a mesh with "
                        "mesh.pipeline=1 (llm.generate and the engine do)")
     c = self.cfg
     key = self.make_rng("dropout") if self.has_rng("dropout") else None
+    collections = [AUX_LOSSES, AUX_METRICS, AUX_UPDATES]
+    microbatches = self.pipeline_microbatches or n_stages
 
     def stage_fn(params_k, x, seg, pos, step_key):
-      out, _ = chunk_stack(c, parent=None).apply(
-          {"params": params_k}, x, seg, pos, None, None,
+      (out, _), sown = chunk_stack(c, parent=None).apply(
+          {"params": params_k}, x, seg, pos, None, None, mutable=collections,
           rngs=None if step_key is None else {"dropout": step_key})
-      return out
+      return out, sown
 
-    return pipeline.run(stage_fn, self.variables["params"]["layers"], x_BTD, segment_ids_BT,
-                        positions_BT, mesh=jax.sharding.get_abstract_mesh(),
-                        repeats=c.pipeline_repeats,
-                        microbatches=self.pipeline_microbatches or n_stages, rng=key)
+    x_BTD, sown = pipeline.run(stage_fn, self.variables["params"]["layers"], x_BTD,
+                               segment_ids_BT, positions_BT,
+                               mesh=jax.sharding.get_abstract_mesh(),
+                               repeats=c.pipeline_repeats, microbatches=microbatches, rng=key)
+    for collection, tree in sown.items():
+      if self.is_mutable_collection(collection):
+        if collection != AUX_UPDATES:
+          tree = jax.tree.map(lambda a: a / microbatches, tree)
+        self.put_variable(collection, "layers", tree)
+    return x_BTD
 
 
 def unembedding(params, model_cfg) -> jax.Array:

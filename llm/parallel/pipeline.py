@@ -16,6 +16,11 @@ parallelism inside a stage stay GSPMD's, as without a pipeline. FSDP weights are
 gathered per iteration (each stage gathers the chunk it runs, every time it runs it).
 The stage outputs of the last repeat are summed over "pipeline" at the end, so the
 final norm, the head and the loss run on every stage (replicated, as the embedding).
+
+What the layers sow (MoE's auxiliary losses, metrics and balancing-bias corrections) is
+collected per layer, summed over the microbatches (the bubble's iterations masked out),
+and returned in layer order: each layer's value per microbatch, as `train.grad_accum`
+over the same rows (microbatch m = rows m, m + M, ...) gives it.
 """
 
 from __future__ import annotations
@@ -55,11 +60,26 @@ def circular_order(layer_params, n_stages: int, repeats: int):
   return jax.tree.map(reorder, layer_params)
 
 
+def layer_order(stage_major, n_stages: int, repeats: int):
+  """The inverse of `circular_order`: stage-major stacks back in layer order."""
+  if repeats == 1:
+    return stage_major
+
+  def reorder(a):
+    k = a.shape[0] // (n_stages * repeats)
+    return (a.reshape(n_stages, repeats, k, *a.shape[1:]).swapaxes(0, 1)
+            .reshape(a.shape))
+
+  return jax.tree.map(reorder, stage_major)
+
+
 def run(stage_fn: Callable, layer_params, x_BTD, segment_ids_BT, positions_BT, *, mesh,
         repeats: int, microbatches: int, rng=None):
-  """x after all L layers of `layer_params` ([L, ...] stacks, layer order), pipelined over
-  the mesh's "pipeline" axis. stage_fn(params [k, ...], x, segment_ids, positions, rng)
-  applies k consecutive layers to one microbatch."""
+  """(x after all L layers of `layer_params` ([L, ...] stacks, layer order), what they
+  sowed), pipelined over the mesh's "pipeline" axis. stage_fn(params [k, ...], x,
+  segment_ids, positions, rng) -> (y, sown) applies k consecutive layers to one
+  microbatch; `sown` is a tree of [k, ...] arrays (possibly empty). The returned tree
+  holds them as [L, ...] in layer order, summed over the microbatches."""
   n = stages(mesh)
   b = x_BTD.shape[0]
   m_count = microbatches
@@ -77,9 +97,12 @@ def run(stage_fn: Callable, layer_params, x_BTD, segment_ids_BT, positions_BT, *
                             params_s)
     x_m, seg_m, pos_m = split(x), split(seg), split(pos)
     loop_back = jnp.zeros_like(x_m) if repeats > 1 else None
+    chunk0 = jax.tree.map(lambda a: a[0], params_s)
+    _, sown_shapes = jax.eval_shape(stage_fn, chunk0, x_m[0], seg_m[0], pos_m[0], key)
+    sown_sums = jax.tree.map(lambda a: jnp.zeros((repeats, *a.shape), a.dtype), sown_shapes)
 
     def body(carry, t):
-      state, loop_back = carry
+      state, loop_back, sown_sums = carry
       i = jnp.clip(t - s, 0, items - 1)
       r, m = i // m_count, i % m_count
       if repeats > 1:  # stage 0 keeps what stage P-1 finished at t-1 for its next repeat
@@ -93,21 +116,28 @@ def run(stage_fn: Callable, layer_params, x_BTD, segment_ids_BT, positions_BT, *
       h = jnp.where(s == 0, first, state)
       chunk = jax.tree.map(lambda a: a[r], params_s)
       step_key = None if key is None else jax.random.fold_in(key, t * n + s)
-      y = stage_fn(chunk, h, seg_m[m], pos_m[m], step_key)
+      y, sown = stage_fn(chunk, h, seg_m[m], pos_m[m], step_key)
+      working = (t >= s) & (t - s < items)  # not in the bubble
+      sown_sums = jax.tree.map(lambda total, v: total.at[r].add(jnp.where(working, v, 0)),
+                               sown_sums, sown)
       state = jax.lax.ppermute(y, PIPELINE_AXIS, [(j, (j + 1) % n) for j in range(n)])
-      return (state, loop_back), y
+      return (state, loop_back, sown_sums), y
 
     steps = jnp.arange(items + n - 1)
-    _, ys = jax.lax.scan(jax.checkpoint(body), (jnp.zeros_like(x_m[0]), loop_back), steps)
+    (_, _, sown_sums), ys = jax.lax.scan(
+        jax.checkpoint(body), (jnp.zeros_like(x_m[0]), loop_back, sown_sums), steps)
     # stage P-1 finishes item i at iteration i + P - 1; the last repeat's are the output
     last = ys[n - 1 + (repeats - 1) * m_count:n - 1 + items]  # [M, B / M, ...]
     out = jax.lax.psum(jnp.where(s == n - 1, last, jnp.zeros_like(last)), PIPELINE_AXIS)
-    return out.swapaxes(0, 1).reshape(x.shape)
+    # this stage's chunks r P + s, each [k, ...]: stage-major [R k, ...]
+    sown_sums = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), sown_sums)
+    return out.swapaxes(0, 1).reshape(x.shape), sown_sums
 
   param_specs = jax.tree.map(lambda _: P(PIPELINE_AXIS), params)
   key_arg = jnp.zeros((), jnp.uint32) if rng is None else rng
-  return jax.shard_map(
+  out, sown = jax.shard_map(
       lambda p, x, seg, pos, k: local(p, x, seg, pos, None if rng is None else k),
-      mesh=mesh, in_specs=(param_specs, P(), P(), P(), P()), out_specs=P(),
+      mesh=mesh, in_specs=(param_specs, P(), P(), P(), P()), out_specs=(P(), P(PIPELINE_AXIS)),
       axis_names={PIPELINE_AXIS}, check_vma=False)(params, x_BTD, segment_ids_BT, positions_BT,
                                                    key_arg)
+  return out, layer_order(sown, n, repeats)

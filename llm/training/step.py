@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llm.config import scan_unit
 from llm.model import lora
 from llm.model.layers import AUX_UPDATES, apply_param_updates
 from llm.parallel import pipeline
@@ -99,20 +100,21 @@ def check_pipeline(config, mesh) -> None:
   m, t = config.model, config.train
   if n == 1:
     return
-  unsupported = {"scan_layers": not m.scan_layers, "mlp": m.mlp != "dense",
-                 "sliding_window_pattern": m.sliding_window_pattern, "mtp_layers": m.mtp_layers}
-  blocked = [f"model.{k}={m[k]!r}" for k, off in unsupported.items() if off]
-  blocked += [f"mesh.{a}={mesh.shape[a]}" for a in ("sequence", "expert") if mesh.shape[a] > 1]
+  if not m.scan_layers:
+    raise ValueError(f"mesh.pipeline={n} splits the scanned layer stack into stages; "
+                     "model.scan_layers=False has none (set it to True)")
   if t.objective in ("grpo", "distill"):  # a sampler decoding, or a teacher, in the step
-    blocked.append(f"train.objective={t.objective!r}")
-  if blocked:
-    raise ValueError(f"mesh.pipeline={n} runs scanned dense layers of one kind; not yet with "
-                     f"{', '.join(blocked)}")
+    raise ValueError(f"mesh.pipeline={n} does not run train.objective={t.objective!r} yet "
+                     "(its sampler or teacher would run inside the pipelined step)")
   chunks = n * m.pipeline_repeats
-  if m.n_layers % chunks:
-    raise ValueError(f"model.n_layers={m.n_layers} must be divisible by mesh.pipeline={n} x "
-                     f"model.pipeline_repeats={m.pipeline_repeats} (each stage runs whole "
-                     "chunks of layers)")
+  layers, unit = scan_unit(m)
+  if layers % (chunks * unit):
+    what = f"model.n_layers={m.n_layers}" + (
+        f" less moe.first_dense={m.moe.first_dense}" if layers != m.n_layers else "")
+    per = f" x the layers' repeating pattern {unit}" if unit > 1 else ""
+    raise ValueError(f"{what} must be divisible by mesh.pipeline={n} x "
+                     f"model.pipeline_repeats={m.pipeline_repeats}{per} (each stage runs "
+                     "whole chunks of layers)")
   micro = t.pipeline_microbatches or n
   rows = t.batch_size // t.grad_accum
   dp = data_parallel_size(mesh)
