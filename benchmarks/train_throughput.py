@@ -4,7 +4,8 @@ the peers a user would pick instead, in the same run.
   python benchmarks/train_throughput.py [--steps 20 --d_model 256 --n_layers 2 --vocab 32000
                                          --seq_len 256 --batch 4 --dtype float32 --remat none
                                          --loss_chunk 128 --peers materialised,torch,torch_compile
-                                         --rounds 3 --attention xla]
+                                         --rounds 3 --attention xla --quantization none
+                                         --separate_processes]
 
 Systems, timed in interleaved rounds (medians over all timed steps):
   - ours: the train step as `llm.train` runs it (fused, chunked head + cross-entropy);
@@ -52,6 +53,7 @@ from llm.training.state import init_state, state_shardings  # noqa: E402
 from llm.objectives import loss_fn  # noqa: E402
 from llm.objectives.base import ROW_FIELDS  # noqa: E402
 from llm.training.step import jit_train_step, train_step  # noqa: E402
+from llm.model.quant import TRAINING_QUANT, for_training  # noqa: E402
 
 
 PEERS = ("materialised", "torch", "torch_compile")
@@ -77,6 +79,12 @@ def parse():
                  help="train.loss_chunk (default: the config's)")
   p.add_argument("--peers", default=",".join(PEERS),
                  help=f"comma-separated, any of {', '.join(PEERS)} ('' = none)")
+  p.add_argument("--quantization", default="none", choices=list(TRAINING_QUANT),
+                 help="train.quantization of our step (qwix int8 / fp8 matmuls)")
+  p.add_argument("--separate_processes", action="store_true",
+                 help="time the torch peers first, each in its own process, so that neither "
+                      "framework is held to a share of the accelerator's memory")
+  p.add_argument("--peer_only", default=None, help=argparse.SUPPRESS)  # the child's side
   p.add_argument("--no_append", action="store_true", help="do not append to BENCHMARKS.md")
   args = p.parse_args()
   args.peers = [x for x in args.peers.split(",") if x]
@@ -99,7 +107,7 @@ def materialised_objective(params, batch, *, model, config, rng=None):
 def jax_system(cfg, args, objective=None):
   """(step(), compile seconds, memory analysis) of our train step on one device."""
   mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-  model = make_model(cfg.model)
+  model = for_training(make_model(cfg.model), cfg.train.quantization)
   tx = make_optimizer(cfg.optim, cfg.train.steps)
   _, shardings = state_shardings(model, tx, args.seq_len, mesh)
   state = init_state(model, tx, args.seq_len, 0, shardings)
@@ -170,8 +178,46 @@ def torch_system(args, compiled: bool, device: str):
   return step, time.perf_counter() - t0
 
 
+def timed(step, args) -> list[float]:
+  """Seconds of each timed step: rounds of warm-up then timed steps."""
+  out = []
+  for _ in range(args.rounds):
+    for _ in range(args.warmup):
+      step()
+    for _ in range(args.steps):
+      t0 = time.perf_counter()
+      step()
+      out.append(time.perf_counter() - t0)
+  return out
+
+
+def peer_in_own_process(peer: str) -> tuple[float, float]:
+  """(median step seconds, first-step seconds) of a torch peer run by this script in a
+  process of its own (before this one touches the accelerator)."""
+  import json
+  import subprocess
+  run = subprocess.run([sys.executable, __file__, *sys.argv[1:], f"--peer_only={peer}"],
+                       capture_output=True, text=True)
+  if run.returncode:
+    raise RuntimeError(f"the {peer} peer's process failed:\n{run.stderr[-3000:]}")
+  result = json.loads(run.stdout.strip().splitlines()[-1])
+  return result["step_s"], result["compile_s"]
+
+
 def main():
   args = parse()
+  if args.peer_only:  # the child: one torch peer, its timings as a JSON line
+    import json
+
+    import torch
+    step, first = torch_system(args, compiled=args.peer_only == "torch_compile",
+                               device="cuda" if torch.cuda.is_available() else "cpu")
+    print(json.dumps({"step_s": float(np.median(timed(step, args))), "compile_s": first}))
+    return
+  separate = {}
+  if args.separate_processes:
+    for peer in [p for p in args.peers if p != "materialised"]:
+      separate[peer] = peer_in_own_process(peer)
   cfg = base_config()
   cfg.model.update(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
                    n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, d_ff=args.d_ff,
@@ -180,6 +226,7 @@ def main():
   cfg.train.update(batch_size=args.batch, steps=(args.steps + args.warmup) * args.rounds + 1)
   if args.loss_chunk is not None:
     cfg.train.loss_chunk = args.loss_chunk
+  cfg.train.quantization = args.quantization
   cfg.optim.warmup_steps = 1
   cfg.mesh.update(data=-1)
   validate(cfg)
@@ -190,6 +237,8 @@ def main():
   for peer in args.peers:
     if peer == "materialised":
       systems[peer], compile_s[peer], memory[peer] = jax_system(cfg, args, materialised_objective)
+    elif peer in separate:
+      continue
     elif platform_name == "tpu":
       print(f"skipping {peer}: the torch peers run on a CPU or a CUDA GPU")
     else:
@@ -197,21 +246,20 @@ def main():
           args, compiled=peer == "torch_compile", device="cpu" if platform_name == "cpu" else "cuda")
 
   times = {name: [] for name in systems}
-  for _ in range(args.rounds):
+  for _ in range(args.rounds):  # interleaved: one round of each system in turn
     for name, step in systems.items():
-      for _ in range(args.warmup):
-        step()
-      for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times[name].append(time.perf_counter() - t0)
+      times[name] += timed(step, argparse.Namespace(**{**vars(args), "rounds": 1}))
   step_s = {name: float(np.median(t)) for name, t in times.items()}
+  for peer, (seconds, first) in separate.items():
+    step_s[peer], compile_s[peer] = seconds, first
 
   tokens = args.batch * args.seq_len
   flops = flops_per_token(cfg.model, args.seq_len) * tokens
   peak = measure_matmul_flops(n=2048 if platform_name == "cpu" else 8192, dtype=jnp.dtype(args.dtype))
   datasheet = None if platform_name == "cpu" else datasheet_peak_flops(jax.devices()[0].device_kind)
-  labels = {"ours": f"this project ({args.attention} attention, loss_chunk {cfg.train.loss_chunk})",
+  quantized = "" if args.quantization == "none" else f", {args.quantization} matmuls"
+  labels = {"ours": f"this project ({args.attention} attention, loss_chunk "
+                    f"{cfg.train.loss_chunk}{quantized})",
             "materialised": "this project, whole logits (autodiff loss)",
             "torch": "PyTorch + transformers, eager",
             "torch_compile": "PyTorch + transformers, torch.compile(forward + loss)"}
@@ -229,6 +277,9 @@ def main():
   notes = (f"Model GFLOP/step {flops / 1e9:.2f} (6 N per token + attention); in-run matmul peak "
            f"{peak / 1e9:.1f} GFLOP/s; {args.rounds} interleaved rounds of {args.steps} timed "
            f"steps after {args.warmup} untimed. 'ours / system' above 1 means ours is faster.")
+  if separate:
+    notes += (f" {', '.join(separate)} ran first, each in a process of its own, so no "
+              "framework was held to a share of the memory.")
   print(table)
   print(notes)
   if not args.no_append:

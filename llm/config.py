@@ -116,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
       attn_logit_softcap=0.0,
       final_logit_softcap=0.0,
       query_pre_attn_scalar=0.0,
-      attention="xla",  # xla | flash (Pallas kernel; interpreted on CPU)
+      attention="xla",  # xla | flash (Pallas kernel; interpreted on CPU) | cudnn (CUDA GPU)
       # multi-head latent attention (DeepSeek-V2/V3; llm.model.attention.LatentAttention):
       # kv_lora_rank > 0 replaces the q/k/v projections (head_dim and n_kv_heads unused)
       mla=ml_collections.ConfigDict(dict(
@@ -533,6 +533,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "GQA needs n_heads to be a multiple of n_kv_heads (n_kv_heads=1 is MQA)")
   if head_dim(m) % 2:
     raise ValueError(f"head dim {head_dim(m)} must be even for RoPE")
+  if m.attention == "cudnn":  # what cuDNN's fused attention takes
+    if m.dtype not in ("bfloat16", "float16"):
+      raise ValueError(f"model.attention='cudnn' computes in bfloat16 or float16; "
+                       f"model.dtype={m.dtype!r}")
+    width = (max(m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim)
+             if m.mla.kv_lora_rank else head_dim(m))
+    if width % 8 or width > 256:
+      raise ValueError(f"model.attention='cudnn' takes head dims that are multiples of 8 up "
+                       f"to 256; this model's is {width}")
   if m.rope_scaling.type != "none":
     r = m.rope_scaling
     check_range("model.rope_scaling.factor", r.factor, lo=1)

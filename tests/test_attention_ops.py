@@ -73,3 +73,49 @@ def test_flash_training_matches_xla(config, tmp_path):
   train(config, tmp_path / "flash")
   xla, fl = losses(tmp_path / "xla"), losses(tmp_path / "flash")
   np.testing.assert_allclose([fl[s] for s in xla], [xla[s] for s in xla], rtol=2e-5)
+
+
+@pytest.mark.parametrize("n_kv_heads,window", [(2, None), (4, 7)])
+def test_cudnn_entry_passes_segments_causality_and_window_to_dot_product_attention(
+    monkeypatch, n_kv_heads, window):
+  """model.attention="cudnn" calls jax.nn.dot_product_attention with the segments as a
+  mask, causal, and the window as a left-only local window. Run here through that call's
+  XLA implementation (no GPU): forward and gradients equal the reference, on a mesh too
+  (data x tensor). Cached decoding takes the XLA path, and on a CPU the entry itself is
+  refused in one line."""
+  from llm.ops.attention import dispatch
+  b, t, h, e = 2, 48, 4, 16
+  ks = jax.random.split(jax.random.PRNGKey(1), 4)
+  q = jax.random.normal(ks[0], (b, t, h, e))
+  k, v = (jax.random.normal(key, (b, t, n_kv_heads, e)) for key in ks[1:3])
+  w = jax.random.normal(ks[3], (b, t, h, e))
+  seg = jnp.asarray([[1] * 20 + [2] * 28, [1] * 5 + [2] * 30 + [3] * 13], jnp.int32)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v) * w)
+
+  want = jax.value_and_grad(lambda *a: loss(lambda q, k, v: reference_attention(
+      q, k, v, seg, seg, causal=True, window=window)[0], *a), argnums=(0, 1, 2))(q, k, v)
+  if jax.default_backend() == "gpu":  # cuDNN itself (bf16; benchmarks/gpu.sh kernels)
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    got = jax.value_and_grad(lambda *a: loss(lambda q, k, v: attend(
+        "cudnn", q, k, v, seg, window=window).astype(jnp.float32), *a), argnums=(0, 1, 2))(*bf16)
+    np.testing.assert_allclose(got[0], want[0], rtol=2e-2)
+    for g, r in zip(got[1], want[1]):
+      np.testing.assert_allclose(g.astype(jnp.float32), r, atol=0.1)
+  else:
+    with pytest.raises(ValueError, match=r"model.attention='cudnn' runs on a CUDA GPU; "
+                       r"JAX's backend here is 'cpu'"):
+      attend("cudnn", q, k, v, seg, window=window)
+  monkeypatch.setattr(dispatch, "CUDNN_BACKEND", "xla")
+  cudnn = lambda q, k, v: attend("cudnn", q, k, v, seg, window=window)  # noqa: E731
+  got = jax.value_and_grad(lambda *a: loss(cudnn, *a), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, r in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, r, atol=2e-5)
+  with use_mesh(_mesh(data=2, tensor=2, fsdp=2)):
+    np.testing.assert_allclose(jax.jit(lambda *a: loss(cudnn, *a))(q, k, v), want[0], rtol=1e-5)
+  calls = []
+  monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(kw))
+  assert dispatch.IMPLEMENTATIONS["cudnn"](1, t, e, window, None, None, None).whole is None
+  assert calls == []

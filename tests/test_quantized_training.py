@@ -45,6 +45,33 @@ def test_projection_matmuls_run_quantized_forward_and_backward(config, kind, dty
   assert all(d == ("f32", "f32") for d in _dots(config, "none"))
 
 
+def test_mla_and_capacity_experts_run_quantized_and_dispatch_stays_exact(config):
+  """An MLA layer (q_a, q_b, kv_a, kv_b's expansion, o) with capacity-buffer experts
+  (gate, up, down per expert; one shared expert: 3 more): 11 int8 matmuls forward, 22
+  backward, whatever was traced before. The capacity dispatch and combine (one-hot and gate weights), the router,
+  the attention and the head stay float, and the loss is within 2% of the float model's."""
+  config.model.update(n_layers=1, head_dim=24, n_kv_heads=config.model.n_heads, mlp="moe")
+  config.model.mla.update(kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=16,
+                          qk_rope_head_dim=8, v_head_dim=16)
+  config.model.moe.update(n_experts=4, top_k=2, n_shared=1, compute="capacity")
+  dots = _dots(config, "int8")
+  assert dots.count(("i8", "i8")) == 33
+  assert dots.count(("f32", "f32")) >= 6  # dispatch, combine, router, scores, values, head
+  # traced after the int8 model, the float one has no int8 matmul (a jnp.dot traced under
+  # qwix would have kept its quantized trace in jit's cache: the router once did)
+  assert ("i8", "i8") not in _dots(config, "none")
+  model, float_model = (quant.for_training(make_model(config.model), k) for k in ("int8", "none"))
+  params = unbox(init_params(float_model, jax.random.key(0)))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, config.model.vocab_size)
+
+  def loss(m):
+    logits = m.apply({"params": params}, tokens[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+  np.testing.assert_allclose(loss(model), loss(float_model), rtol=0.02)
+  assert loss(model) != loss(float_model)
+
+
 def test_int8_training_follows_the_float_run(config, tmp_path):
   """30 steps: the int8 run's losses stay within 2% of the float run's."""
   config.train.update(steps=30, eval_every=30, checkpoint_every=30)

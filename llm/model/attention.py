@@ -93,16 +93,20 @@ def mla_scale(c) -> float:
 
 
 class Weight(nn.Module):
-  """A bare kernel (no matmul): MLA uses kv_b whole, or split and absorbed into q and o."""
+  """A kernel MLA uses whole (`spec` and `x`: the einsum of x with it, in this module, so
+  quantized training takes it as a projection) or, called bare, split and absorbed into
+  q and o."""
   shape: tuple[int, ...]
   axes: tuple[str, ...]
   param_dtype: jnp.dtype
   init_std: float
+  dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self):
-    return param_with_axes(self, "kernel", nn.initializers.normal(self.init_std), self.shape,
-                           self.axes, self.param_dtype)
+  def __call__(self, spec: str | None = None, x=None):
+    kernel = param_with_axes(self, "kernel", nn.initializers.normal(self.init_std), self.shape,
+                             self.axes, self.param_dtype).astype(self.dtype)
+    return kernel if spec is None else jnp.einsum(spec, x, kernel)
 
 
 class LatentAttention(nn.Module):
@@ -147,11 +151,11 @@ class LatentAttention(nn.Module):
     inv_freq, cos_sin_factor = rope_frequencies(rope, c.rope_theta, c.rope_scaling, positions_BT)
     q_rope_BTHE = apply_rope(q_BTHE[..., nope:], positions_BT, inv_freq, cos_sin_factor)
     k_rope_BT1E = apply_rope(kv_BTL[:, :, None, r:], positions_BT, inv_freq, cos_sin_factor)
-    kv_b_RHF = Weight((r, h, nope + dv), ("latent", "heads", "head_dim"), self.param_dtype,
-                      c.init_std, name="kv_b")().astype(self.dtype)
+    kv_b = Weight((r, h, nope + dv), ("latent", "heads", "head_dim"), self.param_dtype,
+                  c.init_std, self.dtype, name="kv_b")
     scale = mla_scale(c)
     if cache is None:  # expanded: per-head keys and values
-      kv_BTHF = jnp.einsum("btr,rhf->bthf", c_BTR, kv_b_RHF)
+      kv_BTHF = kv_b("btr,rhf->bthf", c_BTR)
       k_BTHE = jnp.concatenate(
           [kv_BTHF[..., :nope], jnp.broadcast_to(k_rope_BT1E, (*kv_BTHF.shape[:3], rope))], -1)
       width = max(nope + rope, dv)  # the kernels scale by 1/sqrt(width): undone in q
@@ -165,6 +169,7 @@ class LatentAttention(nn.Module):
                         block_q=c.flash_block_q or None, block_k=c.flash_block_k or None)
       out_BTHV = out_BTHE[..., :dv]
     else:  # absorbed, over the cached (latent, RoPE key)
+      kv_b_RHF = kv_b()
       q_BTHR = jnp.einsum("bthn,rhn->bthr", q_BTHE[..., :nope], kv_b_RHF[..., :nope])
       q_BTHL = jnp.concatenate([q_BTHR, q_rope_BTHE], -1)
       q_BTHL = q_BTHL * jnp.asarray(scale * math.sqrt(r + rope), q_BTHL.dtype)

@@ -60,7 +60,9 @@ def route(x_ND, router_DE, m, bias_E=None):
   bias (the balancing bias, choice only) within the best groups; weights are the chosen
   scores, renormalised over the k with norm_topk_prob, times routed_scaling. `probs` (for
   the load-balancing loss) are the scores normalised to sum to 1 per token."""
-  logits_NE = jnp.dot(x_ND.astype(jnp.float32), router_DE.astype(jnp.float32))
+  # an einsum: quantized training (qwix) leaves it float; a jnp.dot would reach its
+  # dot_general rule for the experts, and jnp.dot's trace cache would carry that across
+  logits_NE = jnp.einsum("nd,de->ne", x_ND.astype(jnp.float32), router_DE.astype(jnp.float32))
   scores_NE = ROUTERS[m.router](logits_NE)
   choice_NE = scores_NE if bias_E is None else scores_NE + bias_E
   choice_NE = _limit_groups(choice_NE, m.n_groups, m.topk_groups)

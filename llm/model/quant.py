@@ -243,10 +243,11 @@ TRAINING_QUANT = {"none": None, "int8": ("int8", "int8"),
 
 def for_training(model, kind: str):
   """The model with its projection matmuls (every module under attn and mlp: q, k, v, o,
-  gate, up, down, shared experts, MLA's projections) and its routed experts' grouped
-  matmuls run quantized in the forward and backward passes, by qwix; the attention
-  scores, the router, the embedding and the LM head stay in the compute dtype. "none":
-  the model itself."""
+  gate, up, down, shared experts, MLA's projections and kv_b's expansion) and its routed
+  experts' matmuls (dropless grouped or capacity buffers) run quantized in the forward
+  and backward passes, by qwix; the attention scores, the router, the capacity dispatch
+  and combine, the embedding and the LM head stay in the compute dtype. "none": the
+  model itself."""
   if TRAINING_QUANT[kind] is None:
     return model
   try:
@@ -256,7 +257,8 @@ def for_training(model, kind: str):
                      "'llm[quantize]'") from None
   fwd, bwd = (jnp.dtype(t) for t in TRAINING_QUANT[kind])
   qtypes = dict(weight_qtype=fwd, act_qtype=fwd, bwd_qtype=bwd)
-  rules = [qwix.QtRule(module_path=r".*(attn|mlp)/.+", **qtypes),  # Projections
-           qwix.QtRule(module_path=r".*mlp", op_names=("ragged_dot",), **qtypes)]  # experts
+  rules = [qwix.QtRule(module_path=r".*(attn|mlp)/.+", **qtypes),  # Projections, MLA's kv_b
+           # the routed experts: grouped matmuls (dropless) or per-expert buffers (capacity)
+           qwix.QtRule(module_path=r".*mlp", op_names=("ragged_dot", "dot_general"), **qtypes)]
   return qwix.quantize_model(model, qwix.QtProvider(rules))
 

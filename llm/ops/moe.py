@@ -98,12 +98,19 @@ def _capacity_routing(weights_NK, experts_NK, n_experts: int, capacity_factor: f
   return dispatch_NEC, combine_NEC, dropped
 
 
+def _per_expert(x_ECI, w_EIO):
+  """[E, C, I] x [E, I, O] -> [E, C, O], each expert's rows times its own weight. A plain
+  `jax.lax.dot_general`, so that quantized training (train.quantization, qwix) can take
+  these matmuls and leave the one-hot dispatch and combine einsums alone."""
+  return jax.lax.dot_general(x_ECI, w_EIO, (((2,), (1,)), ((0,), (0,))))
+
+
 def _swiglu_buffers(x_ECD, gate_EDF, up_EDF, down_EFD, dtype):
   """Each expert's SwiGLU over its buffer of rows."""
   x_ECD = x_ECD.astype(dtype)
-  gate_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, gate_EDF.astype(dtype))
-  up_ECF = jnp.einsum("ecd,edf->ecf", x_ECD, up_EDF.astype(dtype))
-  return jnp.einsum("ecf,efd->ecd", nn.silu(gate_ECF) * up_ECF, down_EFD.astype(dtype))
+  gate_ECF = _per_expert(x_ECD, gate_EDF.astype(dtype))
+  up_ECF = _per_expert(x_ECD, up_EDF.astype(dtype))
+  return _per_expert(nn.silu(gate_ECF) * up_ECF, down_EFD.astype(dtype))
 
 
 def capacity(x_ND, weights_NK, experts_NK, gate_EDF, up_EDF, down_EFD, dtype,

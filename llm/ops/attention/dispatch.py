@@ -7,6 +7,8 @@ decide how q/k/v are split:
   - "xla" with no sequence sharding: plain XLA attention, partitioned by GSPMD.
   - "flash": the Pallas kernel inside shard_map over batch and heads (a custom call
     cannot be partitioned by GSPMD).
+  - "cudnn" (a CUDA GPU): cuDNN's fused attention the same way, where it can express the
+    mask (causal, segments, window); soft-capping takes the flash kernel.
   - mesh.sequence > 1 (training): ring attention with the implementation's chunk
     functions.
 Cached decoding comes through `attend_cached`: queries at cache slots slot.. over a KV
@@ -66,8 +68,39 @@ def _flash(q_len, kv_len, head_dim, window, block_q, block_k, softcap) -> Implem
   return Implementation(flash_blocks(opts), whole, False)
 
 
+# jax.nn.dot_product_attention's implementation for "cudnn" (tests on a CPU set "xla",
+# which runs the same call, masks and window through XLA)
+CUDNN_BACKEND = "cudnn"
+
+
+def _cudnn(q_len, kv_len, head_dim, window, block_q, block_k, softcap) -> Implementation:
+  """cuDNN's fused flash attention (jax.nn.dot_product_attention, implementation="cudnn")
+  for self-attention: causal, segments as a [B, 1, T, S] mask, the window as its
+  left-only local window. What cuDNN cannot express runs elsewhere: soft-capped logits
+  take the flash kernel; cached decoding (queries at an offset) the XLA path; ring
+  attention's chunks are XLA's."""
+  if CUDNN_BACKEND == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"model.attention='cudnn' runs on a CUDA GPU; JAX's backend here is "
+                     f"{jax.default_backend()!r} (use 'xla', or 'flash')")
+  if softcap:
+    return _flash(q_len, kv_len, head_dim, window, block_q, block_k, softcap)
+  if q_len != kv_len:  # queries after a cache: not self-attention
+    return _xla(q_len, kv_len, head_dim, window, block_q, block_k, softcap)
+
+  def whole(q, k, v, seg, kv_seg, q_offset):
+    del q_offset  # 0: T = S only in self-attention (or a prefill filling its whole cache)
+    mask_B1TS = (seg[:, :, None] == kv_seg[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask_B1TS, is_causal=True,
+        local_window_size=None if window is None else (window - 1, 0),
+        implementation=CUDNN_BACKEND)
+
+  return Implementation(xla_blocks(window, softcap=softcap), whole, False)
+
+
 # config.model.attention -> a builder of the implementation for given (local) shapes.
-IMPLEMENTATIONS: dict[str, Callable[..., Implementation]] = {"xla": _xla, "flash": _flash}
+IMPLEMENTATIONS: dict[str, Callable[..., Implementation]] = {"xla": _xla, "flash": _flash,
+                                                             "cudnn": _cudnn}
 
 
 def _current_mesh():
