@@ -195,8 +195,9 @@ def test_bubble_fraction_is_the_schedules_idle_share():
                     reason="libtpu is not installed (pip install -e '.[tpu]')")
 def test_the_planner_compiles_a_pipeline_and_counts_its_bubble_and_transfers(config):
   """A v5e-4 AOT compile with pipeline=2 x fsdp=2: the predicted compute includes the
-  bubble ((M + P - 1) / M of the work) and the traffic the stage-to-stage permutes, and
-  --search offers pipeline layouts for a dense model."""
+  bubble ((M + P - 1) / M of the work) and the traffic the stage-to-stage permutes;
+  --search offers pipeline layouts, for MoE models too, and one (pipeline=2 x expert=2)
+  compiles."""
   from llm import plan
   from llm.flops import recomputed_flops_per_token
   assert {"pipeline": 2, "data": 1, "fsdp": 2, "tensor": 1, "sequence": 1} in \
@@ -214,3 +215,9 @@ def test_the_planner_compiles_a_pipeline_and_counts_its_bubble_and_transfers(con
   assert p.flops_per_chip == pytest.approx(work * (2 + 2 - 1) / 2)
   assert p.traffic.collectives.get("collective-permute", 0) > 0
   assert p.mesh["pipeline"] == 2
+  # MoE stages with their experts split (capacity: all-to-all inside each stage)
+  config.model.update(mlp="moe", dtype="bfloat16")
+  config.model.moe.update(n_experts=4, top_k=2, compute="capacity")
+  config.mesh.update(fsdp=1, expert=2)
+  p = plan.compile_step(config, plan.tpu_target("v5e-4"))
+  assert p.traffic.collectives["all-to-all"] > 0 and p.traffic.collectives["collective-permute"] > 0
