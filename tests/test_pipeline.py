@@ -1,7 +1,8 @@
 """Pipeline parallelism (mesh.pipeline, llm/parallel/pipeline.py) on 8 CPU devices against
-a 1-device run: GPipe and the circular schedule composed with FSDP, tensor and data
-parallelism, with LoRA and grad accumulation; checkpoints moving between pipeline
-layouts; refusals; the bubble formula."""
+a 1-device run: GPipe and the circular schedule composed with FSDP, tensor, data and
+sequence parallelism, with LoRA, grad accumulation, MTP and off-policy distillation; MoE
+stages with expert parallelism against grad accumulation; checkpoints moving between
+pipeline layouts; refusals; the bubble formula; the planner's TPU compiles."""
 
 import json
 
@@ -62,6 +63,40 @@ def test_ring_attention_and_multi_token_prediction_around_the_stages(config, tmp
   for name in ("loss", "mtp_loss", "objective"):
     np.testing.assert_allclose([pp[s][name] for s in (1, 2, 3)],
                                [one[s][name] for s in (1, 2, 3)], rtol=2e-5, err_msg=name)
+
+
+def test_off_policy_distillation_runs_the_teacher_pipelined_too(config, tmp_path,
+                                                               tokenizer_path):
+  """train.objective=distill (lmbda 0) on pipeline=2 x data=2: the teacher (4 layers, its
+  own config) is pipelined in the same step; the losses are the 1-device run's. A teacher
+  whose layers do not split over the stages is refused before any compile."""
+  from llm.model import init_params, make_model, unbox
+  from llm.workdir import Workdir, save_params
+  from tests.test_distill import _chat_data, _teacher_cfg
+  config.model.n_layers = 4
+  teacher_cfg = _teacher_cfg(config)
+  teacher_cfg.model.n_layers = 4
+  teacher_cfg.data.tokenizer_path = tokenizer_path
+  teacher = Workdir(tmp_path / "teacher")
+  save_params(teacher.params, unbox(init_params(make_model(teacher_cfg.model),
+                                                jax.random.key(7), 8)))
+  teacher.write_config(teacher_cfg)
+  _chat_data(tmp_path / "chat.jsonl")
+  config.train.update(objective="distill", steps=3, eval_every=3, checkpoint_every=3,
+                      batch_size=4)
+  config.train.distill.update(teacher=str(tmp_path / "teacher"), lmbda=0.0, max_new_tokens=8)
+  config.data.update(source="jsonl", paths=str(tmp_path / "chat.jsonl"), seq_len=64)
+  config.data.chat.template = "mistral"
+  train(config, tmp_path / "one", devices=jax.devices()[:1])
+  config.mesh.update(pipeline=2, data=2)
+  train(config, tmp_path / "pp", devices=jax.devices()[:4])
+  one, pp = losses(tmp_path / "one"), losses(tmp_path / "pp")
+  np.testing.assert_allclose([pp[s] for s in one], [one[s] for s in one], rtol=2e-5)
+  teacher_cfg.model.n_layers = 3
+  teacher.write_config(teacher_cfg)
+  with pytest.raises(ValueError, match=r"cannot run on mesh.pipeline=2: its "
+                                       r"model.n_layers=3 .* does not split into 2 chunks"):
+    train(config, tmp_path / "pp3", devices=jax.devices()[:4])
 
 
 def _records(workdir) -> dict[int, dict]:
@@ -170,7 +205,8 @@ def test_lora_trains_through_the_pipeline(config, tmp_path):
      r"model.n_layers=8 must be divisible by mesh.pipeline=4 x model.pipeline_repeats=2 x "
      r"the layers' repeating pattern 2"),
     (dict(model=dict(scan_layers=False)), r"model.scan_layers=False has none"),
-    (dict(train=dict(objective="grpo")), r"does not run train.objective='grpo' yet"),
+    (dict(train=dict(objective="grpo")), r"does not run train.objective='grpo' yet: its "
+                                         r"sampler decodes"),
 ])
 def test_pipelines_the_schedule_cannot_run_are_refused(config, change, message):
   """Checked with the batch, before any data or compile (llm.training.step.check_batch)."""

@@ -35,6 +35,7 @@ from llm.model.transformer import unembedding
 from llm.objectives.base import Objective, PackedBatches, global_batch, with_aux
 from llm.objectives.pretrain import perplexity
 from llm.ops.divergence import generalized_jsd
+from llm.parallel import pipeline
 from llm.parallel.rules import logical_to_sharding
 from llm.training.samplers import SAMPLERS
 from llm.workdir import Workdir, load_params
@@ -96,7 +97,8 @@ def _sha256(path: Path) -> str:
 
 def bind(config) -> dict:
   """The teacher model the loss runs (from the teacher's own config)."""
-  return {"teacher": make_model(_teacher_source(config.train.distill.teacher)[0])}
+  return {"teacher": make_model(_teacher_source(config.train.distill.teacher)[0],
+                                config.train.pipeline_microbatches)}
 
 
 class DistillBatches(PackedBatches):
@@ -121,6 +123,15 @@ class DistillBatches(PackedBatches):
       raise ValueError("train.distill.lmbda > 0 samples completions on one host; run one "
                        "process, or set lmbda=0 (off-policy)")
     mesh = run.batch_sharding.mesh
+    stages = pipeline.stages(mesh)
+    if stages > 1:  # the teacher runs in the same pipelined step, cut like the student
+      layers, unit = config_lib.scan_unit(teacher_cfg)
+      chunks = stages * teacher_cfg.pipeline_repeats
+      if not teacher_cfg.scan_layers or layers % (unit * chunks):
+        raise ValueError(f"train.distill.teacher={d.teacher!r} cannot run on mesh.pipeline="
+                         f"{stages}: its model.n_layers={teacher_cfg.n_layers} (scan_layers="
+                         f"{teacher_cfg.scan_layers}) does not split into {chunks} chunks of "
+                         "scanned layers")
     boxed = jax.eval_shape(lambda: init_params(make_model(teacher_cfg), jax.random.key(0),
                                                run.config.data.seq_len))
     self.frozen_shardings = logical_to_sharding(boxed, mesh)
@@ -132,7 +143,7 @@ class DistillBatches(PackedBatches):
       print(f"distilling from {d.teacher} ({n:,} params, beta {d.beta}, on-policy fraction "
             f"lmbda {d.lmbda})", flush=True)
     super().__init__(objective, run)
-    self.sampler = SAMPLERS[run.config.train.sampler](
+    self.sampler = None if not d.lmbda else SAMPLERS[run.config.train.sampler](
         run.config.model, mesh, chat.stop_ids(run.corpus.tokenizer),
         max_model_len=run.config.data.seq_len, max_num_seqs=2 * run.config.train.batch_size)
 

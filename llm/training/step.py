@@ -103,9 +103,11 @@ def check_pipeline(config, mesh) -> None:
   if not m.scan_layers:
     raise ValueError(f"mesh.pipeline={n} splits the scanned layer stack into stages; "
                      "model.scan_layers=False has none (set it to True)")
-  if t.objective in ("grpo", "distill"):  # a sampler decoding, or a teacher, in the step
-    raise ValueError(f"mesh.pipeline={n} does not run train.objective={t.objective!r} yet "
-                     "(its sampler or teacher would run inside the pipelined step)")
+  if t.objective == "grpo" or (t.objective == "distill" and t.distill.lmbda):
+    what = "train.objective='grpo'" if t.objective == "grpo" else \
+        f"train.distill.lmbda={t.distill.lmbda} (on-policy)"
+    raise ValueError(f"mesh.pipeline={n} does not run {what} yet: its sampler decodes, "
+                     "and decoding runs without a pipeline")
   chunks = n * m.pipeline_repeats
   layers, unit = scan_unit(m)
   if layers % (chunks * unit):
