@@ -65,11 +65,13 @@ def test_ring_attention_and_multi_token_prediction_around_the_stages(config, tmp
                                [one[s][name] for s in (1, 2, 3)], rtol=2e-5, err_msg=name)
 
 
-def test_off_policy_distillation_runs_the_teacher_pipelined_too(config, tmp_path,
-                                                               tokenizer_path):
-  """train.objective=distill (lmbda 0) on pipeline=2 x data=2: the teacher (4 layers, its
-  own config) is pipelined in the same step; the losses are the 1-device run's. A teacher
-  whose layers do not split over the stages is refused before any compile."""
+def test_distillation_runs_the_teacher_pipelined_and_samples_unpipelined(config, tmp_path,
+                                                                        tokenizer_path):
+  """train.objective=distill on pipeline=2 x data=2, half the steps on-policy: the teacher
+  (4 layers, its own config) is pipelined in the same step, the student's completions are
+  sampled by the engine with the layers unstacked (no pipeline in decoding); the losses
+  are the 1-device run's. A teacher whose layers do not split over the stages is refused
+  before any compile."""
   from llm.model import init_params, make_model, unbox
   from llm.workdir import Workdir, save_params
   from tests.test_distill import _chat_data, _teacher_cfg
@@ -84,7 +86,7 @@ def test_off_policy_distillation_runs_the_teacher_pipelined_too(config, tmp_path
   _chat_data(tmp_path / "chat.jsonl")
   config.train.update(objective="distill", steps=3, eval_every=3, checkpoint_every=3,
                       batch_size=4)
-  config.train.distill.update(teacher=str(tmp_path / "teacher"), lmbda=0.0, max_new_tokens=8)
+  config.train.distill.update(teacher=str(tmp_path / "teacher"), lmbda=0.5, max_new_tokens=8)  # step 2 on-policy
   config.data.update(source="jsonl", paths=str(tmp_path / "chat.jsonl"), seq_len=64)
   config.data.chat.template = "mistral"
   train(config, tmp_path / "one", devices=jax.devices()[:1])
@@ -97,6 +99,32 @@ def test_off_policy_distillation_runs_the_teacher_pipelined_too(config, tmp_path
   with pytest.raises(ValueError, match=r"cannot run on mesh.pipeline=2: its "
                                        r"model.n_layers=3 .* does not split into 2 chunks"):
     train(config, tmp_path / "pp3", devices=jax.devices()[:4])
+
+
+def test_grpo_trains_pipelined_and_samples_its_rounds_unpipelined(config, tmp_path):
+  """GRPO on pipeline=2 x data=2: the engine samples each round from the trainer's params
+  with the layers unstacked (decoding runs without a pipeline), the policy and reference
+  passes are pipelined; the losses are those of data=2 alone."""
+  words = np.random.default_rng(0).choice(list("abcdfgh"), (200, 4))
+  with open(tmp_path / "prompts.jsonl", "w") as f:
+    for w in words:
+      f.write(json.dumps({"prompt": f"Say {''.join(w)}", "answer": "".join(w)}) + "\n")
+  config.train.update(objective="grpo", steps=3, batch_size=16, checkpoint_every=3,
+                      eval_every=3)
+  config.train.grpo.update(num_generations=4, max_new_tokens=8, beta=0.04, num_iterations=2,
+                           rewards="exact_match,similarity", eval_prompts=8)
+  config.data.update(source="jsonl", paths=str(tmp_path / "prompts.jsonl"), seq_len=32)
+  config.data.chat.template = "mistral"
+  config.optim.update(lr=1e-2, warmup_steps=0, schedule="constant")
+  config.mesh.data = 2
+  train(config, tmp_path / "dp", devices=jax.devices()[:2])
+  config.mesh.pipeline = 2
+  train(config, tmp_path / "pp", devices=jax.devices()[:4])
+  dp, pp = _records(tmp_path / "dp"), _records(tmp_path / "pp")
+  for name in ("loss", "reward", "kl"):
+    np.testing.assert_allclose([pp[s][name] for s in dp], [dp[s][name] for s in dp],
+                               rtol=1e-4, atol=1e-7, err_msg=name)
+  assert dp[2]["kl"] > 0
 
 
 def _records(workdir) -> dict[int, dict]:
@@ -205,8 +233,8 @@ def test_lora_trains_through_the_pipeline(config, tmp_path):
      r"model.n_layers=8 must be divisible by mesh.pipeline=4 x model.pipeline_repeats=2 x "
      r"the layers' repeating pattern 2"),
     (dict(model=dict(scan_layers=False)), r"model.scan_layers=False has none"),
-    (dict(train=dict(objective="grpo")), r"does not run train.objective='grpo' yet: its "
-                                         r"sampler decodes"),
+    (dict(train=dict(objective="grpo", sampler="decoder")), r"train.sampler='decoder' decodes "
+                                                            r"the scanned stack"),
 ])
 def test_pipelines_the_schedule_cannot_run_are_refused(config, change, message):
   """Checked with the batch, before any data or compile (llm.training.step.check_batch)."""

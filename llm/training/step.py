@@ -103,11 +103,11 @@ def check_pipeline(config, mesh) -> None:
   if not m.scan_layers:
     raise ValueError(f"mesh.pipeline={n} splits the scanned layer stack into stages; "
                      "model.scan_layers=False has none (set it to True)")
-  if t.objective == "grpo" or (t.objective == "distill" and t.distill.lmbda):
-    what = "train.objective='grpo'" if t.objective == "grpo" else \
-        f"train.distill.lmbda={t.distill.lmbda} (on-policy)"
-    raise ValueError(f"mesh.pipeline={n} does not run {what} yet: its sampler decodes, "
-                     "and decoding runs without a pipeline")
+  samples = t.objective == "grpo" or (t.objective == "distill" and t.distill.lmbda)
+  if samples and t.sampler == "decoder":
+    raise ValueError(f"mesh.pipeline={n} samples with the engine (train.sampler='engine'), "
+                     "which unstacks the layers; train.sampler='decoder' decodes the scanned "
+                     "stack, which a pipeline splits")
   chunks = n * m.pipeline_repeats
   layers, unit = scan_unit(m)
   if layers % (chunks * unit):
