@@ -138,21 +138,18 @@ def _records(workdir) -> dict[int, dict]:
 
 
 MOE_CASES = {
-    # experts split inside each stage (dropless all-gather / reduce-scatter), circular
-    "p2xexpert2xfsdp2-circular": (
-        dict(pipeline=2, expert=2, fsdp=2), dict(n_layers=8, pipeline_repeats=2),
-        dict(load_balance_weight=0.01, router_z_weight=0.001), 2),
+    # experts split inside each stage (dropless all-gather / reduce-scatter), circular, in
+    # a layer pattern (MoE every 2nd layer, local/global windows): the scanned unit is a
+    # group of two blocks
+    "p2xexpert2xfsdp2-circular-pattern": (
+        dict(pipeline=2, expert=2, fsdp=2),
+        dict(n_layers=8, pipeline_repeats=2, sliding_window=8, sliding_window_pattern=2),
+        dict(every=2, load_balance_weight=0.01, router_z_weight=0.001), 2),
     # DeepSeek-V3's routing: a dense first layer outside the stages, a shared expert, and
     # the balancing bias (sown corrections summed over microbatches), circular
     "p4xexpert2-deepseek": (
         dict(pipeline=4, expert=2), dict(n_layers=9, pipeline_repeats=2),
         dict(router="sigmoid", routed_bias_update_rate=0.01, first_dense=1, n_shared=1), 4),
-    # a layer pattern (MoE every 2nd layer, local/global windows): the scanned unit is a
-    # group of two blocks, under tensor parallelism
-    "p2xtensor2xfsdp2-pattern": (
-        dict(pipeline=2, tensor=2, fsdp=2),
-        dict(n_layers=8, pipeline_repeats=2, sliding_window=8, sliding_window_pattern=2),
-        dict(every=2, load_balance_weight=0.01), 2),
 }
 
 
