@@ -113,8 +113,10 @@ def test_cudnn_entry_passes_segments_causality_and_window_to_dot_product_attenti
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for g, r in zip(got[1], want[1]):
     np.testing.assert_allclose(g, r, atol=2e-5)
-  with use_mesh(_mesh(data=2, tensor=2, fsdp=2)):
-    np.testing.assert_allclose(jax.jit(lambda *a: loss(cudnn, *a))(q, k, v), want[0], rtol=1e-5)
+  if len(jax.devices()) >= 8:  # 8 CPU devices here; a lent GPU is one
+    with use_mesh(_mesh(data=2, tensor=2, fsdp=2)):
+      np.testing.assert_allclose(jax.jit(lambda *a: loss(cudnn, *a))(q, k, v), want[0],
+                                 rtol=1e-5)
   calls = []
   monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(kw))
   assert dispatch.IMPLEMENTATIONS["cudnn"](1, t, e, window, None, None, None).whole is None
