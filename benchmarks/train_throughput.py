@@ -178,16 +178,15 @@ def torch_system(args, compiled: bool, device: str):
   return step, time.perf_counter() - t0
 
 
-def timed(step, args) -> list[float]:
-  """Seconds of each timed step: rounds of warm-up then timed steps."""
+def timed(step, warmup: int, steps: int) -> list[float]:
+  """Seconds of each of `steps` timed steps after `warmup` untimed ones."""
+  for _ in range(warmup):
+    step()
   out = []
-  for _ in range(args.rounds):
-    for _ in range(args.warmup):
-      step()
-    for _ in range(args.steps):
-      t0 = time.perf_counter()
-      step()
-      out.append(time.perf_counter() - t0)
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    out.append(time.perf_counter() - t0)
   return out
 
 
@@ -212,7 +211,8 @@ def main():
     import torch
     step, first = torch_system(args, compiled=args.peer_only == "torch_compile",
                                device="cuda" if torch.cuda.is_available() else "cpu")
-    print(json.dumps({"step_s": float(np.median(timed(step, args))), "compile_s": first}))
+    times = [t for _ in range(args.rounds) for t in timed(step, args.warmup, args.steps)]
+    print(json.dumps({"step_s": float(np.median(times)), "compile_s": first}))
     return
   separate = {}
   if args.separate_processes:
@@ -248,7 +248,7 @@ def main():
   times = {name: [] for name in systems}
   for _ in range(args.rounds):  # interleaved: one round of each system in turn
     for name, step in systems.items():
-      times[name] += timed(step, argparse.Namespace(**{**vars(args), "rounds": 1}))
+      times[name] += timed(step, args.warmup, args.steps)
   step_s = {name: float(np.median(t)) for name, t in times.items()}
   for peer, (seconds, first) in separate.items():
     step_s[peer], compile_s[peer] = seconds, first

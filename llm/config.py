@@ -415,6 +415,14 @@ def head_dim(model_cfg) -> int:
   return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
 
 
+def attention_width(model_cfg) -> int:
+  """The head width attention runs at: head_dim, or with MLA the wider of a key
+  (nope + rope) and a value (the other zero-padded to it)."""
+  m = model_cfg.mla
+  return max(m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim) if m.kv_lora_rank else \
+      head_dim(model_cfg)
+
+
 def _get(config, dotted: str):
   node = config
   for part in dotted.split("."):
@@ -537,8 +545,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if m.dtype not in ("bfloat16", "float16"):
       raise ValueError(f"model.attention='cudnn' computes in bfloat16 or float16; "
                        f"model.dtype={m.dtype!r}")
-    width = (max(m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim)
-             if m.mla.kv_lora_rank else head_dim(m))
+    width = attention_width(m)
     if width % 8 or width > 256:
       raise ValueError(f"model.attention='cudnn' takes head dims that are multiples of 8 up "
                        f"to 256; this model's is {width}")

@@ -135,8 +135,9 @@ def compile_step(config, target: Target) -> Plan:
   n = len(target.devices)
   # a pipeline's stages also compute in its bubble: (R M + P - 1) / (R M) of the work
   stages = pipeline.stages(mesh)
-  bubble = 1 / (1 - pipeline.bubble_fraction(stages, config.model.pipeline_repeats,
-                                             config.train.pipeline_microbatches or stages))
+  bubble = 1 / (1 - pipeline.bubble_fraction(
+      stages, config.model.pipeline_repeats,
+      pipeline.microbatch_count(config.train.pipeline_microbatches, stages)))
   common = dict(mesh=shown, remat=config.model.remat,
                 batch_size=config.train.batch_size,
                 per_chip_batch=config.train.batch_size / n,

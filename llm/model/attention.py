@@ -14,6 +14,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from llm.config import attention_width
 from llm.ops.attention import attend, attend_cached, attend_paged
 from llm.model.layers import (Projection, RMSNorm, apply_rope, constrain, norm, param_with_axes,
                               rope_frequencies, yarn_mscale)
@@ -158,7 +159,7 @@ class LatentAttention(nn.Module):
       kv_BTHF = kv_b("btr,rhf->bthf", c_BTR)
       k_BTHE = jnp.concatenate(
           [kv_BTHF[..., :nope], jnp.broadcast_to(k_rope_BT1E, (*kv_BTHF.shape[:3], rope))], -1)
-      width = max(nope + rope, dv)  # the kernels scale by 1/sqrt(width): undone in q
+      width = attention_width(c)  # the kernels scale by 1/sqrt(width): undone in q
       q_BTHE = jnp.concatenate([q_BTHE[..., :nope], q_rope_BTHE], -1)
       q_BTHE = q_BTHE * jnp.asarray(scale * math.sqrt(width), q_BTHE.dtype)
       v_BTHF = kv_BTHF[..., nope:]

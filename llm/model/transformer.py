@@ -309,7 +309,7 @@ class Transformer(nn.Module):
     c = self.cfg
     key = self.make_rng("dropout") if self.has_rng("dropout") else None
     collections = [AUX_LOSSES, AUX_METRICS, AUX_UPDATES]
-    microbatches = self.pipeline_microbatches or n_stages
+    microbatches = pipeline.microbatch_count(self.pipeline_microbatches, n_stages)
 
     def stage_fn(params_k, x, seg, pos, step_key):
       (out, _), sown = chunk_stack(c, parent=None).apply(

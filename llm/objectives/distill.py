@@ -125,13 +125,11 @@ class DistillBatches(PackedBatches):
     mesh = run.batch_sharding.mesh
     stages = pipeline.stages(mesh)
     if stages > 1:  # the teacher runs in the same pipelined step, cut like the student
-      layers, unit = config_lib.scan_unit(teacher_cfg)
-      chunks = stages * teacher_cfg.pipeline_repeats
-      if not teacher_cfg.scan_layers or layers % (unit * chunks):
+      if not pipeline.splits(teacher_cfg, stages):
         raise ValueError(f"train.distill.teacher={d.teacher!r} cannot run on mesh.pipeline="
                          f"{stages}: its model.n_layers={teacher_cfg.n_layers} (scan_layers="
-                         f"{teacher_cfg.scan_layers}) does not split into {chunks} chunks of "
-                         "scanned layers")
+                         f"{teacher_cfg.scan_layers}) does not split into "
+                         f"{stages * teacher_cfg.pipeline_repeats} chunks of scanned layers")
     boxed = jax.eval_shape(lambda: init_params(make_model(teacher_cfg), jax.random.key(0),
                                                run.config.data.seq_len))
     self.frozen_shardings = logical_to_sharding(boxed, mesh)

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from llm.config import scan_unit
+
 PIPELINE_AXIS = "pipeline"
 
 
@@ -46,31 +48,37 @@ def bubble_fraction(n_stages: int, repeats: int, microbatches: int) -> float:
   return (n_stages - 1) / (repeats * microbatches + n_stages - 1)
 
 
+def microbatch_count(setting: int, n_stages: int) -> int:
+  """train.pipeline_microbatches as the schedule runs it: 0 means one per stage."""
+  return setting or n_stages
+
+
+def splits(model_cfg, n_stages: int) -> bool:
+  """Whether a model's scanned stack cuts into n_stages x model.pipeline_repeats chunks of
+  whole scanned units (config.scan_unit), as the schedule needs."""
+  layers, unit = scan_unit(model_cfg)
+  return bool(model_cfg.scan_layers) and layers % (unit * n_stages *
+                                                   model_cfg.pipeline_repeats) == 0
+
+
+def _swap_chunk_axes(tree, outer: int, inner: int):
+  """[outer x inner x k, ...] stacks with the outer and inner chunk axes swapped."""
+  def swap(a):
+    k = a.shape[0] // (outer * inner)
+    return a.reshape(outer, inner, k, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+
+  return jax.tree.map(swap, tree)
+
+
 def circular_order(layer_params, n_stages: int, repeats: int):
-  """Layer-ordered stacks [L, ...] reordered stage-major ([P, R, k] flattened), so that a
-  contiguous split over the pipeline gives stage s its chunks s, P + s, 2P + s, ..."""
-  if repeats == 1:
-    return layer_params
-
-  def reorder(a):
-    k = a.shape[0] // (n_stages * repeats)
-    return (a.reshape(repeats, n_stages, k, *a.shape[1:]).swapaxes(0, 1)
-            .reshape(a.shape))
-
-  return jax.tree.map(reorder, layer_params)
+  """Layer-ordered stacks [L, ...] ([R, P, k] flattened) reordered stage-major ([P, R, k]),
+  so that a contiguous split over the pipeline gives stage s its chunks s, P + s, ..."""
+  return layer_params if repeats == 1 else _swap_chunk_axes(layer_params, repeats, n_stages)
 
 
 def layer_order(stage_major, n_stages: int, repeats: int):
   """The inverse of `circular_order`: stage-major stacks back in layer order."""
-  if repeats == 1:
-    return stage_major
-
-  def reorder(a):
-    k = a.shape[0] // (n_stages * repeats)
-    return (a.reshape(n_stages, repeats, k, *a.shape[1:]).swapaxes(0, 1)
-            .reshape(a.shape))
-
-  return jax.tree.map(reorder, stage_major)
+  return stage_major if repeats == 1 else _swap_chunk_axes(stage_major, n_stages, repeats)
 
 
 def run(stage_fn: Callable, layer_params, x_BTD, segment_ids_BT, positions_BT, *, mesh,

@@ -193,9 +193,10 @@ def _announce(config, state, corpus, mesh, compile_seconds: float) -> tuple[floa
           f"peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})", flush=True)
     n_stages = pipeline.stages(mesh)
     if n_stages > 1:
-      micro = config.train.pipeline_microbatches or n_stages
-      print(f"pipeline: {n_stages} stages x {config.model.pipeline_repeats} repeats, {micro} "
-            f"microbatches | bubble {pipeline.bubble_fraction(n_stages, config.model.pipeline_repeats, micro):.1%} "
+      micro = pipeline.microbatch_count(config.train.pipeline_microbatches, n_stages)
+      repeats = config.model.pipeline_repeats
+      print(f"pipeline: {n_stages} stages x {repeats} repeats, {micro} microbatches | bubble "
+            f"{pipeline.bubble_fraction(n_stages, repeats, micro):.1%} "
             "= (P - 1) / (repeats x microbatches + P - 1)", flush=True)
     baseline = (f" | unigram baseline val loss {corpus.unigram_loss:.4f}"
                 if np.isfinite(corpus.unigram_loss) else "")

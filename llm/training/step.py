@@ -108,16 +108,15 @@ def check_pipeline(config, mesh) -> None:
     raise ValueError(f"mesh.pipeline={n} samples with the engine (train.sampler='engine'), "
                      "which unstacks the layers; train.sampler='decoder' decodes the scanned "
                      "stack, which a pipeline splits")
-  chunks = n * m.pipeline_repeats
-  layers, unit = scan_unit(m)
-  if layers % (chunks * unit):
+  if not pipeline.splits(m, n):
+    layers, unit = scan_unit(m)
     what = f"model.n_layers={m.n_layers}" + (
         f" less moe.first_dense={m.moe.first_dense}" if layers != m.n_layers else "")
     per = f" x the layers' repeating pattern {unit}" if unit > 1 else ""
     raise ValueError(f"{what} must be divisible by mesh.pipeline={n} x "
                      f"model.pipeline_repeats={m.pipeline_repeats}{per} (each stage runs "
                      "whole chunks of layers)")
-  micro = t.pipeline_microbatches or n
+  micro = pipeline.microbatch_count(t.pipeline_microbatches, n)
   rows = t.batch_size // t.grad_accum
   dp = data_parallel_size(mesh)
   if rows % (micro * dp):
